@@ -1,0 +1,53 @@
+"""Bit packing shared by the ``sign`` encoding and the ``bitmask`` index coding (SPEC §5.3).
+
+Element ``i`` of the flattened tensor is bit ``i % 8`` of byte ``i // 8``, least significant bit
+first (numpy's ``bitorder="little"``). Padding bits of the last byte are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CorruptDeltaError
+
+_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def packed_length(numel: int) -> int:
+    """Bytes needed for ``numel`` bits."""
+    return (numel + 7) // 8
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (any shape, flattened row-major) into uint8, 8 flags per byte."""
+    flat = flags.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first ``numel`` flags as a bool tensor on ``packed``'s device."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_length(numel):
+        raise CorruptDeltaError(
+            "packed bits have the wrong layout",
+            expected=f"a 1-D uint8 tensor of {packed_length(numel)} bytes for {numel} elements",
+            found=f"{tuple(packed.shape)} {packed.dtype}",
+            fix="re-create the delta; its bit tensors do not match the declared shape",
+        )
+    if numel % 8 and packed.numel() and int(packed[-1]) >> (numel % 8):
+        raise CorruptDeltaError(
+            "packed bits have non-zero padding", expected="zero bits after the last element",
+            found=f"last byte {int(packed[-1]):#04x}", fix="re-create the delta with a conforming writer",
+        )
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.view(-1)[:numel].bool()
+
+
+def count_bits(packed: torch.Tensor) -> int:
+    """Number of set bits (population count) of a uint8 tensor."""
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=packed.device)
+    return int(table[packed.long()].sum())

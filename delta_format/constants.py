@@ -1,0 +1,65 @@
+"""Every name, version, bit order and limit of the on-disk format, in one place.
+
+The values here are normative: they are the ones `spec/SPEC.md` states. Change them only
+together with the spec (and bump `SPEC_VERSION` when the bytes on disk change meaning).
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "delta-format"
+"""Value of the manifest's ``format`` field (SPEC §3)."""
+
+SPEC_VERSION = (1, 0)
+"""(major, minor) written by this implementation. A reader accepts any minor of a major it
+knows and refuses a newer major (SPEC §3.1)."""
+
+SUPPORTED_MAJOR_VERSIONS = (1,)
+
+MANIFEST_NAME = "delta_config.json"
+WEIGHTS_NAME = "delta.safetensors"
+WEIGHTS_INDEX_NAME = "delta.safetensors.index.json"
+SHARD_NAME_TEMPLATE = "delta-{index:05d}-of-{total:05d}.safetensors"
+MODEL_CARD_NAME = "README.md"
+
+STORED_KEY_SEPARATOR = ":"
+"""A stored tensor is named ``<parameter name>:<role>`` (SPEC §4)."""
+
+# Encoding names (SPEC §5).
+DENSE = "dense"
+SPARSE = "sparse"
+SIGN = "sign"
+LOWRANK = "lowrank"
+REPLACE = "replace"
+ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE)
+
+# Sparse index codings (SPEC §5.2).
+INDEX_GAPS = "gaps"
+INDEX_BITMASK = "bitmask"
+INDEX_SEEDED = "seeded"
+INDEX_CODINGS = (INDEX_GAPS, INDEX_BITMASK, INDEX_SEEDED)
+
+BIT_ORDER = "little"
+"""Packed bits: element ``i`` of a flattened tensor is bit ``i % 8`` (least significant
+first) of byte ``i // 8`` (SPEC §5.3)."""
+
+# dtypes allowed for stored tensors, by safetensors name (SPEC §4.2).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+GAP_DTYPES = ("U8", "U16", "I32", "I64")
+
+# Seeded-mask generator (SPEC §6).
+MASK_HASH_NAME = "lowbias32-geometric-v1"
+MASK_PROB_BITS = 32
+
+# Base fingerprint (SPEC §7).
+FINGERPRINT_ALGORITHM = "sampled-sha256-v1"
+FINGERPRINT_FULL_BYTES = 4096
+FINGERPRINT_CHUNKS = 64
+FINGERPRINT_CHUNK_BYTES = 64
+
+# Limits a reader enforces (SPEC §8).
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSOR_ELEMENTS = 2**40
+MAX_RANK_DIMS = 8
+MAX_SEEDED_GAP_TABLE = 1 << 22

@@ -1,0 +1,150 @@
+"""What every encoding is: a name, a JSON config, stored tensors by role, and decode (SPEC §5).
+
+An encoding knows nothing about edit methods, files or the Hub. It turns arrays into named stored
+tensors (``encode``), says which stored tensors it expects for a parameter (``expected``) so a
+reader can validate a file before decoding, and rebuilds the parameter's delta (``decode``) on the
+requested device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..errors import CorruptDeltaError, ManifestError
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+"""Parameter dtypes a manifest may name (SPEC §3.4)."""
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+"""Stored dtypes by their safetensors names (SPEC §4.2)."""
+
+FLOAT_STORED = ("F64", "F32", "F16", "BF16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    for name, value in SAFETENSORS_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ManifestError("unsupported stored dtype", expected=sorted(SAFETENSORS_DTYPES), found=str(dtype))
+
+
+def compute_dtype(target: torch.dtype) -> torch.dtype:
+    """Arithmetic precision of reconstruction: float64 for float64 targets, float32 otherwise."""
+    return torch.float64 if target == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One stored tensor an encoding expects: its allowed safetensors dtypes and exact shape
+    (``None`` where the length depends on data and is checked at decode time, e.g. sparse values)."""
+
+    dtypes: tuple[str, ...]
+    shape: tuple[int | None, ...]
+
+    def check(self, key: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if dtype not in self.dtypes:
+            raise CorruptDeltaError(
+                f"stored tensor {key!r} has the wrong dtype", expected=" or ".join(self.dtypes), found=dtype,
+                fix="the delta's files disagree with its manifest; re-download or re-create it",
+            )
+        if len(shape) != len(self.shape) or any(e is not None and e != f for e, f in zip(self.shape, shape)):
+            want = "[" + ", ".join("n" if e is None else str(e) for e in self.shape) + "]"
+            raise CorruptDeltaError(
+                f"stored tensor {key!r} has the wrong shape", expected=want, found=list(shape),
+                fix="the delta's files disagree with its manifest; re-download or re-create it",
+            )
+
+
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A parameter viewed as a matrix: ``shape[0]`` rows of ``prod(shape[1:])`` columns."""
+    return shape[0], math.prod(shape[1:])
+
+
+class Encoding:
+    """Base class. Subclasses set ``name`` and implement the four hooks below."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "Encoding":
+        """Build from the manifest's ``config`` object, validating every field."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``config`` object."""
+        raise NotImplementedError
+
+    def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
+        """Stored tensors by role for a parameter of ``shape``; raises `ManifestError` if the
+        encoding cannot apply to that shape."""
+        raise NotImplementedError
+
+    def decode(
+        self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Rebuild the delta (or, for ``replace``, the value) of ``shape`` in ``dtype`` on the
+        stored tensors' device."""
+        raise NotImplementedError
+
+    is_delta: ClassVar[bool] = True
+    """False for encodings that store the value itself (``replace``): the base is not added."""
+
+
+def check_config_keys(name: str, config: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
+    """Refuse a config with missing or unknown keys (a typo must not silently mean a default)."""
+    if not isinstance(config, Mapping):
+        raise ManifestError(f"{name} config is not an object", expected="a JSON object", found=type(config).__name__)
+    missing = required - config.keys()
+    unknown = config.keys() - required - optional
+    if missing or unknown:
+        raise ManifestError(
+            f"{name} config has the wrong fields",
+            expected=f"required {sorted(required)}, optional {sorted(optional)}",
+            found=f"missing {sorted(missing)}, unknown {sorted(unknown)}",
+            fix="check the delta was written for this spec version",
+        )
+
+
+def config_number(name: str, config: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A finite JSON number from a config (bools are not numbers here)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ManifestError(f"{name} config field {key!r} is not a finite number", expected="a number", found=repr(value))
+    return float(value)
+
+
+def config_int(name: str, config: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise ManifestError(
+            f"{name} config field {key!r} is out of range", expected=f"an integer in [{low}, {high})", found=repr(value)
+        )
+    return value
+
+
+def require_finite(name: str, role: str, tensor: torch.Tensor) -> None:
+    """Stored floats must be finite: a NaN or Inf would silently poison the weights."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CorruptDeltaError(
+            f"stored tensor {name}:{role} holds NaN or Inf", expected="finite values", found="non-finite values",
+            fix="the delta is corrupt; re-create it",
+        )

@@ -1,0 +1,45 @@
+"""``replace``: the parameter's new value, not a delta (SPEC §5.5).
+
+For tensors the base lacks or whose shape changed (added tokens, resized embeddings, a new head),
+and as the lossless fallback where no float32 delta rounds back to the fine-tune. The base is not
+read and the coefficient alpha does not apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..constants import REPLACE
+from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, require_finite
+
+
+class ReplaceEncoding(Encoding):
+    name = REPLACE
+    is_delta = False
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "ReplaceEncoding":
+        check_config_keys(cls.name, config, set(), set())
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}
+
+    def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
+        return {"value": Expected(FLOAT_STORED, tuple(shape))}
+
+    def encode(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"value": value.contiguous()}
+
+    def decode(self, stored, shape, name, dtype):
+        value = stored["value"]
+        require_finite(name, "value", value)
+        return value.to(dtype)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReplaceEncoding)
+
+    def __repr__(self) -> str:
+        return "ReplaceEncoding()"

@@ -1,0 +1,96 @@
+"""``sign``: one bit per element plus a scale per tensor or per row (SPEC §5.3, BitDelta).
+
+Roles: ``bits`` (uint8, ``ceil(numel / 8)`` bytes, bit order of `delta_format.bits`; bit 1 means
+``+scale``, bit 0 means ``-scale``) and ``scale`` (float, shape ``[1]`` or ``[rows]``).
+Decoded: ``scale[row] * (2 * bit - 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from ..bits import pack_bits, packed_length, unpack_bits
+from ..constants import SIGN
+from ..errors import ManifestError
+from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, require_finite, rows_cols
+
+GRANULARITIES = ("tensor", "row")
+
+
+class SignEncoding(Encoding):
+    """Sign bits with a per-tensor or per-row scale.
+
+    Example:
+        >>> enc = SignEncoding("row")
+        >>> delta = torch.tensor([[0.5, -1.0], [2.0, 3.0]])
+        >>> enc.decode(enc.encode(delta), (2, 2), "w", torch.float32).tolist()
+        [[0.75, -0.75], [2.5, 2.5]]
+    """
+
+    name = SIGN
+
+    def __init__(self, granularity: str = "tensor"):
+        if granularity not in GRANULARITIES:
+            raise ManifestError("unknown sign scale granularity", expected=GRANULARITIES, found=repr(granularity))
+        self.granularity = granularity
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "SignEncoding":
+        check_config_keys(cls.name, config, {"scale"}, set())
+        return cls(config["scale"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.granularity}
+
+    def _scale_len(self, shape: tuple[int, ...]) -> int:
+        if self.granularity == "tensor":
+            return 1
+        if len(shape) < 2:
+            raise ManifestError(
+                "per-row sign scales need a matrix", expected="a parameter with 2 or more dimensions",
+                found=f"shape {list(shape)}", fix="use scale 'tensor' for vectors",
+            )
+        return shape[0]
+
+    def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
+        return {
+            "bits": Expected(("U8",), (packed_length(math.prod(shape)),)),
+            "scale": Expected(FLOAT_STORED, (self._scale_len(shape),)),
+        }
+
+    def initial_scale(self, delta: torch.Tensor) -> torch.Tensor:
+        """BitDelta's initial scale: mean |delta| over the tensor or over each row (float32)."""
+        d = delta.float()
+        if self.granularity == "tensor":
+            return d.abs().mean().reshape(1)
+        self._scale_len(tuple(delta.shape))
+        return d.reshape(delta.shape[0], -1).abs().mean(dim=1)
+
+    def encode(
+        self, delta: torch.Tensor, scale: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
+    ) -> dict[str, torch.Tensor]:
+        """Bits from ``delta >= 0``; scale given or `initial_scale`."""
+        if scale is None:
+            scale = self.initial_scale(delta)
+        return {"bits": pack_bits(delta >= 0), "scale": scale.reshape(-1).to(scale_dtype).contiguous()}
+
+    def decode(self, stored, shape, name, dtype):
+        numel = math.prod(shape)
+        bits = unpack_bits(stored["bits"], numel)
+        scale = stored["scale"]
+        require_finite(name, "scale", scale)
+        scale = scale.to(dtype)
+        signs = bits.to(dtype) * 2 - 1
+        if self.granularity == "tensor":
+            return (signs * scale).reshape(shape)
+        rows, cols = rows_cols(shape)
+        return (signs.view(rows, cols) * scale.view(rows, 1)).reshape(shape)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SignEncoding) and other.granularity == self.granularity
+
+    def __repr__(self) -> str:
+        return f"SignEncoding({self.granularity!r})"

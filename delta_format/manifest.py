@@ -1,0 +1,215 @@
+"""The manifest, ``delta_config.json`` (SPEC §3): dataclasses that mirror the JSON, with validation.
+
+`Manifest.from_dict` is the one place untrusted JSON becomes typed objects: every field is checked
+(type, range, known names) and the spec version is compared with the versions this reader knows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .constants import (
+    FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_RANK_DIMS, MAX_TENSOR_ELEMENTS, SPEC_VERSION, SUPPORTED_MAJOR_VERSIONS,
+)
+from .encodings import Encoding, TORCH_DTYPES, encoding_from_dict
+from .errors import ManifestError, UnsupportedVersionError
+
+_VERSION = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def spec_version_string(version: tuple[int, int] = SPEC_VERSION) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def parse_spec_version(value: Any) -> tuple[int, int]:
+    """``"1.0"`` -> ``(1, 0)``; refuses malformed strings and unknown major versions."""
+    match = _VERSION.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ManifestError("malformed spec_version", expected='"MAJOR.MINOR", e.g. "1.0"', found=repr(value))
+    version = (int(match.group(1)), int(match.group(2)))
+    if version[0] not in SUPPORTED_MAJOR_VERSIONS:
+        newer = version[0] > max(SUPPORTED_MAJOR_VERSIONS)
+        raise UnsupportedVersionError(
+            "the delta uses a spec version this reader does not support",
+            expected=f"major version {' or '.join(map(str, SUPPORTED_MAJOR_VERSIONS))}",
+            found=value,
+            fix="upgrade delta-format (pip install -U delta-format)" if newer else "re-create the delta",
+        )
+    return version
+
+
+def _obj(where: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{where} is not an object", expected="a JSON object", found=type(value).__name__)
+    return value
+
+
+def _opt_str(where: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ManifestError(f"{where} is not a string", expected="a string or null", found=repr(value))
+    return value
+
+
+def parse_shape(where: str, value: Any) -> tuple[int, ...]:
+    """A shape: at most 8 non-negative ints whose product stays under the element limit."""
+    if (
+        not isinstance(value, list) or len(value) > MAX_RANK_DIMS
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value)
+    ):
+        raise ManifestError(f"{where} shape is invalid", expected=f"a list of at most {MAX_RANK_DIMS} integers >= 0", found=repr(value)[:200])
+    if math.prod(value) > MAX_TENSOR_ELEMENTS:
+        raise ManifestError(f"{where} shape is too large", expected=f"at most {MAX_TENSOR_ELEMENTS} elements", found=value)
+    return tuple(value)
+
+
+@dataclass
+class TensorEntry:
+    """How one parameter is rebuilt: ``theta = cast(base + alpha * decode(stored), dtype)``."""
+
+    encoding: Encoding
+    shape: tuple[int, ...]
+    dtype: str
+    alpha: float = 1.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "encoding": self.encoding.name, "config": self.encoding.to_dict(),
+            "shape": list(self.shape), "dtype": self.dtype, "alpha": self.alpha,
+        }
+        if self.stats:
+            out["stats"] = self.stats
+        return out
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> "TensorEntry":
+        where = f"tensor {name!r}"
+        data = _obj(where, data)
+        for key in ("encoding", "shape", "dtype"):
+            if key not in data:
+                raise ManifestError(f"{where} lacks {key!r}", expected="encoding, shape and dtype", found=sorted(data))
+        if data["dtype"] not in TORCH_DTYPES:
+            raise ManifestError(f"{where} has an unsupported dtype", expected=sorted(TORCH_DTYPES), found=repr(data["dtype"]))
+        alpha = data.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ManifestError(f"{where} alpha is not a finite number", expected="a number", found=repr(alpha))
+        shape = parse_shape(where, data["shape"])
+        encoding = encoding_from_dict(data["encoding"], data.get("config", {}))
+        encoding.expected(shape)  # refuses encodings that cannot apply to this shape
+        stats = data.get("stats", {})
+        _obj(f"{where} stats", stats)
+        return cls(encoding, shape, data["dtype"], float(alpha), dict(stats))
+
+
+@dataclass
+class BaseReference:
+    """Which base the delta needs: a Hub repo pinned to a commit, or a local path, plus its
+    fingerprint (SPEC §7) so the loader can check it has the right one."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    local_path: str | None = None
+    fingerprint: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        if self.repo_id:
+            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+        return self.local_path or "<unknown base>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.revision, "local_path": self.local_path, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "BaseReference":
+        data = _obj("base", data)
+        ref = cls(
+            _opt_str("base.repo_id", data.get("repo_id")), _opt_str("base.revision", data.get("revision")),
+            _opt_str("base.local_path", data.get("local_path")), data.get("fingerprint"),
+        )
+        if ref.fingerprint is not None:
+            from .fingerprint import validate_fingerprint
+
+            validate_fingerprint(ref.fingerprint)
+        return ref
+
+
+@dataclass
+class Manifest:
+    """The whole manifest. ``tensors`` maps a parameter name (as in the fine-tune's checkpoint)
+    to its `TensorEntry`; parameters not listed are the base's, unchanged."""
+
+    base: BaseReference
+    method: str
+    method_params: dict[str, Any]
+    tensors: dict[str, TensorEntry]
+    stats: dict[str, Any] = field(default_factory=dict)
+    spec_version: str = field(default_factory=spec_version_string)
+    created_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "spec_version": self.spec_version,
+            "created_by": self.created_by,
+            "base": self.base.to_dict(),
+            "method": {"name": self.method, "params": self.method_params},
+            "tensors": {name: entry.to_dict() for name, entry in self.tensors.items()},
+        }
+        if self.stats:
+            out["stats"] = self.stats
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Manifest":
+        data = _obj("manifest", data)
+        if data.get("format") != FORMAT_NAME:
+            raise ManifestError(
+                "not a delta-format manifest", expected=f'format "{FORMAT_NAME}"', found=repr(data.get("format")),
+                fix="point the loader at a directory written by delta-format",
+            )
+        version = data.get("spec_version")
+        parse_spec_version(version)
+        method = _obj("method", data.get("method"))
+        if not isinstance(method.get("name"), str):
+            raise ManifestError("method.name is missing", expected="a string", found=repr(method.get("name")))
+        params = _obj("method.params", method.get("params", {}))
+        tensors = _obj("tensors", data.get("tensors"))
+        entries = {}
+        for name, entry in tensors.items():
+            if not name or len(name) > 1024:
+                raise ManifestError("invalid tensor name", expected="1 to 1024 characters", found=repr(name[:80]))
+            entries[name] = TensorEntry.from_dict(name, entry)
+        return cls(
+            base=BaseReference.from_dict(data.get("base")),
+            method=method["name"],
+            method_params=dict(params),
+            tensors=entries,
+            stats=dict(_obj("stats", data.get("stats", {}))),
+            spec_version=version,
+            created_by=_opt_str("created_by", data.get("created_by")),
+        )
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes, source: str = "delta_config.json") -> "Manifest":
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{source} is too large", expected=f"at most {MAX_MANIFEST_BYTES} bytes", found=f"{len(raw)} bytes",
+                fix="this is not a delta manifest, or a hostile one",
+            )
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ManifestError(f"{source} is not valid JSON", expected="UTF-8 JSON", found=str(exc)[:200]) from None
+        return cls.from_dict(data)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ManifestError("manifest holds a non-JSON number", expected="finite numbers", found=name)

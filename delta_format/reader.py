@@ -1,0 +1,175 @@
+"""Reading a delta directory (SPEC §2, §4, §8): validate everything, then decode on demand.
+
+Opening a `DeltaReader` reads the manifest and the safetensors headers only, and checks that
+every stored tensor the manifest implies exists, in the dtype and shape its encoding expects, in
+a file inside the delta directory. Tensor bytes are read lazily, one parameter at a time, straight
+onto the requested device (safetensors loads onto CUDA without a CPU copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .constants import MANIFEST_NAME, MAX_INDEX_BYTES, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .encodings import TORCH_DTYPES, compute_dtype
+from .errors import CorruptDeltaError, ManifestError, UnsafePathError
+from .manifest import Manifest, TensorEntry
+from .writer import stored_key
+
+
+def _read_limited(path: Path, limit: int, what: str) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise ManifestError(f"{what} is too large", expected=f"at most {limit} bytes", found=f"{size} bytes",
+                            fix="this is not a delta file, or a hostile one")
+    return path.read_bytes()
+
+
+def allowed_roots(directory: Path) -> list[Path]:
+    """Where a delta's files may live once symlinks are resolved: the directory itself, and for a
+    huggingface_hub cache snapshot (``.../snapshots/<sha>``) the repo's ``blobs`` directory."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
+def safe_member(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` after checking ``name`` is a plain file name that stays inside."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise UnsafePathError(f"{what} names an unsafe file", expected="a plain file name inside the delta directory",
+                              found=repr(name)[:200], fix="do not load this delta; it may be hostile")
+    path = directory / name
+    resolved = path.resolve()
+    if not any(resolved == root or root in resolved.parents for root in allowed_roots(directory)):
+        raise UnsafePathError(f"{what} points outside the delta directory", expected=f"a file inside {directory}",
+                              found=str(resolved), fix="do not load this delta; it may be hostile")
+    if not resolved.is_file():
+        raise CorruptDeltaError(f"{what} names a missing file", expected=f"{name} in {directory}", found="nothing",
+                                fix="re-download the delta (a shard is missing)")
+    return path
+
+
+class DeltaReader:
+    """An opened, validated delta directory.
+
+    Example:
+        >>> reader = DeltaReader("path/to/delta")                    # doctest: +SKIP
+        >>> delta = reader.decode("model.layers.0.mlp.up_proj.weight")  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ManifestError(f"no {MANIFEST_NAME} in {self.directory}", expected="a delta-format directory",
+                                found="no manifest", fix="point at a directory written by delta-format compress")
+        safe_member(self.directory, MANIFEST_NAME, "the manifest")
+        self.manifest = Manifest.from_json_bytes(_read_limited(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
+        self._handles: dict[tuple[Path, str], object] = {}
+        self._key_to_file = self._read_weight_map()
+        self._validate_stored()
+
+    def _read_weight_map(self) -> dict[str, Path]:
+        index_path = self.directory / WEIGHTS_INDEX_NAME
+        if index_path.exists():
+            safe_member(self.directory, WEIGHTS_INDEX_NAME, "the index")
+            try:
+                index = json.loads(_read_limited(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ManifestError(f"{WEIGHTS_INDEX_NAME} is not valid JSON", expected="JSON", found=str(exc)[:100]) from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ManifestError(f"{WEIGHTS_INDEX_NAME} lacks a weight_map", expected="an object", found=repr(weight_map)[:100])
+            checked: dict[str, Path] = {}
+            for key, file in weight_map.items():
+                if not isinstance(file, str) or file not in checked:
+                    checked[file] = safe_member(self.directory, file, f"index entry {key!r}")
+            return {key: checked[file] for key, file in weight_map.items()}
+        path = safe_member(self.directory, WEIGHTS_NAME, "the delta weights")
+        return {key: path for key in self._keys_of(path)}
+
+    def _open(self, path: Path, device: str = "cpu"):
+        handle = self._handles.get((path, device))
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt", device=device)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CorruptDeltaError(f"{path.name} is not a valid safetensors file", expected="a complete safetensors file",
+                                        found=str(exc)[:200], fix="re-download or re-create the delta") from None
+            self._handles[(path, device)] = handle
+        return handle
+
+    def _keys_of(self, path: Path) -> list[str]:
+        return list(self._open(path).keys())
+
+    def _validate_stored(self) -> None:
+        expected_keys: dict[str, tuple[str, str, object]] = {}
+        for name, entry in self.manifest.tensors.items():
+            for role, exp in entry.encoding.expected(entry.shape).items():
+                expected_keys[stored_key(name, role)] = (name, role, exp)
+        missing = expected_keys.keys() - self._key_to_file.keys()
+        extra = self._key_to_file.keys() - expected_keys.keys()
+        if missing or extra:
+            raise CorruptDeltaError(
+                "stored tensors disagree with the manifest",
+                expected=f"{len(expected_keys)} tensors named by the manifest",
+                found=f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}",
+                fix="re-download or re-create the delta",
+            )
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self._key_to_file.items():
+            by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            handle = self._open(path)
+            present = set(handle.keys())
+            for key in keys:
+                if key not in present:
+                    raise CorruptDeltaError(f"{path.name} lacks {key!r}", expected="the tensor the index names", found="no such tensor",
+                                            fix="re-download or re-create the delta")
+                view = handle.get_slice(key)
+                expected_keys[key][2].check(key, view.get_dtype(), tuple(view.get_shape()))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.manifest.tensors)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.manifest.tensors[name]
+
+    def stored(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The stored tensors of one parameter, by role, loaded onto ``device``."""
+        entry = self.manifest.tensors[name]
+        device = str(torch.device(device))
+        out = {}
+        for role in entry.encoding.expected(entry.shape):
+            key = stored_key(name, role)
+            try:
+                out[role] = self._open(self._key_to_file[key], device).get_tensor(key)
+            except SafetensorError as exc:
+                raise CorruptDeltaError(f"cannot read {key!r}", expected="a readable tensor", found=str(exc)[:200]) from None
+        return out
+
+    def decode(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The parameter's decoded delta (or replacement value) on ``device``, in the arithmetic
+        dtype of SPEC §9 (float32, or float64 for float64 parameters) unless ``dtype`` is given."""
+        entry = self.manifest.tensors[name]
+        dtype = dtype or compute_dtype(TORCH_DTYPES[entry.dtype])
+        return entry.encoding.decode(self.stored(name, device), entry.shape, name, dtype)
+
+    def stored_bytes(self) -> int:
+        return sum(e.stats.get("stored_bytes", 0) for e in self.manifest.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "DeltaReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
