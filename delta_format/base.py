@@ -38,9 +38,7 @@ def resolve_base(
                               found="neither", fix="pass base_model= (or --base) explicitly")
     directory, sha = resolve_repo(name, revision=rev, token=token, cache_dir=cache_dir,
                                   local_files_only=local_files_only, what="base model")
-    checkpoint = Checkpoint(directory)
-    checkpoint.commit_sha = sha
-    return checkpoint
+    return Checkpoint(directory, commit_sha=sha)
 
 
 def verify_base(manifest: Manifest, checkpoint: Checkpoint, *, verify: bool = True) -> None:

@@ -84,8 +84,10 @@ class Checkpoint:
         >>> for name in ckpt: tensor = ckpt.get_tensor(name)  # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, commit_sha: str | None = None):
         self.directory = Path(directory)
+        self.commit_sha = commit_sha
+        """The Hub commit the files came from (None for a local directory)."""
         index = self.directory / SAFE_WEIGHTS_INDEX_NAME
         single = self.directory / SAFE_WEIGHTS_NAME
         if index.is_file():
