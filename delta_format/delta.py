@@ -7,13 +7,22 @@ Returned by `delta_format.compress` and `DeltaModel.load_delta`; mirrors hugging
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+from .card import render_model_card
+from .constants import MODEL_CARD_NAME
 from .reader import DeltaReader
+from .writer import StagingDirectory
 
 
 class Delta:
-    """A delta on local disk (a directory written by `DeltaWriter`)."""
+    """A delta on local disk (a directory written by `DeltaWriter`), validated on opening.
+
+    Example:
+        >>> delta = delta_format.compress("base", "finetune", "out", method="dare", p=0.9)  # doctest: +SKIP
+        >>> delta.push_to_hub("user/ft-delta", private=True)                               # doctest: +SKIP
+    """
 
     def __init__(self, directory: str | os.PathLike, repo_id: str | None = None, revision: str | None = None):
         self.directory = Path(directory)
@@ -24,6 +33,58 @@ class Delta:
     @property
     def manifest(self):
         return self.reader.manifest
+
+    def files(self) -> list[Path]:
+        """Every file of the delta (manifest, shards, index, config/tokenizer files, card)."""
+        return sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def model_card(self, repo_id: str | None = None) -> str:
+        """The README.md text for publishing under ``repo_id``."""
+        return render_model_card(self.manifest, repo_id=repo_id)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> "Delta":
+        """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
+        staging = StagingDirectory(save_directory, overwrite=overwrite)
+        try:
+            for path in self.files():
+                shutil.copyfile(path, staging.path / path.name)
+            (staging.path / MODEL_CARD_NAME).write_text(self.model_card(), encoding="utf-8")
+            out = staging.publish()
+        except BaseException:
+            staging.discard()
+            raise
+        return Delta(out)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Publish the delta to the Hub in one commit (the model card written for ``repo_id``).
+
+        Returns:
+            The commit URL (or pull-request URL with ``create_pr=True``).
+        """
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in self.files()
+                      if p.name != MODEL_CARD_NAME]
+        operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME,
+                                             path_or_fileobj=self.model_card(repo_id).encode("utf-8")))
+        info = api.create_commit(
+            repo_id, operations, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {self.manifest.method} delta with delta-format",
+        )
+        return info.pr_url if create_pr and info.pr_url else info.commit_url
 
     def __repr__(self) -> str:
         return f"Delta({str(self.directory)!r}, method={self.manifest.method!r}, tensors={len(self.manifest.tensors)})"

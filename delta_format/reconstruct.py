@@ -36,25 +36,44 @@ def reconstruct(
     Returns:
         A tensor of ``entry.shape`` in ``dtype``.
     """
-    target = dtype or TORCH_DTYPES[entry.dtype]
-    if not entry.encoding.is_delta:
-        result = decoded
+    return reconstruct_sum(name, [(entry, decoded, alpha_scale)], base, dtype=dtype or TORCH_DTYPES[entry.dtype])
+
+
+def reconstruct_sum(
+    name: str,
+    parts: list[tuple[TensorEntry, torch.Tensor, float]],
+    base: torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``cast(base + sum_i alpha_i * scale_i * delta_i, dtype)``: one delta, or several composed on
+    one base (task arithmetic). A ``replace`` part must be the only part for its parameter."""
+    replaced = [p for p in parts if not p[0].encoding.is_delta]
+    if replaced:
+        if len(parts) > 1:
+            raise BaseMismatchError(f"{name!r} is replaced by one delta and changed by another", expected="at most one delta "
+                                    "touching a replaced parameter", found=f"{len(parts)} deltas", fix="compose deltas that edit disjoint replaced tensors")
+        result = replaced[0][1]
     else:
+        entry = parts[0][0]
         if base is None:
             raise BaseMismatchError(f"the base has no tensor {name!r}", expected=f"shape {list(entry.shape)}", found="nothing",
                                     fix="load the base the delta was made against")
         if tuple(base.shape) != tuple(entry.shape):
             raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(entry.shape), found=list(base.shape),
                                     fix="load the base the delta was made against")
-        alpha = entry.alpha * alpha_scale
-        result = torch.add(base.to(compute_dtype(target)), decoded, alpha=alpha)
-    out = result.to(target)
+        result = base.to(compute_dtype(dtype))
+        for part_entry, decoded, alpha_scale in parts:
+            if tuple(decoded.shape) != tuple(base.shape):
+                raise BaseMismatchError(f"deltas disagree on the shape of {name!r}", expected=list(base.shape), found=list(decoded.shape))
+            result = torch.add(result, decoded, alpha=part_entry.alpha * alpha_scale)
+    out = result.to(dtype)
     if not bool(torch.isfinite(out).all()):
         base_finite = base is None or not base.is_floating_point() or bool(torch.isfinite(base).all())
         if base_finite:
             bad = int((~torch.isfinite(out)).sum())
             raise NumericalError(
-                f"{name!r} overflows {str(target).removeprefix('torch.')}", expected="finite weights",
+                f"{name!r} overflows {str(dtype).removeprefix('torch.')}", expected="finite weights",
                 found=f"{bad} non-finite values after adding the delta",
                 fix="load in a wider dtype (dtype=torch.float32) or lower alpha",
             )
