@@ -107,6 +107,7 @@ class Checkpoint:
                                   fix="save the model with save_pretrained(safe_serialization=True); pickled checkpoints are not read")
         self.files = sorted(set(self.weight_map.values()))
         self._handles: dict[tuple[Path, str], object] = {}
+        self._fingerprint: dict | None = None
 
     @staticmethod
     def _open_file(path: Path, device: str = "cpu"):
@@ -145,7 +146,10 @@ class Checkpoint:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def fingerprint(self) -> dict:
-        return fingerprint_safetensors(self.files)
+        """The base fingerprint of these files (SPEC §7), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_safetensors(self.files)
+        return self._fingerprint
 
     def close(self) -> None:
         self._handles.clear()

@@ -20,6 +20,7 @@ from ..errors import BaseMismatchError, InvalidArgumentError
 from .materialize import materialize
 from .placement import device_lookup, resolve_device_map
 from .skeleton import build_skeleton
+from .swap import DeltaSwapper, attach_swapper
 
 DELTA_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.md"]
 
@@ -136,6 +137,9 @@ class DeltaModel:
 
             model = dispatch_model(model, device_map={k: str(v) for k, v in device_map_resolved.items()})
         _finish(model, opened[0], base)
+        fingerprint = base.fingerprint() if verify_base else None
+        attach_swapper(model, DeltaSwapper(model, base, fingerprint, list(zip(opened, scales)),
+                                           lambda d, **kw: cls.load_delta(d, **{**hub, **kw})))
         return model
 
 
