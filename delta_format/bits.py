@@ -28,8 +28,8 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first ``numel`` flags as a bool tensor on ``packed``'s device."""
+def check_packed(packed: torch.Tensor, numel: int) -> None:
+    """Refuse a packed tensor of the wrong length or with non-zero padding bits."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_length(numel):
         raise CorruptDeltaError(
             "packed bits have the wrong layout",
@@ -42,6 +42,11 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
             "packed bits have non-zero padding", expected="zero bits after the last element",
             found=f"last byte {int(packed[-1]):#04x}", fix="re-create the delta with a conforming writer",
         )
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first ``numel`` flags as a bool tensor on ``packed``'s device."""
+    check_packed(packed, numel)
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
     return bits.view(-1)[:numel].bool()
@@ -51,3 +56,15 @@ def count_bits(packed: torch.Tensor) -> int:
     """Number of set bits (population count) of a uint8 tensor."""
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=packed.device)
     return int(table[packed.long()].sum())
+
+
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` table: row ``b`` holds ``+1``/``-1`` for the 8 bits of byte ``b`` (LSB first)."""
+    key = (dtype, torch.device(device))
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLES[key]

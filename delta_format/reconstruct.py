@@ -46,8 +46,10 @@ def reconstruct_sum(
     *,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``cast(base + sum_i alpha_i * scale_i * delta_i, dtype)``: one delta, or several composed on
-    one base (task arithmetic). A ``replace`` part must be the only part for its parameter."""
+    """``cast(s + base, dtype)`` with ``s = alpha_1 * delta_1 + alpha_2 * delta_2 + ...`` summed in
+    order in float32 (SPEC §9): one delta, or several composed on one base (task arithmetic).
+    The decoded tensors are consumed (updated in place). A ``replace`` part must be the only part
+    for its parameter."""
     replaced = [p for p in parts if not p[0].encoding.is_delta]
     if replaced:
         if len(parts) > 1:
@@ -62,11 +64,16 @@ def reconstruct_sum(
         if tuple(base.shape) != tuple(entry.shape):
             raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(entry.shape), found=list(base.shape),
                                     fix="load the base the delta was made against")
-        result = base.to(compute_dtype(dtype))
+        result = None
         for part_entry, decoded, alpha_scale in parts:
             if tuple(decoded.shape) != tuple(base.shape):
                 raise BaseMismatchError(f"deltas disagree on the shape of {name!r}", expected=list(base.shape), found=list(decoded.shape))
-            result = torch.add(result, decoded, alpha=part_entry.alpha * alpha_scale)
+            alpha = part_entry.alpha * alpha_scale
+            if result is None:  # decoded tensors are owned here: accumulate in place
+                result = decoded if alpha == 1.0 else decoded.mul_(alpha)
+            else:
+                result.add_(decoded, alpha=alpha)
+        result = result.to(compute_dtype(dtype)).add_(base)
     out = result.to(dtype)
     if not bool(torch.isfinite(out).all()):
         base_finite = base is None or not base.is_floating_point() or bool(torch.isfinite(base).all())
