@@ -150,6 +150,9 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     spec_version: str = field(default_factory=spec_version_string)
     created_by: str | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Size and SHA-256 of every tensor file (SPEC §3.5): a reader checks them before decoding,
+    so a flipped bit in a shard is an error, never a silently wrong weight."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -159,6 +162,7 @@ class Manifest:
             "base": self.base.to_dict(),
             "method": {"name": self.method, "params": self.method_params},
             "tensors": {name: entry.to_dict() for name, entry in self.tensors.items()},
+            "files": self.files,
         }
         if self.stats:
             out["stats"] = self.stats
@@ -193,6 +197,7 @@ class Manifest:
             method_params=dict(params),
             tensors=entries,
             stats=dict(_obj("stats", data.get("stats", {}))),
+            files=_parse_files(data.get("files")),
             spec_version=version,
             created_by=_opt_str("created_by", data.get("created_by")),
         )
@@ -209,6 +214,19 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ManifestError(f"{source} is not valid JSON", expected="UTF-8 JSON", found=str(exc)[:200]) from None
         return cls.from_dict(data)
+
+
+def _parse_files(value: Any) -> dict[str, dict[str, Any]]:
+    files = _obj("files", value)
+    for name, info in files.items():
+        ok = (
+            isinstance(info, Mapping) and isinstance(info.get("size"), int) and not isinstance(info.get("size"), bool)
+            and info["size"] >= 0 and isinstance(info.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
+        )
+        if not ok:
+            raise ManifestError(f"files entry {name!r} is malformed", expected='{"size": bytes, "sha256": 64 hex digits}',
+                                found=repr(info)[:200])
+    return {name: dict(info) for name, info in files.items()}
 
 
 def _refuse_constant(name: str) -> float:

@@ -20,7 +20,7 @@ from .constants import MANIFEST_NAME, MAX_INDEX_BYTES, STORED_KEY_SEPARATOR, WEI
 from .encodings import TORCH_DTYPES, compute_dtype
 from .errors import CorruptDeltaError, ManifestError, UnsafePathError
 from .manifest import Manifest, TensorEntry
-from .writer import stored_key
+from .writer import file_sha256, stored_key
 
 
 def _read_limited(path: Path, limit: int, what: str) -> bytes:
@@ -64,7 +64,7 @@ class DeltaReader:
         >>> delta = reader.decode("model.layers.0.mlp.up_proj.weight")  # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, verify_checksums: bool = True):
         self.directory = Path(directory)
         manifest_path = self.directory / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -74,6 +74,7 @@ class DeltaReader:
         self.manifest = Manifest.from_json_bytes(_read_limited(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
         self._key_to_file = self._read_weight_map()
+        self._check_files(verify_checksums)
         self._validate_stored()
 
     def _read_weight_map(self) -> dict[str, Path]:
@@ -94,6 +95,22 @@ class DeltaReader:
             return {key: checked[file] for key, file in weight_map.items()}
         path = safe_member(self.directory, WEIGHTS_NAME, "the delta weights")
         return {key: path for key in self._keys_of(path)}
+
+    def _check_files(self, verify_checksums: bool) -> None:
+        """Every tensor file is listed in the manifest with its size and SHA-256, and matches."""
+        recorded = self.manifest.files
+        for path in sorted(set(self._key_to_file.values())):
+            info = recorded.get(path.name)
+            if info is None:
+                raise CorruptDeltaError(f"{path.name} is not listed in the manifest's files", expected=sorted(recorded),
+                                        found=path.name, fix="re-create the delta")
+            size = path.stat().st_size
+            if size != info["size"]:
+                raise CorruptDeltaError(f"{path.name} has the wrong size", expected=f"{info['size']} bytes", found=f"{size} bytes",
+                                        fix="the file is truncated or altered; re-download the delta")
+            if verify_checksums and file_sha256(path) != info["sha256"]:
+                raise CorruptDeltaError(f"{path.name} fails its checksum", expected=f"sha256 {info['sha256'][:16]}...",
+                                        found="other bytes", fix="the file is corrupt or altered; re-download the delta")
 
     def _open(self, path: Path, device: str = "cpu"):
         handle = self._handles.get((path, device))

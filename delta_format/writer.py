@@ -9,6 +9,7 @@ directory next to it, never a half-written delta. An existing output is replaced
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,15 @@ def parse_size(value: int | str) -> int:
         if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
             return int(float(text[: -len(unit)]) * factor)
     raise InvalidArgumentError("unreadable size", expected='bytes or a string like "500MB"', found=repr(value))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def stored_key(name: str, role: str) -> str:
@@ -183,6 +193,10 @@ class DeltaWriter:
             (staging / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if stats:
             self.manifest.stats = dict(stats)
+        self.manifest.files = {
+            p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(staging.glob("*.safetensors"))
+        }
         (staging / MANIFEST_NAME).write_text(self.manifest.to_json())
         self._staging.publish()
         self._closed = True
