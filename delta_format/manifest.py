@@ -93,7 +93,7 @@ class TensorEntry:
         for key in ("encoding", "shape", "dtype"):
             if key not in data:
                 raise ManifestError(f"{where} lacks {key!r}", expected="encoding, shape and dtype", found=sorted(data))
-        if data["dtype"] not in TORCH_DTYPES:
+        if not isinstance(data["dtype"], str) or data["dtype"] not in TORCH_DTYPES:
             raise ManifestError(f"{where} has an unsupported dtype", expected=sorted(TORCH_DTYPES), found=repr(data["dtype"]))
         alpha = data.get("alpha", 1.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -101,8 +101,10 @@ class TensorEntry:
         shape = parse_shape(where, data["shape"])
         encoding = encoding_from_dict(data["encoding"], data.get("config", {}))
         encoding.expected(shape)  # refuses encodings that cannot apply to this shape
-        stats = data.get("stats", {})
-        _obj(f"{where} stats", stats)
+        stats = _obj(f"{where} stats", data.get("stats", {}))
+        stored = stats.get("stored_bytes", 0)
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 0:
+            raise ManifestError(f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100])
         return cls(encoding, shape, data["dtype"], float(alpha), dict(stats))
 
 

@@ -19,7 +19,7 @@ ENCODING_CLASSES: dict[str, type[Encoding]] = {
 
 def encoding_from_dict(name: str, config: Mapping[str, Any]) -> Encoding:
     """Look an encoding up by its manifest name and build it from its config."""
-    cls = ENCODING_CLASSES.get(name)
+    cls = ENCODING_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise UnknownEncodingError(
             "unknown encoding", expected=sorted(ENCODING_CLASSES), found=repr(name),

@@ -122,6 +122,18 @@ class SparseEncoding(Encoding):
             roles["mask"] = Expected(("U8",), (packed_length(math.prod(shape)),))
         return roles
 
+    def _check_seeded_count(self, numel: int, count: int, name: str) -> None:
+        """Refuse, before generating any position, a value count a seeded mask of this size
+        cannot produce (beyond 8 standard deviations): a hostile shape must not make us work."""
+        keep = 1.0 - self.p
+        mean, sd = numel * keep, math.sqrt(numel * keep * self.p)
+        if abs(count - mean) > 8 * sd + 16:
+            raise CorruptDeltaError(
+                f"sparse values of {name!r} cannot come from a seeded mask of this shape",
+                expected=f"about {mean:.0f} values (p={self.p}, {numel} elements)", found=f"{count}",
+                fix="the delta is corrupt; re-create it",
+            )
+
     def positions(self, numel: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The seeded mask's kept positions (seeded coding only)."""
         return kept_positions(numel, self.p, self.seed, name, device)
@@ -163,6 +175,7 @@ class SparseEncoding(Encoding):
                 )
             positions = mask.nonzero().view(-1)
         else:
+            self._check_seeded_count(numel, values.numel(), name)
             positions = self.positions(numel, name, values.device)
         if positions.numel() != values.numel():
             raise CorruptDeltaError(

@@ -74,15 +74,13 @@ def materialize(
                 raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(current.shape),
                                         found=list(value.shape), fix="load the base the delta was made against")
         else:
-            parts = []
-            for reader, scale in parts_src:
-                entry = reader.manifest.tensors[name]
-                parts.append((entry, reader.decode(name, device), scale))
+            for reader, _ in parts_src:  # before decoding: a shape must be justified by the model
+                if tuple(reader.manifest.tensors[name].shape) != tuple(current.shape):
+                    raise CorruptDeltaError(f"the delta's {name!r} does not fit the model", expected=list(current.shape),
+                                            found=list(reader.manifest.tensors[name].shape), fix="check the delta's config.json")
+            parts = [(reader.manifest.tensors[name], reader.decode(name, device), scale) for reader, scale in parts_src]
             needs_base = any(e.encoding.is_delta for e, _, _ in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
-            if tuple(parts[0][0].shape) != tuple(current.shape):
-                raise CorruptDeltaError(f"the delta's {name!r} does not fit the model", expected=list(current.shape),
-                                        found=list(parts[0][0].shape), fix="check the delta's config.json")
             value = reconstruct_sum(name, parts, base_tensor, dtype=target)
             del parts, base_tensor
         set_module_tensor_to_device(model, name, device, value=value, dtype=target if value.is_floating_point() else None)

@@ -1,0 +1,188 @@
+"""Mutation fuzzing of delta directories (issue: hostile inputs).
+
+A valid delta with every encoding is written once; each case copies it, applies one random
+mutation (bytes of a shard's header or body, truncation, manifest fields, index entries, files
+removed or replaced by symlinks), then loads it the way the loader does (validate, check shapes
+against the base, decode, reconstruct). Every outcome must be one of:
+
+* ``ok``: loaded, and the weights equal the unmutated delta's (the mutation was harmless);
+* ``ok-manifest-changed``: the manifest was edited into another *valid* manifest (a different
+  alpha, scale or seed is a different delta, not corruption: only a signature could tell);
+* a `DeltaFormatError` subclass.
+
+Anything else (another exception, different weights from a shard mutation, a hang, a memory
+blow-up) is a bug and is reported as ``BUG:<what>``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from delta_format.encodings import (
+    DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
+)
+from delta_format.errors import DeltaFormatError
+from delta_format.manifest import BaseReference, TensorEntry
+from delta_format.reader import DeltaReader
+from delta_format.reconstruct import reconstruct
+from delta_format.writer import DeltaWriter
+
+JUNK_VALUES = [None, -1, 0, 2**70, 1e308, -0.5, "x", "../../etc/passwd", "/abs/path", [], {}, [2**40, 2**40],
+               [1] * 20, {"a": 1}, True, "9.0", "1.999", "", "\u0000", "sparse", "seeded", 0.999999999]
+
+
+def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "dense.w": torch.randn(8, 6, generator=g),
+        "seeded.w": torch.randn(16, 16, generator=g).to(torch.bfloat16),
+        "gaps.w": torch.randn(12, 10, generator=g),
+        "bitmask.w": torch.randn(10, 9, generator=g).to(torch.float16),
+        "sign.w": torch.randn(9, 7, generator=g),
+        "lowrank.w": torch.randn(10, 8, generator=g),
+        "bias": torch.randn(13, generator=g),
+    }
+
+
+def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
+    """A small sharded delta that uses every encoding and index coding."""
+    g = torch.Generator().manual_seed(1)
+    ref = BaseReference(local_path="in-memory")
+    with DeltaWriter(out, base=ref, method="mixed", max_shard_size=400) as w:
+        def add(name, enc, stored, dtype="float32", alpha=1.0):
+            w.add(name, TensorEntry(enc, tuple(base[name].shape) if name in base else tuple(stored["value"].shape), dtype, alpha), stored)
+
+        add("dense.w", DenseEncoding(), DenseEncoding().encode(torch.randn(8, 6, generator=g)))
+        enc = SparseEncoding("seeded", scale=10.0, seed=2**40 + 3, p=0.9)
+        add("seeded.w", enc, enc.encode(torch.randn(16, 16, generator=g), "seeded.w", dtype=torch.bfloat16), "bfloat16")
+        idx = torch.tensor([0, 3, 17, 64, 119])
+        add("gaps.w", SparseEncoding("gaps", scale=2.0), SparseEncoding("gaps", scale=2.0).encode(torch.randn(12, 10, generator=g), "gaps.w", idx))
+        add("bitmask.w", SparseEncoding("bitmask"), SparseEncoding("bitmask").encode(torch.randn(10, 9, generator=g), "bitmask.w", idx[:4]), "float16")
+        add("sign.w", SignEncoding("row"), SignEncoding("row").encode(torch.randn(9, 7, generator=g)), alpha=1.5)
+        u, v = LowRankEncoding.factorize(torch.randn(10, 8, generator=g), 2)
+        add("lowrank.w", LowRankEncoding(2), LowRankEncoding(2).encode(u, v))
+        add("new.head", ReplaceEncoding(), ReplaceEncoding().encode(torch.randn(3, 4, generator=g)))
+
+
+def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the loader does, without a model: validate, check shapes against the base first, decode, add."""
+    reader = DeltaReader(directory)
+    out = {}
+    for name, entry in reader.manifest.tensors.items():
+        if entry.encoding.is_delta and (name not in base or tuple(base[name].shape) != entry.shape):
+            from delta_format.errors import BaseMismatchError
+
+            raise BaseMismatchError(f"{name!r} does not fit the base", expected=list(base[name].shape) if name in base else "a base tensor", found=list(entry.shape))
+        out[name] = reconstruct(name, entry, reader.decode(name), base.get(name))
+    reader.close()
+    return out
+
+
+def _json_paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _json_paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _json_paths(v, prefix + (i,))
+
+
+def _set_path(obj, path, value):
+    for key in path[:-1]:
+        obj = obj[key]
+    if value is _DELETE:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+
+
+_DELETE = object()
+
+
+def mutate(directory: Path, rng: random.Random) -> str:
+    """Apply one random mutation in place; returns its category."""
+    shards = sorted(directory.glob("*.safetensors"))
+    kind = rng.choice(["shard-header", "shard-body", "truncate", "append", "manifest", "manifest-bytes", "index", "remove", "symlink"])
+    if kind in ("shard-header", "shard-body", "truncate", "append"):
+        path = rng.choice(shards)
+        data = bytearray(path.read_bytes())
+        header_end = 8 + int.from_bytes(data[:8], "little")
+        if kind == "shard-header":
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(0, header_end)] = rng.randrange(256)
+        elif kind == "shard-body" and len(data) > header_end:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(header_end, len(data))] ^= 1 << rng.randrange(8)
+        elif kind == "truncate":
+            data = data[: rng.randrange(0, len(data))]
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        path.write_bytes(bytes(data))
+    elif kind == "manifest":
+        path = directory / "delta_config.json"
+        manifest = json.loads(path.read_text())
+        target = rng.choice([p for p in _json_paths(manifest) if p])
+        _set_path(manifest, target, _DELETE if rng.random() < 0.2 else rng.choice(JUNK_VALUES))
+        path.write_text(json.dumps(manifest))
+        return "manifest:" + "/".join(str(p) for p in target[:1] + target[2:3])
+    elif kind == "manifest-bytes":
+        path = directory / "delta_config.json"
+        data = bytearray(path.read_bytes())
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+    elif kind == "index":
+        path = directory / "delta.safetensors.index.json"
+        index = json.loads(path.read_text())
+        key = rng.choice(sorted(index["weight_map"]))
+        index["weight_map"][key] = rng.choice(["../outside.safetensors", "/etc/passwd", "missing.safetensors", "", 7,
+                                               rng.choice(shards).name, "delta_config.json"])
+        path.write_text(json.dumps(index))
+    elif kind == "remove":
+        rng.choice(shards + [directory / "delta.safetensors.index.json"]).unlink()
+    else:
+        victim = rng.choice(shards)
+        outside = directory.parent / f"outside-{rng.randrange(10**9)}.safetensors"
+        shutil.copyfile(victim, outside)
+        victim.unlink()
+        victim.symlink_to(outside)
+    return kind
+
+
+def run_cases(workdir: Path, cases: int, seed: int = 0) -> Counter:
+    """Run ``cases`` mutations; returns outcome counts (keys starting with ``BUG`` are failures)."""
+    base = make_base()
+    valid = workdir / "valid"
+    write_valid_delta(valid, base)
+    expected = load_all(valid, base)
+    rng = random.Random(seed)
+    outcomes: Counter = Counter()
+    for i in range(cases):
+        case = workdir / f"case-{i}"
+        shutil.copytree(valid, case)
+        kind = mutate(case, rng)
+        try:
+            got = load_all(case, base)
+        except DeltaFormatError as exc:
+            outcomes[type(exc).__name__] += 1
+        except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
+            outcomes[f"BUG:{kind}:{type(exc).__name__}:{str(exc)[:80]}"] += 1
+        else:
+            same = got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+            if same:
+                outcomes["ok"] += 1
+            elif kind.startswith("manifest"):
+                outcomes["ok-manifest-changed"] += 1
+            else:
+                outcomes[f"BUG:{kind}:silently different weights"] += 1
+        shutil.rmtree(case, ignore_errors=True)
+        for stray in workdir.glob("outside-*"):
+            stray.unlink()
+    return outcomes
