@@ -1,17 +1,26 @@
-"""Putting a decoded delta on its base (SPEC §9): ``theta = cast(base + alpha * delta, dtype)``.
+"""Putting deltas on their base (SPEC §9).
 
-The sum is computed in float32 (float64 for float64 parameters) and cast once, so half-precision
-models do not accumulate rounding. A result that is not finite where the base was is reported,
-never returned: an overflow in the cast would otherwise be a silent wrong weight.
+``theta = cast(((base + alpha_1 * d_1) + alpha_2 * d_2) + ..., dtype)``, computed in float32
+(float64 for float64 parameters) left to right, with ``alpha_i * d_i`` rounded before it is
+added, and cast once, so half-precision models do not accumulate rounding and every device gets
+the same bits. Encodings add themselves into the float32 accumulator (`Encoding.accumulate`):
+a sparse delta touches only its kept positions, which is what makes loading it cheap. A result
+that is not finite where the base was is reported, never returned: an overflow in the cast
+would otherwise be a silent wrong weight.
 """
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 
-from .encodings import TORCH_DTYPES, compute_dtype
+from .encodings import TORCH_DTYPES, DenseEncoding, compute_dtype
 from .errors import BaseMismatchError, NumericalError
 from .manifest import TensorEntry
+
+Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]
+"""One delta's contribution to a parameter: its entry, its stored tensors, an alpha multiplier."""
 
 
 def reconstruct(
@@ -23,65 +32,59 @@ def reconstruct(
     alpha_scale: float = 1.0,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The fine-tuned parameter from its base tensor and its decoded delta.
+    """The fine-tuned parameter from its base tensor and its decoded delta (`DeltaReader.decode`).
 
     Args:
         name: parameter name (for messages).
         entry: the manifest entry (encoding, shape, stored alpha).
-        decoded: output of `DeltaReader.decode` for this parameter, on the target device.
-        base: the base tensor (any dtype, same device), or None where the encoding is ``replace``.
+        decoded: the decoded delta (or, for ``replace``, the value) on the base's device.
+        base: the base tensor (any dtype), or None where the encoding is ``replace``.
         alpha_scale: multiplies the stored alpha (load-time EXPO / interpolation knob).
         dtype: result dtype; the manifest's dtype by default.
 
     Returns:
-        A tensor of ``entry.shape`` in ``dtype``.
+        A tensor of ``entry.shape`` in ``dtype``; the same bits as `reconstruct_stored`.
     """
-    return reconstruct_sum(name, [(entry, decoded, alpha_scale)], base, dtype=dtype or TORCH_DTYPES[entry.dtype])
-
-
-def reconstruct_sum(
-    name: str,
-    parts: list[tuple[TensorEntry, torch.Tensor, float]],
-    base: torch.Tensor | None,
-    *,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``cast(s + base, dtype)`` with ``s = alpha_1 * delta_1 + alpha_2 * delta_2 + ...`` summed in
-    order in float32 (SPEC §9): one delta, or several composed on one base (task arithmetic).
-    The decoded tensors are consumed (updated in place). A ``replace`` part must be the only part
-    for its parameter."""
-    replaced = [p for p in parts if not p[0].encoding.is_delta]
-    if replaced:
-        if len(parts) > 1:
-            raise BaseMismatchError(f"{name!r} is replaced by one delta and changed by another", expected="at most one delta "
-                                    "touching a replaced parameter", found=f"{len(parts)} deltas", fix="compose deltas that edit disjoint replaced tensors")
-        result = replaced[0][1]
+    if entry.encoding.is_delta:  # a decoded delta is a dense one: same arithmetic, same bits
+        entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha)
+        stored = {"delta": decoded}
     else:
-        entry = parts[0][0]
-        if base is None:
-            raise BaseMismatchError(f"the base has no tensor {name!r}", expected=f"shape {list(entry.shape)}", found="nothing",
-                                    fix="load the base the delta was made against")
+        stored = {"value": decoded}
+    return reconstruct_stored(name, [(entry, stored, alpha_scale)], base, dtype=dtype or TORCH_DTYPES[entry.dtype])
+
+
+def reconstruct_stored(name: str, parts: Sequence[Part], base: torch.Tensor | None, *, dtype: torch.dtype) -> torch.Tensor:
+    """The parameter from its base and one or more deltas' stored tensors (task arithmetic when
+    several). A ``replace`` part must be the only part for its parameter."""
+    shape = tuple(parts[0][0].shape)
+    if any(not entry.encoding.is_delta for entry, _, _ in parts):
+        if len(parts) > 1:
+            raise BaseMismatchError(f"{name!r} is replaced by one delta and changed by another",
+                                    expected="at most one delta touching a replaced parameter", found=f"{len(parts)} deltas",
+                                    fix="compose deltas that edit disjoint replaced tensors")
+        entry, stored, _ = parts[0]
+        return _checked(name, entry.encoding.decode(stored, entry.shape, name, dtype), dtype, None)
+    if base is None:
+        raise BaseMismatchError(f"the base has no tensor {name!r}", expected=f"shape {list(shape)}", found="nothing",
+                                fix="load the base the delta was made against")
+    for entry, _, _ in parts:
         if tuple(base.shape) != tuple(entry.shape):
-            raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(entry.shape), found=list(base.shape),
-                                    fix="load the base the delta was made against")
-        result = None
-        for part_entry, decoded, alpha_scale in parts:
-            if tuple(decoded.shape) != tuple(base.shape):
-                raise BaseMismatchError(f"deltas disagree on the shape of {name!r}", expected=list(base.shape), found=list(decoded.shape))
-            alpha = part_entry.alpha * alpha_scale
-            if result is None:  # decoded tensors are owned here: accumulate in place
-                result = decoded if alpha == 1.0 else decoded.mul_(alpha)
-            else:
-                result.add_(decoded, alpha=alpha)
-        result = result.to(compute_dtype(dtype)).add_(base)
-    out = result.to(dtype)
-    if not bool(torch.isfinite(out).all()):
-        base_finite = base is None or not base.is_floating_point() or bool(torch.isfinite(base).all())
-        if base_finite:
-            bad = int((~torch.isfinite(out)).sum())
-            raise NumericalError(
-                f"{name!r} overflows {str(dtype).removeprefix('torch.')}", expected="finite weights",
-                found=f"{bad} non-finite values after adding the delta",
-                fix="load in a wider dtype (dtype=torch.float32) or lower alpha",
-            )
-    return out
+            raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(entry.shape),
+                                    found=list(base.shape), fix="load the base the delta was made against")
+    acc = base.to(compute_dtype(dtype), copy=True)
+    for entry, stored, alpha_scale in parts:
+        entry.encoding.accumulate(acc, stored, entry.shape, name, entry.alpha * alpha_scale)
+    return _checked(name, acc.to(dtype), dtype, base)
+
+
+def _checked(name: str, out: torch.Tensor, dtype: torch.dtype, base: torch.Tensor | None) -> torch.Tensor:
+    low, high = torch.aminmax(out.reshape(-1)) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return out
+    if base is not None and base.is_floating_point() and not bool(torch.isfinite(base).all()):
+        return out  # the base itself holds non-finite values; the delta did not cause them
+    bad = int((~torch.isfinite(out)).sum())
+    raise NumericalError(
+        f"{name!r} overflows {str(dtype).removeprefix('torch.')}", expected="finite weights",
+        found=f"{bad} non-finite values after adding the delta", fix="load in a wider dtype (dtype=torch.float32) or lower alpha",
+    )

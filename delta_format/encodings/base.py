@@ -105,6 +105,16 @@ class Encoding:
         stored tensors' device."""
         raise NotImplementedError
 
+    def accumulate(
+        self, target: torch.Tensor, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, alpha: float
+    ) -> None:
+        """``target += alpha * decode(...)`` in place (SPEC §9: the product is rounded first).
+        Encodings override it when they can touch fewer elements (sparse)."""
+        delta = self.decode(stored, shape, name, target.dtype)
+        if alpha != 1.0:
+            delta.mul_(alpha)
+        target.add_(delta)
+
     is_delta: ClassVar[bool] = True
     """False for encodings that store the value itself (``replace``): the base is not added."""
 

@@ -159,8 +159,8 @@ class SparseEncoding(Encoding):
             stored["mask"] = pack_bits(mask)
         return stored
 
-    def decode(self, stored, shape, name, dtype):
-        numel = math.prod(shape)
+    def _kept(self, stored, numel: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat positions, values) after every consistency check."""
         values = stored["values"]
         require_finite(name, "values", values)
         if self.index_coding == INDEX_GAPS:
@@ -183,9 +183,27 @@ class SparseEncoding(Encoding):
                 expected=f"{positions.numel()} values", found=f"{values.numel()}",
                 fix="the delta is corrupt or was written with another seed; re-create it",
             )
+        return positions, values
+
+    def _scaled(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        values = values.to(dtype)
+        return values * self.scale if self.scale != 1.0 else values
+
+    def decode(self, stored, shape, name, dtype):
+        numel = math.prod(shape)
+        positions, values = self._kept(stored, numel, name)
         out = torch.zeros(numel, dtype=dtype, device=values.device)
-        out[positions] = values.to(dtype) * self.scale if self.scale != 1.0 else values.to(dtype)
+        out[positions] = self._scaled(values, dtype)
         return out.view(shape)
+
+    def accumulate(self, target, stored, shape, name, alpha):
+        # O(kept): only the kept positions of the accumulator change (same bits as decode + add,
+        # since adding the zeros elsewhere is exact).
+        positions, values = self._kept(stored, target.numel(), name)
+        kept = self._scaled(values, target.dtype)
+        if alpha != 1.0:
+            kept = kept * alpha
+        target.view(-1).index_add_(0, positions, kept)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SparseEncoding) and other.to_dict() == self.to_dict()

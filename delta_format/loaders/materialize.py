@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import BaseMismatchError, CorruptDeltaError
 from ..reader import DeltaReader
-from ..reconstruct import reconstruct_sum
+from ..reconstruct import reconstruct_stored
 
 
 def _tied_names(model) -> set[str]:
@@ -78,10 +78,10 @@ def materialize(
                 if tuple(reader.manifest.tensors[name].shape) != tuple(current.shape):
                     raise CorruptDeltaError(f"the delta's {name!r} does not fit the model", expected=list(current.shape),
                                             found=list(reader.manifest.tensors[name].shape), fix="check the delta's config.json")
-            parts = [(reader.manifest.tensors[name], reader.decode(name, device), scale) for reader, scale in parts_src]
+            parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
             needs_base = any(e.encoding.is_delta for e, _, _ in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
-            value = reconstruct_sum(name, parts, base_tensor, dtype=target)
+            value = reconstruct_stored(name, parts, base_tensor, dtype=target)
             del parts, base_tensor
         set_module_tensor_to_device(model, name, device, value=value, dtype=target if value.is_floating_point() else None)
         del value

@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint
 from ..delta import Delta
 from ..errors import BaseMismatchError
 from ..fingerprint import fingerprint_differences
-from ..reconstruct import reconstruct_sum
+from ..reconstruct import reconstruct_stored
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -94,11 +94,11 @@ class DeltaSwapper:
         with torch.no_grad():
             for name in sorted(names):
                 param = state[name]
-                parts = [(d.manifest.tensors[name], d.reader.decode(name, param.device), s)
+                parts = [(d.manifest.tensors[name], d.reader.stored(name, param.device), s)
                          for d, s in deltas if name in d.manifest.tensors]
                 if parts:
                     base = self.base.get_tensor(name, param.device) if name in self.base else None
-                    value = reconstruct_sum(name, parts, base, dtype=param.dtype)
+                    value = reconstruct_stored(name, parts, base, dtype=param.dtype)
                 else:
                     value = self.base.get_tensor(name, param.device).to(param.dtype)
                 param.copy_(value)
