@@ -133,6 +133,9 @@ class BaseReference:
             _opt_str("base.repo_id", data.get("repo_id")), _opt_str("base.revision", data.get("revision")),
             _opt_str("base.local_path", data.get("local_path")), data.get("fingerprint"),
         )
+        if ref.revision is not None and not _SHA.fullmatch(ref.revision):
+            raise ManifestError("base.revision is not a commit", expected="40 lowercase hex digits (a pinned commit)",
+                                found=repr(ref.revision)[:100], fix="re-create the delta against a pinned base commit")
         if ref.fingerprint is not None:
             from .fingerprint import validate_fingerprint
 

@@ -64,6 +64,8 @@ class SignEncoding(Encoding):
     def initial_scale(self, delta: torch.Tensor) -> torch.Tensor:
         """BitDelta's initial scale: mean |delta| over the tensor or over each row (float32)."""
         d = delta.float()
+        if d.numel() == 0:  # the mean of nothing is NaN, which no reader accepts; any scale decodes the same
+            return torch.zeros(self._scale_len(tuple(delta.shape)))
         if self.granularity == "tensor":
             return d.abs().mean().reshape(1)
         self._scale_len(tuple(delta.shape))

@@ -51,7 +51,8 @@ def gaps_to_positions(gaps: torch.Tensor, numel: int, name: str) -> torch.Tensor
             found=f"minimum gap {int(wide.min())}", fix="the delta is corrupt; re-create it",
         )
     positions = torch.cumsum(wide + 1, 0) - 1
-    if positions.numel() and int(positions[-1]) >= numel:
+    # A sum past 2**63 wraps negative (huge I64 gaps); every wrapped position is stored, so min < 0 finds it.
+    if positions.numel() and (int(positions[-1]) >= numel or int(positions.min()) < 0):
         raise CorruptDeltaError(
             f"sparse indices of {name!r} run past the tensor", expected=f"indices < {numel}",
             found=f"last index {int(positions[-1])}", fix="the delta is corrupt; re-create it",
