@@ -1,0 +1,363 @@
+"""Write the delta-format test vectors (SPEC §1-§9): ``/work/venv/bin/python spec/vectors/generate.py [OUT]``.
+
+Each vector directory holds a delta written by the real `DeltaWriter`, the ``base.safetensors`` it
+was made against and ``expected.safetensors``: every parameter of the fine-tune, reconstructed.
+The expected tensors are computed here with numpy, following SPEC §9 step by step (float32
+arithmetic, alpha and scales rounded to float32, one cast at the end), not with
+`delta_format.reconstruct`; ``tests/test_spec_vectors.py`` checks the library and a second,
+pure-Python decoder against them.
+
+``seeded_mask.json`` holds known answers of the seeded-mask generator (SPEC §6), taken from the
+library and checked in the tests against a reference written from the spec text.
+
+Everything is deterministic: values come from an integer hash, not from an RNG, so running this
+again writes the same bytes (the tests check that too). Only the directories and the JSON file
+named here are replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from delta_format import seeded_mask  # noqa: E402
+from delta_format.encodings import (  # noqa: E402
+    DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
+)
+from delta_format.fingerprint import fingerprint_safetensors  # noqa: E402
+from delta_format.manifest import BaseReference, TensorEntry  # noqa: E402
+from delta_format.writer import DeltaWriter  # noqa: E402
+
+VECTORS = (
+    "dense", "sparse-gaps", "sparse-bitmask", "sparse-seeded", "sign-tensor", "sign-row", "lowrank", "replace",
+    "sharded",
+)
+SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic values and exact casts (numpy has no bfloat16: it is float32's top 16 bits).
+# ---------------------------------------------------------------------------------------------
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def values(shape: tuple[int, ...], salt: int, spread: float = 1.0) -> np.ndarray:
+    """float32 values in about [-spread, spread) with all 24 mantissa bits in use."""
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.array([splitmix64(salt * 1_000_003 + i) >> 40 for i in range(n)], dtype=np.float64)  # 24 bits
+    return ((raw / 2**23 - 1.0) * spread).astype(np.float32).reshape(shape)
+
+
+def dyadic(shape: tuple[int, ...], salt: int) -> np.ndarray:
+    """Small multiples of 1/8 in [-1, 1]: products and short sums of them are exact in every float."""
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.array([(splitmix64(salt * 7919 + i) % 17 - 8) / 8 for i in range(n)], dtype=np.float32).reshape(shape)
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), returned as float32 (inputs are finite)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` and held exactly as float32 (float64 stays float64)."""
+    if dtype == "float64":
+        return x.astype(np.float64)
+    x = x.astype(np.float32)
+    if dtype == "bfloat16":
+        return bf16_round(x)
+    return x.astype(NP_DTYPES[dtype]).astype(np.float32)
+
+
+def as_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
+    """An array already rounded to ``dtype`` as a torch tensor of that dtype (exact)."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(TORCH[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §9 reconstruction, in numpy.
+# ---------------------------------------------------------------------------------------------
+
+def reconstruct(base: np.ndarray, delta: np.ndarray, alpha: float, dtype: str) -> np.ndarray:
+    """cast(float32(base) + round32(round32(alpha) * delta), dtype); ``delta`` already decoded in float32."""
+    acc = base.astype(np.float32)
+    if alpha != 1.0:
+        delta = (delta.astype(np.float32) * np.float32(alpha)).astype(np.float32)
+    return rounded(acc + delta.astype(np.float32), dtype)
+
+
+def scatter(numel: int, positions: np.ndarray, kept: np.ndarray, scale: float, shape) -> np.ndarray:
+    out = np.zeros(numel, dtype=np.float32)
+    out[positions] = kept.astype(np.float32) * np.float32(scale)
+    return out.reshape(shape)
+
+
+class Vector:
+    """Collects one vector: base tensors, parameters added to the delta, expected tensors."""
+
+    def __init__(self, root: Path, name: str):
+        self.dir = root / name
+        self.base: dict[str, tuple[np.ndarray, str]] = {}
+        self.expected: dict[str, tuple[np.ndarray, str]] = {}
+        self.params: list[tuple[str, TensorEntry, dict[str, torch.Tensor]]] = []
+
+    def add_base(self, name: str, shape, dtype: str, salt: int, spread: float = 1.0, exact: bool = False) -> np.ndarray:
+        x = rounded(dyadic(shape, salt) if exact else values(shape, salt, spread), dtype)
+        self.base[name] = (x, dtype)
+        self.expected[name] = (x, dtype)  # absent from the delta = the base's (SPEC §9)
+        return x
+
+    def add(self, name: str, entry: TensorEntry, stored: dict[str, torch.Tensor], expected: np.ndarray) -> None:
+        self.params.append((name, entry, stored))
+        self.expected[name] = (expected, entry.dtype)
+
+    def write(self, method: str, method_params: dict, max_shard_size: int = 2**30) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        staging = self.dir.parent / f".{self.dir.name}.base"
+        staging.mkdir(parents=True)
+        base_path = staging / "base.safetensors"
+        save_file({k: as_torch(v, d) for k, (v, d) in self.base.items()}, str(base_path))
+        # The base lies beside the delta, so the reference names no repo or path: only its fingerprint.
+        ref = BaseReference(fingerprint=fingerprint_safetensors([base_path]))
+        with DeltaWriter(self.dir, base=ref, method=method, method_params=method_params,
+                         max_shard_size=max_shard_size) as writer:
+            for name, entry, stored in self.params:
+                writer.add(name, entry, stored)
+        base_path.rename(self.dir / "base.safetensors")
+        staging.rmdir()
+        save_file({k: as_torch(v, d) for k, (v, d) in self.expected.items()}, str(self.dir / "expected.safetensors"))
+
+
+def entry(encoding, shape, dtype, alpha=1.0) -> TensorEntry:
+    return TensorEntry(encoding, tuple(shape), dtype, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectors.
+# ---------------------------------------------------------------------------------------------
+
+def vector_dense(root: Path) -> None:
+    v = Vector(root, "dense")
+    for name, shape, salt in (("w", (4, 6), 1), ("b", (6,), 2), ("empty", (0, 4), 3)):
+        base = v.add_base(name, shape, "float32", salt)
+        delta = values(shape, salt + 100, 0.01)
+        v.add(name, entry(DenseEncoding(), shape, "float32"), {"delta": torch.from_numpy(delta)},
+              reconstruct(base, delta, 1.0, "float32"))
+    v.write("dense", {})
+
+
+def vector_sparse_gaps(root: Path) -> None:
+    v = Vector(root, "sparse-gaps")
+    shape, scale = (8, 40), 2.0
+    base = v.add_base("w", shape, "float32", 4)
+    positions = np.array([0, 1, 7, 8, 9, 310, 311, 319])  # the gap 9 -> 310 is 300: stored as U16
+    kept = values((len(positions),), 5, 0.01)
+    enc = SparseEncoding("gaps", scale=scale)
+    stored = enc.encode(torch.zeros(shape).view(-1).index_put_((torch.from_numpy(positions),), torch.from_numpy(kept)),
+                        "w", torch.from_numpy(positions))
+    assert stored["gaps"].dtype == torch.uint16
+    v.add("w", entry(enc, shape, "float32"), stored,
+          reconstruct(base, scatter(320, positions, kept, scale, shape), 1.0, "float32"))
+    v.write("magnitude", {"density": 0.025})
+
+
+def vector_sparse_bitmask(root: Path) -> None:
+    v = Vector(root, "sparse-bitmask")
+    shape = (5, 13)  # 65 elements: the mask's last byte has 7 padding bits
+    base = v.add_base("w", shape, "float16", 6)
+    positions = np.array([i for i in range(65) if splitmix64(i + 77) % 3 == 0] + [64])
+    positions = np.unique(positions)
+    kept = rounded(values((len(positions),), 7, 0.05), "float16")
+    enc = SparseEncoding("bitmask")
+    full = torch.zeros(65, dtype=torch.float16)
+    full[torch.from_numpy(positions)] = as_torch(kept, "float16")
+    stored = enc.encode(full.view(shape), "w", torch.from_numpy(positions))
+    v.add("w", entry(enc, shape, "float16"), stored,
+          reconstruct(base, scatter(65, positions, kept, 1.0, shape), 1.0, "float16"))
+    v.write("magnitude", {"density": round(len(positions) / 65, 4)})
+
+
+def vector_sparse_seeded(root: Path) -> None:
+    v = Vector(root, "sparse-seeded")
+    shape, scale = (16, 32), 1 / (1 - SEEDED_P)
+    base = v.add_base("w", shape, "bfloat16", 8)
+    delta = rounded(values(shape, 9, 0.01), "bfloat16")
+    enc = SparseEncoding("seeded", scale=scale, seed=SEEDED_SEED, p=SEEDED_P)
+    stored = enc.encode(as_torch(delta, "bfloat16"), "w", dtype=torch.bfloat16)
+    positions = seeded_mask.kept_positions(512, SEEDED_P, SEEDED_SEED, "w").numpy()
+    kept = delta.reshape(-1)[positions]
+    v.add("w", entry(enc, shape, "bfloat16"), stored,
+          reconstruct(base, scatter(512, positions, kept, scale, shape), 1.0, "bfloat16"))
+    v.write("dare", {"p": SEEDED_P, "seed": SEEDED_SEED})
+
+
+def _sign_parts(delta: np.ndarray, rows: int, scale: np.ndarray) -> np.ndarray:
+    signs = np.where(delta.reshape(rows, -1) >= 0, 1.0, -1.0).astype(np.float32)
+    return (signs * scale.astype(np.float32).reshape(-1, 1)).reshape(delta.shape)
+
+
+def vector_sign_tensor(root: Path) -> None:
+    v = Vector(root, "sign-tensor")
+    shape = (6, 11)  # 66 bits: 2 padding bits
+    base = v.add_base("w", shape, "float32", 10)
+    delta = values(shape, 11, 0.01)
+    delta.reshape(-1)[5] = 0.0  # zero encodes as +scale (bit 1: delta >= 0)
+    scale = rounded(np.abs(delta).mean(keepdims=True).reshape(1), "bfloat16")
+    enc = SignEncoding("tensor")
+    stored = enc.encode(torch.from_numpy(delta), as_torch(scale, "bfloat16"), scale_dtype=torch.bfloat16)
+    v.add("w", entry(enc, shape, "float32"), stored,
+          reconstruct(base, _sign_parts(delta, 1, scale), 1.0, "float32"))
+    v.write("bitdelta", {"scale": "tensor"})
+
+
+def vector_sign_row(root: Path) -> None:
+    v = Vector(root, "sign-row")
+    enc = SignEncoding("row")
+    for name, shape, dtype, salt in (("w", (6, 11), "float16", 12), ("conv", (2, 3, 5), "float32", 14)):
+        base = v.add_base(name, shape, dtype, salt)
+        delta = values(shape, salt + 1, 0.01)
+        scale = np.abs(delta.reshape(shape[0], -1)).mean(axis=1).astype(np.float32)
+        stored = enc.encode(torch.from_numpy(delta), torch.from_numpy(scale))
+        v.add(name, entry(enc, shape, dtype), stored,
+              reconstruct(base, _sign_parts(delta, shape[0], scale), 1.0, dtype))
+    v.write("bitdelta", {"scale": "row"})
+
+
+def vector_lowrank(root: Path) -> None:
+    v = Vector(root, "lowrank")
+    # Dyadic factors and base: every product and partial sum is exact, so the result does not
+    # depend on the summation order of the matrix product (SPEC §5.4).
+    for name, shape, rank, dtype, factor_dtype, salt in (
+        ("w", (12, 10), 3, "float32", "float32", 20), ("conv", (4, 3, 5), 2, "bfloat16", "bfloat16", 23),
+    ):
+        base = v.add_base(name, shape, dtype, salt, exact=True)
+        rows, cols = shape[0], int(np.prod(shape[1:]))
+        u, w = dyadic((rows, rank), salt + 1) / 4, dyadic((rank, cols), salt + 2) / 4
+        enc = LowRankEncoding(rank)
+        stored = enc.encode(as_torch(u, factor_dtype), as_torch(w, factor_dtype))
+        product = (u.astype(np.float64) @ w.astype(np.float64)).astype(np.float32).reshape(shape)
+        v.add(name, entry(enc, shape, dtype), stored, reconstruct(base, product, 1.0, dtype))
+    v.write("lowrank", {"rank": "per tensor"})
+
+
+def vector_replace(root: Path) -> None:
+    v = Vector(root, "replace")
+    v.add_base("embed", (10, 8), "bfloat16", 30)  # resized to 12 rows by the fine-tune
+    v.add_base("kept", (4,), "float32", 31)
+    enc = ReplaceEncoding()
+    embed = rounded(values((12, 8), 32), "bfloat16")
+    head = values((3, 4), 33)
+    # alpha 2 is recorded but does not apply to replace (SPEC §5.5), nor does the base.
+    v.add("embed", entry(enc, (12, 8), "bfloat16", alpha=2.0), {"value": as_torch(embed, "bfloat16")}, embed)
+    v.add("head.new", entry(enc, (3, 4), "float32"), {"value": torch.from_numpy(head)}, head)
+    v.write("replace", {})
+
+
+def vector_sharded(root: Path) -> None:
+    v = Vector(root, "sharded")
+    alpha = 0.3  # not a float32 value: SPEC §9 rounds it to float32 before multiplying
+    base = v.add_base("layers.0.w", (16, 24), "float32", 40)
+    delta = values((16, 24), 41, 0.01)
+    v.add("layers.0.w", entry(DenseEncoding(), (16, 24), "float32", alpha), {"delta": torch.from_numpy(delta)},
+          reconstruct(base, delta, alpha, "float32"))
+
+    base = v.add_base("layers.0.b", (24,), "bfloat16", 42)
+    delta = values((24,), 43, 0.01)
+    v.add("layers.0.b", entry(DenseEncoding(), (24,), "bfloat16", alpha), {"delta": torch.from_numpy(delta)},
+          reconstruct(base, delta, alpha, "bfloat16"))
+
+    base = v.add_base("layers.1.w", (16, 24), "bfloat16", 44)
+    positions = np.array([i for i in range(384) if splitmix64(i + 45) % 7 == 0])
+    kept = values((len(positions),), 46, 0.01)
+    enc = SparseEncoding("gaps", scale=1.25)
+    full = torch.zeros(384)
+    full[torch.from_numpy(positions)] = torch.from_numpy(kept)
+    v.add("layers.1.w", entry(enc, (16, 24), "bfloat16", 1.7), enc.encode(full, "layers.1.w", torch.from_numpy(positions)),
+          reconstruct(base, scatter(384, positions, kept, 1.25, (16, 24)), 1.7, "bfloat16"))
+
+    base = v.add_base("layers.1.h", (8, 9), "float16", 47)
+    delta = values((8, 9), 48, 0.01)
+    scale = np.abs(delta).mean(axis=1).astype(np.float32)
+    enc = SignEncoding("row")
+    v.add("layers.1.h", entry(enc, (8, 9), "float16", 0.5), enc.encode(torch.from_numpy(delta), torch.from_numpy(scale)),
+          reconstruct(base, _sign_parts(delta, 8, scale), 0.5, "float16"))
+
+    base = v.add_base("big", (40, 40), "float32", 49)  # 6400 bytes: its fingerprint samples 64 chunks
+    delta = values((40, 40), 50, 0.001)
+    v.add("big", entry(DenseEncoding(), (40, 40), "float32", alpha), {"delta": torch.from_numpy(delta)},
+          reconstruct(base, delta, alpha, "float32"))
+
+    v.add_base("frozen", (4,), "float32", 51)  # not in the delta: the base's, unchanged
+    v.write("mixed", {"alpha": alpha}, max_shard_size=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded-mask known answers.
+# ---------------------------------------------------------------------------------------------
+
+MASK_CASES = (
+    (64, 0.5, 0, "w"),
+    (100, 0.0, 7, "bias"),
+    (1000, 0.9, 2**40 + 3, "model.layers.0.mlp.up_proj.weight"),
+    (512, SEEDED_P, SEEDED_SEED, "w"),
+    (2000, 0.99, 2**64 - 1, "lm_head.weight"),
+    (300, 0.75, 123456789, "模型.层.0"),
+)
+STREAM_COUNTERS = (0, 1, 2, 255, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 7, 2**62 + 5)
+MIX_INPUTS = (0, 1, 2, 0x12345678, 0xDEADBEEF, 0xFFFFFFFF)
+
+
+def seeded_known_answers() -> dict:
+    cases = []
+    for numel, p, seed, name in MASK_CASES:
+        key = seeded_mask.stream_key(seed, name)
+        table = seeded_mask.gap_table(p)
+        cases.append({
+            "numel": numel, "p": p, "seed": seed, "name": name,
+            "tensor_id": seeded_mask.tensor_id(name), "key": key,
+            "P": seeded_mask.drop_threshold(p), "gap_table_length": len(table), "gap_table_head": list(table[:4]),
+            "gaps_head": seeded_mask.gaps(p, key, 0, 8).tolist(),
+            "kept": seeded_mask.kept_positions(numel, p, seed, name).tolist(),
+        })
+    key = cases[2]["key"]
+    stream = [{"key": key, "k": k, "u": int(seeded_mask.uniform_stream(key, k, 1)[0])} for k in STREAM_COUNTERS]
+    mix = [{"x": x, "lowbias32": seeded_mask._mix32_int(x)} for x in MIX_INPUTS]
+    return {
+        "generator": "lowbias32-geometric-v1",
+        "note": "Known answers of the seeded-mask generator, SPEC section 6. Generated by spec/vectors/generate.py.",
+        "lowbias32": mix, "stream": stream, "masks": cases,
+    }
+
+
+def main(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for build in (vector_dense, vector_sparse_gaps, vector_sparse_bitmask, vector_sparse_seeded, vector_sign_tensor,
+                  vector_sign_row, vector_lowrank, vector_replace, vector_sharded):
+        build(root)
+    text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)
+    text = re.sub(r"\[\s*([-0-9][-0-9,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    (root / "seeded_mask.json").write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)

@@ -1,0 +1,210 @@
+"""A second implementation of the format, written from `spec/SPEC.md` alone, for the tests.
+
+It imports nothing from `delta_format` and no torch: Python integers for the seeded-mask generator
+(§6), hashlib and json for fingerprints (§7), a hand-written safetensors parser, and numpy float32
+/ float64 arithmetic for decoding (§5) and reconstruction (§9). Where it and the library agree on
+the test vectors, the spec is implementable as written and the library follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# §6 seeded-mask generator, in Python integers.
+# ---------------------------------------------------------------------------------------------
+
+M32 = 2**32
+
+
+def mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % M32
+    x ^= x >> 16
+    return x
+
+
+def tensor_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big")
+
+
+def stream_key(seed: int, name: str) -> int:
+    return mix32(mix32(mix32(seed % M32) ^ (seed >> 32)) ^ tensor_id(name))
+
+
+def u(key: int, k: int) -> int:
+    return mix32(mix32(key ^ (k % M32)) ^ (k >> 32))
+
+
+def drop_threshold(p: float) -> int:
+    return round(p * M32)  # Python's round() on a float is round-half-even; p * 2**32 is exact
+
+
+def gap_table(p: float) -> list[int]:
+    big_p, table, t = drop_threshold(p), [], M32
+    while True:
+        t = (t * big_p) >> 32
+        if t == 0:
+            return table
+        table.append(t)
+
+
+def kept_positions(numel: int, p: float, seed: int, name: str) -> list[int]:
+    key, table = stream_key(seed, name), gap_table(p)
+    out, q, k = [], -1, 0
+    while True:
+        uk = u(key, k)
+        q += sum(1 for t in table if t > uk) + 1  # gap = thresholds above u_k (table is short here)
+        k += 1
+        if q >= numel:
+            return out
+        out.append(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files, parsed by hand (8-byte little-endian header length, JSON header, data).
+# ---------------------------------------------------------------------------------------------
+
+NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "U8": "u1", "U16": "<u2", "I32": "<i4", "I64": "<i8"}
+
+
+def read_safetensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """name -> (dtype, shape, raw little-endian bytes)."""
+    raw = Path(path).read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    data = raw[8 + length :]
+    out = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            out[name] = (info["dtype"], info["shape"], data[begin:end])
+    return out
+
+
+def to_array(dtype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A stored tensor as numpy: floats widened exactly to float32 (float64 stays), ints as they are."""
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    array = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(shape)
+    return array.astype(np.float32) if dtype in ("F16", "F32") else array
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float32 (or float64) values to ``dtype``, ties to even; returned in float32/float64."""
+    if dtype == "float64":
+        return x.astype(np.float64)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32)
+    return x
+
+
+def bit_of(packed: np.ndarray, i: int) -> int:
+    """§5.3: element i is bit i % 8 of byte i // 8, least significant first."""
+    return (int(packed[i // 8]) >> (i % 8)) & 1
+
+
+# ---------------------------------------------------------------------------------------------
+# §5 decode and §9 reconstruction.
+# ---------------------------------------------------------------------------------------------
+
+def decode(entry: dict, stored: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """δ of SPEC §5 in the compute dtype (float64 for float64 parameters, else float32)."""
+    shape, config = entry["shape"], entry.get("config", {})
+    c = np.float64 if entry["dtype"] == "float64" else np.float32
+    numel = math.prod(shape)
+    encoding = entry["encoding"]
+    if encoding == "dense":
+        return stored["delta"].astype(c)
+    if encoding == "replace":
+        return stored["value"].astype(c)
+    if encoding == "sparse":
+        values = stored["values"].astype(c)
+        coding = config["index_coding"]
+        if coding == "gaps":
+            positions, q = [], -1
+            for g in stored["gaps"].tolist():
+                assert g >= 0
+                q += g + 1
+                positions.append(q)
+        elif coding == "bitmask":
+            positions = [i for i in range(numel) if bit_of(stored["mask"], i)]
+        else:
+            positions = kept_positions(numel, config["p"], config["seed"], name)
+        assert len(positions) == len(values) and all(0 <= q < numel for q in positions)
+        out = np.zeros(numel, dtype=c)
+        out[np.array(positions, dtype=np.int64)] = values * c(config.get("scale", 1.0))
+        return out.reshape(shape)
+    if encoding == "sign":
+        scale = stored["scale"].astype(c)
+        cols = numel // shape[0] if config["scale"] == "row" else max(numel, 1)
+        out = np.array([(1 if bit_of(stored["bits"], i) else -1) * scale[i // cols] for i in range(numel)], dtype=c)
+        return out.reshape(shape)
+    if encoding == "lowrank":
+        # The vectors' factors are exact in any order of summation, so float64 then c is exact.
+        return (stored["u"].astype(np.float64) @ stored["v"].astype(np.float64)).astype(c).reshape(shape)
+    raise AssertionError(f"unknown encoding {encoding}")
+
+
+def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """§9 for one delta part, no user multiplier; result rounded to the entry's dtype."""
+    if entry["encoding"] == "replace":
+        return round_to(delta, entry["dtype"])
+    c = np.float64 if entry["dtype"] == "float64" else np.float32
+    acc = base.astype(c)
+    alpha = entry.get("alpha", 1.0)
+    if alpha != 1.0:
+        delta = (c(alpha) * delta).astype(c)
+    return round_to((acc + delta).astype(c), entry["dtype"])
+
+
+def read_delta(directory: Path) -> tuple[dict, dict[str, tuple[str, list[int], bytes]]]:
+    """(manifest, stored tensors) of a delta directory, checking §2 and §3.5 on the way."""
+    directory = Path(directory)
+    manifest = json.loads((directory / "delta_config.json").read_text(encoding="utf-8"))
+    index = directory / "delta.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["delta.safetensors"]
+    tensors: dict[str, tuple[str, list[int], bytes]] = {}
+    for file in files:
+        assert "/" not in file and file not in (".", "..")
+        raw = (directory / file).read_bytes()
+        assert manifest["files"][file] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        tensors.update(read_safetensors(directory / file))
+    return manifest, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# §7 fingerprint.
+# ---------------------------------------------------------------------------------------------
+
+def fingerprint(files: list[Path]) -> dict:
+    records = {}
+    for file in files:
+        for name, (dtype, shape, raw) in read_safetensors(file).items():
+            n = len(raw)
+            if n <= 4096:
+                sample = raw
+            else:
+                sample = b"".join(raw[i * (n - 64) // 63 : i * (n - 64) // 63 + 64] for i in range(64))
+            records[name] = {"dtype": dtype, "shape": shape, "sample": hashlib.sha256(sample).hexdigest()[:32]}
+    canonical = json.dumps(records, sort_keys=True, separators=(",", ":")).encode()
+    return {"algorithm": "sampled-sha256-v1", "digest": hashlib.sha256(canonical).hexdigest(),
+            "tensors": dict(sorted(records.items()))}
