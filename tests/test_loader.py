@@ -32,10 +32,14 @@ def perturbed(model, rel: float, seed: int):
     return ft
 
 
-def write_delta(out, base_dir, ft_dir, encode, method="test"):
-    """A delta of every changed tensor, encoded by ``encode(name, delta) -> (encoding, stored)``."""
+def write_delta(out, base_dir, ft_dir, encode, method="test", repo_id=None, revision=None):
+    """A delta of every changed tensor, encoded by ``encode(name, delta) -> (encoding, stored)``;
+    its base reference is ``repo_id@revision`` when given, else ``base_dir``."""
     base, ft = Checkpoint(base_dir), Checkpoint(ft_dir)
-    ref = BaseReference(local_path=str(base_dir), fingerprint=base.fingerprint())
+    if repo_id:
+        ref = BaseReference(repo_id=repo_id, revision=revision, fingerprint=base.fingerprint())
+    else:
+        ref = BaseReference(local_path=str(base_dir), fingerprint=base.fingerprint())
     with DeltaWriter(out, base=ref, method=method) as writer:
         for name in ft:
             value = ft.get_tensor(name)
