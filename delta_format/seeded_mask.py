@@ -131,6 +131,7 @@ def gaps(p: float, key: int, start: int, count: int, device: torch.device | str 
 def kept_positions(numel: int, p: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sorted flat indices (int64) that a seeded mask keeps in a tensor of ``numel`` elements."""
     key = stream_key(seed, name)
+    drop_threshold(p)  # refuse a bad p before using it in arithmetic (and for numel 0 too)
     device = torch.device(device)
     chunks = []
     start, offset = 0, 0  # offset: the first position not yet covered by a kept element
