@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -120,6 +122,7 @@ def test_published_model_card_carries_the_spec_metadata(hub, models, tmp_path):
     shapes = [AutoModelForCausalLM.from_pretrained(models / "ft0").state_dict()[n].dim() for n in Delta(tmp_path / "delta-ft0").manifest.tensors]
     assert meta["encodings"] == {"sign": shapes.count(2), "dense": shapes.count(1)}
     assert f'DeltaModel.from_pretrained("{repo}"' in card.text
+    jsonschema.validate(data, json.loads((ROOT / "spec" / "model_card.schema.json").read_text()))
 
 
 def test_example_runs_the_whole_story_against_the_local_hub(tmp_path):
