@@ -113,6 +113,7 @@ def test_int64_mix_equals_the_integer_definition_on_edge_inputs():
     assert got == [seeded_mask._mix32_int(x) for x in xs]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_gives_the_same_positions_as_cpu():
     for numel, p, seed in ((100_000, 0.9, 2**40 + 3), (50_000, 0.5, 0), (10_000, 0.99, 2**64 - 1)):
