@@ -112,7 +112,7 @@ class Encoding:
         Encodings override it when they can touch fewer elements (sparse)."""
         delta = self.decode(stored, shape, name, target.dtype)
         if alpha != 1.0:
-            delta.mul_(alpha)
+            delta = delta * alpha  # not in place: decode may return the caller's stored tensor itself
         target.add_(delta)
 
     is_delta: ClassVar[bool] = True
