@@ -62,4 +62,5 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_RANK_DIMS = 8
-MAX_SEEDED_GAP_TABLE = 1 << 22
+MAX_SEEDED_GAP_TABLE = 1 << 18
+"""Longest seeded gap table (p up to ~0.99992): bounds the work a hostile manifest can ask for."""

@@ -28,7 +28,7 @@ def spec_version_string(version: tuple[int, int] = SPEC_VERSION) -> str:
 
 def parse_spec_version(value: Any) -> tuple[int, int]:
     """``"1.0"`` -> ``(1, 0)``; refuses malformed strings and unknown major versions."""
-    match = _VERSION.match(value) if isinstance(value, str) else None
+    match = _VERSION.fullmatch(value) if isinstance(value, str) else None
     if not match:
         raise ManifestError("malformed spec_version", expected='"MAJOR.MINOR", e.g. "1.0"', found=repr(value))
     version = (int(match.group(1)), int(match.group(2)))

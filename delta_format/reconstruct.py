@@ -81,9 +81,12 @@ def _checked(name: str, out: torch.Tensor, dtype: torch.dtype, base: torch.Tenso
     low, high = torch.aminmax(out.reshape(-1)) if out.numel() else (out.new_zeros(()), out.new_zeros(()))
     if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
         return out
-    if base is not None and base.is_floating_point() and not bool(torch.isfinite(base).all()):
-        return out  # the base itself holds non-finite values; the delta did not cause them
-    bad = int((~torch.isfinite(out)).sum())
+    bad_mask = ~torch.isfinite(out)
+    if base is not None and base.is_floating_point():
+        bad_mask &= torch.isfinite(base)  # non-finite where the base already was is not the delta's doing
+    bad = int(bad_mask.sum())
+    if bad == 0:
+        return out
     raise NumericalError(
         f"{name!r} overflows {str(dtype).removeprefix('torch.')}", expected="finite weights",
         found=f"{bad} non-finite values after adding the delta", fix="load in a wider dtype (dtype=torch.float32) or lower alpha",

@@ -96,7 +96,7 @@ def drop_threshold(p: float) -> int:
     return threshold
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def gap_table(p: float) -> tuple[int, ...]:
     """Thresholds ``T_1 > T_2 > ... > T_G > 0`` with ``T_0 = 2**32`` and ``T_{g+1} = (T_g * P) >> 32``.
 
@@ -118,12 +118,17 @@ def gap_table(p: float) -> tuple[int, ...]:
             )
 
 
+@lru_cache(maxsize=16)
+def _ascending_table(p: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(gap_table(p)[::-1], dtype=torch.int64, device=device)
+
+
 def gaps(p: float, key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Gap ``g_k`` (dropped elements before the k-th kept one) for counters ``[start, start+count)``."""
     table = gap_table(p)
     if not table:
         return torch.zeros(count, dtype=torch.int64, device=device)
-    ascending = torch.tensor(table[::-1], dtype=torch.int64, device=device)
+    ascending = _ascending_table(p, torch.device(device))
     u = uniform_stream(key, start, count, device)
     return len(table) - torch.searchsorted(ascending, u, right=True)
 

@@ -25,7 +25,7 @@ from .constants import (
     MANIFEST_NAME, SHARD_NAME_TEMPLATE, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
 )
 from .encodings import dtype_name
-from .errors import CorruptDeltaError, InvalidArgumentError, OutputExistsError
+from .errors import CorruptDeltaError, InvalidArgumentError, NumericalError, OutputExistsError
 from .manifest import BaseReference, Manifest, TensorEntry
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
@@ -87,6 +87,13 @@ class StagingDirectory:
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
 
     def publish(self) -> Path:
+        # mkdtemp and safetensors create owner-only modes; a published delta is readable like any file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)
+        for path in self.path.iterdir():
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         publish_directory(self.path, self.out_dir, self.overwrite)
         return self.out_dir
 
@@ -144,6 +151,9 @@ class DeltaWriter:
         nbytes = 0
         for role, tensor in stored.items():
             expected[role].check(stored_key(name, role), dtype_name(tensor.dtype), tuple(tensor.shape))
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                raise NumericalError(f"{name}:{role} holds NaN or Inf", expected="finite values", found="non-finite values",
+                                     fix="check the fine-tune and base: their difference is not finite")
             tensor = tensor.detach().to("cpu").contiguous()
             self._pending[stored_key(name, role)] = tensor
             nbytes += tensor.numel() * tensor.element_size()

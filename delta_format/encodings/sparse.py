@@ -23,7 +23,7 @@ import torch
 
 from ..bits import count_bits, pack_bits, packed_length, unpack_bits
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
-from ..errors import CorruptDeltaError, ManifestError, UnknownEncodingError
+from ..errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 from ..seeded_mask import drop_threshold, gap_table, kept_positions
 from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, config_int, config_number, require_finite
 
@@ -102,7 +102,11 @@ class SparseEncoding(Encoding):
             p = config_number(cls.name, config, "p")
             if not 0.0 <= p < 1.0:
                 raise ManifestError("seeded sparse p is out of range", expected="0 <= p < 1", found=repr(p))
-            gap_table(p)
+            try:
+                gap_table(p)
+            except InvalidArgumentError as exc:
+                raise ManifestError("seeded sparse p cannot be generated", expected=exc.expected, found=exc.found,
+                                    fix="re-create the delta with a smaller p or an explicit index coding") from None
             return cls(coding, config_number(cls.name, config, "scale", 1.0), config_int(cls.name, config, "seed", 0, 2**64), p)
         check_config_keys(cls.name, config, {"index_coding"}, {"scale"})
         if coding not in INDEX_CODINGS:
@@ -198,8 +202,8 @@ class SparseEncoding(Encoding):
         return out.view(shape)
 
     def accumulate(self, target, stored, shape, name, alpha):
-        # O(kept): only the kept positions of the accumulator change (same bits as decode + add,
-        # since adding the zeros elsewhere is exact).
+        # O(kept): only the kept positions of the accumulator change. Same bits as decode + add
+        # except the sign of a base -0.0, which adding +0.0 would flip (SPEC §9 allows either).
         positions, values = self._kept(stored, target.numel(), name)
         kept = self._scaled(values, target.dtype)
         if alpha != 1.0:
