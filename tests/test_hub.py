@@ -130,3 +130,22 @@ def test_example_runs_the_whole_story_against_the_local_hub(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dare-0.9" in result.stdout and "sign-row" in result.stdout and "user/tiny-ft-sign-row" in result.stdout
+
+
+LOAD_AND_PRINT = """
+import sys, torch
+from delta_format import DeltaModel
+model = DeltaModel.from_pretrained(sys.argv[1])
+print(float(sum(p.detach().double().sum() for p in model.parameters())))
+"""
+
+
+def test_two_processes_loading_the_same_delta_into_one_cache_both_succeed(hub, models, tmp_path):
+    _, _, repo = publish(hub, models, tmp_path)
+    hub.fresh_cache()
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD_AND_PRINT, repo], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    expected = float(sum(p.detach().double().sum() for p in AutoModelForCausalLM.from_pretrained(models / "ft0").parameters()))
+    assert [float(out.strip().splitlines()[-1]) for out, _ in results] == [expected, expected]
