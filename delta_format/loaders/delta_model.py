@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import base as base_checks
-from ..checkpoint import resolve_repo
+from ..checkpoint import CHECKPOINT_PATTERNS, resolve_repo
 from ..delta import Delta
 from ..encodings import TORCH_DTYPES
 from ..errors import BaseMismatchError, InvalidArgumentError
@@ -22,7 +22,8 @@ from .placement import device_lookup, resolve_device_map
 from .skeleton import build_skeleton
 from .swap import DeltaSwapper, attach_swapper
 
-DELTA_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.md"]
+DELTA_PATTERNS = CHECKPOINT_PATTERNS
+"""A delta repo holds the same kinds of files as a checkpoint: configs, safetensors, tokenizer, card."""
 
 
 def _dtype(value) -> torch.dtype | None:
