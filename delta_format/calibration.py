@@ -1,0 +1,264 @@
+"""Measurements that need the model itself, taken once on a few user texts.
+
+A `Calibration` runs the fine-tuned model on the calibration texts and keeps:
+
+* the reference logits, so the output error of any edited model is one forward pass away
+  (`Calibration.output_mse`, also differentiable for BitDelta's scale distillation);
+* each linear layer's inputs (`ActivationStats`), from which DAREx-q's MSE-optimal rescale and
+  the activation-aware importance ``|Δ_ij| * ||x_j||`` are computed per tensor;
+* the gradient of the language-modelling loss at the fine-tune, for the first-order estimate of
+  the loss change an edit causes, ``<∇L(θ_ft), θ̂ - θ_ft>`` (the "unified view" paper's Riemann
+  sum with one term).
+
+Unlike the data-free compressor, this holds the model (in float32, for measurement precision),
+its gradient and the layer inputs in memory: calibration is for models that fit ~3x in RAM.
+The layer inputs are capped at `MAX_ACTIVATION_ROWS` tokens per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+MAX_ACTIVATION_ROWS = 2048
+"""Tokens of input kept per linear layer: enough for stable second moments, bounded memory."""
+
+MAX_TEXT_TOKENS = 512
+"""Each calibration text is truncated to this many tokens."""
+
+
+@dataclass
+class ActivationStats:
+    """What one parameter's layer saw on the calibration texts.
+
+    ``kind`` is ``"linear"`` for a weight that multiplies the layer input (``inputs`` holds one
+    row per token; ``input_axis`` is the weight's axis that meets the input: 1 for `nn.Linear`'s
+    ``[out, in]``, 0 for GPT-2's ``Conv1D`` ``[in, out]``), or ``"elementwise"`` for parameters
+    where each output depends on a single entry (biases, norm scales, embedding rows).
+    """
+
+    kind: str
+    inputs: torch.Tensor | None = None
+    input_axis: int = 1
+
+    def _as_out_in(self, delta: torch.Tensor) -> torch.Tensor:
+        matrix = delta.reshape(delta.shape[0], -1).float()
+        return matrix if self.input_axis == 1 else matrix.T
+
+    def outputs(self, delta: torch.Tensor) -> torch.Tensor:
+        """The layer's output change ``x @ delta^T`` on every calibration token, ``[tokens, out]``."""
+        return self.inputs @ self._as_out_in(delta).T
+
+    def input_norms(self) -> torch.Tensor:
+        """``||x_j||`` over calibration tokens, for each input feature ``j``."""
+        return self.inputs.square().sum(0).sqrt()
+
+    def importance(self, delta: torch.Tensor) -> torch.Tensor | None:
+        """``|δ_ij| * ||x_j||`` in ``delta``'s shape (Wanda-style), or None for elementwise parameters."""
+        if self.kind != "linear":
+            return None
+        norms = self.input_norms()
+        shape = (1, -1) if self.input_axis == 1 else (-1, 1)
+        return (delta.reshape(delta.shape[0], -1).abs().float() * norms.view(shape)).view(delta.shape)
+
+    def rescale_terms(self, delta: torch.Tensor) -> tuple[float, float]:
+        """``(ΣS², ΣV)`` summed over output units and tokens, with ``S = Σ_j δ_j x_j`` and
+        ``V = Σ_j δ_j² x_j²`` (DESIGN.md's DAREx derivation)."""
+        if self.kind == "elementwise":
+            energy = float(delta.double().square().sum())  # S² = V for every output: one entry each
+            return energy, energy
+        s2 = float(self.outputs(delta).double().square().sum())
+        d = self._as_out_in(delta).double()
+        v = float(self.inputs.double().square().sum(0) @ d.square().sum(0))
+        return s2, v
+
+    def output_sq_error(self, approx: torch.Tensor, exact: torch.Tensor) -> float:
+        """``Σ_tokens ||x (approx - exact)^T||²``: the layer-output error an edit causes."""
+        if self.kind == "elementwise":
+            return float((approx.double() - exact.double()).square().sum())
+        return float(self.outputs(approx.float() - exact.float()).double().square().sum())
+
+
+def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
+    """DARE's MSE-optimal rescale ``c* = S² / ((1-p) S² + p V)``; DAREx-q's ``q* = 1 / c*``.
+
+    ``c* = 1/(1-p)`` (plain DARE) only when ``V = 0``; with ``V > 0`` it is smaller, and at high
+    ``p`` much smaller, which is why DARE's ``1/(1-p)`` blows the output up at ``p = 0.99``.
+    Returns 0 when the delta does not move the outputs at all (``S² = 0``).
+    """
+    denominator = (1.0 - p) * s2 + p * v
+    return s2 / denominator if denominator > 0 else 0.0
+
+
+def _linear_axis(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return 1
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return 0
+    return None
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+    return logits.float()
+
+
+class Calibration:
+    """The fine-tune measured on calibration texts.
+
+    Args:
+        model: the fine-tuned model (a private copy: the session converts it to float32, turns
+            off dropout, and `set_parameter` writes edited values into it).
+        tokenizer: turns each text into ``input_ids``.
+        texts: a few unlabelled texts, representative of what the fine-tune is for.
+        parameters: names of the parameters to gather layer inputs for (default: all).
+
+    Example:
+        >>> session = Calibration(copy.deepcopy(ft), tokenizer, ["some text"])  # doctest: +SKIP
+        >>> session.output_mse()                                               # doctest: +SKIP
+        0.0
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
+                 parameters: Iterable[str] | None = None, max_rows: int = MAX_ACTIVATION_ROWS,
+                 max_tokens: int = MAX_TEXT_TOKENS):
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise InvalidArgumentError("calibration_texts must be a non-empty list of non-empty strings",
+                                       expected="e.g. ['first text', 'second text']", found=repr(texts)[:100])
+        if tokenizer is None:
+            raise InvalidArgumentError("calibration texts need a tokenizer", expected="tokenizer=...", found="None",
+                                       fix="pass tokenizer=, or put the tokenizer files next to the fine-tune")
+        self.model = model.float().eval()
+        self.model.requires_grad_(False)
+        self.batches = []
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
+            if ids.numel():
+                self.batches.append(ids)
+        self.tokens = sum(int(ids.numel()) for ids in self.batches)
+        self.params = dict(self.model.named_parameters())
+        self.activations: dict[str, ActivationStats] = {}
+        wanted = set(self.params) if parameters is None else set(parameters)
+        self.reference, self.gradients, self.loss = self._measure(wanted, max_rows)
+
+    def _measure(self, wanted: set[str], max_rows: int):
+        rows: dict[str, list[torch.Tensor]] = {}
+        counts: dict[str, int] = {}
+        hooks = []
+        for module_name, module in self.model.named_modules():
+            weight = f"{module_name}.weight" if module_name else "weight"
+            if weight not in wanted or weight not in self.params:
+                continue
+            axis = _linear_axis(module)
+            if axis is not None:
+                rows[weight], counts[weight] = [], 0
+                self.activations[weight] = ActivationStats("linear", input_axis=axis)
+                hooks.append(module.register_forward_hook(self._recorder(weight, rows, counts, max_rows)))
+            elif isinstance(module, nn.Embedding):
+                self.activations[weight] = ActivationStats("elementwise")
+        for name, param in self.params.items():
+            if name in wanted and param.dim() == 1:
+                self.activations[name] = ActivationStats("elementwise")
+
+        for param in self.params.values():
+            param.requires_grad_(True)
+        reference, total_loss, with_loss = [], 0.0, True
+        try:
+            for ids in self.batches:
+                try:
+                    output = self.model(input_ids=ids, labels=ids)
+                except (TypeError, ValueError):  # a model without a language-modelling loss
+                    output, with_loss = self.model(input_ids=ids), False
+                reference.append(_logits(output).detach())
+                loss = getattr(output, "loss", None)
+                if loss is None:
+                    with_loss = False
+                if with_loss:
+                    (loss * ids.numel() / self.tokens).backward()
+                    total_loss += float(loss.detach()) * ids.numel() / self.tokens
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for param in self.params.values():
+                param.requires_grad_(False)
+        gradients = None
+        if with_loss:
+            gradients = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        for param in self.params.values():
+            param.grad = None
+        for weight, chunks in rows.items():
+            self.activations[weight].inputs = torch.cat(chunks) if chunks else torch.zeros(0, self._fan_in(weight))
+        return reference, gradients, (total_loss if with_loss else None)
+
+    def _fan_in(self, weight: str) -> int:
+        stats, shape = self.activations[weight], self.params[weight].shape
+        return shape[1] if stats.input_axis == 1 else shape[0]
+
+    @staticmethod
+    def _recorder(weight: str, rows: dict, counts: dict, max_rows: int):
+        def record(module, args, output):
+            if counts[weight] >= max_rows or not args:
+                return
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()[: max_rows - counts[weight]]
+            rows[weight].append(x)
+            counts[weight] += x.shape[0]
+
+        return record
+
+    def parameter(self, name: str) -> torch.Tensor | None:
+        """The session model's current value of ``name`` (float32), or None if it has none."""
+        param = self.params.get(name)
+        return None if param is None else param.detach()
+
+    def set_parameter(self, name: str, value: torch.Tensor) -> bool:
+        """Write an edited value into the session model (tied parameters follow); False if the
+        model has no such parameter or another shape."""
+        param = self.params.get(name)
+        if param is None or tuple(param.shape) != tuple(value.shape):
+            return False
+        with torch.no_grad():
+            param.copy_(value)
+        return True
+
+    def gradient(self, name: str) -> torch.Tensor | None:
+        """``∇L`` at the fine-tune for ``name`` (None without a language-modelling loss)."""
+        return None if self.gradients is None else self.gradients.get(name)
+
+    def loss_change_estimate(self, name: str, change: torch.Tensor) -> float | None:
+        """First-order loss change ``<∇L(θ_ft), change>`` of moving ``name`` by ``change``."""
+        grad = self.gradient(name)
+        if grad is None or grad.shape != change.shape:
+            return None
+        return float((grad.double() * change.double()).sum())
+
+    def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
+        """Mean squared logit difference to the fine-tune over all calibration tokens, for the
+        session model with ``deviation[name]`` added to the named parameters.
+
+        With ``grad=True`` the result is a 0-d tensor differentiable with respect to the
+        deviations; otherwise a float.
+        """
+        from torch.func import functional_call
+
+        overrides = {name: self.params[name] + change for name, change in (deviation or {}).items()}
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        with torch.set_grad_enabled(grad):
+            for ids, reference in zip(self.batches, self.reference):
+                output = functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False) \
+                    if overrides else self.model(input_ids=ids)
+                total = total + (_logits(output) - reference).double().square().sum()
+                count += reference.numel()
+        mse = total / max(count, 1)
+        return mse if grad else float(mse)
+
+
+__all__ = ["ActivationStats", "Calibration", "mse_optimal_rescale", "MAX_ACTIVATION_ROWS", "MAX_TEXT_TOKENS"]

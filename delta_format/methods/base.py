@@ -1,0 +1,125 @@
+"""What an edit method is: a small dataclass of declared parameters with an ``edit`` hook.
+
+A method turns one parameter's delta into an `Edit`: an encoding (SPEC §5), the stored tensors by
+role, and a few statistics worth recording. It knows nothing about files, shards or the Hub; the
+compressor (`delta_format.compressor`) reads the checkpoints, calls the method and writes the
+result. What a method may need beyond the delta (its seed, the dtype to store values in, the
+base and fine-tune tensors for a lossless check, activation statistics from calibration texts)
+comes in a `TensorContext`.
+
+Methods that choose something for the whole model at once (DAREx-q's global rescale, BitDelta's
+distilled scales) do it in `EditMethod.prepare`, which the compressor calls once, with the
+calibration session, before it streams the tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import torch
+
+from ..encodings import Encoding
+from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ..calibration import ActivationStats, Calibration
+
+
+@dataclass
+class Edit:
+    """One parameter's edited delta as it will be stored."""
+
+    encoding: Encoding
+    stored: dict[str, torch.Tensor]
+    stats: dict[str, Any] = field(default_factory=dict)
+    lossless: bool = False
+    """True when the reconstruction is bit-identical to the fine-tune (checked, not assumed)."""
+
+
+@dataclass
+class TensorContext:
+    """Everything about one parameter a method may use besides its delta."""
+
+    name: str
+    base: torch.Tensor | None = None
+    """The base tensor in its own dtype (None for a LoRA source without a base read)."""
+    finetune: torch.Tensor | None = None
+    """The fine-tuned tensor in its own dtype: what a lossless edit must reproduce."""
+    value_dtype: torch.dtype = torch.float32
+    """dtype for stored floating values (kept entries, factors): the fine-tune's by default."""
+    seed: int = 0
+    alpha: float = 1.0
+    """The coefficient the entry will carry (methods that search on outputs must use it)."""
+    activations: "ActivationStats | None" = None
+    """What this parameter's layer saw on the calibration texts, when there are any."""
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``(u, v)`` with ``u @ v`` equal to the delta (as a matrix), when the source is a LoRA adapter."""
+
+
+TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]
+"""Re-iterable stream of (name, float32 delta, context) over the parameters a method edits."""
+
+
+class EditMethod:
+    """Base class: subclasses are dataclasses whose fields are the method's parameters.
+
+    Subclasses set ``name`` and implement `edit`; they validate their fields in
+    ``__post_init__`` (raising `InvalidArgumentError`), and may override `prepare` and
+    `needs_calibration`.
+    """
+
+    name: ClassVar[str]
+
+    def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
+        """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64
+        for float64 parameters); it must not be modified in place."""
+        raise NotImplementedError
+
+    def needs_calibration(self) -> bool:
+        """True if the method cannot run without calibration texts with these parameters."""
+        return False
+
+    def prepare(self, tensors: TensorStream, calibration: "Calibration") -> dict[str, Any]:
+        """Whole-model choices made on calibration texts before streaming; returns statistics
+        for the manifest. Called only when there are calibration texts."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as recorded in the manifest (``method.params``)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        return {key: value for key, value in values.items() if value is not None}
+
+    @classmethod
+    def param_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def check_drop_rate(method: str, p: float, *, allow_zero: bool = True) -> float:
+    """``p`` is a fraction of entries to drop: a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not (0.0 <= p < 1.0) \
+            or (p == 0.0 and not allow_zero):
+        raise InvalidArgumentError(f"{method}: invalid drop rate p", expected="0 <= p < 1", found=repr(p),
+                                   fix="p is the fraction of delta entries dropped, e.g. p=0.9 keeps 10%")
+    return float(p)
+
+
+def check_positive(method: str, what: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"{method}: {what} must be a positive number", expected="> 0", found=repr(value))
+    return float(value)
+
+
+def kept_count(numel: int, p: float) -> int:
+    """How many of ``numel`` entries a deterministic pruning keeps at drop rate ``p``."""
+    return min(numel, max(0, round((1.0 - p) * numel)))
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||approx - exact|| / ||exact||`` in float64 (0 when both are zero)."""
+    exact64 = exact.double()
+    norm = float(torch.linalg.vector_norm(exact64))
+    err = float(torch.linalg.vector_norm(approx.double() - exact64))
+    return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)

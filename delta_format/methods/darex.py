@@ -1,0 +1,130 @@
+"""``darex``: DARE with the rescale ``1/q`` instead of ``1/(1-p)`` (DAREx-q, arXiv 2410.09344).
+
+DARE's ``1/(1-p)`` keeps the edited delta right *in expectation*, but the variance it adds grows
+like ``p/(1-p)``, and at ``p = 0.99`` the rescaled survivors swamp the layer outputs. For one
+output unit ``y = Σ_j δ_j x_j`` with ``S = Σ_j δ_j x_j`` and ``V = Σ_j δ_j² x_j²``, a rescale
+``c`` gives ``E[(ŷ - y)²] = (c(1-p) - 1)² S² + c² p (1-p) V``, minimised by
+
+    c* = S² / ((1-p) S² + p V),   i.e.  q* = 1/c* > 1 - p whenever V > 0.
+
+``q`` is chosen one of three ways:
+
+* a number: by hand (``q = 1 - p`` is DARE);
+* ``"auto"``: per tensor, ``c*`` with ``S²`` and ``V`` summed over output units and calibration
+  tokens (`ActivationStats.rescale_terms`). Parameters whose outputs each depend on one entry
+  (biases, norm scales, embedding rows) have ``S² = V``, so ``c* = 1``: drop without rescaling.
+  A parameter without statistics falls back to ``1 - p`` and says so in its stats;
+* ``"output"``: one ``q`` for the whole model, the point of a geometric grid over
+  ``[1 - p, 2]`` (refined once around the best point) with the smallest logit MSE against the
+  fine-tune on the calibration texts.
+
+The mask is DARE's seeded mask (same seed, same kept entries), so ``darex`` differs from ``dare``
+only in the encoding's ``scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..calibration import mse_optimal_rescale
+from ..constants import INDEX_SEEDED
+from ..encodings import SparseEncoding
+from ..errors import InvalidArgumentError
+from .base import Edit, EditMethod, TensorContext, TensorStream, check_drop_rate, check_positive
+from .dare import seeded_edit
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
+
+Q_MODES = ("auto", "output")
+
+
+@dataclass
+class DarexMethod(EditMethod):
+    """DAREx-q: DARE's seeded mask with rescale ``1/q``; ``q`` a number, ``"auto"`` (per tensor,
+    from activation statistics) or ``"output"`` (global, by logit MSE). Default: ``"auto"``.
+
+    Example:
+        >>> edit = DarexMethod(p=0.99, q=0.05).edit("w", torch.ones(10_000), TensorContext("w"))
+        >>> edit.encoding.scale
+        20.0
+    """
+
+    name: ClassVar[str] = "darex"
+    p: float = 0.9
+    q: float | str = "auto"
+    grid: int = 16
+    _global_q: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.p = check_drop_rate(self.name, self.p)
+        if isinstance(self.q, str):
+            if self.q not in Q_MODES:
+                try:
+                    self.q = float(self.q)
+                except ValueError:
+                    raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
+                                               found=repr(self.q)) from None
+        if not isinstance(self.q, str):
+            self.q = check_positive(self.name, "q", self.q)
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 3:
+            raise InvalidArgumentError("darex: grid must be an integer >= 3", expected=">= 3", found=repr(self.grid))
+
+    def needs_calibration(self) -> bool:
+        return isinstance(self.q, str)
+
+    def prepare(self, tensors: TensorStream, calibration: "Calibration") -> dict[str, Any]:
+        if self.q != "output":
+            return {}
+        kept, deltas, alphas = {}, {}, {}
+        for name, delta, context in tensors():
+            if calibration.parameter(name) is None:
+                continue
+            encoding = SparseEncoding(INDEX_SEEDED, scale=1.0, seed=context.seed, p=self.p)
+            positions = encoding.positions(delta.numel(), name)
+            values = delta.reshape(-1)[positions].to(context.value_dtype).float()  # as they will be stored
+            kept[name], deltas[name], alphas[name] = (positions, values), delta.float(), context.alpha
+
+        def output_mse(q: float) -> float:
+            deviation = {}
+            for name, (positions, values) in kept.items():
+                change = deltas[name].neg().reshape(-1)
+                change.index_add_(0, positions, values * (alphas[name] / q))
+                deviation[name] = change.view(deltas[name].shape)
+            return calibration.output_mse(deviation)
+
+        low, high = 1.0 - self.p, 2.0
+        points = [low * (high / low) ** (i / (self.grid - 1)) for i in range(self.grid)]
+        curve = {q: output_mse(q) for q in points}
+        best = min(curve, key=curve.get)
+        i = points.index(best)
+        left, right = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
+        for j in range(1, self.grid // 2):
+            q = left * (right / left) ** (j / (self.grid // 2))
+            if q not in curve:
+                curve[q] = output_mse(q)
+        self._global_q = min(curve, key=curve.get)
+        return {"q": self._global_q, "output_mse": curve[self._global_q],
+                "dare_output_mse": curve.get(points[0]), "tensors": len(kept)}
+
+    def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
+        stats: dict[str, Any]
+        if isinstance(self.q, float):
+            scale, stats = 1.0 / self.q, {"q_source": "given"}
+        elif self.q == "output":
+            if self._global_q is None:
+                raise InvalidArgumentError("darex q='output' is chosen in prepare(), which has not run",
+                                           expected="calibration texts", found="no prepared q",
+                                           fix="pass calibration texts, or give q a number")
+            scale, stats = 1.0 / self._global_q, {"q_source": "output search"}
+        elif context.activations is None:
+            scale, stats = 1.0 / (1.0 - self.p), {"q_source": "no activation statistics: DARE's 1-p"}
+        else:
+            s2, v = context.activations.rescale_terms(delta)
+            scale, stats = mse_optimal_rescale(s2, v, self.p), {"q_source": f"activations ({context.activations.kind})"}
+        edit = seeded_edit(name, delta, context, self.p, scale)
+        edit.stats.update(stats, q=1.0 / scale if scale > 0 else None)
+        return edit
