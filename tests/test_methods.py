@@ -393,8 +393,17 @@ def test_darex_l2_callback_pulls_towards_the_base_inside_a_trainer(tmp_path):
                                  learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
                                  use_cpu=True, disable_tqdm=True, seed=0)
         Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks(model)).train()
-        return math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(model.parameters(), base.parameters())))
+        with torch.no_grad():
+            return math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(model.parameters(), base.parameters())))
 
     plain = train(lambda m: [])
     pulled = train(lambda m: [DeltaL2Callback(m, 200.0)])
     assert pulled < 0.9 * plain
+
+
+def test_dense_with_alpha_keeps_a_delta_so_alpha_applies():
+    base = torch.tensor([1.0e8, 2.0])
+    ft = torch.tensor([1.0, 2.5])
+    edit = get_method("dense").edit("w", ft - base, ctx(base=base, finetune=ft, alpha=1.5))
+    assert edit.encoding.name == "dense" and not edit.lossless
+    assert edit.stats["exact_at_alpha_1"] is False

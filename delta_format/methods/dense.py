@@ -8,6 +8,10 @@ in the fine-tune's own dtype (half the bytes for a bf16 model, and exact wheneve
 are close, which fine-tuning makes them), then in the arithmetic dtype, and where neither
 reproduces the fine-tune it stores the fine-tuned tensor itself (``replace``), saying why in the
 entry's stats. Either way the result is lossless.
+
+With a coefficient α ≠ 1 the reconstruction is not meant to be the fine-tune, and a ``replace``
+would silently ignore α, so the delta is stored in the arithmetic dtype without the fallback
+(``exact_at_alpha_1`` in the stats says whether α = 1 would have been bit-exact).
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ class DenseMethod(EditMethod):
             stored = delta.to(dtype)
             if reconstructs(base, stored, ft):
                 return Edit(DenseEncoding(), {"delta": stored.contiguous()}, {"lossless": True}, lossless=True)
-        misses = differing_bits(base.to(arithmetic).add_(delta.to(arithmetic)).to(ft.dtype), ft)
+        if context.alpha != 1.0:
+            return Edit(DenseEncoding(), {"delta": delta.to(arithmetic).contiguous()}, {"exact_at_alpha_1": False})
+        misses = differing_bits(base.to(arithmetic, copy=True).add_(delta.to(arithmetic)).to(ft.dtype), ft)
         return Edit(
             ReplaceEncoding(), {"value": ft.contiguous()},
             {"lossless": True, "fallback": "replace",

@@ -87,9 +87,9 @@ class SignMethod(EditMethod):
         for _ in range(self.distill_steps + 1):
             current = scales()
             loss = calibration.output_mse(deviation(current), grad=True)
-            history.append(float(loss))
-            if float(loss) < best[0]:
-                best = (float(loss), {n: s.detach().clone() for n, s in current.items()})
+            history.append(float(loss.detach()))
+            if history[-1] < best[0]:
+                best = (history[-1], {n: s.detach().clone() for n, s in current.items()})
             if len(history) > self.distill_steps:
                 break
             optimizer.zero_grad()
