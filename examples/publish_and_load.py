@@ -40,9 +40,12 @@ def make_tokenizer():
 
 def corpora() -> tuple[str, str]:
     import codecs
+    import contextlib
+    import io
     import json as json_module
-    import this  # noqa: F401  (prints the Zen once; its text is this.s, rot13-encoded)
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this  # noqa: F401  (its text is this.s, rot13-encoded; importing it prints it)
     zen = codecs.decode(sys.modules["this"].s, "rot13")
     docs = "\n".join(filter(None, [json_module.__doc__, json_module.dumps.__doc__, json_module.loads.__doc__]))
     return zen, docs
@@ -122,11 +125,11 @@ def run(work: Path, hub: bool) -> None:
     )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    train(base, tokenizer, zen, steps=60, lr=3e-3)
+    train(base, tokenizer, zen, steps=200, lr=3e-3)
     base.save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
     finetune = LlamaForCausalLM.from_pretrained(work / "base")
-    train(finetune, tokenizer, docs, steps=40, lr=1e-3, seed=1)
+    train(finetune, tokenizer, docs, steps=100, lr=1e-3, seed=1)
     finetune.save_pretrained(work / "finetune")
     tokenizer.save_pretrained(work / "finetune")
     print("trained a base and a fine-tune:", sum(p.numel() for p in base.parameters()), "parameters")
@@ -164,6 +167,8 @@ def run(work: Path, hub: bool) -> None:
     for label, source, stored, ratio, rel, mse, seconds, _ in rows:
         print(f"{label:<10} {stored or 0:>10} {ratio or 0:>7.2f} {rel or 0:>8.4f} {mse:>10.3g} {seconds:>10.2f}  {source}")
     print()
+    ft_text = tokenizer.decode(finetune.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
+    print(f"fine-tune: {json.dumps(ft_text)}")
     for label, *_, text in rows:
         print(f"{label}: {json.dumps(text)}")
 
