@@ -87,10 +87,11 @@ class SignEncoding(Encoding):
         require_finite(name, "scale", scale)
         # One gather from a 256 x 8 table of +-1 turns each byte into its 8 signs.
         table = _sign_table(dtype, bits.device)
+        index = bits.to(torch.int32)
         if self.granularity == "tensor":
-            return (table * scale.to(dtype))[bits.long()].view(-1)[:numel].view(shape)
+            return torch.index_select(table * scale.to(dtype), 0, index).view(-1)[:numel].view(shape)
         rows, cols = rows_cols(shape)
-        signs = table[bits.long()].view(-1)[:numel].view(rows, cols)
+        signs = torch.index_select(table, 0, index).view(-1)[:numel].view(rows, cols)
         return signs.mul_(scale.to(dtype).view(rows, 1)).view(shape)
 
     def __eq__(self, other: object) -> bool:
