@@ -547,8 +547,9 @@ def compress(
                         session.set_parameter(name, base_src.get(name).float())
                 else:
                     totals.counts[action] += 1
-                release()
-                bar.update(_info_bytes(ft_src, name))
+                nbytes = _info_bytes(ft_src, name)
+                release(nbytes)
+                bar.update(nbytes)
 
         stats = totals.summary()
         if prepared:
@@ -578,11 +579,14 @@ class _FreedMemory:
     tensors the temporaries of the next ones come from the heap, and freed heap blocks stay in
     the process: a long stream of same-sized temporaries then looks like memory growing with the
     model's depth although at most a few tensors are alive. ``malloc_trim(0)`` returns them; it
-    costs well under a millisecond per call.
+    costs about a millisecond per call, so it runs once per ``EVERY`` bytes of tensors processed.
     """
+
+    EVERY = 4 * 2**20
 
     def __init__(self):
         self._trim = None
+        self._pending = 0
         try:
             import ctypes
 
@@ -591,9 +595,12 @@ class _FreedMemory:
         except (OSError, AttributeError):
             pass
 
-    def __call__(self) -> None:
-        if self._trim is not None:
+    def __call__(self, freed: int) -> None:
+        """Note ``freed`` bytes of temporaries; trim once every `EVERY` bytes (trimming scans the heap)."""
+        self._pending += freed
+        if self._trim is not None and self._pending >= self.EVERY:
             self._trim(0)
+            self._pending = 0
 
 
 def _info_bytes(source, name: str) -> int:
@@ -685,8 +692,9 @@ def _read_pair(name: str, base_src, ft_src, context_for: _ContextFactory):
     if delta is None and finetune.dtype == base.dtype and same_bits(finetune, base):
         return None
     arithmetic = compute_dtype(finetune.dtype)
-    if delta is None:  # one full-size temporary fewer than ft.to() - base.to()
-        delta = finetune.to(arithmetic, copy=True).sub_(base.to(arithmetic))
+    if delta is None:  # narrower bases are widened on the fly (exactly), without a full-size copy
+        delta = finetune.to(arithmetic, copy=True)
+        delta.sub_(base if base.dtype.itemsize <= arithmetic.itemsize else base.to(arithmetic))
     factor_dtype = ft_src.adapter.factor_dtype(name) if factors is not None else None
     return delta, context_for(name, base, finetune, factors, factor_dtype)
 

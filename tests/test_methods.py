@@ -223,6 +223,15 @@ def test_top_positions_keeps_exactly_k_with_ties_broken_by_position():
     assert top_positions(scores, 0).tolist() == [] and top_positions(scores, 6).tolist() == list(range(6))
 
 
+@pytest.mark.parametrize("k", [1, 1000, 600_000, 1_200_000])
+def test_sampled_kth_largest_is_exact_on_large_tensors_with_ties(k):
+    from delta_format.methods.magnitude import kth_largest
+
+    g = torch.Generator().manual_seed(k)
+    values = (torch.randn(1_200_000, generator=g) * 8).round()  # many ties
+    assert torch.equal(kth_largest(values, k), values.kthvalue(values.numel() - k + 1).values)
+
+
 @pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
 def test_magnitude_keeps_the_largest_entries_exactly_with_the_cheaper_index_coding(p):
     delta = rows_delta(128, 128)

@@ -14,6 +14,7 @@ stay under 256, so below ~p = 0.99) or a bitmask (1 bit per entry, cheaper when 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,19 +24,46 @@ from ..encodings import SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count
 
 
-def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat positions of the ``k`` largest scores (ties broken by position).
+_SAMPLE = 1 << 18
 
-    A k-th-value threshold and one comparison: O(n), about 3x faster than ``torch.topk`` on tens
-    of millions of entries.
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th largest value of a 1-D tensor (``1 <= k <= n``).
+
+    Large tensors first bracket it between two quantiles of a strided sample (with a margin of
+    several binomial standard deviations), count what lies above the bracket, and select inside
+    it: two vectorised comparisons and a small ``kthvalue`` instead of a single-threaded
+    quickselect over everything. If the bracket misses (it practically never does), the plain
+    ``kthvalue`` decides.
     """
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return flat.kthvalue(n - k + 1).values
+    sample = flat[:: n // _SAMPLE].sort().values
+    m = sample.numel()
+    rank = (n - k + 1) / n  # ascending fraction of the target
+    margin = 6 * math.sqrt(rank * (1 - rank) / m) + 2 / m
+    lo_i, hi_i = math.floor((rank - margin) * m), math.ceil((rank + margin) * m)
+    lo = sample[lo_i] if lo_i >= 0 else flat.new_tensor(-math.inf)
+    hi = sample[hi_i] if hi_i < m else flat.new_tensor(math.inf)
+    need = k - int((flat > hi).sum())
+    if need > 0:
+        band = flat[(flat >= lo) & (flat <= hi)]
+        if need <= band.numel():
+            return band.kthvalue(band.numel() - need + 1).values
+    return flat.kthvalue(n - k + 1).values
+
+
+def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions of the ``k`` largest scores (ties broken by position): a threshold
+    (`kth_largest`) and one comparison, O(n) and several times faster than ``torch.topk``."""
     flat = scores.reshape(-1)
     n = flat.numel()
     if k >= n:
         return torch.arange(n)
     if k <= 0:
         return torch.empty(0, dtype=torch.int64)
-    threshold = flat.kthvalue(n - k + 1).values
+    threshold = kth_largest(flat, k)
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:
