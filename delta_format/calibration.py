@@ -114,8 +114,8 @@ class Calibration:
     """The fine-tune measured on calibration texts.
 
     Args:
-        model: the fine-tuned model (a private copy: the session converts it to float32, turns
-            off dropout, and `set_parameter` writes edited values into it).
+        model: the fine-tuned model (a private copy: the session moves it to the CPU in float32,
+            turns off dropout, and `set_parameter` writes edited values into it).
         tokenizer: turns each text into ``input_ids``.
         texts: a few unlabelled texts, representative of what the fine-tune is for.
         parameters: names of the parameters to gather layer inputs for (default: all).
@@ -135,7 +135,7 @@ class Calibration:
         if tokenizer is None:
             raise InvalidArgumentError("calibration texts need a tokenizer", expected="tokenizer=...", found="None",
                                        fix="pass tokenizer=, or put the tokenizer files next to the fine-tune")
-        self.model = model.float().eval()
+        self.model = model.to("cpu", torch.float32).eval()  # the compressor streams on the CPU
         self.model.requires_grad_(False)
         self.batches = []
         for text in texts:

@@ -499,6 +499,10 @@ def compress(
     base_src = open_source(base, what="base model", revision=base_revision, token=token)
     ft_src = open_source(finetune, what="fine-tune", revision=revision, token=token, base=base_src)
 
+    if not isinstance(ft_src, LoraSource) and any(m.name == "lora" for m in plan.methods()):
+        raise InvalidArgumentError("the lora method stores a LoRA adapter's factors", expected="a PEFT adapter "
+                                   "(adapter_config.json + adapter_model.safetensors) as the fine-tune",
+                                   found="a full checkpoint", fix="use lowrank with rank= or energy=")
     schedule = _schedule(plan, base_src, ft_src)
     edited = [name for name, action in schedule if action == "edit"]
 

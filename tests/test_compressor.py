@@ -235,6 +235,11 @@ def test_lora_import_of_fan_in_fan_out_conv1d_layers(tmp_path):
     assert torch.allclose(state_dict_on_disk(tmp_path / "full")[f"{module}.weight"], expected, rtol=0, atol=1e-6)
 
 
+def test_the_lora_method_needs_an_adapter(trained, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="LoRA adapter's factors"):
+        compress(trained["base"], trained["ft"], tmp_path / "delta", method="lora")
+
+
 def test_dora_adapters_are_refused(trained, tmp_path):
     adapter = write_adapter(tmp_path / "adapter", {"x": torch.zeros(1)}, {"r": 4, "lora_alpha": 8, "use_dora": True})
     with pytest.raises(InvalidArgumentError, match="DoRA"):

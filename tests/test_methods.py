@@ -275,7 +275,8 @@ def test_structural_keeps_whole_slices_with_the_largest_norm(axis):
     assert torch.equal(slices[kept], original[kept])
     norms = original.norm(dim=1)
     assert float(norms[~kept].max()) <= float(norms[kept].min())
-    assert edit.encoding.index_coding == "bitmask" if axis == "row" else True
+    if axis == "row":  # gaps jump whole rows, so every gap would need a wide integer
+        assert edit.encoding.index_coding == "bitmask"
 
 
 # -- sign ----------------------------------------------------------------------------------------
