@@ -24,13 +24,14 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.memory import PeakAnonSampler, status_kib  # noqa: E402
 
 METHODS = {
     "dense": {},
@@ -41,14 +42,6 @@ METHODS = {
     "sign": {"scale": "row"},
     "lowrank": {"rank": 16},
 }
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def build_pair(root: Path, layers: int, hidden: int, intermediate: int, vocab: int, rel: float = 1e-3):
@@ -90,26 +83,14 @@ def child(method: str, base: str, ft: str, out: str, shard_size: str) -> None:
     import delta_format.delta  # noqa: F401
     from delta_format.checkpoint import Checkpoint
 
-    baseline = status_kib("RssAnon")
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], status_kib("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    delta = delta_format.compress(base, ft, out, method=method, progress=False, overwrite=True,
-                                  max_shard_size=shard_size, **METHODS[method])
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    with PeakAnonSampler() as memory:
+        start = time.perf_counter()
+        delta = delta_format.compress(base, ft, out, method=method, progress=False, overwrite=True,
+                                      max_shard_size=shard_size, **METHODS[method])
+        seconds = time.perf_counter() - start
     ckpt = Checkpoint(ft)
     largest = max(math_prod(ckpt.shape_dtype(n)[0]) * 2 for n in ckpt)  # bf16
-    print(json.dumps({"method": method, "seconds": seconds, "baseline_anon": baseline * 1024, "peak_anon": peak[0] * 1024,
+    print(json.dumps({"method": method, "seconds": seconds, "baseline_anon": memory.baseline, "peak_anon": memory.peak,
                       "vm_hwm": status_kib("VmHWM") * 1024, "largest_tensor": largest,
                       "finetune_bytes": delta.manifest.stats["finetune_bytes"],
                       "stored_bytes": delta.manifest.stats["stored_bytes"]}))

@@ -28,46 +28,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(kind: str, path: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.memory import PeakAnonSampler, status_kib
     from delta_format import DeltaModel
 
-    import threading
-
-    rss0, anon0 = _status("VmRSS"), _status("RssAnon")
-    peak_anon = [anon0]
-    done = threading.Event()
-
-    def sample():  # peak anonymous RSS: what actually runs a machine out of memory
-        while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], _status("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if kind == "delta":
-        model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    loaded = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=torch.arange(8).unsqueeze(0))
-    forward = time.perf_counter()
-    done.set()
-    sampler.join()
+    rss0 = status_kib("VmRSS") * 1024
+    with PeakAnonSampler() as memory:
+        start = time.perf_counter()
+        if kind == "delta":
+            model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        loaded = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=torch.arange(8).unsqueeze(0))
+        forward = time.perf_counter()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"load": loaded - start, "first_forward": forward - start, "peak": _status("VmHWM") - rss0,
-                      "peak_anon": max(peak_anon[0], _status("RssAnon")) - anon0, "model_bytes": model_bytes}))
+    print(json.dumps({"load": loaded - start, "first_forward": forward - start, "peak": status_kib("VmHWM") * 1024 - rss0,
+                      "peak_anon": memory.peak - memory.baseline, "model_bytes": model_bytes}))
 
 
 def measure(kind: str, path: Path, repeats: int) -> list[dict]:
