@@ -40,6 +40,7 @@ from .checkpoint import Checkpoint, resolve_repo
 from .encodings import SAFETENSORS_DTYPES, TORCH_DTYPES, ReplaceEncoding, SparseEncoding, compute_dtype
 from .errors import InvalidArgumentError
 from .fingerprint import fingerprint_state_dict
+from .heap import FreedMemory
 from .lora import LoraAdapter, is_lora_adapter
 from .manifest import BaseReference, TensorEntry
 from .methods import EditMethod, TensorContext, get_method
@@ -534,7 +535,7 @@ def compress(
 
         bar = tqdm(total=sum(_info_bytes(ft_src, n) for n, _ in schedule), unit="B", unit_scale=True,
                    desc="compressing", disable=not progress)
-        release = _FreedMemory()
+        release = FreedMemory()
         with bar:
             for name, action in schedule:
                 totals.finetune_bytes += _info_bytes(ft_src, name)
@@ -574,37 +575,6 @@ def compress(
         writer.add_file("README.md", render_model_card(writer.manifest).encode("utf-8"))
         writer.close(stats=stats)
     return Delta(writer.out_dir)
-
-
-class _FreedMemory:
-    """Hands freed heap memory back to the OS between tensors (glibc only).
-
-    glibc raises its mmap threshold every time a large block is freed, so after the first few
-    tensors the temporaries of the next ones come from the heap, and freed heap blocks stay in
-    the process: a long stream of same-sized temporaries then looks like memory growing with the
-    model's depth although at most a few tensors are alive. ``malloc_trim(0)`` returns them; it
-    costs about a millisecond per call, so it runs once per ``EVERY`` bytes of tensors processed.
-    """
-
-    EVERY = 4 * 2**20
-
-    def __init__(self):
-        self._trim = None
-        self._pending = 0
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            self._trim = libc.malloc_trim
-        except (OSError, AttributeError):
-            pass
-
-    def __call__(self, freed: int) -> None:
-        """Note ``freed`` bytes of temporaries; trim once every `EVERY` bytes (trimming scans the heap)."""
-        self._pending += freed
-        if self._trim is not None and self._pending >= self.EVERY:
-            self._trim(0)
-            self._pending = 0
 
 
 def _info_bytes(source, name: str) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import BaseMismatchError, CorruptDeltaError
+from ..heap import FreedMemory
 from ..reader import DeltaReader
 from ..reconstruct import reconstruct_stored
 
@@ -49,6 +50,7 @@ def materialize(
 
     state = model.state_dict(keep_vars=True)
     tied = _tied_names(model)
+    release = FreedMemory()
     for reader, _ in deltas:
         unknown = [n for n in reader.manifest.tensors if n not in state]
         if unknown:
@@ -84,6 +86,8 @@ def materialize(
             value = reconstruct_stored(name, parts, base_tensor, dtype=target)
             del parts, base_tensor
         set_module_tensor_to_device(model, name, device, value=value, dtype=target if value.is_floating_point() else None)
+        if parts_src:
+            release(4 * value.numel())  # the float32 temporaries of this parameter are free again
         del value
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
