@@ -62,8 +62,14 @@ def reconstruct_stored(name: str, parts: Sequence[Part], base: torch.Tensor | No
             raise BaseMismatchError(f"{name!r} is replaced by one delta and changed by another",
                                     expected="at most one delta touching a replaced parameter", found=f"{len(parts)} deltas",
                                     fix="compose deltas that edit disjoint replaced tensors")
-        entry, stored, _ = parts[0]
-        return _checked(name, entry.encoding.decode(stored, entry.shape, name, dtype), dtype, None)
+        entry, stored, alpha_scale = parts[0]
+        alpha = entry.alpha * alpha_scale
+        if alpha == 1.0 or base is None or tuple(base.shape) != tuple(entry.shape):
+            return _checked(name, entry.encoding.decode(stored, entry.shape, name, dtype), dtype, None)
+        # alpha != 1 on a whole value: it stands for the delta value - base (SPEC §5.5, §9).
+        acc = base.to(compute_dtype(dtype), copy=True)
+        delta = entry.encoding.decode(stored, entry.shape, name, acc.dtype) - acc
+        return _checked(name, acc.add_(delta.mul_(alpha)).to(dtype), dtype, base)
     if base is None:
         raise BaseMismatchError(f"the base has no tensor {name!r}", expected=f"shape {list(shape)}", found="nothing",
                                 fix="load the base the delta was made against")

@@ -272,3 +272,18 @@ def test_cuda_placement_puts_every_weight_on_the_gpu_and_matches_cpu(llama, tmp_
     assert all(p.device.type == "cuda" for p in gpu.parameters())
     for name, tensor in cpu.state_dict().items():
         assert torch.equal(gpu.state_dict()[name].cpu(), tensor), name
+
+
+def test_load_time_alpha_applies_to_whole_values_of_same_shape_as_the_base(llama, tmp_path):
+    base = Checkpoint(llama / "base")
+
+    def replace_all(name, delta):  # the lossless dense method's fallback stores whole values
+        value = base.get_tensor(name).float() + delta
+        return ReplaceEncoding(), {"value": value}
+
+    delta = write_delta(tmp_path / "d", llama / "base", llama / "ft", replace_all)
+    name = "model.layers.0.mlp.down_proj.weight"
+    b, value = base.get_tensor(name), DeltaReader(delta).decode(name)
+    assert torch.equal(DeltaModel.from_pretrained(delta).state_dict()[name], value)
+    extrapolated = DeltaModel.from_pretrained(delta, alpha=1.5).state_dict()[name]
+    assert torch.equal(extrapolated, b + (value - b) * 1.5)

@@ -517,12 +517,25 @@ def test_missing_base_tensor_is_a_base_mismatch():
         reconstruct("w", dense_entry((2,)), torch.zeros(2), None)
 
 
-@pytest.mark.parametrize("base", [None, torch.zeros(7), torch.full((2, 2), 100.0)], ids=["absent", "other shape", "same shape"])
-def test_replace_ignores_alpha_and_base(base):
+@pytest.mark.parametrize("base", [None, torch.zeros(7)], ids=["absent", "other shape"])
+def test_replace_without_a_matching_base_ignores_alpha(base):
     value = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     entry = TensorEntry(ReplaceEncoding(), (2, 2), "float32", alpha=3.0)
     out = reconstruct("w", entry, value, base, alpha_scale=2.0)
     assert torch.equal(out, value)
+
+
+def test_replace_with_alpha_one_is_the_value_whatever_the_base():
+    value = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    out = reconstruct("w", TensorEntry(ReplaceEncoding(), (2, 2), "float32"), value, torch.full((2, 2), 100.0))
+    assert torch.equal(out, value)
+
+
+def test_replace_with_alpha_scales_value_minus_a_same_shape_base():
+    value, base = torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.full((2, 2), 100.0)
+    entry = TensorEntry(ReplaceEncoding(), (2, 2), "float32", alpha=3.0)
+    out = reconstruct("w", entry, value, base, alpha_scale=2.0)
+    assert torch.equal(out, base + (value - base) * 6.0)
 
 
 def test_every_encoding_reconstructs_through_the_reader(delta):
