@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 
@@ -32,6 +33,8 @@ _MASK32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
 _C2 = 0x846CA68B
 _CHUNK = 1 << 22
+_BLOCK = {"cpu": 1 << 16}
+"""Counters per block when streaming: cache-sized on CPU, one large launch elsewhere."""
 
 
 def _mulmod32_int(x: int, c: int) -> int:
@@ -39,7 +42,7 @@ def _mulmod32_int(x: int, c: int) -> int:
 
 
 def _mix32_int(x: int) -> int:
-    """lowbias32 on a Python int (host side; identical to `_mix32` below)."""
+    """lowbias32 on a Python int (host side; identical to `_mix32_` below)."""
     x ^= x >> 16
     x = _mulmod32_int(x, _C1)
     x ^= x >> 15
@@ -48,19 +51,21 @@ def _mix32_int(x: int) -> int:
     return x
 
 
-def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 with x < 2**32 in int64 without overflow: split c into 16-bit halves.
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
+def _mulmod32_(x: torch.Tensor, c: int, tmp: torch.Tensor) -> torch.Tensor:
+    """``x = (x * c) mod 2**32`` in place, for int64 ``x < 2**32``: ``c`` is split into 16-bit
+    halves so no product reaches 2**63 (``tmp`` is scratch of ``x``'s shape)."""
+    torch.mul(x, c >> 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_MASK32)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mulmod32(x, _C1)
-    x = x ^ (x >> 15)
-    x = _mulmod32(x, _C2)
-    return x ^ (x >> 16)
+def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on int64 values in ``[0, 2**32)``."""
+    x.bitwise_xor_(x >> 16)
+    _mulmod32_(x, _C1, tmp)
+    x.bitwise_xor_(x >> 15)
+    _mulmod32_(x, _C2, tmp)
+    return x.bitwise_xor_(x >> 16)
 
 
 def tensor_id(name: str) -> int:
@@ -79,8 +84,9 @@ def stream_key(seed: int, name: str) -> int:
 def uniform_stream(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``u_k = mix(mix(key ^ k_lo) ^ k_hi)`` for ``k`` in ``[start, start + count)``, as int64 in [0, 2**32)."""
     k = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    x = _mix32((k & _MASK32) ^ key)
-    return _mix32(x ^ (k >> 32))
+    tmp = torch.empty_like(k)
+    x = _mix32_((k & _MASK32).bitwise_xor_(key), tmp)
+    return _mix32_(x.bitwise_xor_(k.bitwise_right_shift_(32)), tmp)
 
 
 def drop_threshold(p: float) -> int:
@@ -118,42 +124,83 @@ def gap_table(p: float) -> tuple[int, ...]:
             )
 
 
+_BUCKET_SHIFT = 20
+"""Gap lookup buckets: ``u >> 20``, 4096 buckets of 2**20 values of ``u``."""
+
+
 @lru_cache(maxsize=16)
-def _ascending_table(p: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(gap_table(p)[::-1], dtype=torch.int64, device=device)
+def _gap_lookup(p: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Tables that count thresholds above ``u`` without a binary search (an implementation detail;
+    the result is exactly ``#{g : T_g > u}``).
+
+    For bucket ``b = u >> 20``: ``above[b]`` thresholds lie at or above the bucket's end, so they all
+    exceed ``u``; a bucket holding exactly one threshold keeps it in ``inside[b]`` (0 when none). Only
+    values of ``u`` below ``exact_below`` can meet a bucket with several thresholds (the table gets
+    dense near 0); those few take the binary search.
+    """
+    ascending = torch.tensor(gap_table(p)[::-1], dtype=torch.int64)
+    count = ascending.numel()
+    edges = torch.arange((1 << (MASK_PROB_BITS - _BUCKET_SHIFT)) + 1, dtype=torch.int64) << _BUCKET_SHIFT
+    at_or_above = count - torch.searchsorted(ascending, edges)  # thresholds >= each edge
+    above, n_inside = at_or_above[1:], at_or_above[:-1] - at_or_above[1:]
+    first_inside = torch.searchsorted(ascending, edges[:-1]).clamp_(max=max(count - 1, 0))
+    inside = torch.where(n_inside == 1, ascending[first_inside], torch.zeros_like(above))
+    several = (n_inside > 1).nonzero()
+    exact_below = int(edges[int(several.max()) + 1]) if several.numel() else 0
+    return ascending.to(device), above.to(device), inside.to(device), exact_below
 
 
 def gaps(p: float, key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Gap ``g_k`` (dropped elements before the k-th kept one) for counters ``[start, start+count)``."""
-    table = gap_table(p)
-    if not table:
+    """Gap ``g_k`` (dropped elements before the k-th kept one) for counters ``[start, start+count)``:
+    the number of thresholds ``T_g`` of `gap_table` above ``u_k``."""
+    if not gap_table(p):
         return torch.zeros(count, dtype=torch.int64, device=device)
-    ascending = _ascending_table(p, torch.device(device))
+    ascending, above, inside, exact_below = _gap_lookup(p, torch.device(device))
     u = uniform_stream(key, start, count, device)
-    return len(table) - torch.searchsorted(ascending, u, right=True)
+    if exact_below > 1 << (MASK_PROB_BITS - 1):  # p near 1: most draws would need the search anyway
+        return ascending.numel() - torch.searchsorted(ascending, u, right=True)
+    bucket = u >> _BUCKET_SHIFT
+    out = torch.index_select(above, 0, bucket).add_(u < torch.index_select(inside, 0, bucket))
+    if exact_below:
+        low = (u < exact_below).nonzero().view(-1)
+        if low.numel():
+            out[low] = ascending.numel() - torch.searchsorted(ascending, u[low], right=True)
+    return out
+
+
+def iter_kept_positions(
+    numel: int, p: float, seed: int, name: str, device: torch.device | str = "cpu", block: int | None = None
+) -> Iterator[torch.Tensor]:
+    """The seeded mask's kept positions as consecutive ascending int64 blocks (of at most
+    ``block`` positions; all blocks together are `kept_positions`).
+
+    Consumers that walk a tensor front to back (the loader adds a delta a few rows at a time)
+    never hold more than one block, and the block stays in cache while it is used.
+    """
+    key = stream_key(seed, name)
+    drop_threshold(p)  # refuse a bad p before using it in arithmetic (and for numel 0 too)
+    device = torch.device(device)
+    block = block or _BLOCK.get(device.type, _CHUNK)
+    start, offset = 0, 0  # offset: the first position not yet covered by a kept element
+    while offset < numel:
+        # Enough counters to cover the rest in one go on average (capped at a block); a short top-up otherwise.
+        count = min(max(int((numel - offset) * (1.0 - p) * 1.01) + 64, 1024), block)
+        pos = gaps(p, key, start, count, device).add_(1).cumsum_(0).add_(offset - 1)
+        last = int(pos[-1])
+        if last >= numel:
+            yield pos[: int(torch.searchsorted(pos, numel))]
+            return
+        yield pos
+        start += count
+        offset = last + 1
 
 
 def kept_positions(numel: int, p: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sorted flat indices (int64) that a seeded mask keeps in a tensor of ``numel`` elements."""
-    key = stream_key(seed, name)
-    drop_threshold(p)  # refuse a bad p before using it in arithmetic (and for numel 0 too)
-    device = torch.device(device)
-    chunks = []
-    start, offset = 0, 0  # offset: the first position not yet covered by a kept element
-    while offset < numel:
-        # Enough counters to cover the rest in one go on average; a short top-up otherwise.
-        count = min(max(int((numel - offset) * (1.0 - p) * 1.01) + 64, 1024), _CHUNK)
-        pos = torch.cumsum(gaps(p, key, start, count, device) + 1, 0) + (offset - 1)
-        last = int(pos[-1])
-        if last >= numel:
-            chunks.append(pos[: int(torch.searchsorted(pos, numel))])
-            break
-        chunks.append(pos)
-        start += count
-        offset = last + 1
-    if not chunks:
+    blocks = list(iter_kept_positions(numel, p, seed, name, device))
+    if not blocks:
         return torch.empty(0, dtype=torch.int64, device=device)
-    return torch.cat(chunks)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def kept_mask(numel: int, p: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:

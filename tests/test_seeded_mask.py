@@ -109,7 +109,8 @@ def test_invalid_seed_is_refused(seed):
 
 def test_int64_mix_equals_the_integer_definition_on_edge_inputs():
     xs = [0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]
-    got = seeded_mask._mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    x = torch.tensor(xs, dtype=torch.int64)
+    got = seeded_mask._mix32_(x, torch.empty_like(x)).tolist()
     assert got == [seeded_mask._mix32_int(x) for x in xs]
 
 
@@ -121,3 +122,14 @@ def test_cuda_gives_the_same_positions_as_cpu():
         cuda = seeded_mask.kept_positions(numel, p, seed, "w", device="cuda")
         assert cuda.device.type == "cuda"
         assert torch.equal(cuda.cpu(), cpu)
+
+
+@pytest.mark.parametrize("p", [0.0001, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999])
+def test_gap_lookup_equals_counting_thresholds_above_u(p):
+    # gaps() uses bucket tables to avoid a binary search; the definition is #{g : T_g > u}.
+    ascending = torch.tensor(seeded_mask.gap_table(p)[::-1], dtype=torch.int64)
+    key = seeded_mask.stream_key(3, "x")
+    for start in (0, 2**32 - 5000, 2**40):
+        u = seeded_mask.uniform_stream(key, start, 50_000)
+        expected = ascending.numel() - torch.searchsorted(ascending, u, right=True)
+        assert torch.equal(seeded_mask.gaps(p, key, start, 50_000), expected)
