@@ -422,7 +422,7 @@ def test_implausible_seeded_values_count_is_refused_before_generating(delta, mon
     def never(*args, **kwargs):
         raise AssertionError("positions generated")
 
-    monkeypatch.setattr(sparse, "kept_positions", never)
+    monkeypatch.setattr(sparse, "iter_kept_positions", never)
     replace_stored(delta, {"seeded.w:values": torch.zeros(900, dtype=torch.bfloat16)})  # p = 0.9 of 900
     with pytest.raises(CorruptDeltaError, match="cannot come from"):
         decode_one(delta, "seeded.w")

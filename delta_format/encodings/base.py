@@ -79,6 +79,44 @@ def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """`rows_cols`, with a scalar as one row of one column."""
+    return rows_cols(tuple(shape)) if len(shape) else (1, 1)
+
+
+class RowDelta:
+    """One parameter's delta (times its alpha), validated, added into an accumulator by row blocks.
+
+    The accumulator is the parameter viewed as a ``rows x cols`` matrix (`matrix_shape`) in the
+    compute dtype. `add_rows` is called with consecutive blocks from row 0 to the last row, each
+    once, which lets a sparse delta walk its positions front to back; `finish` then reports stored
+    data that no row used (an index past the end, more values than positions).
+    """
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        """``acc += (alpha * delta)[start:stop]`` for ``acc`` the ``[stop - start, cols]`` block."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called after the last block; raises `CorruptDeltaError` for unused stored data."""
+
+
+def scaled(delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * delta`` rounded in ``delta``'s dtype (SPEC §9), without touching ``delta``."""
+    return delta if alpha == 1.0 else delta * alpha
+
+
+class DecodedRows(RowDelta):
+    """A delta decoded whole (encodings without a cheaper row-wise decode, e.g. ``lowrank``)."""
+
+    def __init__(self, delta: torch.Tensor, alpha: float):
+        self.delta = delta.reshape(matrix_shape(tuple(delta.shape)))
+        self.alpha = alpha
+
+    def add_rows(self, acc, start, stop):
+        acc.add_(scaled(self.delta[start:stop].to(acc.dtype), self.alpha))
+
+
 class Encoding:
     """Base class. Subclasses set ``name`` and implement the four hooks below."""
 
@@ -105,15 +143,24 @@ class Encoding:
         stored tensors' device."""
         raise NotImplementedError
 
+    def rows(
+        self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype, alpha: float = 1.0
+    ) -> "RowDelta":
+        """The delta times ``alpha`` (SPEC §9: the product rounded in ``dtype``), validated and
+        ready to be added into an accumulator a block of rows at a time (`RowDelta`).
+
+        The default decodes the whole delta once; encodings override it to decode only the rows
+        asked for (sign, sparse, dense), which keeps a load's temporaries cache-sized."""
+        return DecodedRows(self.decode(stored, shape, name, dtype), alpha)
+
     def accumulate(
         self, target: torch.Tensor, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, alpha: float
     ) -> None:
-        """``target += alpha * decode(...)`` in place (SPEC §9: the product is rounded first).
-        Encodings override it when they can touch fewer elements (sparse)."""
-        delta = self.decode(stored, shape, name, target.dtype)
-        if alpha != 1.0:
-            delta = delta * alpha  # not in place: decode may return the caller's stored tensor itself
-        target.add_(delta)
+        """``target += alpha * decode(...)`` in place (SPEC §9: the product is rounded first)."""
+        rows, cols = matrix_shape(shape)
+        delta = self.rows(stored, shape, name, target.dtype, alpha)
+        delta.add_rows(target.view(rows, cols), 0, rows)
+        delta.finish()
 
     is_delta: ClassVar[bool] = True
     """False for encodings that store the value itself (``replace``): the base is not added."""

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from ..constants import DENSE
-from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, require_finite
+from .base import FLOAT_STORED, DecodedRows, Encoding, Expected, check_config_keys, require_finite
 
 
 class DenseEncoding(Encoding):
@@ -34,6 +34,10 @@ class DenseEncoding(Encoding):
         delta = stored["delta"]
         require_finite(name, "delta", delta)
         return delta.to(dtype)
+
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
+        require_finite(name, "delta", stored["delta"])
+        return DecodedRows(stored["delta"], alpha)  # converted a block at a time, not whole
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DenseEncoding)

@@ -15,7 +15,7 @@ import torch
 from ..bits import check_packed, pack_bits, packed_length, sign_table as _sign_table
 from ..constants import SIGN
 from ..errors import ManifestError
-from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, require_finite, rows_cols
+from .base import FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, rows_cols
 
 GRANULARITIES = ("tensor", "row")
 
@@ -94,8 +94,40 @@ class SignEncoding(Encoding):
         signs = torch.index_select(table, 0, index).view(-1)[:numel].view(rows, cols)
         return signs.mul_(scale.to(dtype).view(rows, 1)).view(shape)
 
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
+        check_packed(stored["bits"], math.prod(shape))
+        require_finite(name, "scale", stored["scale"])
+        return SignRows(stored["bits"], stored["scale"], self.granularity, shape, dtype, alpha)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SignEncoding) and other.granularity == self.granularity
 
     def __repr__(self) -> str:
         return f"SignEncoding({self.granularity!r})"
+
+
+class SignRows(RowDelta):
+    """Sign bits expanded a block of rows at a time: ``acc += signs * (alpha * scale)``.
+
+    ``alpha * (scale * sign)`` and ``sign * (alpha * scale)`` round identically (multiplying by
+    +-1 is exact and rounding is symmetric), so the scale is multiplied by alpha once per row.
+    """
+
+    def __init__(self, bits: torch.Tensor, scale: torch.Tensor, granularity: str, shape, dtype: torch.dtype, alpha: float):
+        self.bits = bits
+        self.cols = matrix_shape(tuple(shape))[1]
+        scale = scale.to(dtype)
+        if alpha != 1.0:
+            scale = scale * alpha
+        self.row_scale = scale.view(-1, 1) if granularity == "row" else None
+        # Per-tensor scale: fold it into the 256 x 8 table, so a block is one gather and one add.
+        self.table = _sign_table(dtype, bits.device) * (scale if self.row_scale is None else 1)
+
+    def add_rows(self, acc, start, stop):
+        first, last = start * self.cols, stop * self.cols
+        signs = torch.index_select(self.table, 0, self.bits[first // 8 : (last + 7) // 8].to(torch.int32))
+        signs = signs.view(-1)[first % 8 : first % 8 + last - first].view(stop - start, self.cols)
+        if self.row_scale is None:
+            acc.add_(signs)
+        else:
+            acc.addcmul_(signs, self.row_scale[start:stop])

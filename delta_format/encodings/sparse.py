@@ -17,15 +17,17 @@ changed without touching the tensors.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..bits import count_bits, pack_bits, packed_length, unpack_bits
+from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
 from ..errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
-from ..seeded_mask import drop_threshold, gap_table, kept_positions
-from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, config_int, config_number, require_finite
+from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
+from .base import (
+    FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, config_int, config_number, matrix_shape, require_finite,
+)
 
 _GAP_TORCH = ((255, torch.uint8), (65535, torch.uint16), (2**31 - 1, torch.int32), (2**63 - 1, torch.int64))
 
@@ -42,22 +44,41 @@ def positions_to_gaps(indices: torch.Tensor) -> torch.Tensor:
     return gaps.to(dtype)
 
 
-def gaps_to_positions(gaps: torch.Tensor, numel: int, name: str) -> torch.Tensor:
-    """Inverse of `positions_to_gaps`, refusing negative gaps and positions past the end."""
-    wide = gaps.to(torch.int64)
-    if wide.numel() and int(wide.min()) < 0:
-        raise CorruptDeltaError(
-            f"sparse gaps of {name!r} are negative", expected="gaps >= 0 (indices sorted and unique)",
-            found=f"minimum gap {int(wide.min())}", fix="the delta is corrupt; re-create it",
-        )
-    positions = torch.cumsum(wide + 1, 0) - 1
-    # A sum past 2**63 wraps negative (huge I64 gaps); every wrapped position is stored, so min < 0 finds it.
-    if positions.numel() and (int(positions[-1]) >= numel or int(positions.min()) < 0):
-        raise CorruptDeltaError(
-            f"sparse indices of {name!r} run past the tensor", expected=f"indices < {numel}",
-            found=f"last index {int(positions[-1])}", fix="the delta is corrupt; re-create it",
-        )
-    return positions
+_BLOCK = 1 << 16
+"""Positions per block when a delta is walked front to back (cache-sized)."""
+
+
+def _run_past(name: str, numel: int, index: int) -> CorruptDeltaError:
+    return CorruptDeltaError(f"sparse indices of {name!r} run past the tensor", expected=f"indices < {numel}",
+                             found=f"index {index}", fix="the delta is corrupt; re-create it")
+
+
+def gap_blocks(gaps: torch.Tensor, numel: int, name: str, block: int = _BLOCK) -> Iterator[torch.Tensor]:
+    """Positions from stored gaps, a block at a time, refusing negative gaps and positions past
+    the end. (A gap below ``numel`` keeps every partial sum below 2**63: no wrap-around.)"""
+    last = -1
+    for first in range(0, gaps.numel(), block):
+        wide = gaps[first : first + block].to(torch.int64, copy=True)
+        low, high = torch.aminmax(wide)
+        if int(low) < 0:
+            raise CorruptDeltaError(
+                f"sparse gaps of {name!r} are negative", expected="gaps >= 0 (indices sorted and unique)",
+                found=f"minimum gap {int(low)}", fix="the delta is corrupt; re-create it",
+            )
+        if int(high) >= numel:
+            raise _run_past(name, numel, last + 1 + int(high))
+        positions = wide.add_(1).cumsum_(0).add_(last)
+        last = int(positions[-1])
+        yield positions
+
+
+def bitmask_blocks(mask: torch.Tensor, numel: int, block: int = _BLOCK * 8) -> Iterator[torch.Tensor]:
+    """Positions of the set bits of a packed mask, ``block`` elements (a multiple of 8) at a time."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    for first in range(0, numel, block):
+        last = min(numel, first + block)
+        bits = (mask[first // 8 : (last + 7) // 8].unsqueeze(1) >> shifts) & 1
+        yield bits.view(-1)[: last - first].nonzero().view(-1).add_(first)
 
 
 def index_coding_bytes(indices: torch.Tensor, numel: int) -> dict[str, int]:
@@ -164,54 +185,111 @@ class SparseEncoding(Encoding):
             stored["mask"] = pack_bits(mask)
         return stored
 
-    def _kept(self, stored, numel: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat positions, values) after every consistency check."""
+    def _blocks(self, stored, numel: int, name: str) -> Iterator[torch.Tensor]:
+        """The kept positions as ascending blocks, after the checks that need no walk: finite
+        values, a bitmask's bit count, a plausible seeded count (before generating anything)."""
         values = stored["values"]
         require_finite(name, "values", values)
         if self.index_coding == INDEX_GAPS:
-            positions = gaps_to_positions(stored["gaps"], numel, name)
-        elif self.index_coding == INDEX_BITMASK:
-            mask = unpack_bits(stored["mask"], numel)
+            return gap_blocks(stored["gaps"], numel, name)
+        if self.index_coding == INDEX_BITMASK:
+            check_packed(stored["mask"], numel)
             if count_bits(stored["mask"]) != values.numel():
                 raise CorruptDeltaError(
                     f"sparse bitmask of {name!r} disagrees with its values",
                     expected=f"{values.numel()} set bits", found=f"{count_bits(stored['mask'])}",
                     fix="the delta is corrupt; re-create it",
                 )
-            positions = mask.nonzero().view(-1)
-        else:
-            self._check_seeded_count(numel, values.numel(), name)
-            positions = self.positions(numel, name, values.device)
-        if positions.numel() != values.numel():
-            raise CorruptDeltaError(
-                f"sparse values of {name!r} do not match their indices",
-                expected=f"{positions.numel()} values", found=f"{values.numel()}",
-                fix="the delta is corrupt or was written with another seed; re-create it",
-            )
-        return positions, values
+            return bitmask_blocks(stored["mask"], numel)
+        self._check_seeded_count(numel, values.numel(), name)
+        return iter_kept_positions(numel, self.p, self.seed, name, values.device)
 
-    def _scaled(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _scaled(self, values: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
+        """``alpha * (scale * values)`` in ``dtype``, each product rounded (SPEC §9)."""
         values = values.to(dtype)
-        return values * self.scale if self.scale != 1.0 else values
+        if self.scale != 1.0:
+            values = values * self.scale
+        return values * alpha if alpha != 1.0 else values
 
     def decode(self, stored, shape, name, dtype):
         numel = math.prod(shape)
-        positions, values = self._kept(stored, numel, name)
+        values = stored["values"]
+        positions = torch.cat([*self._blocks(stored, numel, name), torch.empty(0, dtype=torch.int64, device=values.device)])
+        if positions.numel() and int(positions[-1]) >= numel:
+            raise _run_past(name, numel, int(positions[-1]))
+        check_value_count(name, positions.numel(), values.numel())
         out = torch.zeros(numel, dtype=dtype, device=values.device)
         out[positions] = self._scaled(values, dtype)
         return out.view(shape)
 
-    def accumulate(self, target, stored, shape, name, alpha):
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
         # O(kept): only the kept positions of the accumulator change. Same bits as decode + add
         # except the sign of a base -0.0, which adding +0.0 would flip (SPEC §9 allows either).
-        positions, values = self._kept(stored, target.numel(), name)
-        kept = self._scaled(values, target.dtype)
-        if alpha != 1.0:
-            kept = kept * alpha
-        target.view(-1).index_add_(0, positions, kept)
+        numel = math.prod(shape)
+        return SparseRows(self._blocks(stored, numel, name), stored["values"], matrix_shape(tuple(shape))[1], numel, name,
+                          lambda v: self._scaled(v, dtype, alpha))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SparseEncoding) and other.to_dict() == self.to_dict()
 
     def __repr__(self) -> str:
         return f"SparseEncoding({self.to_dict()})"
+
+
+def check_value_count(name: str, positions: int, values: int) -> None:
+    if positions != values:
+        raise CorruptDeltaError(
+            f"sparse values of {name!r} do not match their indices", expected=f"{positions} values", found=f"{values}",
+            fix="the delta is corrupt or was written with another seed; re-create it",
+        )
+
+
+class SparseRows(RowDelta):
+    """Kept values added a block of rows at a time, walking the positions front to back."""
+
+    def __init__(self, blocks: Iterator[torch.Tensor], values: torch.Tensor, cols: int, numel: int, name: str, scaled):
+        self.blocks, self.values, self.cols, self.numel, self.name, self.scaled = blocks, values, cols, numel, name, scaled
+        self.pending = torch.empty(0, dtype=torch.int64, device=values.device)
+        self.used = 0  # values consumed so far
+        self.next_row = 0
+
+    def _take(self, end: int) -> torch.Tensor:
+        """The positions below ``end`` not yet taken."""
+        taken = []
+        while True:
+            if self.pending.numel():
+                if int(self.pending[-1]) >= end:
+                    cut = int(torch.searchsorted(self.pending, end))
+                    taken.append(self.pending[:cut])
+                    self.pending = self.pending[cut:]
+                    break
+                taken.append(self.pending)
+            self.pending = next(self.blocks, None)
+            if self.pending is None:
+                self.pending = self.values.new_empty(0, dtype=torch.int64)
+                break
+        return taken[0] if len(taken) == 1 else torch.cat([*taken, self.pending[:0]])
+
+    def add_rows(self, acc, start, stop):
+        if start != self.next_row:
+            raise InvalidArgumentError("sparse row blocks out of order", expected=f"a block starting at row {self.next_row}",
+                                       found=f"row {start}", fix="add row blocks front to back")
+        self.next_row = stop
+        first = start * self.cols
+        positions = self._take(stop * self.cols)
+        count = positions.numel()
+        if self.used + count > self.values.numel():
+            check_value_count(self.name, self.used + count + sum(b.numel() for b in self._rest()), self.values.numel())
+        kept = self.scaled(self.values[self.used : self.used + count])
+        self.used += count
+        acc.view(-1).index_add_(0, positions.sub_(first) if first else positions, kept)
+
+    def _rest(self) -> Iterator[torch.Tensor]:
+        yield self._take(self.numel)
+        yield from self.blocks  # positions past the end (gaps only)
+
+    def finish(self):
+        rest = self._take(self.numel)
+        if self.pending.numel() or next(self.blocks, None) is not None:
+            raise _run_past(self.name, self.numel, int(self.pending[0]) if self.pending.numel() else self.numel)
+        check_value_count(self.name, self.used + rest.numel(), self.values.numel())

@@ -1,9 +1,10 @@
 """Stream the base, decode the deltas, add, cast, place: one parameter at a time.
 
 Each parameter of the empty model is read from the base checkpoint straight onto its target
-device, the deltas that touch it are decoded on that device, the sum is formed in float32 and
-cast once, and the result replaces the meta tensor. At any moment only one parameter's
-temporaries exist beside the model being filled, so peak memory stays near the final model size.
+device (memory-mapped, not copied, on CPU), the deltas that touch it are decoded on that device a
+block of rows at a time, each block summed in a small float32 buffer and cast into the new
+parameter, which then replaces the meta tensor. Besides the model being filled, only one
+parameter's stored delta and a cache-sized buffer exist, so peak memory stays near the model size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import BaseMismatchError, CorruptDeltaError
-from ..heap import FreedMemory
 from ..reader import DeltaReader
 from ..reconstruct import reconstruct_stored
 
@@ -50,7 +50,6 @@ def materialize(
 
     state = model.state_dict(keep_vars=True)
     tied = _tied_names(model)
-    release = FreedMemory()
     for reader, _ in deltas:
         unknown = [n for n in reader.manifest.tensors if n not in state]
         if unknown:
@@ -86,8 +85,6 @@ def materialize(
             value = reconstruct_stored(name, parts, base_tensor, dtype=target)
             del parts, base_tensor
         set_module_tensor_to_device(model, name, device, value=value, dtype=target if value.is_floating_point() else None)
-        if parts_src:
-            release(4 * value.numel())  # the float32 temporaries of this parameter are free again
         del value
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]

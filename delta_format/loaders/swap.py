@@ -96,12 +96,11 @@ class DeltaSwapper:
                 param = state[name]
                 parts = [(d.manifest.tensors[name], d.reader.stored(name, param.device), s)
                          for d, s in deltas if name in d.manifest.tensors]
-                if parts:
+                if parts:  # written straight into the parameter, a block of rows at a time
                     base = self.base.get_tensor(name, param.device) if name in self.base else None
-                    value = reconstruct_stored(name, parts, base, dtype=param.dtype)
+                    reconstruct_stored(name, parts, base, dtype=param.dtype, out=param)
                 else:
-                    value = self.base.get_tensor(name, param.device).to(param.dtype)
-                param.copy_(value)
+                    param.copy_(self.base.get_tensor(name, param.device))
 
     def swap(self, delta: Any, *, alpha: float | None = None, **resolve_kwargs: Any) -> None:
         """Make ``delta`` (directory, repo id or `Delta`) the active fine-tune, in place."""
