@@ -7,6 +7,9 @@ fresh subprocesses (warm page cache: each variant is loaded once before timing):
 * ``first forward``: load plus one forward pass of 8 tokens. transformers 5 memory-maps
   safetensors and pages weights in lazily, so its ``load`` alone does almost nothing; the first
   forward pass is the honest comparison point;
+* ``resident``: transformers' load followed by a copy of every weight into process memory: the
+  floor of any loader whose result lives in RAM rather than in the mapped file (a delta loader's
+  result cannot be mapped: it is computed), i.e. the cost of first-touching the model's bytes;
 * ``peak anon RSS / model bytes``: the child's peak anonymous resident memory (``RssAnon``
   sampled every 2 ms) above its level after imports, divided by the final model's bytes; and the
   same for VmHWM, which also counts pages of memory-mapped files (reclaimable page cache).
@@ -42,6 +45,10 @@ def child(kind: str, path: str) -> None:
             model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            if kind == "hf-resident":  # weights copied out of the mapped file into process memory
+                with torch.no_grad():
+                    for param in model.parameters():
+                        param.data = param.data.clone()
         loaded = time.perf_counter()
         with torch.no_grad():
             model(input_ids=torch.arange(8).unsqueeze(0))
@@ -49,6 +56,27 @@ def child(kind: str, path: str) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"load": loaded - start, "first_forward": forward - start, "peak": status_kib("VmHWM") * 1024 - rss0,
                       "peak_anon": memory.peak - memory.baseline, "model_bytes": model_bytes}))
+
+
+def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
+    """Min time to decode, add and cast every edited parameter into memory already allocated and
+    touched: the arithmetic of a delta load alone, without first-touch page faults."""
+    import torch
+
+    from delta_format.checkpoint import Checkpoint
+    from delta_format.reader import DeltaReader
+    from delta_format.reconstruct import reconstruct_stored
+
+    checkpoint, reader = Checkpoint(base), DeltaReader(delta)
+    parts = {name: (reader.manifest.tensors[name], reader.stored(name, "cpu")) for name in reader}
+    outs = {name: torch.zeros(tuple(entry.shape), dtype=torch.bfloat16) for name, (entry, _) in parts.items()}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for name, (entry, stored) in parts.items():
+            reconstruct_stored(name, [(entry, stored, 1.0)], checkpoint.get_tensor(name), dtype=torch.bfloat16, out=outs[name])
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure(kind: str, path: Path, repeats: int) -> list[dict]:
@@ -90,12 +118,14 @@ def main() -> None:
     rows = []
     reference = measure("hf", ft, args.repeats)
     base_runs = measure("hf", base, args.repeats)
+    resident = measure("hf-resident", ft, args.repeats)
     ref_load = min(r["load"] for r in reference)
     ref_fwd = min(r["first_forward"] for r in reference)
     base_fwd = min(r["first_forward"] for r in base_runs)
     for label, path in [("transformers, full fine-tune", ft), ("transformers, base alone", base)]:
         runs = reference if path == ft else base_runs
         rows.append((label, runs))
+    rows.append(("transformers, full fine-tune copied into RAM (resident floor)", resident))
     for label, path in deltas.items():
         rows.append((f"delta-format, {label}", measure("delta", path, args.repeats)))
 
@@ -111,7 +141,14 @@ def main() -> None:
         anon = max(r["peak_anon"] for r in runs) / model_bytes
         print(f"| {label} | {min(loads):.2f} / {statistics.median(loads):.2f} | {min(fwds):.2f} / {statistics.median(fwds):.2f} "
               f"| {min(fwds) / ref_fwd:.2f}x | {min(fwds) / base_fwd:.2f}x | {anon:.2f} | {peak:.2f} |")
-    print(f"\ntransformers' `load` alone (lazy, memory-mapped): {ref_load:.3f} s.")
+    print(f"\ntransformers' `load` alone (lazy, memory-mapped): {ref_load:.3f} s. Where a delta load's extra time goes "
+          "(in one process, min of the repeats):\n")
+    print("| delta | decode+add+cast into touched memory s | per GB of model | resident floor − transformers (first touch) s |")
+    print("|---|---|---|---|")
+    touch = min(r["load"] for r in resident) - ref_load
+    for label, path in deltas.items():
+        seconds = reconstruct_seconds(base, path, args.repeats)
+        print(f"| {label} | {seconds:.2f} | {seconds / (model_bytes / 1e9):.2f} s/GB | {touch:.2f} |")
 
 
 if __name__ == "__main__":

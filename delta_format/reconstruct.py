@@ -12,6 +12,7 @@ would otherwise be a silent wrong weight.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -130,7 +131,7 @@ def _check_finite(name: str, out: torch.Tensor, base: torch.Tensor | None, dtype
     if not out.numel():
         return
     low, high = torch.aminmax(out.reshape(-1))
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+    if math.isfinite(low.item()) and math.isfinite(high.item()):  # NaN propagates into both
         return
     bad_mask = ~torch.isfinite(out)
     if base is not None and base.is_floating_point():
