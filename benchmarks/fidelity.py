@@ -99,6 +99,16 @@ def compare(ref_logits, lg):
     return mse, kl
 
 
+@torch.no_grad()
+def weight_error(model, base, ft):
+    """||theta_loaded - theta_ft|| / ||theta_ft - theta_base|| over every parameter, as loaded
+    (so a load-time alpha counts, unlike the stored delta's own error in the manifest)."""
+    got, b, f = model.state_dict(), base.state_dict(), ft.state_dict()
+    err = sum((got[k].double() - f[k].double()).pow(2).sum() for k in f)
+    norm = sum((f[k].double() - b[k].double()).pow(2).sum() for k in f)
+    return math.sqrt(err / norm)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -140,7 +150,7 @@ def main():
         m = DeltaModel.from_pretrained(out, base_model=str(base_dir), **kw)
         m.eval()
         mse, kl = compare(ref, logits(m, cb))
-        row = dict(label=label, ratio=st["stored_bytes"] / st["finetune_bytes"], rel=st.get("rel_error", float("nan")),
+        row = dict(label=label, ratio=st["stored_bytes"] / st["finetune_bytes"], rel=weight_error(m, base, ft),
                    mse=mse, kl=kl, ppl_a=ppl(m, ca), ppl_b=ppl(m, cb))
         rows.append(row)
         print(f"  {label}: {row}", file=sys.stderr, flush=True)
@@ -202,6 +212,8 @@ def main():
     for r in table_rows:
         print(f"| {r['label']} | {r['ratio']:.4f} | {r['rel']:.4g} | {r['mse']:.4g} | {r['kl']:.4g} | "
               f"{r['ppl_a']:.3f} | {r['ppl_b']:.3f} |")
+    print("\nrel. weight err: ‖θ_loaded − θ_ft‖ / ‖θ_ft − θ_base‖ over all parameters of the model as loaded (load-time "
+          "alpha included); stored/ft bytes: the delta's stored tensors ÷ the fine-tune's.")
     print("\nDARE vs DAREx-q (auto) over p (`benchmarks/fidelity_dare_vs_darexq.png`):\n")
     print("| p | DARE ppl B | DAREx-q ppl B | DARE logit MSE | DAREx-q logit MSE |")
     print("|---|---|---|---|---|")
