@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 BENCHMARKS = [
     ("load_time.py", ["--scale", "0.5B", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
+    ("decode.py", [], ["--rows", "512", "--cols", "512", "--repeats", "2"]),
     ("swap.py", ["--scale", "160M", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
     ("compress_memory.py", [], ["--skip-throughput"]),
     ("fidelity.py", [], ["--quick"]),
