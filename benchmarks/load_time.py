@@ -134,6 +134,7 @@ def main() -> None:
     print(f"Command: `python benchmarks/load_time.py --scale {args.scale} --repeats {args.repeats}`\n")
     print("| variant | load s (min / median) | load+forward s (min / median) | ÷ full fine-tune (load+fwd) | ÷ base alone | peak anon RSS ÷ model bytes | peak RSS (incl. mapped files) ÷ model bytes |")
     print("|---|---|---|---|---|---|---|")
+    verdicts = []
     for label, runs in rows:
         loads = [r["load"] for r in runs]
         fwds = [r["first_forward"] for r in runs]
@@ -141,6 +142,11 @@ def main() -> None:
         anon = max(r["peak_anon"] for r in runs) / model_bytes
         print(f"| {label} | {min(loads):.2f} / {statistics.median(loads):.2f} | {min(fwds):.2f} / {statistics.median(fwds):.2f} "
               f"| {min(fwds) / ref_fwd:.2f}x | {min(fwds) / base_fwd:.2f}x | {anon:.2f} | {peak:.2f} |")
+        if label.startswith("delta-format"):
+            verdicts.append(f"- {label}: load+forward {min(fwds) / ref_fwd:.2f}x the full fine-tune (target 1.15x: "
+                            f"{'met' if min(fwds) / ref_fwd <= 1.15 else 'missed'}); peak anonymous memory {anon:.2f}x the "
+                            f"model (target 1.15x: {'met' if anon <= 1.15 else 'missed'}).")
+    print("\n" + "\n".join(verdicts))
     print(f"\ntransformers' `load` alone (lazy, memory-mapped): {ref_load:.3f} s. Where a delta load's extra time goes "
           "(in one process, min of the repeats):\n")
     print("| delta | decode+add+cast into touched memory s | per GB of model | resident floor − transformers (first touch) s |")

@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 BENCHMARKS = [
+    ("size.py", [], ["--scale", "tiny"]),
     ("load_time.py", ["--scale", "0.5B", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
     ("decode.py", [], ["--rows", "512", "--cols", "512", "--repeats", "2"]),
     ("swap.py", ["--scale", "160M", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),

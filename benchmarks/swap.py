@@ -66,6 +66,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     hf = timed(lambda: touch(AutoModelForCausalLM.from_pretrained(ft, dtype=torch.bfloat16)), args.repeats)
     order = {"sign": "dare", "dare": "sign"}
+    verdicts = []
     for label, path in deltas.items():
         swap_times = []
         for _ in range(args.repeats):
@@ -77,6 +78,9 @@ def main() -> None:
         fresh = timed(lambda: DeltaModel.from_pretrained(path, dtype=torch.bfloat16), args.repeats)
         print(f"| {label} | {min(swap_times):.2f} / {statistics.median(swap_times):.2f} | {floor[0]:.2f} | "
               f"{min(swap_times) / floor[0]:.2f}x | {fresh[0]:.2f} | {hf[0]:.2f} |")
+        verdicts.append(f"- {label}: swap {min(swap_times) / floor[0]:.2f}x the read+decode floor (target 2x: "
+                        f"{'met' if min(swap_times) / floor[0] <= 2 else 'missed'}), {min(swap_times) / fresh[0]:.2f}x a fresh load.")
+    print("\n" + "\n".join(verdicts))
     cache = model.delta_swapper.cache
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\nSwap machinery holds {len(cache)} opened deltas ({cache.nbytes / 1e6:.1f} MB of stored tensors, "
