@@ -22,6 +22,12 @@ _LAZY = {
     "compress": ".compressor",
     "Delta": ".delta",
     "DeltaModel": ".loaders",
+    "attach_deltas": ".loaders.onthefly",
+    "set_active_delta": ".loaders.onthefly",
+    "using_delta": ".loaders.onthefly",
+    "detach_deltas": ".loaders.onthefly",
+    "load_on_the_fly": ".loaders.onthefly",
+    "UnsupportedOnTheFlyError": ".loaders.onthefly",
 }
 
 
