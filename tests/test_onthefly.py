@@ -165,6 +165,14 @@ def test_a_delta_of_another_base_is_refused_and_the_model_is_untouched(family, t
     assert sorted(model.on_the_fly_deltas.adapters) == ["ok"] and torch.equal(logits(model), served)
 
 
+def test_verify_base_false_attaches_a_foreign_delta_with_a_warning(family, tmp_path):
+    write_delta(tmp_path / "foreign", family / "ft-sign", family / "ft-dare", dense)
+    model = base_model(family)
+    with pytest.warns(UserWarning, match="verify_base=False"):
+        attach_deltas(model, {"foreign": tmp_path / "foreign"}, verify_base=False)
+    assert sorted(model.on_the_fly_deltas.adapters) == ["foreign"]
+
+
 def test_a_model_loaded_in_a_narrower_dtype_is_checked_through_its_files(family):
     model = base_model(family, dtype=torch.bfloat16)
     with pytest.raises(BaseMismatchError, match="pass base=<the base checkpoint directory>"):

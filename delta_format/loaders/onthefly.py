@@ -109,7 +109,6 @@ class Factor:
         return self.tensors()[0].device
 
 
-
 def _alpha_times(values: torch.Tensor, alpha: float) -> torch.Tensor:
     """SPEC §9: ``round_c(round_c(alpha) * values)``, skipped for alpha 1 (exact)."""
     return values if alpha == 1.0 else values * alpha
@@ -356,14 +355,16 @@ class OnTheFlyDeltas:
     """What `attach_deltas` keeps on ``model.on_the_fly_deltas``: adapters by name, the active
     one, the modules it replaced, and the base values of the vectors it swaps."""
 
-    def __init__(self, model, base_fingerprint: dict | None, base_label: str = "given to attach_deltas"):
+    def __init__(self, model, base: Checkpoint | None = None):
         self.model = model
-        self.base_fingerprint = base_fingerprint
-        self.base_label = base_label
+        self.base = base
+        """The checkpoint the model was loaded from, when given; else the model's tensors are
+        fingerprinted."""
         self.active: str | None = None
         self.adapters: dict[str, Adapter] = {}
         self.replaced: dict[str, nn.Module] = {}  # module path -> the original module
         self.base_vectors: dict[str, torch.Tensor] = {}  # parameter name -> its base tensor
+        self._fingerprint: dict | None = None
 
     def set_active(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
@@ -380,8 +381,14 @@ class OnTheFlyDeltas:
     def check_base(self, delta: Delta) -> None:
         """`BaseMismatchError` unless ``delta`` was made against this model's base."""
         expected = delta.manifest.base.fingerprint
-        if expected is not None and self.base_fingerprint is not None:
-            check_fingerprint(expected, self.base_fingerprint, self.base_label)
+        if expected is None:
+            warnings.warn(f"{delta.directory} records no base fingerprint; its base cannot be verified", stacklevel=4)
+            return
+        if self._fingerprint is None:  # computed once, from the base values even while an adapter is active
+            self._fingerprint = (self.base.fingerprint() if self.base is not None
+                                 else _model_fingerprint(self.model, expected, self.base_vectors))
+        label = str(self.base.directory) if self.base is not None else "given to attach_deltas"
+        check_fingerprint(expected, self._fingerprint, label)
 
     @property
     def nbytes(self) -> int:
@@ -396,16 +403,18 @@ _WIDER = {torch.float64: {"F64", "F32", "F16", "BF16"}, torch.float32: {"F32", "
 """Stored float dtypes that a tensor of this dtype holds exactly (and casts back bit for bit)."""
 
 
-def _model_fingerprint(model, recorded: Mapping[str, Any]) -> dict:
-    """The fingerprint of the base held by ``model`` as it would be saved (tied copies left out),
-    each tensor cast back to the dtype the recorded fingerprint names, which is exact where the
-    model holds a wider dtype; a narrower one cannot be checked from memory."""
+def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping[str, torch.Tensor]) -> dict:
+    """The fingerprint of the base held by ``model`` as it would be saved (tied copies left out,
+    swapped vectors at their base values), each tensor cast back to the dtype the recorded
+    fingerprint names, which is exact where the model holds a wider dtype; a narrower one cannot be
+    checked from memory."""
     tied = _tied_names(model)
     want = recorded["tensors"]
     state = {}
     for name, tensor in model.state_dict().items():
         if name in tied:
             continue
+        tensor = base_vectors.get(name, tensor)
         stored = want.get(name, {}).get("dtype")
         if not tensor.is_floating_point() or stored not in SAFETENSORS_DTYPES:
             state[name] = tensor
@@ -438,10 +447,11 @@ def _open(delta: Delta | str | os.PathLike, resolve_kwargs: Mapping[str, Any]) -
     return DeltaModel.load_delta(delta, **resolve_kwargs)
 
 
-def _plan(model, deltas: OnTheFlyDeltas, name: str, delta: Delta, alpha: float, owners) -> tuple[Adapter, set[str]]:
+def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, verify: bool) -> tuple[Adapter, set[str]]:
     """An `Adapter` built from ``delta`` (factors decoded, vectors rebuilt) and the module paths to
     adopt; nothing in the model changes here, so any error leaves it as it was."""
-    deltas.check_base(delta)
+    if verify:
+        deltas.check_base(delta)
     state = model.state_dict(keep_vars=True)
     adapter, adopt = Adapter(delta, alpha), set()
     done: dict[int, str] = {}
@@ -462,7 +472,7 @@ def _plan(model, deltas: OnTheFlyDeltas, name: str, delta: Delta, alpha: float, 
             continue
         holders = owners.get(id(tensor), [])
         bad = [(p, type(m).__name__, a) for p, m, a in holders if a != "weight" or type(m) not in _ADOPT
-               or getattr(m, "max_norm", None) is not None]
+               or getattr(m, "max_norm", None) is not None or not p]  # not p: the model itself
         if bad or not holders:
             path, kind, attr = bad[0] if bad else (pname, "no module", "")
             raise UnsupportedOnTheFlyError(
@@ -491,8 +501,9 @@ def attach_deltas(
         model: the base, a transformers (or any torch) model, already on its device(s).
         deltas: ``{adapter name: delta}``, each a `Delta`, a directory or a Hub repo id.
         alpha: multiplier of every stored coefficient, one for all or ``{name: alpha}``.
-        base: the checkpoint ``model`` was loaded from; its files are fingerprinted instead of the
-            model's tensors (needed when the model was loaded in a narrower dtype than stored).
+        base: the checkpoint ``model`` was loaded from (read on the first attach); its files are
+            fingerprinted instead of the model's tensors (needed when the model was loaded in a
+            narrower dtype than stored).
         verify_base: check each delta's base fingerprint (on by default).
         **resolve_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for
             `DeltaModel.load_delta`.
@@ -512,27 +523,18 @@ def attach_deltas(
         raise InvalidArgumentError("on-the-fly delta names must be new, non-empty strings",
                                    expected="names not attached yet", found=clash or sorted(map(repr, deltas)) or "none",
                                    fix="detach_deltas(model, [name]) first to replace one")
-    alphas = dict(alpha) if isinstance(alpha, Mapping) else {n: 1.0 if alpha is None else float(alpha) for n in deltas}
+    alphas = ({n: float(a) for n, a in alpha.items()} if isinstance(alpha, Mapping)
+              else {n: 1.0 if alpha is None else float(alpha) for n in deltas})
     if set(alphas) - set(deltas):
         raise InvalidArgumentError("alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alphas) - set(deltas)))
     opened = {n: _open(d, resolve_kwargs) for n, d in deltas.items()}
+    if not verify_base:
+        warnings.warn("verify_base=False: the deltas are not checked against the model's base; "
+                      "a wrong base gives wrong outputs silently", stacklevel=2)
     if registry is None:
-        recorded = next((d.manifest.base.fingerprint for d in opened.values() if d.manifest.base.fingerprint), None)
-        if not verify_base:
-            warnings.warn("verify_base=False: the deltas are not checked against the model's base; "
-                          "a wrong base gives wrong outputs silently", stacklevel=2)
-            fingerprint = None
-        elif base is not None:
-            base = base if isinstance(base, Checkpoint) else Checkpoint(base)
-            fingerprint = base.fingerprint()
-        else:
-            fingerprint = _model_fingerprint(model, recorded) if recorded else None
-        registry = OnTheFlyDeltas(model, fingerprint, *([str(base.directory)] if base is not None else []))
-    if verify_base and any(d.manifest.base.fingerprint is None for d in opened.values()):
-        warnings.warn("a delta records no base fingerprint; its base cannot be verified", stacklevel=2)
-
+        registry = OnTheFlyDeltas(model, base if base is None or isinstance(base, Checkpoint) else Checkpoint(base))
     owners = _owners(model)
-    plans = {n: _plan(model, registry, n, d, alphas.get(n, 1.0), owners) for n, d in opened.items()}
+    plans = {n: _plan(model, registry, d, alphas.get(n, 1.0), owners, verify_base) for n, d in opened.items()}
 
     # Nothing has changed so far; from here on nothing can fail on the deltas' account.
     modules = dict(model.named_modules(remove_duplicate=False))
