@@ -27,7 +27,6 @@ _LAZY = {
     "using_delta": ".loaders.onthefly",
     "detach_deltas": ".loaders.onthefly",
     "load_on_the_fly": ".loaders.onthefly",
-    "UnsupportedOnTheFlyError": ".loaders.onthefly",
 }
 
 

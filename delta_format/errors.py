@@ -63,6 +63,12 @@ class InvalidArgumentError(DeltaFormatError):
     """A function or CLI argument is out of range or inconsistent with the others."""
 
 
+class UnsupportedOnTheFlyError(InvalidArgumentError):
+    """A delta edits a parameter in a way that cannot be applied on the fly (a ``replace`` of a
+    matrix, a matrix of a module other than ``nn.Linear``/``nn.Embedding``); it can still be
+    loaded materialised with `DeltaModel.from_pretrained` or ``swap_delta``."""
+
+
 class ResolutionError(DeltaFormatError):
     """A delta or base could not be found locally or on the Hub."""
 
@@ -78,5 +84,6 @@ __all__ = [
     "NumericalError",
     "OutputExistsError",
     "InvalidArgumentError",
+    "UnsupportedOnTheFlyError",
     "ResolutionError",
 ]

@@ -50,7 +50,7 @@ from ..delta import Delta
 from ..encodings import SAFETENSORS_DTYPES, TORCH_DTYPES, DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
 from ..encodings import compute_dtype, dtype_name
 from ..encodings.base import require_finite
-from ..errors import BaseMismatchError, InvalidArgumentError
+from ..errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheFlyError
 from ..fingerprint import check_fingerprint, fingerprint_state_dict
 from ..reconstruct import reconstruct_stored
 from .materialize import _tied_names
@@ -63,12 +63,6 @@ at 1 token, tie near 16, and cost 2x the merge at 1024 tokens, where the merge c
 
 ON_THE_FLY_ENCODINGS = ("sign", "sparse", "lowrank", "dense")
 """Encodings a matrix may have to be applied on the fly (vectors may have any)."""
-
-
-class UnsupportedOnTheFlyError(InvalidArgumentError):
-    """A delta edits a parameter in a way that cannot be applied on the fly (a ``replace`` of a
-    matrix, a matrix of a module other than ``nn.Linear``/``nn.Embedding``); it can still be
-    loaded materialised with `DeltaModel.from_pretrained` or ``swap_delta``."""
 
 
 _MATERIALISE_FIX = "serve this fine-tune materialised: DeltaModel.from_pretrained(...) or model.swap_delta(...)"
