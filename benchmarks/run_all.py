@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("load_time.py", ["--scale", "0.5B", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
     ("decode.py", [], ["--rows", "512", "--cols", "512", "--repeats", "2"]),
     ("swap.py", ["--scale", "160M", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
+    ("onthefly.py", [], ["--scale", "tiny", "--repeats", "1"]),
     ("compress_memory.py", [], ["--skip-throughput"]),
     ("fidelity.py", [], ["--quick"]),
     ("fuzz_deltas.py", ["--cases", "20000"], ["--cases", "500"]),
