@@ -28,6 +28,9 @@ BENCHMARKS = [
 ]
 
 
+HAND_WRITTEN = "<!-- hand-written analysis below: run_all.py keeps it; update it when the numbers change -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the scripts run")
@@ -41,6 +44,9 @@ def main() -> None:
         result = subprocess.run(command, capture_output=True, text=True)
         body = result.stdout.strip() if result.returncode == 0 else f"FAILED ({result.returncode}):\n\n```\n{result.stderr[-2000:]}\n```"
         sections.append(body + "\n")
+    kept = args.output.read_text().partition(HAND_WRITTEN)[2] if args.output.is_file() else ""
+    if kept:  # the analysis below the marker is written by people, from these numbers: kept, to be re-read
+        sections.append(HAND_WRITTEN + kept)
     args.output.write_text("\n".join(sections))
     print("wrote", args.output)
 
