@@ -731,7 +731,7 @@ def _edit_one(name: str, method: EditMethod, base_src, ft_src, context_for: _Con
     entry = TensorEntry(edit.encoding, tuple(delta.shape), dtype, alpha, {"method": method.name, **edit.stats})
     decoded = None
     if session is not None or not edit.lossless:  # measured on what was stored: decoded as a reader will
-        decoded = edit.encoding.decode(edit.stored, tuple(delta.shape), name, delta.dtype)
+        decoded = edit.decode(tuple(delta.shape), name, delta.dtype)
     if session is not None:
         _measure_on_model(name, entry, decoded, delta, context, session, totals)
     error_sq = 0.0

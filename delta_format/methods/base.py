@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
-from ..encodings import Encoding
+from ..encodings import Encoding, SparseEncoding
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -37,6 +37,20 @@ class Edit:
     stats: dict[str, Any] = field(default_factory=dict)
     lossless: bool = False
     """True when the reconstruction is bit-identical to the fine-tune (checked, not assumed)."""
+    positions: torch.Tensor | None = None
+    """A sparse edit's kept flat positions (ascending), when the method has them at hand."""
+
+    def decode(self, shape: tuple[int, ...], name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The edited delta as a reader decodes it from ``stored``. A sparse edit that knows its
+        positions scatters its values there, as `SparseEncoding.decode` does after re-deriving
+        them from the index coding (regenerating a seeded mask, walking gaps or bits), which the
+        compressor's error measurement need not pay for a second time."""
+        if self.positions is None or not isinstance(self.encoding, SparseEncoding):
+            return self.encoding.decode(self.stored, shape, name, dtype)
+        values = self.stored["values"]
+        out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
+        out[self.positions] = self.encoding._scaled(values, dtype)
+        return out.view(shape)
 
 
 @dataclass

@@ -23,8 +23,10 @@ from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positi
 def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float) -> Edit:
     """Keep the seeded mask's entries of ``delta`` (values stored raw) with rescale ``scale``."""
     encoding = SparseEncoding(INDEX_SEEDED, scale=scale, seed=context.seed, p=p)
-    stored = encoding.encode(delta, name, dtype=context.value_dtype)
-    return Edit(encoding, stored, {"kept": int(stored["values"].numel()), "rescale": scale})
+    # What encoding.encode stores, with the positions kept for measuring the error (generated once).
+    positions = encoding.positions(delta.numel(), name, delta.device)
+    stored = {"values": delta.reshape(-1)[positions].to(context.value_dtype).contiguous()}
+    return Edit(encoding, stored, {"kept": int(positions.numel()), "rescale": scale}, positions=positions)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor
     coding = min(costs, key=costs.get)
     encoding = SparseEncoding(coding, scale=scale)
     stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
-    return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding})
+    return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding}, positions=positions)
 
 
 @dataclass
