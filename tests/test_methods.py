@@ -232,6 +232,23 @@ def test_sampled_kth_largest_is_exact_on_large_tensors_with_ties(k):
     assert torch.equal(kth_largest(values, k), values.kthvalue(values.numel() - k + 1).values)
 
 
+@pytest.mark.parametrize("kind", ["continuous", "rounded", "mostly_zero", "some_zero"])
+@pytest.mark.parametrize("fraction", [0.001, 0.1, 0.5, 0.97])
+def test_top_positions_on_large_tensors_equals_a_stable_sort(kind, fraction):
+    # The large-tensor paths (sampled bracket, candidates above it, ties at its low end) must pick
+    # exactly what a stable descending sort picks: the k largest, ties broken by position.
+    g = torch.Generator().manual_seed(len(kind))
+    n = 400_000
+    scores = torch.randn(n, generator=g).abs()
+    if kind == "rounded":
+        scores = (scores * 4).round()
+    elif kind != "continuous":
+        scores *= torch.rand(n, generator=g) < (0.1 if kind == "mostly_zero" else 0.9)
+    k = round(fraction * n)
+    expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+    assert torch.equal(top_positions(scores, k), expected)
+
+
 @pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
 def test_magnitude_keeps_the_largest_entries_exactly_with_the_cheaper_index_coding(p):
     delta = rows_delta(128, 128)

@@ -20,62 +20,141 @@ from typing import ClassVar
 
 import torch
 
+from ..bits import packed_length
+from ..constants import INDEX_BITMASK
 from ..encodings import SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count
 
 
-_SAMPLE = 1 << 18
+_SAMPLE = 1 << 16
+"""Entries sampled (strided) to bracket a k-th largest value."""
+_DIRECT = 1 << 17
+"""Up to this many entries one ``kthvalue`` over all of them is as cheap as bracketing."""
 
 
-def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact ``k``-th largest value of a 1-D tensor (``1 <= k <= n``).
-
-    Large tensors first bracket it between two quantiles of a strided sample (with a margin of
-    several binomial standard deviations), count what lies above the bracket, and select inside
-    it: two vectorised comparisons and a small ``kthvalue`` instead of a single-threaded
-    quickselect over everything. If the bracket misses (it practically never does), the plain
-    ``kthvalue`` decides.
-    """
+def _bracket(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two values ``lo <= hi`` that enclose the ``k``-th largest of ``flat`` with high
+    probability: quantiles of a strided sample, widened by several binomial standard deviations
+    (``-inf`` / ``inf`` where that runs off the sample). Callers check that they do."""
     n = flat.numel()
-    if n <= 4 * _SAMPLE:
-        return flat.kthvalue(n - k + 1).values
-    sample = flat[:: n // _SAMPLE].sort().values
+    sample = flat[:: max(n // _SAMPLE, 1)].contiguous()
     m = sample.numel()
     rank = (n - k + 1) / n  # ascending fraction of the target
     margin = 6 * math.sqrt(rank * (1 - rank) / m) + 2 / m
     lo_i, hi_i = math.floor((rank - margin) * m), math.ceil((rank + margin) * m)
-    lo = sample[lo_i] if lo_i >= 0 else flat.new_tensor(-math.inf)
-    hi = sample[hi_i] if hi_i < m else flat.new_tensor(math.inf)
-    need = k - int((flat > hi).sum())
-    if need > 0:
-        band = flat[(flat >= lo) & (flat <= hi)]
-        if need <= band.numel():
-            return band.kthvalue(band.numel() - need + 1).values
+    lo = sample.kthvalue(lo_i + 1).values if lo_i >= 0 else flat.new_tensor(-math.inf)
+    hi = sample.kthvalue(hi_i + 1).values if hi_i < m else flat.new_tensor(math.inf)
+    return lo, hi
+
+
+def _kth_in_bracket(values: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor | None:
+    """The ``k``-th largest of ``values`` if it lies in ``[lo, hi]`` (a small ``kthvalue`` over
+    what lies there), else None."""
+    need = k - int(torch.count_nonzero(values > hi))
+    if need <= 0:
+        return None
+    band = values[(values >= lo) & (values <= hi)]
+    if need > band.numel():
+        return None
+    return band.kthvalue(band.numel() - need + 1).values
+
+
+def _has_nan(flat: torch.Tensor) -> bool:
+    return bool(torch.isnan(flat.max()))  # NaN propagates through max
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th largest value of a 1-D tensor (``1 <= k <= n``; NaN counts as the
+    largest, as in ``kthvalue``).
+
+    Large tensors first bracket it between two quantiles of a strided sample (`_bracket`),
+    count what lies above the bracket, and select inside it: vectorised comparisons and a small
+    ``kthvalue`` instead of a single-threaded quickselect over everything. If the bracket misses
+    (it practically never does), the plain ``kthvalue`` decides.
+    """
+    n = flat.numel()
+    if n > _DIRECT and not _has_nan(flat):
+        found = _kth_in_bracket(flat, k, *_bracket(flat, k))
+        if found is not None:
+            return found
     return flat.kthvalue(n - k + 1).values
 
 
+def _end_of_first(flags: torch.Tensor, count: int, block: int = 1 << 18) -> int:
+    """The position just past the ``count``-th True of a 1-D bool tensor (``1 <= count <=`` its
+    number of Trues), counted block by block rather than by listing every True."""
+    start = 0
+    while True:
+        inside = flags[start : start + block]
+        found = int(torch.count_nonzero(inside))
+        if found >= count:
+            return start + int(inside.nonzero()[count - 1]) + 1
+        count -= found
+        start += block
+
+
+def _keep_top(values: torch.Tensor, k: int, threshold: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``k`` entries to keep given the ``k``-th largest value: everything above
+    it, then the first of those equal to it."""
+    keep = values > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        ties = values == threshold
+        end = _end_of_first(ties, missing)
+        keep[:end] |= ties[:end]
+    return keep
+
+
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat positions of the ``k`` largest scores (ties broken by position): a threshold
-    (`kth_largest`) and one comparison, O(n) and several times faster than ``torch.topk``."""
+    """Sorted flat positions of the ``k`` largest scores (ties broken by position): O(n) and
+    several times faster than ``torch.topk``.
+
+    Large tensors first bracket the ``k``-th largest score (`_bracket`). If more than ``k``
+    scores exceed the bracket's low end ``lo``, the ``k`` largest are among them: their positions
+    (a little more than ``k``) are all that is examined further. Otherwise the ``k``-th largest
+    is ``lo`` itself when enough scores equal it, which is the case of a delta with many exact
+    zeros: everything above ``lo`` is kept, then the first ties. Small tensors, or a bracket that
+    misses, take a threshold (`kth_largest`) and one comparison.
+    """
     flat = scores.reshape(-1)
     n = flat.numel()
     if k >= n:
         return torch.arange(n)
     if k <= 0:
         return torch.empty(0, dtype=torch.int64)
-    threshold = kth_largest(flat, k)
-    keep = flat > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        keep[(flat == threshold).nonzero().view(-1)[:missing]] = True
-    return keep.nonzero().view(-1)
+    if n > _DIRECT and not _has_nan(flat):
+        lo, hi = _bracket(flat, k)
+        above = flat > lo
+        count = int(torch.count_nonzero(above))
+        if count >= k:
+            candidates = above.nonzero().view(-1)
+            del above
+            values = flat[candidates]
+            threshold = _kth_in_bracket(values, k, lo, hi)
+            if threshold is None:
+                threshold = kth_largest(values, k)
+            return candidates[_keep_top(values, k, threshold)]
+        ties = flat == lo
+        if count + int(torch.count_nonzero(ties)) >= k:  # the k-th largest is lo
+            end = _end_of_first(ties, k - count)
+            above[:end] |= ties[:end]
+            return above.nonzero().view(-1)
+    return _keep_top(flat, k, kth_largest(flat, k)).nonzero().view(-1)
+
+
+def cheaper_index_coding(positions: torch.Tensor, numel: int) -> str:
+    """The explicit index coding with fewer bytes for these positions (gaps on a tie). Gaps take
+    at least a byte per kept entry, so a smaller bitmask wins without building them."""
+    if packed_length(numel) < positions.numel():
+        return INDEX_BITMASK
+    costs = index_coding_bytes(positions, numel)
+    return min(costs, key=costs.get)
 
 
 def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor, context: TensorContext,
                          scale: float = 1.0) -> Edit:
     """Store ``delta`` at ``positions`` with the cheaper explicit index coding."""
-    costs = index_coding_bytes(positions, delta.numel())
-    coding = min(costs, key=costs.get)
+    coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
     stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
     return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding}, positions=positions)
