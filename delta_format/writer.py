@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +26,7 @@ from . import __version__
 from .constants import (
     MANIFEST_NAME, SHARD_NAME_TEMPLATE, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
 )
-from .encodings import dtype_name
+from .encodings import SAFETENSORS_DTYPES, dtype_name
 from .errors import CorruptDeltaError, InvalidArgumentError, NumericalError, OutputExistsError
 from .manifest import BaseReference, Manifest, TensorEntry
 
@@ -58,6 +60,65 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     which writes a bool per element."""
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+_SHARD_METADATA = {"format": "pt"}
+_SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
+"""How safetensors lays tensors out in a file: by dtype in this order, then by name."""
+
+
+def _expected_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[torch.Tensor], int] | None:
+    """(header bytes, tensors in file order, file size) that ``save_file`` is expected to write."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the dtypes a delta stores
+    dtypes = {key: names.get(tensor.dtype) for key, tensor in tensors.items()}
+    if not all(d in _SAFETENSORS_ORDER for d in dtypes.values()):
+        return None
+    header: dict[str, Any] = {"__metadata__": _SHARD_METADATA}
+    ordered, offset = [], 0
+    for key in sorted(tensors, key=lambda k: (_SAFETENSORS_ORDER.index(dtypes[k]), k)):
+        tensor = tensors[key]
+        end = offset + tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": dtypes[key], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        ordered.append(tensor)
+        offset = end
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, ordered, 8 + len(text) + offset
+
+
+def _save_hashed(tensors: Mapping[str, torch.Tensor], path: Path) -> str | None:
+    """``save_file(tensors, path)``, and the hex SHA-256 of the file it wrote, or None if unknown.
+
+    The hash is computed from the tensors in memory while the file is being written (both
+    release the GIL), rather than by reading the file back afterwards; it covers the header
+    safetensors is expected to write (`_expected_layout`), so it counts only if the file starts
+    with exactly that header and has the expected size (else None: hash the file).
+    """
+    layout = _expected_layout(tensors)
+    if layout is None:
+        save_file(dict(tensors), str(path), metadata=_SHARD_METADATA)
+        return None
+    prefix, ordered, size = layout
+    digest, failed = hashlib.sha256(prefix), []
+
+    def hash_tensors() -> None:
+        try:
+            for tensor in ordered:
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        except Exception as exc:  # pragma: no cover - then the file is hashed instead
+            failed.append(exc)
+
+    worker = threading.Thread(target=hash_tensors, name="delta-format-sha256", daemon=True)
+    worker.start()
+    try:
+        save_file(dict(tensors), str(path), metadata=_SHARD_METADATA)
+    finally:
+        worker.join()
+    with open(path, "rb") as f:
+        written = f.read(len(prefix))
+    if failed or written != prefix or path.stat().st_size != size:
+        return None
+    return digest.hexdigest()
 
 
 def stored_key(name: str, role: str) -> str:
@@ -143,6 +204,7 @@ class DeltaWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self._sha256: dict[str, str | None] = {}  # temporary file name -> hash computed while writing it
         self._closed = False
 
     @property
@@ -185,7 +247,7 @@ class DeltaWriter:
         if not self._pending:
             return
         temp_name = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self._staging.path / temp_name), metadata={"format": "pt"})
+        self._sha256[temp_name] = _save_hashed(self._pending, self._staging.path / temp_name)
         self._shards.append((temp_name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -195,24 +257,27 @@ class DeltaWriter:
             return self.manifest
         self._flush()
         if not self._shards:  # an empty delta (identical models) is still a valid delta
-            save_file({}, str(self._staging.path / "shard-00000.tmp"), metadata={"format": "pt"})
+            self._sha256["shard-00000.tmp"] = _save_hashed({}, self._staging.path / "shard-00000.tmp")
             self._shards.append(("shard-00000.tmp", []))
         staging = self._staging.path
+        known: dict[str, str | None] = {}  # final file name -> its hash, if computed while writing
         if len(self._shards) == 1:
             os.replace(staging / self._shards[0][0], staging / WEIGHTS_NAME)
+            known[WEIGHTS_NAME] = self._sha256.get(self._shards[0][0])
         else:
             weight_map, total = {}, 0
             for i, (temp_name, keys) in enumerate(self._shards):
                 final = SHARD_NAME_TEMPLATE.format(index=i + 1, total=len(self._shards))
                 total += (staging / temp_name).stat().st_size
                 os.replace(staging / temp_name, staging / final)
+                known[final] = self._sha256.get(temp_name)
                 weight_map.update({key: final for key in keys})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if stats:
             self.manifest.stats = dict(stats)
         self.manifest.files = {
-            p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            p.name: {"size": p.stat().st_size, "sha256": known.get(p.name) or file_sha256(p)}
             for p in sorted(staging.glob("*.safetensors"))
         }
         (staging / MANIFEST_NAME).write_text(self.manifest.to_json())

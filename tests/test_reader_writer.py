@@ -133,6 +133,20 @@ def test_a_delta_that_fits_is_one_file_without_index(delta):
     assert manifest(delta)["files"] == {"delta.safetensors": {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
 
 
+@pytest.mark.parametrize("tensors", [
+    {},
+    {"w:values": torch.randn(9).to(torch.bfloat16), "w:gaps": torch.arange(9, dtype=torch.uint8), "v:mask": torch.ones(3, dtype=torch.uint8),
+     "b:delta": torch.randn(3, 4), "é\"q\\\n:value": torch.zeros(0), "h:value": torch.randn(5).half(), "g:value": torch.randn(2).double(),
+     "u:gaps": torch.arange(4).to(torch.uint16), "i:gaps": torch.arange(4, dtype=torch.int32), "l:gaps": torch.arange(3, dtype=torch.int64)},
+])
+def test_shards_are_hashed_while_written_with_the_bytes_safetensors_writes(tmp_path, tensors):
+    from delta_format.writer import _save_hashed, file_sha256
+
+    # The hash comes from memory, for the header safetensors is expected to write; it must be
+    # computed (not left to the file-reading fallback) and equal the file's.
+    assert _save_hashed(tensors, tmp_path / "s.safetensors") == file_sha256(tmp_path / "s.safetensors")
+
+
 def test_small_shard_size_writes_several_shards_and_an_index(tmp_path):
     out = tmp_path / "delta"
     content = write(out, max_shard_size=300)
