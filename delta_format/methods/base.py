@@ -37,20 +37,32 @@ class Edit:
     stats: dict[str, Any] = field(default_factory=dict)
     lossless: bool = False
     """True when the reconstruction is bit-identical to the fine-tune (checked, not assumed)."""
-    positions: torch.Tensor | None = None
-    """A sparse edit's kept flat positions (ascending), when the method has them at hand."""
+    decoder: Callable[[torch.dtype], torch.Tensor] | None = None
+    """Builds what a reader decodes from ``stored`` (flat, in a given dtype), where the method
+    can do it more cheaply than the encoding: a sparse edit knows where its values go, which
+    `SparseEncoding.decode` re-derives from the index coding (regenerating a seeded mask,
+    walking gaps or bits)."""
 
     def decode(self, shape: tuple[int, ...], name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The edited delta as a reader decodes it from ``stored``. A sparse edit that knows its
-        positions scatters its values there, as `SparseEncoding.decode` does after re-deriving
-        them from the index coding (regenerating a seeded mask, walking gaps or bits), which the
-        compressor's error measurement need not pay for a second time."""
-        if self.positions is None or not isinstance(self.encoding, SparseEncoding):
+        """The edited delta as a reader decodes it from ``stored`` (what the compressor measures)."""
+        if self.decoder is None:
             return self.encoding.decode(self.stored, shape, name, dtype)
-        values = self.stored["values"]
-        out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
-        out[self.positions] = self.encoding._scaled(values, dtype)
-        return out.view(shape)
+        return self.decoder(dtype).view(shape)
+
+
+def scattered(encoding: SparseEncoding, values: torch.Tensor, shape: tuple[int, ...], where: Any,
+              laid_out: tuple[int, ...] = (-1,)) -> Callable[[torch.dtype], torch.Tensor]:
+    """Decoder of a sparse edit whose kept entries are known: zeros of ``shape`` with the scaled
+    stored ``values`` (viewed as ``laid_out``) at ``where`` (flat positions into a 1-D ``shape``,
+    or whole slices of a matrix, e.g. ``(rows,)`` or ``(slice(None), columns)``): what
+    `SparseEncoding.decode` gives, without re-deriving the positions."""
+
+    def decode(dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=dtype, device=values.device)
+        out[where] = encoding._scaled(values, dtype).view(laid_out)
+        return out.view(-1)
+
+    return decode
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from ..constants import INDEX_SEEDED
 from ..encodings import SparseEncoding
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive, scattered
 
 
 def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float) -> Edit:
@@ -26,7 +26,8 @@ def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float
     # What encoding.encode stores, with the positions kept for measuring the error (generated once).
     positions = encoding.positions(delta.numel(), name, delta.device)
     stored = {"values": delta.reshape(-1)[positions].to(context.value_dtype).contiguous()}
-    return Edit(encoding, stored, {"kept": int(positions.numel()), "rescale": scale}, positions=positions)
+    return Edit(encoding, stored, {"kept": int(positions.numel()), "rescale": scale},
+                decoder=scattered(encoding, stored["values"], (delta.numel(),), positions))
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from ..bits import packed_length
 from ..constants import INDEX_BITMASK
 from ..encodings import SparseEncoding, index_coding_bytes
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
 
 
 _SAMPLE = 1 << 16
@@ -157,7 +157,8 @@ def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor
     coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
     stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
-    return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding}, positions=positions)
+    return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding},
+                decoder=scattered(encoding, stored["values"], (delta.numel(),), positions))
 
 
 @dataclass

@@ -14,13 +14,17 @@ for a future minor version; the bytes of kept values would not change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..bits import pack_bits, packed_length
+from ..constants import INDEX_BITMASK
+from ..encodings import SparseEncoding
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
 from .magnitude import explicit_sparse_edit, top_positions
 
 AXES = ("row", "column")
@@ -54,10 +58,29 @@ class StructuralMethod(EditMethod):
         axis = self.axis if delta.dim() >= 2 else "row"
         if axis == "row":
             kept = top_positions(torch.linalg.vector_norm(matrix.float(), dim=1), kept_count(rows, self.p))
-            positions = (kept.unsqueeze(1) * cols + torch.arange(cols)).reshape(-1)
+            where, laid_out = (kept,), (kept.numel(), cols)
         else:
             kept = top_positions(torch.linalg.vector_norm(matrix.float(), dim=0), kept_count(cols, self.p))
-            positions = (torch.arange(rows).unsqueeze(1) * cols + kept.unsqueeze(0)).reshape(-1)
-        edit = explicit_sparse_edit(name, delta, positions, context)
+            where, laid_out = (slice(None), kept), (rows, kept.numel())
+        if packed_length(delta.numel()) < math.prod(laid_out):  # the bitmask wins (see cheaper_index_coding)
+            edit = _bitmask_of_slices(matrix, where, laid_out, context)
+        else:
+            if axis == "row":
+                positions = (kept.unsqueeze(1) * cols + torch.arange(cols)).reshape(-1)
+            else:
+                positions = (torch.arange(rows).unsqueeze(1) * cols + kept.unsqueeze(0)).reshape(-1)
+            edit = explicit_sparse_edit(name, delta, positions, context)
         edit.stats.update(axis=axis, kept_slices=int(kept.numel()))
         return edit
+
+
+def _bitmask_of_slices(matrix: torch.Tensor, where: tuple, laid_out: tuple[int, int], context: TensorContext) -> Edit:
+    """What `explicit_sparse_edit` stores with a bitmask for the entries of whole rows or columns
+    (``matrix[where]``), built from the slices rather than from a list of their flat positions."""
+    encoding = SparseEncoding(INDEX_BITMASK)
+    mask = torch.zeros(matrix.shape, dtype=torch.bool, device=matrix.device)
+    mask[where] = True
+    values = matrix[where].reshape(-1).to(context.value_dtype).contiguous()  # row-major, as positions ascend
+    return Edit(encoding, {"values": values, "mask": pack_bits(mask)},
+                {"kept": int(values.numel()), "index_coding": INDEX_BITMASK},
+                decoder=scattered(encoding, values, tuple(matrix.shape), where, laid_out))
