@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..bits import packed_length
+from ..bits import pack_bits, packed_length
 from ..constants import INDEX_BITMASK
 from ..encodings import SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
@@ -80,48 +80,50 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return flat.kthvalue(n - k + 1).values
 
 
-def _end_of_first(flags: torch.Tensor, count: int, block: int = 1 << 18) -> int:
-    """The position just past the ``count``-th True of a 1-D bool tensor (``1 <= count <=`` its
-    number of Trues), counted block by block rather than by listing every True."""
+def _end_of_first(values: torch.Tensor, value: torch.Tensor, count: int, block: int = 1 << 18) -> int | None:
+    """The position just past the ``count``-th entry of ``values`` equal to ``value`` (``count >=
+    1``), or None if there are fewer: compared block by block, so finding the first few ties
+    costs a few blocks, not a pass over everything."""
     start = 0
-    while True:
-        inside = flags[start : start + block]
-        found = int(torch.count_nonzero(inside))
+    while start < values.numel():
+        ties = values[start : start + block] == value
+        found = int(torch.count_nonzero(ties))
         if found >= count:
-            return start + int(inside.nonzero()[count - 1]) + 1
+            return start + int(ties.nonzero()[count - 1]) + 1
         count -= found
         start += block
+    return None
 
 
 def _keep_top(values: torch.Tensor, k: int, threshold: torch.Tensor) -> torch.Tensor:
     """Bool mask of the ``k`` entries to keep given the ``k``-th largest value: everything above
-    it, then the first of those equal to it."""
+    it, then the first of those equal to it (all of them if fewer, which only NaN scores cause)."""
     keep = values > threshold
     missing = k - int(torch.count_nonzero(keep))
     if missing > 0:
-        ties = values == threshold
-        end = _end_of_first(ties, missing)
-        keep[:end] |= ties[:end]
+        end = _end_of_first(values, threshold, missing) or values.numel()
+        keep[:end] |= values[:end] == threshold
     return keep
 
 
-def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat positions of the ``k`` largest scores (ties broken by position): O(n) and
-    several times faster than ``torch.topk``.
+def top_selection(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sorted flat positions of the ``k`` largest scores (ties broken by position), and the same
+    selection as a bool mask over all scores where one was built on the way (else None).
 
-    Large tensors first bracket the ``k``-th largest score (`_bracket`). If more than ``k``
-    scores exceed the bracket's low end ``lo``, the ``k`` largest are among them: their positions
-    (a little more than ``k``) are all that is examined further. Otherwise the ``k``-th largest
-    is ``lo`` itself when enough scores equal it, which is the case of a delta with many exact
-    zeros: everything above ``lo`` is kept, then the first ties. Small tensors, or a bracket that
-    misses, take a threshold (`kth_largest`) and one comparison.
+    O(n) and several times faster than ``torch.topk``. Large tensors first bracket the ``k``-th
+    largest score (`_bracket`). If more than ``k`` scores exceed the bracket's low end ``lo``,
+    the ``k`` largest are among them: their positions (a little more than ``k``) are all that is
+    examined further. Otherwise the ``k``-th largest is ``lo`` itself if enough scores equal it,
+    which is the case of a delta with many exact zeros: everything above ``lo`` is kept, then
+    the first ties. Small tensors, or a bracket that misses, take a threshold (`kth_largest`)
+    and one comparison.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
     if k >= n:
-        return torch.arange(n)
+        return torch.arange(n), None
     if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64), None
     if n > _DIRECT and not _has_nan(flat):
         lo, hi = _bracket(flat, k)
         above = flat > lo
@@ -133,13 +135,18 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
             threshold = _kth_in_bracket(values, k, lo, hi)
             if threshold is None:
                 threshold = kth_largest(values, k)
-            return candidates[_keep_top(values, k, threshold)]
-        ties = flat == lo
-        if count + int(torch.count_nonzero(ties)) >= k:  # the k-th largest is lo
-            end = _end_of_first(ties, k - count)
-            above[:end] |= ties[:end]
-            return above.nonzero().view(-1)
-    return _keep_top(flat, k, kth_largest(flat, k)).nonzero().view(-1)
+            return candidates[_keep_top(values, k, threshold)], None
+        end = _end_of_first(flat, lo, k - count)
+        if end is not None:  # the k-th largest is lo: keep what is above it, then the first ties
+            above[:end] |= flat[:end] == lo
+            return above.nonzero().view(-1), above
+    keep = _keep_top(flat, k, kth_largest(flat, k))
+    return keep.nonzero().view(-1), keep
+
+
+def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions of the ``k`` largest scores, ties broken by position (`top_selection`)."""
+    return top_selection(scores, k)[0]
 
 
 def cheaper_index_coding(positions: torch.Tensor, numel: int) -> str:
@@ -152,11 +159,16 @@ def cheaper_index_coding(positions: torch.Tensor, numel: int) -> str:
 
 
 def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor, context: TensorContext,
-                         scale: float = 1.0) -> Edit:
-    """Store ``delta`` at ``positions`` with the cheaper explicit index coding."""
+                         scale: float = 1.0, mask: torch.Tensor | None = None) -> Edit:
+    """Store ``delta`` at ``positions`` with the cheaper explicit index coding. ``mask``, the
+    same positions as a bool tensor of ``delta``'s size if the caller has it, spares the bitmask
+    coding building it again."""
     coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
-    stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
+    if coding == INDEX_BITMASK and mask is not None:  # what encode stores, from the mask at hand
+        stored = {"values": delta.reshape(-1)[positions].to(context.value_dtype).contiguous(), "mask": pack_bits(mask)}
+    else:
+        stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
     return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding},
                 decoder=scattered(encoding, stored["values"], (delta.numel(),), positions))
 
@@ -183,7 +195,8 @@ class MagnitudeMethod(EditMethod):
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         scores, criterion = self.scores(delta, context)
-        edit = explicit_sparse_edit(name, delta, top_positions(scores, kept_count(delta.numel(), self.p)), context)
+        positions, mask = top_selection(scores, kept_count(delta.numel(), self.p))
+        edit = explicit_sparse_edit(name, delta, positions, context, mask=mask)
         edit.stats["criterion"] = criterion
         return edit
 
