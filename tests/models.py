@@ -201,3 +201,15 @@ def logits(model, texts=CALIBRATION_TEXTS) -> torch.Tensor:
 def logit_mse(model, reference, texts=CALIBRATION_TEXTS) -> float:
     """Mean squared difference of the logits of two models on ``texts``."""
     return float(((logits(model, texts) - logits(reference, texts)) ** 2).mean())
+
+
+def fresh_memory(model):
+    """``model`` with every tensor moved to a new allocation. CPU kernels may round differently
+    depending on where a weight starts in memory (seen: oneDNN's small GEMMs, by address modulo
+    16 bytes), and transformers memory-maps safetensors at any 8-byte offset while fresh
+    allocations are 64-byte aligned; so the outputs of bit-identical weights are compared only
+    once both models hold them at the allocator's alignment."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return model

@@ -13,6 +13,7 @@ from delta_format.loaders.onthefly import (
     MERGE_MIN_TOKENS, DeltaEmbedding, DeltaLinear, UnsupportedOnTheFlyError, attach_deltas, detach_deltas,
     load_on_the_fly, set_active_delta, using_delta,
 )
+from tests.models import fresh_memory
 from tests.test_loader import LLAMA, dense, perturbed, write_delta
 from tests.test_swap import assert_equal_state, weights
 
@@ -51,7 +52,7 @@ def family(tmp_path_factory):
 
 
 def base_model(family, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(family / "base", **kwargs)
+    return fresh_memory(AutoModelForCausalLM.from_pretrained(family / "base", **kwargs))
 
 
 def logits(model, ids=BATCH):
@@ -70,7 +71,7 @@ def served(family):
 @pytest.mark.parametrize("name", ENCODINGS)
 @pytest.mark.parametrize("ids", [BATCH, FEW], ids=["batch", "few-tokens"])
 def test_on_the_fly_logits_match_the_materialised_finetune(family, served, name, ids):
-    reference = logits(DeltaModel.from_pretrained(family / name), ids)
+    reference = logits(fresh_memory(DeltaModel.from_pretrained(family / name)), ids)
     scale = float(reference.abs().max())
     set_active_delta(served, name)
     error = float((logits(served, ids) - reference).abs().max())
