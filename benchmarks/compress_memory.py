@@ -78,10 +78,10 @@ def child(method: str, base: str, ft: str, out: str, shard_size: str) -> None:
     from huggingface_hub import ModelCard  # noqa: F401
 
     import delta_format
-    import delta_format.card  # noqa: F401
-    import delta_format.compressor  # noqa: F401
-    import delta_format.delta  # noqa: F401
-    from delta_format.checkpoint import Checkpoint
+    import delta_format.io.card  # noqa: F401
+    import delta_format.compression.pipeline  # noqa: F401
+    import delta_format.io.delta  # noqa: F401
+    from delta_format.io.checkpoint import Checkpoint
 
     with PeakAnonSampler() as memory:
         start = time.perf_counter()

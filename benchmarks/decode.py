@@ -43,8 +43,8 @@ def encoded(rows: int, cols: int, device):
     """(label, encoding, stored) for each encoding, from one synthetic delta."""
     import torch
 
-    from delta_format.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
-    from delta_format.seeded_mask import kept_positions
+    from delta_format.core.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
+    from delta_format.core.seeded_mask import kept_positions
 
     delta = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 1e-3
     explicit = kept_positions(rows * cols, 0.9, 1, "w")  # the same 10 % for every sparse coding
@@ -67,8 +67,8 @@ def encoded(rows: int, cols: int, device):
 def run(device_name: str, rows: int, cols: int, repeats: int) -> None:
     import torch
 
-    from delta_format.manifest import TensorEntry
-    from delta_format.reconstruct import reconstruct_stored
+    from delta_format.core.manifest import TensorEntry
+    from delta_format.core.reconstruct import reconstruct_stored
 
     device = torch.device(device_name)
     base = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16).to(device)

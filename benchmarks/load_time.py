@@ -63,9 +63,9 @@ def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
     touched: the arithmetic of a delta load alone, without first-touch page faults."""
     import torch
 
-    from delta_format.checkpoint import Checkpoint
-    from delta_format.reader import DeltaReader
-    from delta_format.reconstruct import reconstruct_stored
+    from delta_format.io.checkpoint import Checkpoint
+    from delta_format.io.reader import DeltaReader
+    from delta_format.core.reconstruct import reconstruct_stored
 
     checkpoint, reader = Checkpoint(base), DeltaReader(delta)
     parts = {name: (reader.manifest.tensors[name], reader.stored(name, "cpu")) for name in reader}

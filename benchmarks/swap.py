@@ -38,7 +38,7 @@ def main() -> None:
     import delta_format
     from benchmarks.synthetic import build_pair, machine
     from delta_format import DeltaModel
-    from delta_format.reader import DeltaReader
+    from delta_format.io.reader import DeltaReader
 
     root = args.work / f"llama-{args.scale}"
     base, ft = build_pair(root, args.scale)

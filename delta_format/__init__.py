@@ -1,8 +1,15 @@
 """delta-format: publish a fine-tuned model as a compact, verifiable delta against its base.
 
-The format core (`encodings`, `manifest`, `reader`, `writer`, `fingerprint`) imports only torch,
-safetensors and the standard library; the loader and the Hub pieces import transformers,
-accelerate and huggingface_hub lazily, on first use.
+Layers, each a folder, imports pointing one way (see ``delta_format/README.md``):
+
+* ``core``: the format itself (spec constants, manifest, encodings, seeded mask, fingerprint,
+  reconstruction arithmetic); torch and the standard library only.
+* ``io``: bytes on disk and on the Hub (reader, writer, checkpoints, resolution, the `Delta`
+  object and its model card); adds safetensors and huggingface_hub.
+* ``methods``: the edit methods (DARE, BitDelta, low rank, ...); they know nothing about files.
+* ``compression``: the streaming compressor (sources, plan, pipeline, measurement, calibration).
+* ``loaders``: a delta on a base as a transformers model (materialised, swapped, on the fly),
+  apply and verify; imports transformers and accelerate lazily.
 """
 
 from __future__ import annotations
@@ -13,14 +20,14 @@ from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _error_names  # noqa: E402
 
 _LAZY = {
-    "DeltaReader": ".reader",
-    "DeltaWriter": ".writer",
-    "Manifest": ".manifest",
-    "TensorEntry": ".manifest",
-    "BaseReference": ".manifest",
-    "reconstruct": ".reconstruct",
-    "compress": ".compressor",
-    "Delta": ".delta",
+    "DeltaReader": ".io.reader",
+    "DeltaWriter": ".io.writer",
+    "Manifest": ".core.manifest",
+    "TensorEntry": ".core.manifest",
+    "BaseReference": ".core.manifest",
+    "reconstruct": ".core.reconstruct",
+    "compress": ".compression",
+    "Delta": ".io.delta",
     "DeltaModel": ".loaders",
     "attach_deltas": ".loaders.onthefly",
     "set_active_delta": ".loaders.onthefly",

@@ -174,7 +174,7 @@ def read_calibration_file(path: Path) -> list[str]:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compressor import compress
+    from .compression.pipeline import compress
 
     params: dict[str, Any] = {k: getattr(args, k) for k in _METHOD_FLAGS if getattr(args, k) is not None}
     texts = read_calibration_file(args.calibration_file) if args.calibration_file else None
@@ -220,8 +220,8 @@ def _encoding_label(entry) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_repo
-    from .reader import DeltaReader
+    from .io.checkpoint import resolve_repo
+    from .io.reader import DeltaReader
 
     directory, _ = resolve_repo(args.delta, revision=args.revision, token=args.token, what="delta")
     with DeltaReader(directory) as reader:
@@ -259,7 +259,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .apply import apply_delta
+    from .loaders.apply import apply_delta
 
     out = apply_delta(args.delta, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite,
                       alpha_scale=args.alpha_scale, revision=args.revision, base_revision=args.base_revision,
@@ -269,7 +269,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .apply import verify_delta
+    from .loaders.apply import verify_delta
 
     report = verify_delta(args.delta, base=args.base, revision=args.revision, base_revision=args.base_revision,
                           token=args.token)
@@ -280,7 +280,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .delta import Delta
+    from .io.delta import Delta
 
     url = Delta(args.delta).push_to_hub(args.repo_id, private=args.private or None, token=args.token,
                                         revision=args.revision, commit_message=args.commit_message,

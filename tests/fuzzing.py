@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from delta_format.encodings import (
+from delta_format.core.encodings import (
     DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
 )
 from delta_format.errors import DeltaFormatError
-from delta_format.manifest import BaseReference, TensorEntry
-from delta_format.reader import DeltaReader
-from delta_format.reconstruct import reconstruct
-from delta_format.writer import DeltaWriter
+from delta_format.core.manifest import BaseReference, TensorEntry
+from delta_format.io.reader import DeltaReader
+from delta_format.core.reconstruct import reconstruct
+from delta_format.io.writer import DeltaWriter
 
 JUNK_VALUES = [None, -1, 0, 2**70, 1e308, -0.5, "x", "../../etc/passwd", "/abs/path", [], {}, [2**40, 2**40],
                [1] * 20, {"a": 1}, True, "9.0", "1.999", "", "\u0000", "sparse", "seeded", 0.999999999]

@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from delta_format.delta import Delta
+from delta_format.io.delta import Delta
 from tests.test_loader import LLAMA, perturbed, sign_or_dense, write_delta
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "spec" / "model_card.schema.json").read_text())

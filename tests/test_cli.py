@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from delta_format.cli import build_parser, main
-from delta_format.reader import DeltaReader
+from delta_format.io.reader import DeltaReader
 from tests.models import CALIBRATION_TEXTS, byte_tokenizer, finetune_by_training, save, state_dict_on_disk, tiny_llama
 
 
@@ -175,7 +175,7 @@ def test_malformed_rules_and_q_are_usage_errors(pair, tmp_path):
 
 
 def test_push_hands_the_delta_to_delta_push_to_hub(pair, tmp_path, monkeypatch, capsys):
-    from delta_format.delta import Delta
+    from delta_format.io.delta import Delta
 
     calls = []
     monkeypatch.setattr(Delta, "push_to_hub", lambda self, repo_id, **kw: calls.append((self.directory, repo_id, kw))

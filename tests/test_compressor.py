@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 import delta_format
 from delta_format import InvalidArgumentError, OutputExistsError
-from delta_format.apply import apply_delta
+from delta_format.loaders.apply import apply_delta
 from delta_format.methods.dense import same_bits
-from delta_format.reader import DeltaReader
+from delta_format.io.reader import DeltaReader
 from tests.models import (
     CALIBRATION_TEXTS, byte_tokenizer, clone, encode, finetune_by_training, fresh_memory, save, state_dict_on_disk,
     structured_perturbation, tiny_gpt2, tiny_llama,
@@ -299,7 +299,7 @@ def test_an_existing_output_is_kept_unless_overwrite(trained, tmp_path):
 
 
 def test_the_manifest_pins_a_local_base_by_absolute_path_and_fingerprint(trained, tmp_path, monkeypatch):
-    from delta_format.checkpoint import Checkpoint
+    from delta_format.io.checkpoint import Checkpoint
 
     monkeypatch.chdir(trained["base"].parent)
     delta = compress("base", trained["ft"], tmp_path / "delta", method="sign")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from delta_format.encodings import DenseEncoding
-from delta_format.manifest import BaseReference, TensorEntry
-from delta_format.reader import DeltaReader
-from delta_format.reconstruct import reconstruct
-from delta_format.writer import DeltaWriter
+from delta_format.core.encodings import DenseEncoding
+from delta_format.core.manifest import BaseReference, TensorEntry
+from delta_format.io.reader import DeltaReader
+from delta_format.core.reconstruct import reconstruct
+from delta_format.io.writer import DeltaWriter
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}

@@ -12,13 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from delta_format.bits import count_bits, pack_bits, packed_length, unpack_bits
-from delta_format.encodings import (
+from delta_format.core.bits import count_bits, pack_bits, packed_length, unpack_bits
+from delta_format.core.encodings import (
     ENCODING_CLASSES, DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
     encoding_from_dict,
 )
 from delta_format.errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
-from delta_format.seeded_mask import kept_positions
+from delta_format.core.seeded_mask import kept_positions
 
 SETTINGS = settings(max_examples=40, deadline=None)
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from delta_format.errors import BaseMismatchError, ManifestError
-from delta_format.fingerprint import (
+from delta_format.core.fingerprint import (
     check_fingerprint, fingerprint_differences, fingerprint_safetensors, fingerprint_state_dict, sample_ranges,
     validate_fingerprint,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from delta_format import CorruptDeltaError, ManifestError
-from delta_format.reader import DeltaReader
+from delta_format.io.reader import DeltaReader
 from tests.models import save, structured_perturbation, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KILL_AFTER_THIRD_WRITE = """
 import os, signal, sys
 import safetensors.torch
-import delta_format, delta_format.writer, delta_format.apply
+import delta_format, delta_format.io.writer, delta_format.loaders.apply
 calls = [0]
 real = safetensors.torch.save_file
 def dying_save_file(*args, **kwargs):
@@ -27,8 +27,8 @@ def dying_save_file(*args, **kwargs):
     if calls[0] == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup handler can run
     return real(*args, **kwargs)
-delta_format.writer.save_file = dying_save_file
-delta_format.apply.save_file = dying_save_file
+delta_format.io.writer.save_file = dying_save_file
+delta_format.loaders.apply.save_file = dying_save_file
 {action}
 """
 
@@ -61,7 +61,7 @@ def test_apply_killed_mid_write_leaves_no_output_directory(pair, tmp_path):
 
     delta = delta_format.compress(pair / "base", pair / "ft", tmp_path / "delta", method="dense", progress=False)
     out = tmp_path / "full"
-    rc = run_killed(f"delta_format.apply.apply_delta({str(delta.directory)!r}, {str(out)!r}, max_shard_size=20_000)")
+    rc = run_killed(f"delta_format.loaders.apply.apply_delta({str(delta.directory)!r}, {str(out)!r}, max_shard_size=20_000)")
     assert rc == -9
     assert not out.exists()
 

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from delta_format import BaseMismatchError, DeltaModel, ResolutionError
-from delta_format.delta import Delta
+from delta_format.io.delta import Delta
 from tests.test_loader import LLAMA, dense, perturbed, sign_or_dense, write_delta
 
 pytestmark = pytest.mark.hub

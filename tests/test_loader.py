@@ -10,12 +10,12 @@ from transformers import (
 )
 
 from delta_format import BaseMismatchError, DeltaModel, ResolutionError
-from delta_format.checkpoint import Checkpoint
-from delta_format.encodings import DenseEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
-from delta_format.manifest import BaseReference, TensorEntry
-from delta_format.reader import DeltaReader
-from delta_format.reconstruct import reconstruct
-from delta_format.writer import DeltaWriter
+from delta_format.io.checkpoint import Checkpoint
+from delta_format.core.encodings import DenseEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
+from delta_format.core.manifest import BaseReference, TensorEntry
+from delta_format.io.reader import DeltaReader
+from delta_format.core.reconstruct import reconstruct
+from delta_format.io.writer import DeltaWriter
 from tests.models import fresh_memory
 
 LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

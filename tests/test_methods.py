@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from delta_format import InvalidArgumentError
-from delta_format.calibration import ActivationStats, mse_optimal_rescale
-from delta_format.encodings import index_coding_bytes
+from delta_format.methods.activations import ActivationStats
+from delta_format.methods.darex import mse_optimal_rescale
+from delta_format.core.encodings import index_coding_bytes
 from delta_format.methods import METHODS, TensorContext, get_method
 from delta_format.methods.dense import same_bits
 from delta_format.methods.magnitude import top_positions
-from delta_format.reconstruct import reconstruct
+from delta_format.core.reconstruct import reconstruct
 from delta_format.regularization import DeltaL2Callback, DeltaL2Regularizer
-from delta_format.seeded_mask import kept_positions
+from delta_format.core.seeded_mask import kept_positions
 from tests.models import TRAIN_TEXT, finetune_by_training, tiny_llama
 
 
@@ -93,7 +94,7 @@ def test_dense_falls_back_to_replace_where_no_delta_reconstructs_and_says_why():
 
 
 def _entry(edit, ft):
-    from delta_format.manifest import TensorEntry
+    from delta_format.core.manifest import TensorEntry
 
     return TensorEntry(edit.encoding, tuple(ft.shape), str(ft.dtype).removeprefix("torch."))
 

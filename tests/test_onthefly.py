@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 import delta_format
 from delta_format import BaseMismatchError, DeltaFormatError, DeltaModel
-from delta_format.encodings import ReplaceEncoding
+from delta_format.core.encodings import ReplaceEncoding
 from delta_format.loaders.onthefly import (
     MERGE_MIN_TOKENS, DeltaEmbedding, DeltaLinear, UnsupportedOnTheFlyError, attach_deltas, detach_deltas,
     load_on_the_fly, set_active_delta, using_delta,

@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from delta_format.encodings import DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
+from delta_format.core.encodings import DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
 from delta_format.errors import (
     BaseMismatchError, CorruptDeltaError, ManifestError, NumericalError, OutputExistsError, UnknownEncodingError,
     UnsafePathError, UnsupportedVersionError, InvalidArgumentError,
 )
-from delta_format.manifest import BaseReference, TensorEntry
-from delta_format.reader import DeltaReader
-from delta_format.reconstruct import reconstruct
-from delta_format.writer import DeltaWriter
+from delta_format.core.manifest import BaseReference, TensorEntry
+from delta_format.io.reader import DeltaReader
+from delta_format.core.reconstruct import reconstruct
+from delta_format.io.writer import DeltaWriter
 
 REF = BaseReference(repo_id="org/base", revision="0123456789abcdef0123456789abcdef01234567")
 
@@ -140,7 +140,7 @@ def test_a_delta_that_fits_is_one_file_without_index(delta):
      "u:gaps": torch.arange(4).to(torch.uint16), "i:gaps": torch.arange(4, dtype=torch.int32), "l:gaps": torch.arange(3, dtype=torch.int64)},
 ])
 def test_shards_are_hashed_while_written_with_the_bytes_safetensors_writes(tmp_path, tensors):
-    from delta_format.writer import _save_hashed, file_sha256
+    from delta_format.io.writer import _save_hashed, file_sha256
 
     # The hash comes from memory, for the header safetensors is expected to write; it must be
     # computed (not left to the file-reading fallback) and equal the file's.
@@ -431,7 +431,7 @@ def test_seeded_values_count_mismatch_is_refused(delta):
 
 
 def test_implausible_seeded_values_count_is_refused_before_generating(delta, monkeypatch):
-    import delta_format.encodings.sparse as sparse
+    import delta_format.core.encodings.sparse as sparse
 
     def never(*args, **kwargs):
         raise AssertionError("positions generated")

@@ -12,13 +12,13 @@ import importlib
 import pytest
 import torch
 
-from delta_format.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
-from delta_format.encodings import sparse as sparse_module
+from delta_format.core.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
+from delta_format.core.encodings import sparse as sparse_module
 from delta_format.errors import CorruptDeltaError
-from delta_format.manifest import TensorEntry
-from delta_format.reconstruct import reconstruct_stored
+from delta_format.core.manifest import TensorEntry
+from delta_format.core.reconstruct import reconstruct_stored
 
-reconstruct_module = importlib.import_module("delta_format.reconstruct")  # the package exports a function of that name
+reconstruct_module = importlib.import_module("delta_format.core.reconstruct")  # the package exports a function of that name
 
 SHAPE = (37, 11)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

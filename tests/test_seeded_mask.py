@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from delta_format import seeded_mask
+from delta_format.core import seeded_mask
 from delta_format.errors import InvalidArgumentError
 
 N = 200_000

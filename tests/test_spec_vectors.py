@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delta_format import seeded_mask
+from delta_format.core import seeded_mask
 from delta_format.errors import DeltaFormatError
-from delta_format.fingerprint import fingerprint_safetensors
-from delta_format.manifest import Manifest
-from delta_format.reader import DeltaReader
-from delta_format.reconstruct import reconstruct
+from delta_format.core.fingerprint import fingerprint_safetensors
+from delta_format.core.manifest import Manifest
+from delta_format.io.reader import DeltaReader
+from delta_format.core.reconstruct import reconstruct
 from tests import spec_reference as ref
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import base as base_checks
-from ..checkpoint import CHECKPOINT_PATTERNS, resolve_repo
-from ..delta import Delta
-from ..encodings import TORCH_DTYPES
+from . import base_model as base_checks
+from ..io.checkpoint import CHECKPOINT_PATTERNS, resolve_repo
+from ..io.delta import Delta
+from ..core.dtypes import parse_dtype
 from ..errors import BaseMismatchError, InvalidArgumentError
 from .materialize import materialize
 from .placement import device_lookup, resolve_device_map
@@ -24,14 +24,6 @@ from .swap import DeltaSwapper, attach_swapper
 
 DELTA_PATTERNS = CHECKPOINT_PATTERNS
 """A delta repo holds the same kinds of files as a checkpoint: configs, safetensors, tokenizer, card."""
-
-
-def _dtype(value) -> torch.dtype | None:
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return None if value == "auto" else value
-    if isinstance(value, str) and value.removeprefix("torch.") in TORCH_DTYPES:
-        return TORCH_DTYPES[value.removeprefix("torch.")]
-    raise InvalidArgumentError("unsupported dtype", expected=sorted(TORCH_DTYPES), found=repr(value))
 
 
 class DeltaModel:
@@ -129,7 +121,7 @@ class DeltaModel:
 
         config_dir = opened[0].directory if (opened[0].directory / "config.json").is_file() else base.directory
         config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code, **model_kwargs)
-        torch_dtype = _dtype(dtype) or _dtype(getattr(config, "dtype", None)) or torch.float32
+        torch_dtype = parse_dtype(dtype, allow_auto=True) or _config_dtype(config)
         model = build_skeleton(config, torch_dtype, trust_remote_code)
         device_map_resolved = resolve_device_map(model, device_map, torch_dtype, max_memory)
         materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(device_map_resolved))
@@ -143,6 +135,15 @@ class DeltaModel:
                                            lambda d, **kw: cls.load_delta(d, **{**hub, **kw})))
         return model
 
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype the fine-tune's config names (float32 when it names none), as transformers does."""
+    dtype = getattr(config, "dtype", None)
+    try:
+        return parse_dtype(dtype, what="config dtype", allow_auto=True) or torch.float32
+    except InvalidArgumentError:
+        return torch.float32  # e.g. an integer-quantised config: the skeleton decides
 
 
 def _finish(model, delta: Delta, base) -> None:

@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint
 from ..errors import BaseMismatchError, CorruptDeltaError
-from ..reader import DeltaReader
-from ..reconstruct import reconstruct_stored
+from ..io.reader import DeltaReader
+from ..core.reconstruct import reconstruct_stored
 
 
 def _tied_names(model) -> set[str]:

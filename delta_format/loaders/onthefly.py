@@ -44,15 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bits import check_packed, sign_table
-from ..checkpoint import Checkpoint
-from ..delta import Delta
-from ..encodings import SAFETENSORS_DTYPES, TORCH_DTYPES, DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
-from ..encodings import compute_dtype, dtype_name
-from ..encodings.base import require_finite
+from ..core.bits import check_packed, sign_table
+from ..io.checkpoint import Checkpoint
+from ..io.delta import Delta
+from ..core.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES, compute_dtype, holds_exactly, parse_dtype
+from ..core.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
+from ..core.encodings.base import require_finite
 from ..errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheFlyError
-from ..fingerprint import check_fingerprint, fingerprint_state_dict
-from ..reconstruct import reconstruct_stored
+from ..core.fingerprint import check_fingerprint, fingerprint_state_dict
+from ..core.reconstruct import reconstruct_stored
 from .materialize import _tied_names
 
 MERGE_MIN_TOKENS = 32
@@ -393,8 +393,6 @@ class OnTheFlyDeltas:
         return f"OnTheFlyDeltas(adapters={sorted(self.adapters)}, active={self.active!r})"
 
 
-_WIDER = {torch.float64: {"F64", "F32", "F16", "BF16"}, torch.float32: {"F32", "F16", "BF16"}}
-"""Stored float dtypes that a tensor of this dtype holds exactly (and casts back bit for bit)."""
 
 
 def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping[str, torch.Tensor]) -> dict:
@@ -413,7 +411,7 @@ def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping
         if not tensor.is_floating_point() or stored not in SAFETENSORS_DTYPES:
             state[name] = tensor
             continue
-        if stored not in _WIDER.get(tensor.dtype, {dtype_name(tensor.dtype)}):
+        if not holds_exactly(tensor.dtype, stored):
             raise BaseMismatchError(
                 f"the model holds {name!r} as {tensor.dtype}, which cannot be checked against the {stored} it was saved as",
                 expected=f"{stored} or a wider dtype", found=str(tensor.dtype),
@@ -621,8 +619,7 @@ def load_on_the_fly(
     attached on the fly; no adapter active. The base's files are fingerprinted (`attach_deltas`)."""
     from transformers import AutoConfig
 
-    from .. import base as base_checks
-    from .delta_model import _dtype
+    from . import base_model as base_checks
     from .skeleton import model_class_for
 
     hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -631,7 +628,7 @@ def load_on_the_fly(
         raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty mapping")
     checkpoint = base_checks.resolve_base(next(iter(opened.values())).manifest, base_model, base_revision, **hub)
     cls = model_class_for(AutoConfig.from_pretrained(checkpoint.directory))
-    model = cls.from_pretrained(checkpoint.directory, dtype=_dtype(dtype) or "auto")
+    model = cls.from_pretrained(checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto")
     if device is not None:
         model.to(device)
     attach_deltas(model.eval(), opened, alpha=alpha, base=checkpoint, verify_base=verify_base)

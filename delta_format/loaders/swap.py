@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..delta import Delta
+from ..io.checkpoint import Checkpoint
+from ..io.delta import Delta
 from ..errors import BaseMismatchError
-from ..fingerprint import fingerprint_differences
-from ..reconstruct import reconstruct_stored
+from ..core.fingerprint import fingerprint_differences
+from ..core.reconstruct import reconstruct_stored
 
 DEFAULT_CACHE_BYTES = 1 << 30
 

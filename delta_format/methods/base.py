@@ -2,7 +2,7 @@
 
 A method turns one parameter's delta into an `Edit`: an encoding (SPEC §5), the stored tensors by
 role, and a few statistics worth recording. It knows nothing about files, shards or the Hub; the
-compressor (`delta_format.compressor`) reads the checkpoints, calls the method and writes the
+compressor (`delta_format.compression.pipeline`) reads the checkpoints, calls the method and writes the
 result. What a method may need beyond the delta (its seed, the dtype to store values in, the
 base and fine-tune tensors for a lossless check, activation statistics from calibration texts)
 comes in a `TensorContext`.
@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
-from ..encodings import Encoding, SparseEncoding
+from ..core.encodings import Encoding, SparseEncoding
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ..calibration import ActivationStats, Calibration
+    from ..compression.calibration import Calibration
+    from .activations import ActivationStats
 
 
 @dataclass

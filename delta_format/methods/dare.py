@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from ..constants import INDEX_SEEDED
-from ..encodings import SparseEncoding
+from ..core.constants import INDEX_SEEDED
+from ..core.encodings import SparseEncoding
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive, scattered
 
 

@@ -29,17 +29,28 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..calibration import mse_optimal_rescale
-from ..constants import INDEX_SEEDED
-from ..encodings import SparseEncoding
+from ..core.constants import INDEX_SEEDED
+from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_drop_rate, check_positive
 from .dare import seeded_edit
 
 if TYPE_CHECKING:
-    from ..calibration import Calibration
+    from ..compression.calibration import Calibration
 
 Q_MODES = ("auto", "output")
+
+
+def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
+    """DARE's MSE-optimal rescale ``c* = S² / ((1-p) S² + p V)``; DAREx-q's ``q* = 1 / c*``.
+
+    ``c* = 1/(1-p)`` (plain DARE) only when ``V = 0``; with ``V > 0`` it is smaller, and at high
+    ``p`` much smaller, which is why DARE's ``1/(1-p)`` blows the output up at ``p = 0.99``.
+    Returns 0 when the delta does not move the outputs at all (``S² = 0``).
+    """
+    denominator = (1.0 - p) * s2 + p * v
+    return s2 / denominator if denominator > 0 else 0.0
+
 
 
 @dataclass

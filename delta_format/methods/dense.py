@@ -21,7 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from ..encodings import DenseEncoding, ReplaceEncoding, compute_dtype
+from ..core.dtypes import compute_dtype
+from ..core.encodings import DenseEncoding, ReplaceEncoding
 from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext
 

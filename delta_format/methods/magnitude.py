@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ..bits import pack_bits, packed_length
-from ..constants import INDEX_BITMASK
-from ..encodings import SparseEncoding, index_coding_bytes
+from ..core.bits import pack_bits, packed_length
+from ..core.constants import INDEX_BITMASK
+from ..core.encodings import SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
 
 

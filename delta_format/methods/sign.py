@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..encodings import SignEncoding
+from ..core.encodings import SignEncoding
 from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive
 
 if TYPE_CHECKING:
-    from ..calibration import Calibration
+    from ..compression.calibration import Calibration
 
 GRANULARITIES = ("tensor", "row")
 

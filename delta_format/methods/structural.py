@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ..bits import pack_bits, packed_length
-from ..constants import INDEX_BITMASK
-from ..encodings import SparseEncoding
+from ..core.bits import pack_bits, packed_length
+from ..core.constants import INDEX_BITMASK
+from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
 from .magnitude import explicit_sparse_edit, top_positions

@@ -4,7 +4,7 @@ Each vector directory holds a delta written by the real `DeltaWriter`, the ``bas
 was made against and ``expected.safetensors``: every parameter of the fine-tune, reconstructed.
 The expected tensors are computed here with numpy, following SPEC §9 step by step (float32
 arithmetic, alpha and scales rounded to float32, one cast at the end), not with
-`delta_format.reconstruct`; ``tests/test_spec_vectors.py`` checks the library and a second,
+`delta_format.core.reconstruct`; ``tests/test_spec_vectors.py`` checks the library and a second,
 pure-Python decoder against them.
 
 ``seeded_mask.json`` holds known answers of the seeded-mask generator (SPEC §6), taken from the
@@ -30,13 +30,13 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from delta_format import seeded_mask  # noqa: E402
-from delta_format.encodings import (  # noqa: E402
+from delta_format.core import seeded_mask  # noqa: E402
+from delta_format.core.encodings import (  # noqa: E402
     DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
 )
-from delta_format.fingerprint import fingerprint_safetensors  # noqa: E402
-from delta_format.manifest import BaseReference, TensorEntry  # noqa: E402
-from delta_format.writer import DeltaWriter  # noqa: E402
+from delta_format.core.fingerprint import fingerprint_safetensors  # noqa: E402
+from delta_format.core.manifest import BaseReference, TensorEntry  # noqa: E402
+from delta_format.io.writer import DeltaWriter  # noqa: E402
 
 VECTORS = (
     "dense", "sparse-gaps", "sparse-bitmask", "sparse-seeded", "sign-tensor", "sign-row", "lowrank", "replace",

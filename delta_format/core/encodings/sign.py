@@ -1,6 +1,6 @@
 """``sign``: one bit per element plus a scale per tensor or per row (SPEC §5.3, BitDelta).
 
-Roles: ``bits`` (uint8, ``ceil(numel / 8)`` bytes, bit order of `delta_format.bits`; bit 1 means
+Roles: ``bits`` (uint8, ``ceil(numel / 8)`` bytes, bit order of `delta_format.core.bits`; bit 1 means
 ``+scale``, bit 0 means ``-scale``) and ``scale`` (float, shape ``[1]`` or ``[rows]``).
 Decoded: ``scale[row] * (2 * bit - 1)``.
 """
@@ -14,7 +14,7 @@ import torch
 
 from ..bits import check_packed, pack_bits, packed_length, sign_table as _sign_table
 from ..constants import SIGN
-from ..errors import ManifestError
+from ...errors import ManifestError
 from .base import FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, rows_cols
 
 GRANULARITIES = ("tensor", "row")

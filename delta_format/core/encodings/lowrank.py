@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
-from ..errors import ManifestError
+from ...errors import ManifestError
 from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols
 
 

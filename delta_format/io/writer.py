@@ -22,13 +22,13 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
-from .constants import (
+from .. import __version__
+from ..core.constants import (
     MANIFEST_NAME, SHARD_NAME_TEMPLATE, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
 )
-from .encodings import SAFETENSORS_DTYPES, dtype_name
-from .errors import CorruptDeltaError, InvalidArgumentError, NumericalError, OutputExistsError
-from .manifest import BaseReference, Manifest, TensorEntry
+from ..core.dtypes import SAFETENSORS_DTYPES, dtype_name
+from ..errors import CorruptDeltaError, InvalidArgumentError, NumericalError, OutputExistsError
+from ..core.manifest import BaseReference, Manifest, TensorEntry
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 
@@ -69,8 +69,7 @@ _SAFETENSORS_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "
 
 def _expected_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[torch.Tensor], int] | None:
     """(header bytes, tensors in file order, file size) that ``save_file`` is expected to write."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the dtypes a delta stores
-    dtypes = {key: names.get(tensor.dtype) for key, tensor in tensors.items()}
+    dtypes = {key: dtype_name(tensor.dtype) for key, tensor in tensors.items()}
     if not all(d in _SAFETENSORS_ORDER for d in dtypes.values()):
         return None
     header: dict[str, Any] = {"__metadata__": _SHARD_METADATA}
@@ -176,7 +175,7 @@ class DeltaWriter:
 
     Example:
         >>> import tempfile, torch
-        >>> from delta_format.encodings import DenseEncoding
+        >>> from delta_format.core.encodings import DenseEncoding
         >>> out = tempfile.mkdtemp() + "/delta"
         >>> with DeltaWriter(out, base=BaseReference(local_path="base"), method="dense") as w:
         ...     enc = DenseEncoding()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .constants import FORMAT_NAME
-from .manifest import Manifest
+from ..core.constants import FORMAT_NAME
+from ..core.manifest import Manifest
 
 BASE_MODEL_RELATION = "adapter"
 """A delta cannot run without its base, which is what the Hub's ``adapter`` relation means

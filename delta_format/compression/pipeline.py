@@ -14,7 +14,7 @@
 Only a few tensors are alive at once (base, fine-tune, delta, stored, decoded), plus the writer's
 shard buffer (``max_shard_size``), so compressing needs memory for the largest tensor a few times
 over, not for the model (``benchmarks/compress_memory.py`` measures it). Calibration texts are
-the exception: they need the fine-tuned model in memory (`delta_format.calibration`).
+the exception: they need the fine-tuned model in memory (`delta_format.compression.calibration`).
 
 The manifest pins the base (Hub repo + commit, or absolute local path, plus its fingerprint), and
 the fine-tune's ``config.json``, ``generation_config.json`` and tokenizer files are copied beside
@@ -36,17 +36,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, resolve_repo
-from .encodings import SAFETENSORS_DTYPES, TORCH_DTYPES, ReplaceEncoding, SparseEncoding, compute_dtype
-from .errors import InvalidArgumentError
-from .fingerprint import fingerprint_state_dict
+from ..io.checkpoint import Checkpoint, resolve_repo
+from ..core.dtypes import CHECKPOINT_DTYPES, TORCH_DTYPES, compute_dtype, parse_dtype, torch_dtype_name
+from ..core.encodings import ReplaceEncoding, SparseEncoding
+from ..errors import InvalidArgumentError
+from ..core.fingerprint import fingerprint_state_dict
 from .heap import FreedMemory
 from .lora import LoraAdapter, is_lora_adapter
-from .manifest import BaseReference, TensorEntry
-from .methods import EditMethod, TensorContext, get_method
-from .methods.base import Edit, relative_error
-from .methods.dense import same_bits
-from .writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
+from ..core.manifest import BaseReference, TensorEntry
+from ..methods import EditMethod, TensorContext, get_method
+from ..methods.base import Edit, relative_error
+from ..methods.dense import same_bits
+from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,7 +57,6 @@ SIDE_FILES = (
 """The fine-tune's files copied into the delta: its config and everything its tokenizer needs."""
 
 _CONFIG_FILES = ("config.json", "generation_config.json")
-_STORED_DTYPES = {**SAFETENSORS_DTYPES, "I16": torch.int16, "I8": torch.int8, "BOOL": torch.bool}
 
 Rule = tuple
 """``(pattern, method)`` or ``(pattern, method, params)``: a glob or compiled regex, a method
@@ -119,7 +119,7 @@ class CheckpointSource:
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
         shape, stored = self.checkpoint.shape_dtype(name)
-        return shape, _STORED_DTYPES.get(stored, stored)
+        return shape, CHECKPOINT_DTYPES.get(stored, stored)
 
     def get(self, name: str) -> torch.Tensor:
         return self.checkpoint.get_tensor(name)
@@ -357,7 +357,7 @@ class MethodPlan:
             return method
         if not isinstance(method, str):
             raise InvalidArgumentError("a method is a name or an EditMethod", expected="e.g. 'dare'", found=repr(method))
-        from .methods import METHODS
+        from ..methods import METHODS
 
         cls = METHODS.get(method)
         accepted = cls.param_names() if cls is not None else set()
@@ -396,21 +396,6 @@ class MethodPlan:
 
 # ----------------------------------------------------------------------------------------------
 # compress
-
-
-def _dtype_name(dtype: torch.dtype) -> str | None:
-    name = str(dtype).removeprefix("torch.")
-    return name if name in TORCH_DTYPES else None
-
-
-def _parse_value_dtype(value: Any) -> torch.dtype | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value in TORCH_DTYPES:
-        return TORCH_DTYPES[value]
-    if isinstance(value, torch.dtype) and _dtype_name(value):
-        return value
-    raise InvalidArgumentError("invalid value_dtype", expected=sorted(TORCH_DTYPES), found=repr(value))
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -472,7 +457,7 @@ def compress(
             each given to every method in use that declares it.
 
     Returns:
-        The `delta_format.delta.Delta` written.
+        The `delta_format.io.delta.Delta` written.
 
     Example:
         >>> delta = compress("meta-llama/Llama-3.2-1B", "me/llama-ft", "ft-delta", method="sign",
@@ -480,7 +465,7 @@ def compress(
         >>> delta.manifest.stats["compression_ratio"]                                              # doctest: +SKIP
         10.4
     """
-    from .delta import Delta
+    from ..io.delta import Delta
 
     started = time.perf_counter()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -488,7 +473,7 @@ def compress(
                                    found=repr(alpha))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise InvalidArgumentError("seed must be an integer in [0, 2**64)", expected="e.g. 0", found=repr(seed))
-    stored_dtype = _parse_value_dtype(value_dtype)
+    stored_dtype = parse_dtype(value_dtype, what="value_dtype")
     plan = MethodPlan(method, method_params, rules, include, exclude)
     if calibration_texts is None:
         needing = sorted({m.name for m in plan.methods() if m.needs_calibration()})
@@ -543,7 +528,7 @@ def compress(
                     _edit_one(name, plan.method_for(name), base_src, ft_src, context_for, writer, totals, session)
                 elif action == "replace":
                     value = ft_src.get(name)
-                    entry = TensorEntry(ReplaceEncoding(), tuple(value.shape), _dtype_name(value.dtype),
+                    entry = TensorEntry(ReplaceEncoding(), tuple(value.shape), torch_dtype_name(value.dtype),
                                         stats={"lossless": True, "rel_error": 0.0, "reason": _why_replace(name, base_src)})
                     _add(writer, name, entry, {"value": value.contiguous()}, totals, "replaced")
                 elif action == "excluded":
@@ -570,7 +555,7 @@ def compress(
         if tokenizer is not None and not any(n.startswith("tokenizer") for n in ft_src.side_files()):
             _add_tokenizer_files(writer, tokenizer)
         writer.manifest.stats = stats
-        from .card import render_model_card
+        from ..io.card import render_model_card
 
         writer.add_file("README.md", render_model_card(writer.manifest).encode("utf-8"))
         writer.close(stats=stats)
@@ -582,7 +567,7 @@ def _opened_as_written(delta_class, out_dir: Path):
     shards: the writer computed the manifest's sha256 from these very bytes a moment ago, so that
     check would read every shard back only to compare a hash with itself (a quarter of the time of
     a dense compression). Everything else is validated as on any opening."""
-    from .reader import DeltaReader
+    from ..io.reader import DeltaReader
 
     delta = delta_class.__new__(delta_class)  # the attributes Delta.__init__ sets
     delta.directory, delta.repo_id, delta.revision = Path(out_dir), None, None
@@ -636,7 +621,7 @@ def _schedule(plan: MethodPlan, base_src, ft_src) -> list[tuple[str, str]]:
         if in_base and base_src.info(name)[0] == shape and hasattr(ft_src, "changed") and not ft_src.changed(name):
             schedule.append((name, "unchanged"))
             continue
-        is_float = isinstance(dtype, torch.dtype) and _dtype_name(dtype) is not None
+        is_float = isinstance(dtype, torch.dtype) and torch_dtype_name(dtype) is not None
         if not is_float:
             if in_base and base_src.info(name) == (shape, dtype) and same_bits(base_src.get(name), ft_src.get(name)):
                 schedule.append((name, "unchanged"))
@@ -732,7 +717,7 @@ def _edit_one(name: str, method: EditMethod, base_src, ft_src, context_for: _Con
         totals.counts["unchanged"] += 1
         return
     delta, context = pair
-    dtype = _dtype_name(context.finetune.dtype)
+    dtype = torch_dtype_name(context.finetune.dtype)
     if context.finetune.dtype != context.base.dtype and not bool(delta.any()):
         # equal values in another dtype: a zero-byte entry records the dtype
         encoding = SparseEncoding("gaps")
@@ -764,7 +749,7 @@ def _edit_one(name: str, method: EditMethod, base_src, ft_src, context_for: _Con
 def _measure_on_model(name, entry, decoded, delta, context, session, totals) -> None:
     """Put the reconstructed parameter into the calibration model, and record the first-order
     loss change ``<∇L(θ_ft), θ̂ - θ_ft>`` of this tensor's edit."""
-    from .reconstruct import reconstruct
+    from ..core.reconstruct import reconstruct
 
     if session.parameter(name) is None:
         return

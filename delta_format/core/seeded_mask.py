@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from .constants import MASK_PROB_BITS, MAX_SEEDED_GAP_TABLE
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D

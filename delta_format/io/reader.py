@@ -16,10 +16,10 @@ from typing import Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .constants import MANIFEST_NAME, MAX_INDEX_BYTES, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .encodings import TORCH_DTYPES, compute_dtype
-from .errors import CorruptDeltaError, ManifestError, UnsafePathError
-from .manifest import Manifest, TensorEntry
+from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..core.dtypes import TORCH_DTYPES, compute_dtype
+from ..errors import CorruptDeltaError, ManifestError, UnsafePathError
+from ..core.manifest import Manifest, TensorEntry
 from .writer import file_sha256, stored_key
 
 

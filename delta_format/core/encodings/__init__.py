@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..errors import UnknownEncodingError
-from .base import Encoding, Expected, compute_dtype, dtype_name, SAFETENSORS_DTYPES, TORCH_DTYPES
+from ...errors import UnknownEncodingError
+from .base import Encoding, Expected
 from .dense import DenseEncoding
 from .lowrank import LowRankEncoding
 from .replace import ReplaceEncoding
@@ -30,6 +30,5 @@ def encoding_from_dict(name: str, config: Mapping[str, Any]) -> Encoding:
 
 __all__ = [
     "Encoding", "Expected", "ENCODING_CLASSES", "encoding_from_dict", "DenseEncoding", "SparseEncoding",
-    "SignEncoding", "LowRankEncoding", "ReplaceEncoding", "index_coding_bytes", "compute_dtype", "dtype_name",
-    "SAFETENSORS_DTYPES", "TORCH_DTYPES",
+    "SignEncoding", "LowRankEncoding", "ReplaceEncoding", "index_coding_bytes",
 ]

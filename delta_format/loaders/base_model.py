@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import warnings
 
-from .checkpoint import Checkpoint, resolve_repo
-from .errors import ResolutionError
-from .fingerprint import check_fingerprint
-from .manifest import Manifest
+from ..io.checkpoint import Checkpoint, resolve_repo
+from ..errors import ResolutionError
+from ..core.fingerprint import check_fingerprint
+from ..core.manifest import Manifest
 
 
 def resolve_base(

@@ -14,42 +14,8 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ..errors import CorruptDeltaError, ManifestError
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-"""Parameter dtypes a manifest may name (SPEC §3.4)."""
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-}
-"""Stored dtypes by their safetensors names (SPEC §4.2)."""
-
-FLOAT_STORED = ("F64", "F32", "F16", "BF16")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
-    for name, value in SAFETENSORS_DTYPES.items():
-        if value == dtype:
-            return name
-    raise ManifestError("unsupported stored dtype", expected=sorted(SAFETENSORS_DTYPES), found=str(dtype))
-
-
-def compute_dtype(target: torch.dtype) -> torch.dtype:
-    """Arithmetic precision of reconstruction: float64 for float64 targets, float32 otherwise."""
-    return torch.float64 if target == torch.float64 else torch.float32
+from ...errors import CorruptDeltaError, ManifestError
+from ..dtypes import FLOAT_STORED
 
 
 @dataclass(frozen=True)

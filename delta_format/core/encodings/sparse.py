@@ -5,8 +5,8 @@ Where they go is one of three index codings:
 
 * ``gaps``: role ``gaps`` (``U8``/``U16``/``I32``/``I64``), the number of skipped elements before
   each kept one, so ``index[0] = gaps[0]`` and ``index[i] = index[i-1] + gaps[i] + 1``;
-* ``bitmask``: role ``mask``, one bit per element (`delta_format.bits` order), 1 = kept;
-* ``seeded``: nothing stored; positions come from `delta_format.seeded_mask` with the config's
+* ``bitmask``: role ``mask``, one bit per element (`delta_format.core.bits` order), 1 = kept;
+* ``seeded``: nothing stored; positions come from `delta_format.core.seeded_mask` with the config's
   ``seed`` and ``p`` and the parameter name.
 
 Decoded: ``scale * scatter(values)``, zero elsewhere. DARE stores the raw kept entries and puts
@@ -23,7 +23,7 @@ import torch
 
 from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
-from ..errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
+from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
 from .base import (
     FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, config_int, config_number, matrix_shape, require_finite,

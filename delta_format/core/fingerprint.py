@@ -22,13 +22,9 @@ from .constants import (
     FINGERPRINT_ALGORITHM, FINGERPRINT_CHUNK_BYTES, FINGERPRINT_CHUNKS, FINGERPRINT_FULL_BYTES,
     MAX_SAFETENSORS_HEADER_BYTES,
 )
-from .errors import BaseMismatchError, CorruptDeltaError, ManifestError
+from .dtypes import dtype_name
+from ..errors import BaseMismatchError, CorruptDeltaError, ManifestError
 
-_TORCH_TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 def sample_ranges(nbytes: int) -> list[tuple[int, int]]:
@@ -102,7 +98,7 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         flat = tensor.detach().reshape(-1)
         raw = flat.contiguous().view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
         sample = b"".join(bytes(raw[o : o + n].cpu().numpy().tobytes()) for o, n in sample_ranges(raw.numel()))
-        tensors[name] = _entry(_TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape), sample)
+        tensors[name] = _entry(dtype_name(tensor.dtype) or str(tensor.dtype), list(tensor.shape), sample)
     return _finish(tensors)
 
 

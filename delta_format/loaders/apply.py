@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .base import resolve_base, verify_base
-from .checkpoint import resolve_repo
-from .constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
-from .encodings import TORCH_DTYPES
-from .errors import DeltaFormatError, InvalidArgumentError
-from .reader import DeltaReader
-from .reconstruct import reconstruct
-from .writer import StagingDirectory, parse_size
+from .base_model import resolve_base, verify_base
+from ..io.checkpoint import resolve_repo
+from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
+from ..core.dtypes import parse_dtype
+from ..errors import DeltaFormatError, InvalidArgumentError
+from ..io.reader import DeltaReader
+from ..core.reconstruct import reconstruct
+from ..io.writer import StagingDirectory, parse_size
 
 CHECKPOINT_NAME = "model.safetensors"
 CHECKPOINT_INDEX_NAME = "model.safetensors.index.json"
@@ -87,14 +87,6 @@ def _resolve_delta(delta: str | os.PathLike, revision: str | None, token: str | 
     return resolve_repo(delta, revision=revision, token=token, what="delta")[0]
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in TORCH_DTYPES:
-        return TORCH_DTYPES[dtype]
-    raise InvalidArgumentError("invalid dtype", expected=sorted(TORCH_DTYPES), found=repr(dtype))
-
-
 def apply_delta(
     delta: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -129,7 +121,7 @@ def apply_delta(
         >>> apply_delta("ft-delta", "ft-full")                      # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained("ft-full")         # doctest: +SKIP
     """
-    target = _parse_dtype(dtype)
+    target = parse_dtype(dtype)
     reader = DeltaReader(_resolve_delta(delta, revision, token))
     manifest = reader.manifest
     checkpoint = resolve_base(manifest, base_override=base, revision=base_revision, token=token)

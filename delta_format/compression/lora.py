@@ -25,8 +25,8 @@ from typing import Any, Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .encodings import SAFETENSORS_DTYPES
-from .errors import CorruptDeltaError, InvalidArgumentError
+from ..core.dtypes import CHECKPOINT_DTYPES
+from ..errors import CorruptDeltaError, InvalidArgumentError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -155,7 +155,7 @@ class LoraAdapter:
     def factor_dtype(self, name: str) -> torch.dtype:
         """The dtype the adapter stores ``name``'s factors in."""
         stored = self._file.get_slice(self._pairs[self._targets[name]]["A"]).get_dtype()
-        return SAFETENSORS_DTYPES.get(stored, torch.float32)
+        return CHECKPOINT_DTYPES.get(stored, torch.float32)
 
     def full_tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(self.full[name])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CorruptDeltaError
+from ..errors import CorruptDeltaError
 
 _WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 

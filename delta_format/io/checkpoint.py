@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CorruptDeltaError, ResolutionError
-from .fingerprint import fingerprint_safetensors
+from ..errors import CorruptDeltaError, ResolutionError
+from ..core.fingerprint import fingerprint_safetensors
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

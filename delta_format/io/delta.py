@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .card import render_model_card
-from .constants import MODEL_CARD_NAME
+from ..core.constants import MODEL_CARD_NAME
 from .reader import DeltaReader
 from .writer import StagingDirectory
 

@@ -17,9 +17,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .encodings import TORCH_DTYPES, DenseEncoding, compute_dtype
+from .dtypes import TORCH_DTYPES, compute_dtype
+from .encodings import DenseEncoding
 from .encodings.base import matrix_shape
-from .errors import BaseMismatchError, NumericalError
+from ..errors import BaseMismatchError, NumericalError
 from .manifest import TensorEntry
 
 Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]

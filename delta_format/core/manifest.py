@@ -15,8 +15,9 @@ from typing import Any, Mapping
 from .constants import (
     FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_RANK_DIMS, MAX_TENSOR_ELEMENTS, SPEC_VERSION, SUPPORTED_MAJOR_VERSIONS,
 )
-from .encodings import Encoding, TORCH_DTYPES, encoding_from_dict
-from .errors import ManifestError, UnsupportedVersionError
+from .dtypes import TORCH_DTYPES
+from .encodings import Encoding, encoding_from_dict
+from ..errors import ManifestError, UnsupportedVersionError
 
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
