@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DeltaFormatError, InvalidArgumentError
+from .io.sizes import format_bytes
 
 METHOD_CHOICES = ("dense", "dare", "darex", "magnitude", "importance", "structural", "sign", "lowrank", "lora")
 
@@ -190,19 +191,11 @@ def _compress(args: argparse.Namespace) -> int:
         base_revision=args.base_revision, progress=not args.no_progress, **params,
     )
     stats = delta.manifest.stats
-    print(f"wrote {delta.directory}: {_size(stats.get('stored_bytes', 0))}, "
+    print(f"wrote {delta.directory}: {format_bytes(stats.get('stored_bytes', 0))}, "
           f"{stats.get('compression_ratio', 0):.2f}x compression against the fine-tune, "
           f"relative error {stats.get('rel_error', 0):.4g}"
           + (f", logit MSE {stats['output_error']:.4g}" if "output_error" in stats else ""))
     return 0
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _encoding_label(entry) -> str:
@@ -247,8 +240,8 @@ def _inspect(args: argparse.Namespace) -> int:
         stats = manifest.stats
         stored = stats.get("stored_bytes", reader.stored_bytes())
         print()
-        print(f"total       {len(manifest.tensors)} tensors, {_size(stored)} stored"
-              + (f", fine-tune {_size(stats['finetune_bytes'])}" if "finetune_bytes" in stats else "")
+        print(f"total       {len(manifest.tensors)} tensors, {format_bytes(stored)} stored"
+              + (f", fine-tune {format_bytes(stats['finetune_bytes'])}" if "finetune_bytes" in stats else "")
               + (f", {stats['compression_ratio']:.2f}x compression" if stats.get("compression_ratio") else ""))
         if "rel_error" in stats:
             print(f"error       relative weight error {stats['rel_error']:.4g}"

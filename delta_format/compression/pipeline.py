@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..io.checkpoint import Checkpoint, resolve_repo
+from ..io.model_class import model_class_for
 from ..core.dtypes import CHECKPOINT_DTYPES, TORCH_DTYPES, compute_dtype, parse_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..errors import InvalidArgumentError
@@ -45,7 +46,7 @@ from .heap import FreedMemory
 from .lora import LoraAdapter, is_lora_adapter
 from ..core.manifest import BaseReference, TensorEntry
 from ..methods import EditMethod, TensorContext, get_method
-from ..methods.base import Edit, relative_error
+from ..methods.base import Edit
 from ..methods.dense import same_bits
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 
@@ -93,16 +94,6 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _architecture_class(config: Mapping[str, Any]):
-    import transformers
-
-    for architecture in config.get("architectures") or []:
-        cls = getattr(transformers, architecture, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
 class CheckpointSource:
     """A safetensors checkpoint directory (local, or a resolved Hub snapshot)."""
 
@@ -140,7 +131,10 @@ class CheckpointSource:
         return {name: self.directory / name for name in SIDE_FILES if (self.directory / name).is_file()}
 
     def load_model(self) -> torch.nn.Module:
-        return _architecture_class(self.checkpoint.config()).from_pretrained(self.directory, dtype=torch.float32)
+        from transformers import AutoConfig
+
+        cls = model_class_for(AutoConfig.from_pretrained(self.directory))
+        return cls.from_pretrained(self.directory, dtype=torch.float32)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -485,7 +479,7 @@ def compress(
     base_src = open_source(base, what="base model", revision=base_revision, token=token)
     ft_src = open_source(finetune, what="fine-tune", revision=revision, token=token, base=base_src)
 
-    if not isinstance(ft_src, LoraSource) and any(m.name == "lora" for m in plan.methods()):
+    if not isinstance(ft_src, LoraSource) and any(m.needs_adapter_factors for m in plan.methods()):
         raise InvalidArgumentError("the lora method stores a LoRA adapter's factors", expected="a PEFT adapter "
                                    "(adapter_config.json + adapter_model.safetensors) as the fine-tune",
                                    found="a full checkpoint", fix="use lowrank with rank= or energy=")
@@ -493,7 +487,7 @@ def compress(
     edited = [name for name, action in schedule if action == "edit"]
 
     params = {"method": plan.describe(), "alpha": float(alpha)}
-    if any(m.name in ("dare", "darex") for m in plan.methods()):
+    if any(m.uses_seed for m in plan.methods()):
         params["seed"] = seed
     if isinstance(ft_src, LoraSource):
         params["source"] = {"type": "peft-lora", "r": ft_src.adapter.config.get("r"),
@@ -559,20 +553,9 @@ def compress(
 
         writer.add_file("README.md", render_model_card(writer.manifest).encode("utf-8"))
         writer.close(stats=stats)
-    return _opened_as_written(Delta, writer.out_dir)
-
-
-def _opened_as_written(delta_class, out_dir: Path):
-    """The delta just published, opened as ``Delta(out_dir)`` does but without re-hashing its
-    shards: the writer computed the manifest's sha256 from these very bytes a moment ago, so that
-    check would read every shard back only to compare a hash with itself (a quarter of the time of
-    a dense compression). Everything else is validated as on any opening."""
-    from ..io.reader import DeltaReader
-
-    delta = delta_class.__new__(delta_class)  # the attributes Delta.__init__ sets
-    delta.directory, delta.repo_id, delta.revision = Path(out_dir), None, None
-    delta.reader = DeltaReader(delta.directory, verify_checksums=False)
-    return delta
+    # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
+    # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
+    return Delta(writer.out_dir, verify_checksums=False)
 
 
 def _info_bytes(source, name: str) -> int:

@@ -96,7 +96,7 @@ def drop_threshold(p: float) -> int:
     threshold = round(float(p) * (1 << MASK_PROB_BITS))
     if threshold >= 1 << MASK_PROB_BITS:
         raise InvalidArgumentError(
-            "drop rate too close to 1", expected=f"p * 2**32 rounding below 2**32", found=repr(p),
+            "drop rate too close to 1", expected="p * 2**32 rounding below 2**32", found=repr(p),
             fix="use a smaller p",
         )
     return threshold

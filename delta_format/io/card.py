@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.constants import FORMAT_NAME
 from ..core.manifest import Manifest
+from .sizes import format_bytes
 
 BASE_MODEL_RELATION = "adapter"
 """A delta cannot run without its base, which is what the Hub's ``adapter`` relation means
@@ -18,11 +19,12 @@ BASE_MODEL_RELATION = "adapter"
 
 LIBRARY_NAME = "delta-format"
 
-METHOD_TAGS = {
-    "dense": [], "dare": ["dare"], "darex": ["dare", "darex"], "magnitude": ["pruning"],
-    "importance": ["pruning"], "structural": ["pruning"], "sign": ["bitdelta"], "lowrank": ["low-rank"],
-    "lora": ["low-rank", "lora"],
-}
+def _method_tags(method: str) -> tuple[str, ...]:
+    """The tags a registered method declares (none for a method this install does not know)."""
+    from ..methods import METHODS
+
+    cls = METHODS.get(method)
+    return cls.tags if cls is not None else ()
 
 
 def card_metadata(manifest: Manifest) -> dict[str, Any]:
@@ -47,20 +49,12 @@ def card_metadata(manifest: Manifest) -> dict[str, Any]:
     return meta
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
-
-
 def render_model_card(manifest: Manifest, repo_id: str | None = None) -> str:
     """The README.md text: YAML metadata + a human summary and a "How to load" snippet."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = card_metadata(manifest)
-    tags = [FORMAT_NAME, f"{FORMAT_NAME}:{manifest.method}", *METHOD_TAGS.get(manifest.method, [])]
+    tags = [FORMAT_NAME, f"{FORMAT_NAME}:{manifest.method}", *_method_tags(manifest.method)]
     data = ModelCardData(
         library_name=LIBRARY_NAME,
         base_model=manifest.base.repo_id,
@@ -91,7 +85,7 @@ def render_model_card(manifest: Manifest, repo_id: str | None = None) -> str:
         f"| method | `{manifest.method}` |",
         f"| parameters | `{meta['method_params']}` |",
         f"| edited tensors | {meta['tensors']} ({', '.join(f'{k}: {v}' for k, v in sorted(meta['encodings'].items()))}) |",
-        f"| stored size | {_fmt_bytes(meta['stored_bytes'])} |",
+        f"| stored size | {format_bytes(meta['stored_bytes'])} |",
     ]
     if ratio is not None:
         lines.append(f"| compression vs the full fine-tune | {ratio:.2f}x |")

@@ -24,11 +24,12 @@ class Delta:
         >>> delta.push_to_hub("user/ft-delta", private=True)                               # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | os.PathLike, repo_id: str | None = None, revision: str | None = None):
+    def __init__(self, directory: str | os.PathLike, repo_id: str | None = None, revision: str | None = None, *,
+                 verify_checksums: bool = True):
         self.directory = Path(directory)
         self.repo_id = repo_id
         self.revision = revision
-        self.reader = DeltaReader(self.directory)
+        self.reader = DeltaReader(self.directory, verify_checksums=verify_checksums)
 
     @property
     def manifest(self):

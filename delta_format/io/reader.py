@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from ..core.dtypes import TORCH_DTYPES, compute_dtype
 from ..errors import CorruptDeltaError, ManifestError, UnsafePathError
 from ..core.manifest import Manifest, TensorEntry

@@ -26,23 +26,12 @@ from .. import __version__
 from ..core.constants import (
     MANIFEST_NAME, SHARD_NAME_TEMPLATE, STORED_KEY_SEPARATOR, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
 )
-from ..core.dtypes import SAFETENSORS_DTYPES, dtype_name
+from ..core.dtypes import dtype_name
+from .sizes import parse_size
 from ..errors import CorruptDeltaError, InvalidArgumentError, NumericalError, OutputExistsError
 from ..core.manifest import BaseReference, Manifest, TensorEntry
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
-
-
-def parse_size(value: int | str) -> int:
-    """``"500MB"`` / ``"2GB"`` / ``123`` -> bytes (decimal units, as transformers uses)."""
-    if isinstance(value, int):
-        return value
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = value.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * factor)
-    raise InvalidArgumentError("unreadable size", expected='bytes or a string like "500MB"', found=repr(value))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -23,10 +23,11 @@ from .base_model import resolve_base, verify_base
 from ..io.checkpoint import resolve_repo
 from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
 from ..core.dtypes import parse_dtype
-from ..errors import DeltaFormatError, InvalidArgumentError
+from ..errors import DeltaFormatError
 from ..io.reader import DeltaReader
 from ..core.reconstruct import reconstruct
-from ..io.writer import StagingDirectory, parse_size
+from ..io.sizes import parse_size
+from ..io.writer import StagingDirectory
 
 CHECKPOINT_NAME = "model.safetensors"
 CHECKPOINT_INDEX_NAME = "model.safetensors.index.json"

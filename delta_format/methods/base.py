@@ -99,6 +99,12 @@ class EditMethod:
     """
 
     name: ClassVar[str]
+    tags: ClassVar[tuple[str, ...]] = ()
+    """Hub tags the model card adds for this method (besides ``delta-format:<name>``)."""
+    uses_seed: ClassVar[bool] = False
+    """True if the method draws seeded masks: the compressor then records its seed."""
+    needs_adapter_factors: ClassVar[bool] = False
+    """True if the method stores a LoRA adapter's own factors, so the fine-tune must be one."""
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64

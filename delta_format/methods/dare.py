@@ -42,6 +42,8 @@ class DareMethod(EditMethod):
     """
 
     name: ClassVar[str] = "dare"
+    tags: ClassVar[tuple[str, ...]] = ("dare",)
+    uses_seed: ClassVar[bool] = True
     p: float = 0.9
     k: float = 1.0
 

@@ -65,6 +65,8 @@ class DarexMethod(EditMethod):
     """
 
     name: ClassVar[str] = "darex"
+    tags: ClassVar[tuple[str, ...]] = ("dare", "darex")
+    uses_seed: ClassVar[bool] = True
     p: float = 0.9
     q: float | str = "auto"
     grid: int = 16

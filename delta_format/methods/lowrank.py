@@ -63,6 +63,7 @@ class LowRankMethod(EditMethod):
     """
 
     name: ClassVar[str] = "lowrank"
+    tags: ClassVar[tuple[str, ...]] = ("low-rank",)
     rank: int | None = None
     energy: float | None = None
 
@@ -109,6 +110,8 @@ class LoraMethod(EditMethod):
     ``modules_to_save``, are stored ``dense``)."""
 
     name: ClassVar[str] = "lora"
+    tags: ClassVar[tuple[str, ...]] = ("low-rank", "lora")
+    needs_adapter_factors: ClassVar[bool] = True
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         if context.factors is None:

@@ -185,6 +185,7 @@ class MagnitudeMethod(EditMethod):
     """
 
     name: ClassVar[str] = "magnitude"
+    tags: ClassVar[tuple[str, ...]] = ("pruning",)
     p: float = 0.9
 
     def __post_init__(self):

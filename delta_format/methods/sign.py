@@ -42,6 +42,7 @@ class SignMethod(EditMethod):
     """
 
     name: ClassVar[str] = "sign"
+    tags: ClassVar[tuple[str, ...]] = ("bitdelta",)
     scale: str = "tensor"
     distill_steps: int = 0
     distill_lr: float = 0.02

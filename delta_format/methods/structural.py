@@ -43,6 +43,7 @@ class StructuralMethod(EditMethod):
     """
 
     name: ClassVar[str] = "structural"
+    tags: ClassVar[tuple[str, ...]] = ("pruning",)
     p: float = 0.5
     axis: str = "row"
 

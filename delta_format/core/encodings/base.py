@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ...errors import CorruptDeltaError, ManifestError
-from ..dtypes import FLOAT_STORED
 
 
 @dataclass(frozen=True)

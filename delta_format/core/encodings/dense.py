@@ -7,7 +7,8 @@ from typing import Any, Mapping
 import torch
 
 from ..constants import DENSE
-from .base import FLOAT_STORED, DecodedRows, Encoding, Expected, check_config_keys, require_finite
+from ..dtypes import FLOAT_STORED
+from .base import DecodedRows, Encoding, Expected, check_config_keys, require_finite
 
 
 class DenseEncoding(Encoding):

@@ -13,7 +13,8 @@ import torch
 
 from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
 from ...errors import ManifestError
-from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols
+from ..dtypes import FLOAT_STORED
+from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols
 
 
 class LowRankEncoding(Encoding):

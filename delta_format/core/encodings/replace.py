@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import torch
 
 from ..constants import REPLACE
-from .base import FLOAT_STORED, Encoding, Expected, check_config_keys, require_finite
+from ..dtypes import FLOAT_STORED
+from .base import Encoding, Expected, check_config_keys, require_finite
 
 
 class ReplaceEncoding(Encoding):

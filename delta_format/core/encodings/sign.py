@@ -15,7 +15,8 @@ import torch
 from ..bits import check_packed, pack_bits, packed_length, sign_table as _sign_table
 from ..constants import SIGN
 from ...errors import ManifestError
-from .base import FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, rows_cols
+from ..dtypes import FLOAT_STORED
+from .base import Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, rows_cols
 
 GRANULARITIES = ("tensor", "row")
 

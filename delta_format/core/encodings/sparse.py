@@ -25,8 +25,9 @@ from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
 from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
+from ..dtypes import FLOAT_STORED
 from .base import (
-    FLOAT_STORED, Encoding, Expected, RowDelta, check_config_keys, config_int, config_number, matrix_shape, require_finite,
+    Encoding, Expected, RowDelta, check_config_keys, config_int, config_number, matrix_shape, require_finite,
 )
 
 _GAP_TORCH = ((255, torch.uint8), (65535, torch.uint16), (2**31 - 1, torch.int32), (2**63 - 1, torch.int64))

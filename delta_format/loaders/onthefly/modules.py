@@ -1,0 +1,80 @@
+"""The patched modules: an ``nn.Linear``/``nn.Embedding`` that shares the original's parameters
+and adds the active adapter's delta in its forward."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .registry import OnTheFlyDeltas
+
+def _check_device(held: torch.device, weight: torch.Tensor) -> None:
+    if held != weight.device:
+        raise InvalidArgumentError(
+            "an on-the-fly delta is on another device than its weight", expected=str(weight.device),
+            found=str(held), fix="detach_deltas(model), move the model, then attach the deltas again",
+        )
+
+
+class DeltaLinear(nn.Linear):
+    """An ``nn.Linear`` that shares the parameters of the one it replaces (same names in the state
+    dict) and adds the active adapter's delta in its forward."""
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear, deltas: "OnTheFlyDeltas") -> "DeltaLinear":
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight, module.bias = linear.weight, linear.bias
+        module.training = linear.training
+        module.deltas, module.factors = deltas, {}
+        return module
+
+    def forward(self, x):
+        factor = self.factors.get(self.deltas.active)
+        if factor is None:
+            return F.linear(x, self.weight, self.bias)
+        _check_device(factor.device, self.weight)
+        if factor.apart(x.numel() // max(x.shape[-1], 1)):
+            return F.linear(x, self.weight, self.bias).add_(factor.product(x))
+        return F.linear(x, factor.merged(self.weight), self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, adapters={sorted(self.factors)}"
+
+
+class DeltaEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` sharing the replaced one's parameters; adds the active adapter's rows."""
+
+    @classmethod
+    def adopt(cls, embedding: nn.Embedding, deltas: "OnTheFlyDeltas") -> "DeltaEmbedding":
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                     "sparse", "training"):
+            setattr(module, attr, getattr(embedding, attr))
+        module.weight = embedding.weight
+        module.deltas, module.factors = deltas, {}
+        return module
+
+    def forward(self, ids):
+        out = super().forward(ids)
+        factor = self.factors.get(self.deltas.active)
+        if factor is None:
+            return out
+        _check_device(factor.device, self.weight)
+        return out.add_(factor.gather(ids))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, adapters={sorted(self.factors)}"
+
+
+_ADOPT = {nn.Linear: DeltaLinear, nn.Embedding: DeltaEmbedding, DeltaLinear: None, DeltaEmbedding: None}
+"""Module types whose weight can carry an on-the-fly delta (exact types: a subclass may change
+what its forward computes). ``None``: already adopted."""

@@ -1,0 +1,122 @@
+"""What `attach_deltas` keeps on the model: the adapters, the active one, the replaced modules,
+and the base values of the vectors it swaps."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import field
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ...core.dtypes import SAFETENSORS_DTYPES, holds_exactly
+from ...core.fingerprint import check_fingerprint, fingerprint_state_dict
+from ...errors import BaseMismatchError, InvalidArgumentError
+from ...io.checkpoint import Checkpoint
+from ...io.delta import Delta
+from ..materialize import _tied_names
+from .factors import Factor
+from .modules import _check_device
+
+@dataclass
+class Adapter:
+    """One attached delta: its source, alpha, factors by parameter, rebuilt vectors by name."""
+
+    delta: Delta
+    alpha: float
+    factors: dict[str, Factor] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors this adapter holds (besides the shared base)."""
+        held = {id(t): t for f in self.factors.values() for t in f.tensors()} | {id(t): t for t in self.vectors.values()}
+        return sum(t.numel() * t.element_size() for t in held.values())
+
+
+class OnTheFlyDeltas:
+    """What `attach_deltas` keeps on ``model.on_the_fly_deltas``: adapters by name, the active
+    one, the modules it replaced, and the base values of the vectors it swaps."""
+
+    def __init__(self, model, base: Checkpoint | None = None):
+        self.model = model
+        self.base = base
+        """The checkpoint the model was loaded from, when given; else the model's tensors are
+        fingerprinted."""
+        self.active: str | None = None
+        self.adapters: dict[str, Adapter] = {}
+        self.replaced: dict[str, nn.Module] = {}  # module path -> the original module
+        self.base_vectors: dict[str, torch.Tensor] = {}  # parameter name -> its base tensor
+        self._fingerprint: dict | None = None
+
+    def set_active(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            raise InvalidArgumentError("no such on-the-fly delta", expected=sorted(self.adapters) or "an attached name",
+                                       found=repr(name), fix="attach it with attach_deltas first, or pass None for the base")
+        state = self.model.state_dict(keep_vars=True)
+        wanted = self.adapters[name].vectors if name is not None else {}
+        for vector, base in self.base_vectors.items():
+            value = wanted.get(vector, base)
+            _check_device(value.device, state[vector])
+            state[vector].data = value
+        self.active = name
+
+    def check_base(self, delta: Delta) -> None:
+        """`BaseMismatchError` unless ``delta`` was made against this model's base."""
+        expected = delta.manifest.base.fingerprint
+        if expected is None:
+            warnings.warn(f"{delta.directory} records no base fingerprint; its base cannot be verified", stacklevel=4)
+            return
+        if self._fingerprint is None:  # computed once, from the base values even while an adapter is active
+            self._fingerprint = (self.base.fingerprint() if self.base is not None
+                                 else _model_fingerprint(self.model, expected, self.base_vectors))
+        label = str(self.base.directory) if self.base is not None else "given to attach_deltas"
+        check_fingerprint(expected, self._fingerprint, label)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors the adapters hold (besides the shared base)."""
+        return sum(a.nbytes for a in self.adapters.values())
+
+    def __repr__(self) -> str:
+        return f"OnTheFlyDeltas(adapters={sorted(self.adapters)}, active={self.active!r})"
+
+
+
+
+def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping[str, torch.Tensor]) -> dict:
+    """The fingerprint of the base held by ``model`` as it would be saved (tied copies left out,
+    swapped vectors at their base values), each tensor cast back to the dtype the recorded
+    fingerprint names, which is exact where the model holds a wider dtype; a narrower one cannot be
+    checked from memory."""
+    tied = _tied_names(model)
+    want = recorded["tensors"]
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in tied:
+            continue
+        tensor = base_vectors.get(name, tensor)
+        stored = want.get(name, {}).get("dtype")
+        if not tensor.is_floating_point() or stored not in SAFETENSORS_DTYPES:
+            state[name] = tensor
+            continue
+        if not holds_exactly(tensor.dtype, stored):
+            raise BaseMismatchError(
+                f"the model holds {name!r} as {tensor.dtype}, which cannot be checked against the {stored} it was saved as",
+                expected=f"{stored} or a wider dtype", found=str(tensor.dtype),
+                fix="pass base=<the base checkpoint directory> so its files are fingerprinted, or verify_base=False",
+            )
+        state[name] = tensor.to(SAFETENSORS_DTYPES[stored])
+    return fingerprint_state_dict(state)
+
+
+def _owners(model) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """For each tensor of the model (by id), every (module path, module, attribute) holding it."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                owners.setdefault(id(tensor), []).append((path, module, attr))
+    return owners
