@@ -50,7 +50,7 @@ def _add_method_options(c: argparse.ArgumentParser) -> None:
     for name, (spec, helps) in method_parameters().items():
         text = "; ".join(f"{help_text} [{', '.join(methods)}]" for help_text, methods in helps.items())
         m.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(spec.parse), choices=spec.choices,
-                       metavar=spec.metavar, help=text)
+                       metavar=spec.metavar, default=argparse.SUPPRESS, help=text)  # each method has its default
 
 
 def _delta_and_base(sub: argparse.ArgumentParser, base_help: str) -> None:
@@ -175,7 +175,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     from .methods import method_parameters
 
-    params: dict[str, Any] = {k: getattr(args, k) for k in method_parameters() if getattr(args, k) is not None}
+    params: dict[str, Any] = {k: getattr(args, k) for k in method_parameters() if hasattr(args, k)}
     texts = read_calibration_file(args.calibration_file) if args.calibration_file else None
     tokenizer = None
     if args.tokenizer:

@@ -123,7 +123,8 @@ def param(default: Any, *, help: str, parse: Callable[[str], Any] | None = None,
     """
     if parse is None:
         if choices is None and default is None:
-            raise TypeError("param() needs parse= when the default is None")
+            raise InvalidArgumentError("param() needs parse= when the default is None", expected="parse=int, float, ...",
+                                       found="no parser and no default to take one from")
         parse = str if choices is not None else type(default)
     spec = Param(help, parse, None if choices is None else tuple(choices), metavar)
     return field(default=default, metadata={_PARAM: spec})

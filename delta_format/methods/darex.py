@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from ..compression.calibration import Calibration
 
 Q_MODES = ("auto", "output")
+parse_q = number_or(*Q_MODES)
+"""``q`` from text: a positive number, or one of `Q_MODES`."""
 
 
 def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
@@ -70,7 +72,7 @@ class DarexMethod(EditMethod, name="darex"):
     tags: ClassVar[tuple[str, ...]] = ("dare", "darex")
     uses_seed: ClassVar[bool] = True
     p: float = drop_rate(0.9)
-    q: float | str = param("auto", parse=number_or(*Q_MODES), metavar="Q|auto|output",
+    q: float | str = param("auto", parse=parse_q, metavar="Q|auto|output",
                            help="DAREx-q: rescale kept entries by 1/Q; 'auto' picks the MSE-optimal q per tensor "
                                 "from activations on the calibration texts, 'output' one q minimising the logit error")
     grid: int = param(16, help="points of the geometric grid searched for q='output'")
@@ -79,12 +81,11 @@ class DarexMethod(EditMethod, name="darex"):
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
         if isinstance(self.q, str):
-            if self.q not in Q_MODES:
-                try:
-                    self.q = float(self.q)
-                except ValueError:
-                    raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
-                                               found=repr(self.q)) from None
+            try:
+                self.q = parse_q(self.q)
+            except ValueError:
+                raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
+                                           found=repr(self.q)) from None
         if not isinstance(self.q, str):
             self.q = check_positive(self.name, "q", self.q)
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 3:

@@ -120,9 +120,9 @@ class SparseEncoding(Encoding, name=SPARSE):
 
         Which entries are kept: for the seeded coding, the seeded mask of ``name``; for the
         explicit codings, ``positions`` (sorted, unique flat positions) or ``keep`` (a bool tensor
-        of ``delta``'s shape), whichever the caller has. A caller holding both, the seeded
-        positions already generated (`positions`), or the kept ``values`` in position order
-        passes them too, which spares computing them again."""
+        of ``delta``'s size), whichever the caller has. What the caller already holds spares
+        computing it again: the seeded mask's positions (from `positions`), ``keep`` besides
+        ``positions`` (the bitmask is packed from it), the kept ``values`` in position order."""
         flat = delta.reshape(-1)
         if positions is None and (values is None or self.index_coding == INDEX_GAPS
                                   or (self.index_coding == INDEX_BITMASK and keep is None)):
