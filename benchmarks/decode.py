@@ -49,18 +49,18 @@ def encoded(rows: int, cols: int, device):
     delta = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 1e-3
     explicit = kept_positions(rows * cols, 0.9, 1, "w")  # the same 10 % for every sparse coding
     cases = [
-        ("dense bf16", DenseEncoding(), DenseEncoding().encode(delta, torch.bfloat16)),
+        ("dense bf16", DenseEncoding(), DenseEncoding().encode(delta, dtype=torch.bfloat16)),
         ("sparse seeded p=0.9", SparseEncoding("seeded", scale=10.0, seed=1, p=0.9), None),
         ("sparse gaps 10 %", SparseEncoding("gaps", scale=10.0), None),
         ("sparse bitmask 10 %", SparseEncoding("bitmask", scale=10.0), None),
         ("sign per tensor", SignEncoding("tensor"), SignEncoding("tensor").encode(delta)),
         ("sign per row", SignEncoding("row"), SignEncoding("row").encode(delta)),
-        ("lowrank r=16", LowRankEncoding(16), LowRankEncoding(16).encode(*LowRankEncoding.factorize(delta, 16))),
+        ("lowrank r=16", LowRankEncoding(16), LowRankEncoding(16).encode(delta)),
     ]
     for label, enc, stored in cases:
         if stored is None:
-            indices = None if enc.index_coding == "seeded" else explicit
-            stored = enc.encode(delta, "w", indices, dtype=torch.bfloat16)
+            positions = None if enc.index_coding == "seeded" else explicit
+            stored = enc.encode(delta, name="w", positions=positions, dtype=torch.bfloat16)
         yield label, enc, {key: value.to(device) for key, value in stored.items()}
 
 

@@ -8,37 +8,58 @@ exit status 1, never a traceback; ``verify`` exits 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import DeltaFormatError, InvalidArgumentError
 from .io.sizes import format_bytes
 
-METHOD_CHOICES = ("dense", "dare", "darex", "magnitude", "importance", "structural", "sign", "lowrank", "lora")
 
-_METHOD_FLAGS = ("p", "k", "q", "scale", "axis", "rank", "energy", "distill_steps")
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ``ValueError`` becomes a usage error with its message."""
 
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _q_value(text: str) -> float | str:
-    if text in ("auto", "output"):
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'output', got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"q must be a positive number, got {text!r}")
-    return value
+    return convert
 
 
 def _rule(text: str) -> tuple[str, str]:
+    from .methods import METHODS
+
     pattern, sep, method = text.rpartition("=")
-    if not sep or not pattern or method not in METHOD_CHOICES:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=METHOD with METHOD one of {', '.join(METHOD_CHOICES)}, "
+    if not sep or not pattern or method not in METHODS:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=METHOD with METHOD one of {', '.join(METHODS)}, "
                                          f"got {text!r}")
     return pattern, method
+
+
+def _add_method_options(c: argparse.ArgumentParser) -> None:
+    """``--method`` and one flag per method parameter, all from the method registry: a method
+    registered anywhere (even by a test) is offered with its own parameters."""
+    from .methods import METHODS, method_parameters
+
+    described = ", ".join(f"{name} ({cls.summary})" if cls.summary else name for name, cls in METHODS.items())
+    c.add_argument("--method", choices=list(METHODS), default="dare",
+                   help=f"edit method for tensors no --rule names: {described}")
+    m = c.add_argument_group("method parameters (each goes to every method in use that takes it)")
+    for name, (spec, helps) in method_parameters().items():
+        text = "; ".join(f"{help_text} [{', '.join(methods)}]" for help_text, methods in helps.items())
+        m.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(spec.parse), choices=spec.choices,
+                       metavar=spec.metavar, default=argparse.SUPPRESS, help=text)  # each method has its default
+
+
+def _delta_and_base(sub: argparse.ArgumentParser, base_help: str) -> None:
+    """DELTA and where it and its base come from (``apply`` and ``verify``)."""
+    sub.add_argument("delta", metavar="DELTA", help="delta directory or Hub repo id")
+    sub.add_argument("--base", help=base_help)
+    sub.add_argument("--revision", help="revision of the delta on the Hub")
+    sub.add_argument("--base-revision", help="revision of --base on the Hub")
+    sub.add_argument("--token", help="Hugging Face token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,24 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("base", metavar="BASE", help="the base model (directory or Hub repo id)")
     c.add_argument("finetune", metavar="FINETUNE", help="the fine-tuned model, or a LoRA adapter")
     c.add_argument("out", metavar="OUT", help="output directory (published atomically)")
-    c.add_argument("--method", choices=METHOD_CHOICES, default="dare",
-                   help="edit method for tensors no --rule names: dense (lossless), dare (drop and rescale), "
-                        "darex (DARE with rescale 1/q), magnitude / importance (keep the largest entries), "
-                        "structural (keep whole rows or columns), sign (BitDelta), lowrank (truncated SVD), "
-                        "lora (a LoRA adapter's own factors)")
-    m = c.add_argument_group("method parameters (each goes to every method in use that takes it)")
-    m.add_argument("--p", type=float, help="drop rate: fraction of delta entries (rows for structural) dropped "
-                                           "[dare, darex, magnitude, importance, structural]")
-    m.add_argument("--k", type=float, help="DARE rescale factor k: kept entries are scaled by k/(1-p) [dare]")
-    m.add_argument("--q", type=_q_value, metavar="Q|auto|output",
-                   help="DAREx-q: rescale kept entries by 1/Q; 'auto' picks the MSE-optimal q per tensor from "
-                        "activations on the calibration texts, 'output' one q minimising the logit error [darex]")
-    m.add_argument("--scale", choices=("tensor", "row"), help="sign scale per tensor or per row [sign]")
-    m.add_argument("--axis", choices=("row", "column"), help="prune whole rows or columns [structural]")
-    m.add_argument("--rank", type=int, help="rank of the truncated SVD [lowrank]")
-    m.add_argument("--energy", type=float, help="keep the smallest rank holding this fraction of ||delta||^2 [lowrank]")
-    m.add_argument("--distill-steps", type=int, dest="distill_steps",
-                   help="Adam steps distilling the sign scales on the calibration texts [sign]")
+    _add_method_options(c)
     c.add_argument("--alpha", type=float, default=1.0,
                    help="coefficient stored with every delta: >1 extrapolates (EXPO), <1 interpolates")
     c.add_argument("--seed", type=int, default=0, help="seed of DARE's masks")
@@ -112,18 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = commands.add_parser("apply", help="write base + delta as a full safetensors checkpoint",
                             description="Reconstruct the fine-tune from DELTA and its base and write it to OUT as a "
                                         "normal checkpoint (safetensors + config + tokenizer) that transformers loads.")
-    a.add_argument("delta", metavar="DELTA", help="delta directory or Hub repo id")
+    _delta_and_base(a, "base model to use instead of the one the delta names")
     a.add_argument("out", metavar="OUT", help="output checkpoint directory (published atomically)")
-    a.add_argument("--base", help="base model to use instead of the one the delta names")
     a.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    help="cast every floating tensor to this dtype (default: keep each tensor's)")
     a.add_argument("--alpha-scale", type=float, default=1.0, help="multiply every stored alpha (EXPO at apply time)")
     a.add_argument("--no-verify-base", action="store_true",
                    help="do not check the base's fingerprint (a wrong base gives wrong weights silently)")
     a.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard")
-    a.add_argument("--revision", help="revision of the delta on the Hub")
-    a.add_argument("--base-revision", help="revision of --base on the Hub")
-    a.add_argument("--token", help="Hugging Face token")
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a.set_defaults(run=_apply)
 
@@ -131,11 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Check that DELTA's files match their checksums, that every tensor decodes, "
                                         "and that the base (--base, or the one the delta names, if it can be found) "
                                         "has the recorded fingerprint. Exits 0 if everything checked passes, else 1.")
-    v.add_argument("delta", metavar="DELTA", help="delta directory or Hub repo id")
-    v.add_argument("--base", help="base model to check (default: the one the delta names)")
-    v.add_argument("--revision", help="revision of the delta on the Hub")
-    v.add_argument("--base-revision", help="revision of --base on the Hub")
-    v.add_argument("--token", help="Hugging Face token")
+    _delta_and_base(v, "base model to check (default: the one the delta names)")
     v.set_defaults(run=_verify)
 
     p = commands.add_parser("push", help="upload a delta to the Hub with its model card",
@@ -177,7 +173,9 @@ def read_calibration_file(path: Path) -> list[str]:
 def _compress(args: argparse.Namespace) -> int:
     from .compression.pipeline import compress
 
-    params: dict[str, Any] = {k: getattr(args, k) for k in _METHOD_FLAGS if getattr(args, k) is not None}
+    from .methods import method_parameters
+
+    params: dict[str, Any] = {k: getattr(args, k) for k in method_parameters() if hasattr(args, k)}
     texts = read_calibration_file(args.calibration_file) if args.calibration_file else None
     tokenizer = None
     if args.tokenizer:
@@ -198,20 +196,6 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoding_label(entry) -> str:
-    config = entry.encoding.to_dict()
-    name = entry.encoding.name
-    if name == "sparse":
-        coding = config["index_coding"]
-        detail = f"{coding} p={config['p']:g}" if coding == "seeded" else coding
-        return f"sparse({detail}, x{config['scale']:.4g})"
-    if name == "sign":
-        return f"sign({config['scale']})"
-    if name == "lowrank":
-        return f"lowrank(r={config['rank']})"
-    return name
-
-
 def _inspect(args: argparse.Namespace) -> int:
     from .io.checkpoint import resolve_repo
     from .io.reader import DeltaReader
@@ -229,7 +213,7 @@ def _inspect(args: argparse.Namespace) -> int:
         rows = []
         for name, entry in manifest.tensors.items():
             err = entry.stats.get("rel_error")
-            rows.append((name, _encoding_label(entry), "x".join(map(str, entry.shape)) or "scalar", entry.dtype,
+            rows.append((name, entry.encoding.label(), "x".join(map(str, entry.shape)) or "scalar", entry.dtype,
                          f"{entry.alpha:g}", str(entry.stats.get("stored_bytes", 0)),
                          "-" if err is None else f"{err:.4g}"))
         header = ("tensor", "encoding", "shape", "dtype", "alpha", "bytes", "rel.err")

@@ -60,13 +60,12 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
 
         add("dense.w", DenseEncoding(), DenseEncoding().encode(torch.randn(8, 6, generator=g)))
         enc = SparseEncoding("seeded", scale=10.0, seed=2**40 + 3, p=0.9)
-        add("seeded.w", enc, enc.encode(torch.randn(16, 16, generator=g), "seeded.w", dtype=torch.bfloat16), "bfloat16")
+        add("seeded.w", enc, enc.encode(torch.randn(16, 16, generator=g), name="seeded.w", dtype=torch.bfloat16), "bfloat16")
         idx = torch.tensor([0, 3, 17, 64, 119])
-        add("gaps.w", SparseEncoding("gaps", scale=2.0), SparseEncoding("gaps", scale=2.0).encode(torch.randn(12, 10, generator=g), "gaps.w", idx))
-        add("bitmask.w", SparseEncoding("bitmask"), SparseEncoding("bitmask").encode(torch.randn(10, 9, generator=g), "bitmask.w", idx[:4]), "float16")
+        add("gaps.w", SparseEncoding("gaps", scale=2.0), SparseEncoding("gaps", scale=2.0).encode(torch.randn(12, 10, generator=g), name="gaps.w", positions=idx))
+        add("bitmask.w", SparseEncoding("bitmask"), SparseEncoding("bitmask").encode(torch.randn(10, 9, generator=g), name="bitmask.w", positions=idx[:4]), "float16")
         add("sign.w", SignEncoding("row"), SignEncoding("row").encode(torch.randn(9, 7, generator=g)), alpha=1.5)
-        u, v = LowRankEncoding.factorize(torch.randn(10, 8, generator=g), 2)
-        add("lowrank.w", LowRankEncoding(2), LowRankEncoding(2).encode(u, v))
+        add("lowrank.w", LowRankEncoding(2), LowRankEncoding(2).encode(torch.randn(10, 8, generator=g)))
         add("new.head", ReplaceEncoding(), ReplaceEncoding().encode(torch.randn(3, 4, generator=g)))
 
 

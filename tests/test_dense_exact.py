@@ -39,7 +39,7 @@ def test_dense_delta_rebuilds_every_llama_parameter_bit_for_bit(tmp_path, dtype)
     with DeltaWriter(tmp_path / "delta", base=BaseReference(local_path="base"), method="dense") as writer:
         for name, b in base.items():
             delta = finetune[name].float() - b.float()
-            writer.add(name, TensorEntry(enc, tuple(b.shape), DTYPE_NAMES[dtype]), enc.encode(delta, torch.float32))
+            writer.add(name, TensorEntry(enc, tuple(b.shape), DTYPE_NAMES[dtype]), enc.encode(delta, dtype=torch.float32))
     changed = 0
     with DeltaReader(tmp_path / "delta") as reader:
         assert set(reader) == set(base)

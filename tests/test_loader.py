@@ -72,7 +72,7 @@ def sign_or_dense(name, delta):
 def dare(name, delta):
     if delta.dim() == 2:
         enc = SparseEncoding("seeded", scale=1 / 0.5, seed=3, p=0.5)
-        return enc, enc.encode(delta, name)
+        return enc, enc.encode(delta, name=name)
     return dense(name, delta)
 
 

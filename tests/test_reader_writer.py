@@ -42,11 +42,11 @@ def params() -> dict[str, tuple[TensorEntry, dict[str, torch.Tensor]]]:
     idx = torch.tensor([0, 5, 17, 79])
     return {
         "dense.w": (TensorEntry(DenseEncoding(), (8, 10), "float32"), DenseEncoding().encode(d)),
-        "gaps.w": (TensorEntry(SparseEncoding("gaps", 2.0), (8, 10), "float32"), SparseEncoding("gaps", 2.0).encode(d, "gaps.w", idx)),
-        "mask.w": (TensorEntry(SparseEncoding("bitmask"), (8, 10), "float16"), SparseEncoding("bitmask").encode(d, "mask.w", idx, torch.float16)),
-        "seeded.w": (TensorEntry(seeded, (30, 30), "bfloat16"), seeded.encode(tensor((30, 30), 2), "seeded.w", dtype=torch.bfloat16)),
+        "gaps.w": (TensorEntry(SparseEncoding("gaps", 2.0), (8, 10), "float32"), SparseEncoding("gaps", 2.0).encode(d, name="gaps.w", positions=idx)),
+        "mask.w": (TensorEntry(SparseEncoding("bitmask"), (8, 10), "float16"), SparseEncoding("bitmask").encode(d, name="mask.w", positions=idx, dtype=torch.float16)),
+        "seeded.w": (TensorEntry(seeded, (30, 30), "bfloat16"), seeded.encode(tensor((30, 30), 2), name="seeded.w", dtype=torch.bfloat16)),
         "sign.w": (TensorEntry(sign, (5, 13), "float32", alpha=1.5), sign.encode(tensor((5, 13), 3))),
-        "lowrank.w": (TensorEntry(lowrank, (8, 10), "float32"), lowrank.encode(*lowrank.factorize(d, 2))),
+        "lowrank.w": (TensorEntry(lowrank, (8, 10), "float32"), lowrank.encode(d)),
         "new.head": (TensorEntry(ReplaceEncoding(), (3, 4), "float32"), ReplaceEncoding().encode(tensor((3, 4), 4))),
     }
 

@@ -40,20 +40,20 @@ def parts_for(kind: str, seed: int):
     delta = random(SHAPE, seed, 1e-2)
     if kind == "dense":
         enc = DenseEncoding()
-        return enc, enc.encode(delta, torch.bfloat16)
+        return enc, enc.encode(delta, dtype=torch.bfloat16)
     if kind in ("sign-tensor", "sign-row"):
         enc = SignEncoding(kind.removeprefix("sign-"))
         return enc, enc.encode(delta)
     if kind == "lowrank":
         enc = LowRankEncoding(3)
-        return enc, enc.encode(*LowRankEncoding.factorize(delta, 3))
+        return enc, enc.encode(delta)
     if kind == "seeded":
         enc = SparseEncoding("seeded", scale=1 / 0.1, seed=seed, p=0.9)
-        return enc, enc.encode(delta, "w", dtype=torch.bfloat16)
+        return enc, enc.encode(delta, name="w", dtype=torch.bfloat16)
     coding = kind.removeprefix("sparse-")
     positions = (random(SHAPE, seed + 1).reshape(-1) > 0.8).nonzero().view(-1)
     enc = SparseEncoding(coding, scale=2.0)
-    return enc, enc.encode(delta, "w", positions, dtype=torch.float16)
+    return enc, enc.encode(delta, name="w", positions=positions, dtype=torch.float16)
 
 
 KINDS = ["dense", "sign-tensor", "sign-row", "lowrank", "seeded", "sparse-gaps", "sparse-bitmask"]

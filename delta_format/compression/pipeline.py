@@ -704,7 +704,7 @@ def _edit_one(name: str, method: EditMethod, base_src, ft_src, context_for: _Con
     if context.finetune.dtype != context.base.dtype and not bool(delta.any()):
         # equal values in another dtype: a zero-byte entry records the dtype
         encoding = SparseEncoding("gaps")
-        edit = Edit(encoding, encoding.encode(delta, name, indices=torch.empty(0, dtype=torch.int64),
+        edit = Edit(encoding, encoding.encode(delta, name=name, positions=torch.empty(0, dtype=torch.int64),
                                               dtype=context.value_dtype), {"reason": "dtype change only"}, lossless=True)
     else:
         edit = method.edit(name, delta, context)

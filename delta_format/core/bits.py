@@ -44,12 +44,17 @@ def check_packed(packed: torch.Tensor, numel: int) -> None:
         )
 
 
+def bit_range(packed: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Flags ``first`` to ``last - 1`` of packed bits as a uint8 tensor of 0s and 1s (no checks)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[first // 8 : (last + 7) // 8].unsqueeze(1) >> shifts) & 1
+    return bits.view(-1)[first % 8 : first % 8 + last - first]
+
+
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first ``numel`` flags as a bool tensor on ``packed``'s device."""
     check_packed(packed, numel)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.view(-1)[:numel].bool()
+    return bit_range(packed, 0, numel).bool()
 
 
 def count_bits(packed: torch.Tensor) -> int:
@@ -68,3 +73,17 @@ def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
         _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
     return _SIGN_TABLES[key]
+
+
+def expand_signs(bits: torch.Tensor, first: int, last: int, table: torch.Tensor) -> torch.Tensor:
+    """Elements ``first`` to ``last - 1`` of packed sign bits as ``+1``/``-1`` (bit 1 is ``+``),
+    flat: one gather from the 256 x 8 ``table`` (`sign_table`, optionally times a per-tensor
+    scale folded in) per byte, far cheaper than per-bit shifts. The one sign expansion that
+    decoding, row-wise loading and on-the-fly products share."""
+    signs = torch.index_select(table, 0, bits[first // 8 : (last + 7) // 8].to(torch.int32))
+    return signs.view(-1)[first % 8 : first % 8 + last - first]
+
+
+def signs_at(bits: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``+1``/``-1`` at arbitrary flat ``positions`` (random access, e.g. embedding rows)."""
+    return ((bits[positions >> 3] >> (positions & 7)) & 1).to(dtype).mul_(2).sub_(1)

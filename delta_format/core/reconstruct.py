@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .dtypes import TORCH_DTYPES, compute_dtype
-from .encodings import DenseEncoding
+from .encodings import DenseEncoding, ReplaceEncoding
 from .encodings.base import matrix_shape
 from ..errors import BaseMismatchError, NumericalError
 from .manifest import TensorEntry
@@ -51,9 +51,9 @@ def reconstruct(
     """
     if entry.encoding.is_delta:  # a decoded delta is a dense one: same arithmetic, same bits
         entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha)
-        stored = {"delta": decoded}
+        stored = {DenseEncoding.DELTA: decoded}
     else:
-        stored = {"value": decoded}
+        stored = {ReplaceEncoding.VALUE: decoded}
     return reconstruct_stored(name, [(entry, stored, alpha_scale)], base, dtype=dtype or TORCH_DTYPES[entry.dtype])
 
 

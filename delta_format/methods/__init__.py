@@ -1,4 +1,4 @@
-"""The edit methods, by name (PEFT-style registry). Adding a method is one module and one entry.
+"""The edit methods, by name (PEFT-style registry). Adding a method is one module and its import below.
 
 Each method is a dataclass of its parameters with an ``edit(name, delta, context) -> Edit`` hook
 (`delta_format.methods.base`); it knows nothing about files or the Hub.
@@ -23,20 +23,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext
+from .base import METHODS, Edit, EditMethod, Param, TensorContext, method_parameters, param
+
+# Importing a method's module registers it; this order is the order the command line lists them.
+from .dense import DenseMethod
 from .dare import DareMethod
 from .darex import DarexMethod
-from .dense import DenseMethod
-from .lowrank import LoraMethod, LowRankMethod
 from .magnitude import ImportanceMethod, MagnitudeMethod
-from .sign import SignMethod
 from .structural import StructuralMethod
-
-METHODS: dict[str, type[EditMethod]] = {
-    cls.name: cls
-    for cls in (DenseMethod, DareMethod, DarexMethod, MagnitudeMethod, ImportanceMethod, StructuralMethod,
-                SignMethod, LowRankMethod, LoraMethod)
-}
+from .sign import SignMethod
+from .lowrank import LoraMethod, LowRankMethod
 
 
 def get_method(name: str, **params: Any) -> EditMethod:
@@ -58,6 +54,7 @@ def get_method(name: str, **params: Any) -> EditMethod:
 
 
 __all__ = [
-    "METHODS", "get_method", "Edit", "EditMethod", "TensorContext", "DenseMethod", "DareMethod", "DarexMethod",
-    "MagnitudeMethod", "ImportanceMethod", "StructuralMethod", "SignMethod", "LowRankMethod", "LoraMethod",
+    "METHODS", "get_method", "method_parameters", "param", "Param", "Edit", "EditMethod", "TensorContext",
+    "DenseMethod", "DareMethod", "DarexMethod", "MagnitudeMethod", "ImportanceMethod", "StructuralMethod",
+    "SignMethod", "LowRankMethod", "LoraMethod",
 ]

@@ -10,6 +10,10 @@ comes in a `TensorContext`.
 Methods that choose something for the whole model at once (DAREx-q's global rescale, BitDelta's
 distilled scales) do it in `EditMethod.prepare`, which the compressor calls once, with the
 calibration session, before it streams the tensors.
+
+Subclassing registers a method (``class DareMethod(EditMethod, name="dare")`` fills `METHODS`),
+and its parameters are dataclass fields declared with `param`, whose help text, parser and
+choices are all the command line needs to offer them (`method_parameters`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
 from ..core.encodings import Encoding, SparseEncoding
+from ..core.registry import Registered, Registry
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -60,7 +65,7 @@ def scattered(encoding: SparseEncoding, values: torch.Tensor, shape: tuple[int, 
 
     def decode(dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros(shape, dtype=dtype, device=values.device)
-        out[where] = encoding._scaled(values, dtype).view(laid_out)
+        out[where] = encoding.scaled_values(values, dtype).view(laid_out)
         return out.view(-1)
 
     return decode
@@ -90,15 +95,78 @@ TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]
 """Re-iterable stream of (name, float32 delta, context) over the parameters a method edits."""
 
 
-class EditMethod:
+@dataclass(frozen=True)
+class Param:
+    """What the command line needs to offer a method parameter (see `param`)."""
+
+    help: str
+    parse: Callable[[str], Any]
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+_PARAM = "delta_format.param"
+
+
+def param(default: Any, *, help: str, parse: Callable[[str], Any] | None = None,
+          choices: Sequence[str] | None = None, metavar: str | None = None) -> Any:
+    """A method parameter: a dataclass field with its command-line description.
+
+    ``parse`` turns the flag's text into the value (default: the default's type, ``str`` with
+    ``choices``) and raises ``ValueError`` on bad text; ``help`` says what it does.
+
+    Example::
+
+        @dataclass
+        class StructuralMethod(EditMethod, name="structural"):
+            axis: str = param("row", help="prune whole rows or columns", choices=("row", "column"))
+    """
+    if parse is None:
+        if choices is None and default is None:
+            raise InvalidArgumentError("param() needs parse= when the default is None", expected="parse=int, float, ...",
+                                       found="no parser and no default to take one from")
+        parse = str if choices is not None else type(default)
+    spec = Param(help, parse, None if choices is None else tuple(choices), metavar)
+    return field(default=default, metadata={_PARAM: spec})
+
+
+def number_or(*words: str) -> Callable[[str], float | str]:
+    """A parser of a positive number or one of ``words`` (e.g. DAREx-q's ``q``)."""
+
+    def parse(text: str) -> float | str:
+        if text in words:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"expected a positive number or one of {', '.join(words)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def drop_rate(default: float, what: str = "delta entries") -> Any:
+    """The parameter ``p`` of the pruning methods, checked by `check_drop_rate`."""
+    return param(default, help=f"drop rate: fraction of {what} dropped")
+
+
+METHODS: Registry["EditMethod"] = Registry("edit method")
+"""Every registered method by name, filled by subclassing `EditMethod` with a name."""
+
+
+class EditMethod(Registered):
     """Base class: subclasses are dataclasses whose fields are the method's parameters.
 
-    Subclasses set ``name`` and implement `edit`; they validate their fields in
+    ``class X(EditMethod, name="x")`` registers ``X`` in `METHODS` (a name already taken is
+    refused). Subclasses implement `edit`, declare parameters with `param`, validate them in
     ``__post_init__`` (raising `InvalidArgumentError`), and may override `prepare` and
-    `needs_calibration`.
+    `needs_calibration`. ``summary`` is the few words the command line's help shows.
     """
 
-    name: ClassVar[str]
+    registry = METHODS
+    summary: ClassVar[str] = ""
     tags: ClassVar[tuple[str, ...]] = ()
     """Hub tags the model card adds for this method (besides ``delta-format:<name>``)."""
     uses_seed: ClassVar[bool] = False
@@ -128,6 +196,32 @@ class EditMethod:
     @classmethod
     def param_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+    @classmethod
+    def declared_params(cls) -> dict[str, Param]:
+        """The parameters declared with `param`, by name."""
+        return {f.name: f.metadata[_PARAM] for f in dataclasses.fields(cls) if _PARAM in f.metadata}
+
+
+def method_parameters() -> dict[str, tuple[Param, dict[str, list[str]]]]:
+    """Every declared parameter across the registered methods: its `Param` (the first
+    declaration's parser, choices and metavar) and the methods taking it, grouped by help text.
+
+    Raises:
+        InvalidArgumentError: two methods parse one parameter name differently (one flag cannot
+            serve both).
+    """
+    out: dict[str, tuple[Param, dict[str, list[str]]]] = {}
+    for method, cls in METHODS.items():
+        for pname, spec in cls.declared_params().items():
+            first, helps = out.setdefault(pname, (spec, {}))
+            if (spec.parse, spec.choices, spec.metavar) != (first.parse, first.choices, first.metavar):
+                raise InvalidArgumentError(f"methods declare the parameter {pname!r} differently",
+                                           expected="one parser and one set of choices per parameter name",
+                                           found=f"{method} and {next(iter(helps.values()))[0]}",
+                                           fix="rename the parameter of one of them")
+            helps.setdefault(spec.help, []).append(method)
+    return out
 
 
 def check_drop_rate(method: str, p: float, *, allow_zero: bool = True) -> float:

@@ -17,21 +17,21 @@ import torch
 
 from ..core.constants import INDEX_SEEDED
 from ..core.encodings import SparseEncoding
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive, scattered
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive, drop_rate, param, scattered
 
 
 def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float) -> Edit:
     """Keep the seeded mask's entries of ``delta`` (values stored raw) with rescale ``scale``."""
     encoding = SparseEncoding(INDEX_SEEDED, scale=scale, seed=context.seed, p=p)
-    # What encoding.encode stores, with the positions kept for measuring the error (generated once).
+    # The positions are generated once: encode stores their values, the decoder scatters them back.
     positions = encoding.positions(delta.numel(), name, delta.device)
-    stored = {"values": delta.reshape(-1)[positions].to(context.value_dtype).contiguous()}
+    stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions)
     return Edit(encoding, stored, {"kept": int(positions.numel()), "rescale": scale},
-                decoder=scattered(encoding, stored["values"], (delta.numel(),), positions))
+                decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions))
 
 
 @dataclass
-class DareMethod(EditMethod):
+class DareMethod(EditMethod, name="dare"):
     """DARE: keep each entry with probability ``1 - p``, rescale by ``k / (1 - p)``.
 
     Example:
@@ -41,11 +41,11 @@ class DareMethod(EditMethod):
         (4.0, True)
     """
 
-    name: ClassVar[str] = "dare"
+    summary: ClassVar[str] = "drop and rescale"
     tags: ClassVar[tuple[str, ...]] = ("dare",)
     uses_seed: ClassVar[bool] = True
-    p: float = 0.9
-    k: float = 1.0
+    p: float = drop_rate(0.9)
+    k: float = param(1.0, help="DARE rescale factor k: kept entries are scaled by k/(1-p)")
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)

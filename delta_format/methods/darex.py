@@ -32,13 +32,17 @@ import torch
 from ..core.constants import INDEX_SEEDED
 from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext, TensorStream, check_drop_rate, check_positive
+from .base import (
+    Edit, EditMethod, TensorContext, TensorStream, check_drop_rate, check_positive, drop_rate, number_or, param,
+)
 from .dare import seeded_edit
 
 if TYPE_CHECKING:
     from ..compression.calibration import Calibration
 
 Q_MODES = ("auto", "output")
+parse_q = number_or(*Q_MODES)
+"""``q`` from text: a positive number, or one of `Q_MODES`."""
 
 
 def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
@@ -54,7 +58,7 @@ def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
 
 
 @dataclass
-class DarexMethod(EditMethod):
+class DarexMethod(EditMethod, name="darex"):
     """DAREx-q: DARE's seeded mask with rescale ``1/q``; ``q`` a number, ``"auto"`` (per tensor,
     from activation statistics) or ``"output"`` (global, by logit MSE). Default: ``"auto"``.
 
@@ -64,23 +68,24 @@ class DarexMethod(EditMethod):
         20.0
     """
 
-    name: ClassVar[str] = "darex"
+    summary: ClassVar[str] = "DARE with rescale 1/q"
     tags: ClassVar[tuple[str, ...]] = ("dare", "darex")
     uses_seed: ClassVar[bool] = True
-    p: float = 0.9
-    q: float | str = "auto"
-    grid: int = 16
+    p: float = drop_rate(0.9)
+    q: float | str = param("auto", parse=parse_q, metavar="Q|auto|output",
+                           help="DAREx-q: rescale kept entries by 1/Q; 'auto' picks the MSE-optimal q per tensor "
+                                "from activations on the calibration texts, 'output' one q minimising the logit error")
+    grid: int = param(16, help="points of the geometric grid searched for q='output'")
     _global_q: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
         if isinstance(self.q, str):
-            if self.q not in Q_MODES:
-                try:
-                    self.q = float(self.q)
-                except ValueError:
-                    raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
-                                               found=repr(self.q)) from None
+            try:
+                self.q = parse_q(self.q)
+            except ValueError:
+                raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
+                                           found=repr(self.q)) from None
         if not isinstance(self.q, str):
             self.q = check_positive(self.name, "q", self.q)
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 3:

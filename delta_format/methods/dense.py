@@ -69,7 +69,7 @@ def reconstructs(base: torch.Tensor, stored_delta: torch.Tensor, finetune: torch
 
 
 @dataclass
-class DenseMethod(EditMethod):
+class DenseMethod(EditMethod, name="dense"):
     """Lossless: ``Δ`` stored as is (narrowest dtype that reproduces the fine-tune), or the
     fine-tuned tensor itself where no stored delta does.
 
@@ -80,7 +80,7 @@ class DenseMethod(EditMethod):
         ('dense', [0.5, 0.0], True)
     """
 
-    name: ClassVar[str] = "dense"
+    summary: ClassVar[str] = "lossless"
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         base, ft = context.base, context.finetune
@@ -90,14 +90,16 @@ class DenseMethod(EditMethod):
         arithmetic = compute_dtype(ft.dtype)
         candidates = [context.value_dtype] if context.value_dtype.itemsize < arithmetic.itemsize else []
         candidates.append(arithmetic)
+        dense = DenseEncoding()
         for dtype in candidates:
             if reconstructs(base, delta, ft, dtype):
-                return Edit(DenseEncoding(), {"delta": delta.to(dtype).contiguous()}, {"lossless": True}, lossless=True)
+                return Edit(dense, dense.encode(delta, dtype=dtype), {"lossless": True}, lossless=True)
         if context.alpha != 1.0:
-            return Edit(DenseEncoding(), {"delta": delta.to(arithmetic).contiguous()}, {"exact_at_alpha_1": False})
+            return Edit(dense, dense.encode(delta, dtype=arithmetic), {"exact_at_alpha_1": False})
         misses = differing_bits(base.to(arithmetic, copy=True).add_(delta.to(arithmetic)).to(ft.dtype), ft)
+        replace = ReplaceEncoding()
         return Edit(
-            ReplaceEncoding(), {"value": ft.contiguous()},
+            replace, replace.encode(ft),
             {"lossless": True, "fallback": "replace",
              "reason": f"base + delta does not round back to the fine-tune at {misses} of {ft.numel()} entries"},
             lossless=True,

@@ -26,7 +26,7 @@ import torch
 from ..core.encodings import LowRankEncoding
 from ..core.encodings.base import rows_cols
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext
+from .base import Edit, EditMethod, TensorContext, param
 from .dense import DenseMethod
 
 
@@ -44,14 +44,14 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return max(1, min(int((cumulative < energy * cumulative[-1]).sum()) + 1, singular_values.numel()))
 
 
-def _lowrank_edit(u: torch.Tensor, v: torch.Tensor, context: TensorContext, stats: dict) -> Edit:
+def _lowrank_edit(delta: torch.Tensor, u: torch.Tensor, v: torch.Tensor, context: TensorContext, stats: dict) -> Edit:
     encoding = LowRankEncoding(int(u.shape[1]))
-    stored = encoding.encode(u.to(context.value_dtype), v.to(context.value_dtype))
+    stored = encoding.encode(delta, dtype=context.value_dtype, u=u, v=v)
     return Edit(encoding, stored, {"rank": int(u.shape[1]), **stats})
 
 
 @dataclass
-class LowRankMethod(EditMethod):
+class LowRankMethod(EditMethod, name="lowrank"):
     """Truncated SVD at ``rank`` or at an ``energy`` fraction; with neither, a LoRA source's own
     factors.
 
@@ -62,10 +62,10 @@ class LowRankMethod(EditMethod):
         True
     """
 
-    name: ClassVar[str] = "lowrank"
+    summary: ClassVar[str] = "truncated SVD"
     tags: ClassVar[tuple[str, ...]] = ("low-rank",)
-    rank: int | None = None
-    energy: float | None = None
+    rank: int | None = param(None, parse=int, help="rank of the truncated SVD")
+    energy: float | None = param(None, parse=float, help="keep the smallest rank holding this fraction of ||delta||^2")
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:
@@ -92,24 +92,24 @@ class LowRankMethod(EditMethod):
             u, v = factors
             stats = {"source": "adapter factors"}
         else:
-            u_full, s, vh = torch.linalg.svd(delta.float().reshape(rows, cols), full_matrices=False)
+            svd = LowRankEncoding.svd(delta)
+            s = svd.s
             rank = min(self.rank, s.numel()) if self.rank is not None else energy_rank(s, self.energy)
-            root = s[:rank].sqrt()
-            u, v = u_full[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+            u, v = LowRankEncoding.split(svd, rank)
             total = float(s.double().square().sum())
             stats = {"source": "svd", "energy": float(s[:rank].double().square().sum()) / total if total else 1.0}
         rank = int(u.shape[1])
         if rank * (rows + cols) >= math.prod(delta.shape):
             return _dense_instead(name, delta, context, f"rank {rank} factors are no smaller than the matrix")
-        return _lowrank_edit(u, v, context, stats)
+        return _lowrank_edit(delta, u, v, context, stats)
 
 
 @dataclass
-class LoraMethod(EditMethod):
+class LoraMethod(EditMethod, name="lora"):
     """A LoRA adapter's factors, stored as they are (tensors the adapter replaced outright, such as
     ``modules_to_save``, are stored ``dense``)."""
 
-    name: ClassVar[str] = "lora"
+    summary: ClassVar[str] = "a LoRA adapter's own factors"
     tags: ClassVar[tuple[str, ...]] = ("low-rank", "lora")
     needs_adapter_factors: ClassVar[bool] = True
 
@@ -117,4 +117,4 @@ class LoraMethod(EditMethod):
         if context.factors is None:
             return _dense_instead(name, delta, context, "no LoRA factors for this tensor")
         u, v = context.factors
-        return _lowrank_edit(u, v, context, {"source": "adapter factors"})
+        return _lowrank_edit(delta, u, v, context, {"source": "adapter factors"})

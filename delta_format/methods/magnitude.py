@@ -20,10 +20,10 @@ from typing import ClassVar
 
 import torch
 
-from ..core.bits import pack_bits, packed_length
+from ..core.bits import packed_length
 from ..core.constants import INDEX_BITMASK
 from ..core.encodings import SparseEncoding, index_coding_bytes
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count, scattered
 
 
 _SAMPLE = 1 << 16
@@ -165,16 +165,13 @@ def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor
     coding building it again."""
     coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
-    if coding == INDEX_BITMASK and mask is not None:  # what encode stores, from the mask at hand
-        stored = {"values": delta.reshape(-1)[positions].to(context.value_dtype).contiguous(), "mask": pack_bits(mask)}
-    else:
-        stored = encoding.encode(delta, name, indices=positions, dtype=context.value_dtype)
+    stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions, keep=mask)
     return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding},
-                decoder=scattered(encoding, stored["values"], (delta.numel(),), positions))
+                decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions))
 
 
 @dataclass
-class MagnitudeMethod(EditMethod):
+class MagnitudeMethod(EditMethod, name="magnitude"):
     """Keep the ``1 - p`` fraction of entries with the largest ``|Δ|``.
 
     Example:
@@ -184,9 +181,9 @@ class MagnitudeMethod(EditMethod):
         [0.0, -3.0, 0.0, 2.0]
     """
 
-    name: ClassVar[str] = "magnitude"
+    summary: ClassVar[str] = "keep the largest entries"
     tags: ClassVar[tuple[str, ...]] = ("pruning",)
-    p: float = 0.9
+    p: float = drop_rate(0.9)
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
@@ -203,11 +200,11 @@ class MagnitudeMethod(EditMethod):
 
 
 @dataclass
-class ImportanceMethod(MagnitudeMethod):
+class ImportanceMethod(MagnitudeMethod, name="importance"):
     """Keep the ``1 - p`` fraction with the largest ``|Δ_ij| * ||x_j||`` (activation-aware);
     parameters without layer inputs (vectors, embeddings) fall back to ``|Δ|``."""
 
-    name: ClassVar[str] = "importance"
+    summary: ClassVar[str] = "keep the entries moving the outputs most"
 
     def needs_calibration(self) -> bool:
         return True

@@ -20,16 +20,18 @@ import torch
 
 from ..core.encodings import SignEncoding
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive
+from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
     from ..compression.calibration import Calibration
 
 GRANULARITIES = ("tensor", "row")
+SCALE_DTYPE = torch.float32
+"""Scales are few (one per tensor or row): stored in float32 whatever the values' dtype."""
 
 
 @dataclass
-class SignMethod(EditMethod):
+class SignMethod(EditMethod, name="sign"):
     """BitDelta: sign bits with a per-tensor or per-row scale (``mean |Δ|``, optionally distilled).
 
     Vectors get a per-tensor scale even with ``scale="row"`` (a row of a vector is one entry).
@@ -41,11 +43,11 @@ class SignMethod(EditMethod):
         [[2.0, -2.0], [0.5, 0.5]]
     """
 
-    name: ClassVar[str] = "sign"
+    summary: ClassVar[str] = "BitDelta"
     tags: ClassVar[tuple[str, ...]] = ("bitdelta",)
-    scale: str = "tensor"
-    distill_steps: int = 0
-    distill_lr: float = 0.02
+    scale: str = param("tensor", help="sign scale per tensor or per row", choices=GRANULARITIES)
+    distill_steps: int = param(0, help="Adam steps distilling the sign scales on the calibration texts")
+    distill_lr: float = param(0.02, help="Adam learning rate of the scale distillation (relative corrections)")
     _scales: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -103,7 +105,7 @@ class SignMethod(EditMethod):
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         encoding = self.encoding_for(delta)
         scale = self._scales.get(name)
-        stored = encoding.encode(delta, scale=scale)
+        stored = encoding.encode(delta, dtype=SCALE_DTYPE, scale=scale)
         stats: dict[str, Any] = {"scale_source": "distilled" if scale is not None else "mean |delta|"}
         if encoding.granularity != self.scale:
             stats["scale"] = encoding.granularity

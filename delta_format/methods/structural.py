@@ -20,18 +20,18 @@ from typing import ClassVar
 
 import torch
 
-from ..core.bits import pack_bits, packed_length
+from ..core.bits import packed_length
 from ..core.constants import INDEX_BITMASK
 from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, kept_count, scattered
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count, param, scattered
 from .magnitude import explicit_sparse_edit, top_positions
 
 AXES = ("row", "column")
 
 
 @dataclass
-class StructuralMethod(EditMethod):
+class StructuralMethod(EditMethod, name="structural"):
     """Keep the ``1 - p`` fraction of rows (``axis="row"``) or columns with the largest L2 norm;
     vectors are pruned entry by entry (a vector's rows are its entries).
 
@@ -42,10 +42,10 @@ class StructuralMethod(EditMethod):
         [[1.0, 1.0], [0.0, 0.0], [-2.0, 0.0]]
     """
 
-    name: ClassVar[str] = "structural"
+    summary: ClassVar[str] = "keep whole rows or columns"
     tags: ClassVar[tuple[str, ...]] = ("pruning",)
-    p: float = 0.5
-    axis: str = "row"
+    p: float = drop_rate(0.5, "rows (or columns) of each matrix")
+    axis: str = param("row", help="prune whole rows or columns", choices=AXES)
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
@@ -81,7 +81,8 @@ def _bitmask_of_slices(matrix: torch.Tensor, where: tuple, laid_out: tuple[int, 
     encoding = SparseEncoding(INDEX_BITMASK)
     mask = torch.zeros(matrix.shape, dtype=torch.bool, device=matrix.device)
     mask[where] = True
-    values = matrix[where].reshape(-1).to(context.value_dtype).contiguous()  # row-major, as positions ascend
-    return Edit(encoding, {"values": values, "mask": pack_bits(mask)},
-                {"kept": int(values.numel()), "index_coding": INDEX_BITMASK},
+    values = matrix[where].reshape(-1)  # row-major, as positions ascend
+    stored = encoding.encode(matrix, dtype=context.value_dtype, values=values, keep=mask)
+    values = stored[encoding.VALUES]
+    return Edit(encoding, stored, {"kept": int(values.numel()), "index_coding": INDEX_BITMASK},
                 decoder=scattered(encoding, values, tuple(matrix.shape), where, laid_out))

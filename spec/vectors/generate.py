@@ -174,7 +174,7 @@ def vector_sparse_gaps(root: Path) -> None:
     kept = values((len(positions),), 5, 0.01)
     enc = SparseEncoding("gaps", scale=scale)
     stored = enc.encode(torch.zeros(shape).view(-1).index_put_((torch.from_numpy(positions),), torch.from_numpy(kept)),
-                        "w", torch.from_numpy(positions))
+                        name="w", positions=torch.from_numpy(positions))
     assert stored["gaps"].dtype == torch.uint16
     v.add("w", entry(enc, shape, "float32"), stored,
           reconstruct(base, scatter(320, positions, kept, scale, shape), 1.0, "float32"))
@@ -191,7 +191,7 @@ def vector_sparse_bitmask(root: Path) -> None:
     enc = SparseEncoding("bitmask")
     full = torch.zeros(65, dtype=torch.float16)
     full[torch.from_numpy(positions)] = as_torch(kept, "float16")
-    stored = enc.encode(full.view(shape), "w", torch.from_numpy(positions))
+    stored = enc.encode(full.view(shape), name="w", positions=torch.from_numpy(positions))
     v.add("w", entry(enc, shape, "float16"), stored,
           reconstruct(base, scatter(65, positions, kept, 1.0, shape), 1.0, "float16"))
     v.write("magnitude", {"density": round(len(positions) / 65, 4)})
@@ -203,7 +203,7 @@ def vector_sparse_seeded(root: Path) -> None:
     base = v.add_base("w", shape, "bfloat16", 8)
     delta = rounded(values(shape, 9, 0.01), "bfloat16")
     enc = SparseEncoding("seeded", scale=scale, seed=SEEDED_SEED, p=SEEDED_P)
-    stored = enc.encode(as_torch(delta, "bfloat16"), "w", dtype=torch.bfloat16)
+    stored = enc.encode(as_torch(delta, "bfloat16"), name="w", dtype=torch.bfloat16)
     positions = seeded_mask.kept_positions(512, SEEDED_P, SEEDED_SEED, "w").numpy()
     kept = delta.reshape(-1)[positions]
     v.add("w", entry(enc, shape, "bfloat16"), stored,
@@ -224,7 +224,7 @@ def vector_sign_tensor(root: Path) -> None:
     delta.reshape(-1)[5] = 0.0  # zero encodes as +scale (bit 1: delta >= 0)
     scale = rounded(np.abs(delta).mean(keepdims=True).reshape(1), "bfloat16")
     enc = SignEncoding("tensor")
-    stored = enc.encode(torch.from_numpy(delta), as_torch(scale, "bfloat16"), scale_dtype=torch.bfloat16)
+    stored = enc.encode(torch.from_numpy(delta), scale=as_torch(scale, "bfloat16"), dtype=torch.bfloat16)
     v.add("w", entry(enc, shape, "float32"), stored,
           reconstruct(base, _sign_parts(delta, 1, scale), 1.0, "float32"))
     v.write("bitdelta", {"scale": "tensor"})
@@ -237,7 +237,7 @@ def vector_sign_row(root: Path) -> None:
         base = v.add_base(name, shape, dtype, salt)
         delta = values(shape, salt + 1, 0.01)
         scale = np.abs(delta.reshape(shape[0], -1)).mean(axis=1).astype(np.float32)
-        stored = enc.encode(torch.from_numpy(delta), torch.from_numpy(scale))
+        stored = enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale), dtype=torch.float32)
         v.add(name, entry(enc, shape, dtype), stored,
               reconstruct(base, _sign_parts(delta, shape[0], scale), 1.0, dtype))
     v.write("bitdelta", {"scale": "row"})
@@ -254,8 +254,9 @@ def vector_lowrank(root: Path) -> None:
         rows, cols = shape[0], int(np.prod(shape[1:]))
         u, w = dyadic((rows, rank), salt + 1) / 4, dyadic((rank, cols), salt + 2) / 4
         enc = LowRankEncoding(rank)
-        stored = enc.encode(as_torch(u, factor_dtype), as_torch(w, factor_dtype))
         product = (u.astype(np.float64) @ w.astype(np.float64)).astype(np.float32).reshape(shape)
+        fu, fw = as_torch(u, factor_dtype), as_torch(w, factor_dtype)
+        stored = enc.encode(torch.from_numpy(product), dtype=fu.dtype, u=fu, v=fw)
         v.add(name, entry(enc, shape, dtype), stored, reconstruct(base, product, 1.0, dtype))
     v.write("lowrank", {"rank": "per tensor"})
 
@@ -292,14 +293,14 @@ def vector_sharded(root: Path) -> None:
     enc = SparseEncoding("gaps", scale=1.25)
     full = torch.zeros(384)
     full[torch.from_numpy(positions)] = torch.from_numpy(kept)
-    v.add("layers.1.w", entry(enc, (16, 24), "bfloat16", 1.7), enc.encode(full, "layers.1.w", torch.from_numpy(positions)),
+    v.add("layers.1.w", entry(enc, (16, 24), "bfloat16", 1.7), enc.encode(full, name="layers.1.w", positions=torch.from_numpy(positions)),
           reconstruct(base, scatter(384, positions, kept, 1.25, (16, 24)), 1.7, "bfloat16"))
 
     base = v.add_base("layers.1.h", (8, 9), "float16", 47)
     delta = values((8, 9), 48, 0.01)
     scale = np.abs(delta).mean(axis=1).astype(np.float32)
     enc = SignEncoding("row")
-    v.add("layers.1.h", entry(enc, (8, 9), "float16", 0.5), enc.encode(torch.from_numpy(delta), torch.from_numpy(scale)),
+    v.add("layers.1.h", entry(enc, (8, 9), "float16", 0.5), enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale), dtype=torch.float32),
           reconstruct(base, _sign_parts(delta, 8, scale), 0.5, "float16"))
 
     base = v.add_base("big", (40, 40), "float32", 49)  # 6400 bytes: its fingerprint samples 64 chunks

@@ -1,34 +1,22 @@
-"""The encoding table: name -> class (SPEC §5). Adding an encoding is one class and one entry."""
+"""The encodings of SPEC §5, one module each; importing this package registers them.
+
+Adding an encoding is one module with one class, ``class X(Encoding, name="x")``, and its import
+below (see `delta_format.core.encodings.base` for the contract).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from ...errors import UnknownEncodingError
-from .base import Encoding, Expected
+from .base import ENCODING_CLASSES, Encoding, Expected, encoding_from_dict, on_the_fly_encodings
 from .dense import DenseEncoding
+from .factor import MERGE_MIN_TOKENS, Factor, build_factor, require_on_the_fly
+from .index_codings import index_coding_bytes
 from .lowrank import LowRankEncoding
 from .replace import ReplaceEncoding
 from .sign import SignEncoding
-from .sparse import SparseEncoding, index_coding_bytes
-
-ENCODING_CLASSES: dict[str, type[Encoding]] = {
-    cls.name: cls for cls in (DenseEncoding, SparseEncoding, SignEncoding, LowRankEncoding, ReplaceEncoding)
-}
-
-
-def encoding_from_dict(name: str, config: Mapping[str, Any]) -> Encoding:
-    """Look an encoding up by its manifest name and build it from its config."""
-    cls = ENCODING_CLASSES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise UnknownEncodingError(
-            "unknown encoding", expected=sorted(ENCODING_CLASSES), found=repr(name),
-            fix="upgrade delta-format, or re-create the delta with a known encoding",
-        )
-    return cls.from_dict(config)
-
+from .sparse import SparseEncoding
 
 __all__ = [
-    "Encoding", "Expected", "ENCODING_CLASSES", "encoding_from_dict", "DenseEncoding", "SparseEncoding",
-    "SignEncoding", "LowRankEncoding", "ReplaceEncoding", "index_coding_bytes",
+    "Encoding", "Expected", "ENCODING_CLASSES", "encoding_from_dict", "on_the_fly_encodings", "Factor",
+    "MERGE_MIN_TOKENS", "build_factor", "require_on_the_fly", "DenseEncoding", "SparseEncoding", "SignEncoding",
+    "LowRankEncoding", "ReplaceEncoding", "index_coding_bytes",
 ]

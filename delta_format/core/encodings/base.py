@@ -1,20 +1,48 @@
-"""What every encoding is: a name, a JSON config, stored tensors by role, and decode (SPEC §5).
+"""The encoding contract: what every encoding of SPEC §5 is, and the table of them by name.
 
-An encoding knows nothing about edit methods, files or the Hub. It turns arrays into named stored
-tensors (``encode``), says which stored tensors it expects for a parameter (``expected``) so a
-reader can validate a file before decoding, and rebuilds the parameter's delta (``decode``) on the
-requested device.
+An encoding is one class in ``encodings/<name>.py`` holding its whole spec section: the name,
+the JSON config, the stored tensors by role, and every way the stored tensors are used.
+Subclassing registers it (as gguf-py's quant types or zarr's codecs)::
+
+    class SignEncoding(Encoding, name="sign"):
+        BITS = "bits"                        # role names, used instead of string literals
+        SCALE = "scale"
+
+The contract, closed on both sides (writers call the first two, readers the rest):
+
+* ``encode(delta, *, name="", dtype=None, **given) -> {role: tensor}``: one signature for all.
+  ``delta`` is the (edited) delta as a tensor of the parameter's shape (for ``replace``: the new
+  value); ``name`` the parameter name (the seeded mask depends on it); ``dtype`` the dtype of
+  stored floats (default: ``delta``'s). ``given`` carries what the caller already has and the
+  encoding would otherwise compute, by keyword: precomputed role tensors under their role name
+  (e.g. sparse ``values``), or hints (sparse ``positions``/``keep``, sign ``scale``, low-rank
+  ``u``/``v``). Each encoding documents the keywords it takes; others are a ``TypeError``.
+* ``from_dict``/``to_dict``: the manifest's ``config`` object, validated field by field.
+* ``expected(shape)``: the stored tensors a parameter of ``shape`` must have (`Expected`), so a
+  reader validates a file before decoding anything.
+* ``decode``: the delta in a given dtype; ``rows``: the delta times alpha, added into an
+  accumulator a block of rows at a time (`RowDelta`, what loading uses).
+* ``factor``: the delta of a matrix kept in stored form for a forward pass (on-the-fly
+  adapters, `Factor`). The base method refuses (`UnsupportedOnTheFlyError`), so whether an
+  encoding can be applied on the fly is whether it overrides ``factor``.
+* ``label()``: a short description for tables (``delta-format inspect``).
+
+An encoding knows nothing about edit methods, files or the Hub.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
-from ...errors import CorruptDeltaError, ManifestError
+from ...errors import CorruptDeltaError, ManifestError, UnknownEncodingError, UnsupportedOnTheFlyError
+from ..registry import Registered, Registry
+
+if TYPE_CHECKING:
+    from .factor import Factor
 
 
 @dataclass(frozen=True)
@@ -82,10 +110,24 @@ class DecodedRows(RowDelta):
         acc.add_(scaled(self.delta[start:stop].to(acc.dtype), self.alpha))
 
 
-class Encoding:
-    """Base class. Subclasses set ``name`` and implement the four hooks below."""
+ENCODING_CLASSES: Registry["Encoding"] = Registry("encoding")
+"""Every registered encoding by manifest name, filled by subclassing `Encoding` with a name."""
 
-    name: ClassVar[str]
+MATERIALISE_FIX = "serve this fine-tune materialised: DeltaModel.from_pretrained(...) or model.swap_delta(...)"
+
+
+class Encoding(Registered):
+    """Base class of the encodings (the contract is in this module's docstring).
+
+    ``class X(Encoding, name="x")`` registers ``X`` in `ENCODING_CLASSES`; a name already taken
+    is refused (a second class must not silently change how existing files decode). Subclasses
+    implement `from_dict`, `to_dict`, `expected`, `encode` and `decode`, and override `rows`,
+    `factor` and `label` where they can do better than the defaults.
+    """
+
+    registry = ENCODING_CLASSES
+    is_delta: ClassVar[bool] = True
+    """False for encodings that store the value itself (``replace``): the base is not added."""
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "Encoding":
@@ -101,6 +143,12 @@ class Encoding:
         encoding cannot apply to that shape."""
         raise NotImplementedError
 
+    def encode(
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None, **given: Any
+    ) -> dict[str, torch.Tensor]:
+        """The stored tensors by role for ``delta`` (see the module docstring for ``given``)."""
+        raise NotImplementedError
+
     def decode(
         self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -110,13 +158,35 @@ class Encoding:
 
     def rows(
         self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype, alpha: float = 1.0
-    ) -> "RowDelta":
+    ) -> RowDelta:
         """The delta times ``alpha`` (SPEC §9: the product rounded in ``dtype``), validated and
         ready to be added into an accumulator a block of rows at a time (`RowDelta`).
 
         The default decodes the whole delta once; encodings override it to decode only the rows
         asked for (sign, sparse, dense), which keeps a load's temporaries cache-sized."""
         return DecodedRows(self.decode(stored, shape, name, dtype), alpha)
+
+    def factor(
+        self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int], name: str, dtype: torch.dtype,
+        alpha: float = 1.0, *, compute: torch.dtype = torch.float32,
+    ) -> "Factor":
+        """``alpha * delta`` of the matrix ``name`` kept in stored form for a forward pass, held in
+        ``dtype`` (the weight's), validated as a load validates it, with SPEC §9's product
+        ``alpha * delta`` rounded in ``compute``.
+
+        Raises:
+            UnsupportedOnTheFlyError: the encoding has no on-the-fly form (this default).
+        """
+        raise not_on_the_fly(name, self.name)
+
+    @classmethod
+    def on_the_fly(cls) -> bool:
+        """Whether a matrix stored in this encoding can be applied on the fly (overrides `factor`)."""
+        return cls.factor is not Encoding.factor
+
+    def label(self) -> str:
+        """A short description for tables, e.g. ``sparse(seeded p=0.9, x10)``; the name by default."""
+        return self.name
 
     def accumulate(
         self, target: torch.Tensor, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, alpha: float
@@ -127,8 +197,35 @@ class Encoding:
         delta.add_rows(target.view(rows, cols), 0, rows)
         delta.finish()
 
-    is_delta: ClassVar[bool] = True
-    """False for encodings that store the value itself (``replace``): the base is not added."""
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+def on_the_fly_encodings() -> list[str]:
+    """Names of the registered encodings that a matrix may have to be applied on the fly."""
+    return sorted(name for name, cls in ENCODING_CLASSES.items() if cls.on_the_fly())
+
+
+def not_on_the_fly(name: str, encoding: str) -> UnsupportedOnTheFlyError:
+    """The error for a matrix ``name`` stored as ``encoding``, which has no on-the-fly form."""
+    return UnsupportedOnTheFlyError(
+        f"{name!r} is stored as {encoding!r}, which cannot be applied on the fly to a matrix",
+        expected=" or ".join(on_the_fly_encodings()), found=encoding, fix=MATERIALISE_FIX,
+    )
+
+
+def encoding_from_dict(name: str, config: Mapping[str, Any]) -> Encoding:
+    """Look an encoding up by its manifest name and build it from its config."""
+    cls = ENCODING_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise UnknownEncodingError(
+            "unknown encoding", expected=sorted(ENCODING_CLASSES), found=repr(name),
+            fix="upgrade delta-format, or re-create the delta with a known encoding",
+        )
+    return cls.from_dict(config)
 
 
 def check_config_keys(name: str, config: Mapping[str, Any], required: set[str], optional: set[str]) -> None:

@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..constants import DENSE
 from ..dtypes import FLOAT_STORED
-from .base import DecodedRows, Encoding, Expected, check_config_keys, require_finite
+from .base import DecodedRows, Encoding, Expected, check_config_keys, require_finite, scaled
+from .factor import Factor
 
 
-class DenseEncoding(Encoding):
+class DenseEncoding(Encoding, name=DENSE):
     """The delta, unedited. Lossless when the writer checks that ``base + delta`` rounds back to
     the fine-tune (the compressor does; see `delta_format.methods.dense`)."""
 
-    name = DENSE
+    DELTA = "delta"
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "DenseEncoding":
@@ -26,22 +28,40 @@ class DenseEncoding(Encoding):
         return {}
 
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
-        return {"delta": Expected(FLOAT_STORED, tuple(shape))}
+        return {self.DELTA: Expected(FLOAT_STORED, tuple(shape))}
 
-    def encode(self, delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {"delta": delta.to(dtype).contiguous()}
+    def encode(self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``delta`` in ``dtype`` (default: its own)."""
+        return {self.DELTA: delta.to(dtype or delta.dtype).contiguous()}
 
     def decode(self, stored, shape, name, dtype):
-        delta = stored["delta"]
-        require_finite(name, "delta", delta)
+        delta = stored[self.DELTA]
+        require_finite(name, self.DELTA, delta)
         return delta.to(dtype)
 
     def rows(self, stored, shape, name, dtype, alpha=1.0):
-        require_finite(name, "delta", stored["delta"])
-        return DecodedRows(stored["delta"], alpha)  # converted a block at a time, not whole
+        require_finite(name, self.DELTA, stored[self.DELTA])
+        return DecodedRows(stored[self.DELTA], alpha)  # converted a block at a time, not whole
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DenseEncoding)
+    def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
+        return DenseFactor(scaled(self.decode(stored, shape, name, compute), alpha).to(dtype))
 
-    def __repr__(self) -> str:
-        return "DenseEncoding()"
+
+class DenseFactor(Factor):
+    """A whole delta matrix (no memory saved, but several adapters still share one base)."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.delta = delta
+        self.rows, self.cols = delta.shape
+
+    def product(self, x):
+        return F.linear(x, self.delta)
+
+    def merged(self, weight):
+        return weight + self.delta
+
+    def gather(self, ids):
+        return F.embedding(ids, self.delta)
+
+    def tensors(self):
+        return [self.delta]

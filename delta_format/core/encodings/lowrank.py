@@ -7,18 +7,29 @@ with the LoRA scaling folded into ``u``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
 from ...errors import ManifestError
 from ..dtypes import FLOAT_STORED
-from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols
+from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols, scaled
+from .factor import Factor
 
 
-class LowRankEncoding(Encoding):
-    name = LOWRANK
+class SVD(NamedTuple):
+    """A matrix's singular value decomposition in float32: ``u @ diag(s) @ vh``."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+
+class LowRankEncoding(Encoding, name=LOWRANK):
+    U = "u"
+    V = "v"
 
     def __init__(self, rank: int):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -40,29 +51,76 @@ class LowRankEncoding(Encoding):
                 found=f"shape {list(shape)}", fix="encode vectors as dense",
             )
         rows, cols = rows_cols(shape)
-        return {"u": Expected(FLOAT_STORED, (rows, self.rank)), "v": Expected(FLOAT_STORED, (self.rank, cols))}
+        return {self.U: Expected(FLOAT_STORED, (rows, self.rank)), self.V: Expected(FLOAT_STORED, (self.rank, cols))}
 
-    def encode(self, u: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Store given factors (``u @ v`` is the delta)."""
-        return {"u": u.contiguous(), "v": v.contiguous()}
+    def encode(
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None,
+        u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Factors ``u``, ``v`` of ``delta`` (``u @ v`` is the delta as a matrix), given (a LoRA
+        adapter's, or a truncation the caller chose) or `factorize`'s at this rank, stored in
+        ``dtype`` (default: ``delta``'s)."""
+        if u is None or v is None:
+            u, v = self.factorize(delta, self.rank)
+        dtype = dtype or delta.dtype
+        return {self.U: u.to(dtype).contiguous(), self.V: v.to(dtype).contiguous()}
 
     @staticmethod
-    def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated SVD in float32; the singular values are split evenly between the factors so
-        neither factor's range explodes when stored in half precision."""
+    def svd(delta: torch.Tensor) -> SVD:
+        """The SVD of ``delta`` viewed as a matrix, in float32."""
         rows, cols = rows_cols(tuple(delta.shape))
-        u, s, vh = torch.linalg.svd(delta.float().reshape(rows, cols), full_matrices=False)
-        root = s[:rank].sqrt()
-        return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+        return SVD(*torch.linalg.svd(delta.float().reshape(rows, cols), full_matrices=False))
+
+    @staticmethod
+    def split(svd: SVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank-``rank`` truncation as two factors, the singular values split evenly between
+        them (``sqrt(s)`` each) so neither factor's range explodes when stored in half precision."""
+        root = svd.s[:rank].sqrt()
+        return svd.u[:, :rank] * root, root.unsqueeze(1) * svd.vh[:rank]
+
+    @classmethod
+    def factorize(cls, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated SVD factors of ``delta`` at ``rank`` (`svd`, then `split`)."""
+        return cls.split(cls.svd(delta), rank)
+
+    def _checked(self, stored: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        require_finite(name, self.U, stored[self.U])
+        require_finite(name, self.V, stored[self.V])
+        return stored[self.U], stored[self.V]
 
     def decode(self, stored, shape, name, dtype):
-        u, v = stored["u"], stored["v"]
-        require_finite(name, "u", u)
-        require_finite(name, "v", v)
+        u, v = self._checked(stored, name)
         return (u.to(dtype) @ v.to(dtype)).reshape(shape)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LowRankEncoding) and other.rank == self.rank
+    def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
+        u, v = self._checked(stored, name)
+        return LowRankFactor(scaled(u.to(compute), alpha).to(dtype), v.to(dtype))
+
+    def label(self) -> str:
+        return f"{self.name}(r={self.rank})"
 
     def __repr__(self) -> str:
         return f"LowRankEncoding({self.rank})"
+
+
+class LowRankFactor(Factor):
+    """``delta = u @ v`` (alpha folded into ``u``): always two thin products, ``x @ v.T @ u.T``."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor):
+        self.u, self.v = u, v
+        self.rows, self.cols = u.shape[0], v.shape[1]
+
+    def apart(self, tokens):
+        return True
+
+    def product(self, x):
+        return F.linear(F.linear(x, self.v), self.u)
+
+    def merged(self, weight):
+        return torch.addmm(weight, self.u, self.v)
+
+    def gather(self, ids):
+        return F.embedding(ids, self.u) @ self.v
+
+    def tensors(self):
+        return [self.u, self.v]

@@ -2,7 +2,7 @@
 
 For tensors the base lacks or whose shape changed (added tokens, resized embeddings, a new head),
 and as the lossless fallback where no float32 delta rounds back to the fine-tune. The base is not
-read and the coefficient alpha does not apply.
+read and the coefficient alpha does not apply. No on-the-fly form: a value is not an adapter.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from ..dtypes import FLOAT_STORED
 from .base import Encoding, Expected, check_config_keys, require_finite
 
 
-class ReplaceEncoding(Encoding):
-    name = REPLACE
+class ReplaceEncoding(Encoding, name=REPLACE):
+    VALUE = "value"
     is_delta = False
 
     @classmethod
@@ -29,18 +29,13 @@ class ReplaceEncoding(Encoding):
         return {}
 
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
-        return {"value": Expected(FLOAT_STORED, tuple(shape))}
+        return {self.VALUE: Expected(FLOAT_STORED, tuple(shape))}
 
-    def encode(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"value": value.contiguous()}
+    def encode(self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``delta`` is the new value here, stored in ``dtype`` (default: its own)."""
+        return {self.VALUE: delta.to(dtype or delta.dtype).contiguous()}
 
     def decode(self, stored, shape, name, dtype):
-        value = stored["value"]
-        require_finite(name, "value", value)
+        value = stored[self.VALUE]
+        require_finite(name, self.VALUE, value)
         return value.to(dtype)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ReplaceEncoding)
-
-    def __repr__(self) -> str:
-        return "ReplaceEncoding()"

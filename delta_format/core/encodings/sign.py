@@ -11,17 +11,19 @@ import math
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
-from ..bits import check_packed, pack_bits, packed_length, sign_table as _sign_table
+from ..bits import check_packed, expand_signs, pack_bits, packed_length, sign_table, signs_at
 from ..constants import SIGN
 from ...errors import ManifestError
 from ..dtypes import FLOAT_STORED
-from .base import Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, rows_cols
+from .base import Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, scaled
+from .factor import Factor
 
 GRANULARITIES = ("tensor", "row")
 
 
-class SignEncoding(Encoding):
+class SignEncoding(Encoding, name=SIGN):
     """Sign bits with a per-tensor or per-row scale.
 
     Example:
@@ -31,7 +33,8 @@ class SignEncoding(Encoding):
         [[0.75, -0.75], [2.5, 2.5]]
     """
 
-    name = SIGN
+    BITS = "bits"
+    SCALE = "scale"
 
     def __init__(self, granularity: str = "tensor"):
         if granularity not in GRANULARITIES:
@@ -58,8 +61,8 @@ class SignEncoding(Encoding):
 
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
         return {
-            "bits": Expected(("U8",), (packed_length(math.prod(shape)),)),
-            "scale": Expected(FLOAT_STORED, (self._scale_len(shape),)),
+            self.BITS: Expected(("U8",), (packed_length(math.prod(shape)),)),
+            self.SCALE: Expected(FLOAT_STORED, (self._scale_len(shape),)),
         }
 
     def initial_scale(self, delta: torch.Tensor) -> torch.Tensor:
@@ -73,35 +76,42 @@ class SignEncoding(Encoding):
         return d.reshape(delta.shape[0], -1).abs().mean(dim=1)
 
     def encode(
-        self, delta: torch.Tensor, scale: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None,
+        scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Bits from ``delta >= 0``; scale given or `initial_scale`."""
+        """Bits from ``delta >= 0``; ``scale`` given (e.g. distilled) or `initial_scale`, stored
+        in ``dtype`` (default: ``delta``'s)."""
         if scale is None:
             scale = self.initial_scale(delta)
-        return {"bits": pack_bits(delta >= 0), "scale": scale.reshape(-1).to(scale_dtype).contiguous()}
+        return {self.BITS: pack_bits(delta >= 0),
+                self.SCALE: scale.reshape(-1).to(dtype or delta.dtype).contiguous()}
+
+    def _checked(self, stored: Mapping[str, torch.Tensor], numel: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        check_packed(stored[self.BITS], numel)
+        require_finite(name, self.SCALE, stored[self.SCALE])
+        return stored[self.BITS], stored[self.SCALE]
 
     def decode(self, stored, shape, name, dtype):
         numel = math.prod(shape)
-        bits = stored["bits"]
-        check_packed(bits, numel)
-        scale = stored["scale"]
-        require_finite(name, "scale", scale)
-        # One gather from a 256 x 8 table of +-1 turns each byte into its 8 signs.
-        table = _sign_table(dtype, bits.device)
-        index = bits.to(torch.int32)
+        bits, scale = self._checked(stored, numel, name)
+        table = sign_table(dtype, bits.device)
         if self.granularity == "tensor":
-            return torch.index_select(table * scale.to(dtype), 0, index).view(-1)[:numel].view(shape)
-        rows, cols = rows_cols(shape)
-        signs = torch.index_select(table, 0, index).view(-1)[:numel].view(rows, cols)
-        return signs.mul_(scale.to(dtype).view(rows, 1)).view(shape)
+            return expand_signs(bits, 0, numel, table * scale.to(dtype)).view(shape)
+        rows, cols = matrix_shape(shape)
+        return expand_signs(bits, 0, numel, table).view(rows, cols).mul_(scale.to(dtype).view(rows, 1)).view(shape)
 
     def rows(self, stored, shape, name, dtype, alpha=1.0):
-        check_packed(stored["bits"], math.prod(shape))
-        require_finite(name, "scale", stored["scale"])
-        return SignRows(stored["bits"], stored["scale"], self.granularity, shape, dtype, alpha)
+        bits, scale = self._checked(stored, math.prod(shape), name)
+        return SignRows(bits, scale, self.granularity, shape, dtype, alpha)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SignEncoding) and other.granularity == self.granularity
+    def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
+        rows, cols = shape
+        bits, scale = self._checked(stored, rows * cols, name)
+        # alpha * (scale * sign) == sign * (alpha * scale): multiplying by +-1 is exact.
+        return SignFactor(bits, scaled(scale.to(compute), alpha), rows, cols, dtype)
+
+    def label(self) -> str:
+        return f"{self.name}({self.granularity})"
 
     def __repr__(self) -> str:
         return f"SignEncoding({self.granularity!r})"
@@ -117,18 +127,45 @@ class SignRows(RowDelta):
     def __init__(self, bits: torch.Tensor, scale: torch.Tensor, granularity: str, shape, dtype: torch.dtype, alpha: float):
         self.bits = bits
         self.cols = matrix_shape(tuple(shape))[1]
-        scale = scale.to(dtype)
-        if alpha != 1.0:
-            scale = scale * alpha
+        scale = scaled(scale.to(dtype), alpha)
         self.row_scale = scale.view(-1, 1) if granularity == "row" else None
         # Per-tensor scale: fold it into the 256 x 8 table, so a block is one gather and one add.
-        self.table = _sign_table(dtype, bits.device) * (scale if self.row_scale is None else 1)
+        self.table = sign_table(dtype, bits.device) * (scale if self.row_scale is None else 1)
 
     def add_rows(self, acc, start, stop):
-        first, last = start * self.cols, stop * self.cols
-        signs = torch.index_select(self.table, 0, self.bits[first // 8 : (last + 7) // 8].to(torch.int32))
-        signs = signs.view(-1)[first % 8 : first % 8 + last - first].view(stop - start, self.cols)
+        signs = expand_signs(self.bits, start * self.cols, stop * self.cols, self.table).view(stop - start, self.cols)
         if self.row_scale is None:
             acc.add_(signs)
         else:
             acc.addcmul_(signs, self.row_scale[start:stop])
+
+
+class SignFactor(Factor):
+    """Sign bits (1 bit per weight) and a scale per row or per tensor: ``delta = scale * S``.
+
+    The bits are expanded to a ±1 matrix for each call (one gather from a 256 x 8 table, far
+    cheaper than the matmul it feeds), then ``x @ S.T * scale`` or ``addcmul(W, S, scale)``."""
+
+    def __init__(self, bits: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, dtype: torch.dtype):
+        self.bits, self.rows, self.cols = bits, rows, cols
+        self.scale = scale.view(-1, 1) if scale.numel() == rows and rows != 1 else scale.view(1, 1)
+        self.scale = self.scale.to(dtype)
+
+    def signs(self, dtype: torch.dtype) -> torch.Tensor:
+        table = sign_table(dtype, self.bits.device)
+        return expand_signs(self.bits, 0, self.rows * self.cols, table).view(self.rows, self.cols)
+
+    def product(self, x):
+        return F.linear(x, self.signs(x.dtype)).mul_(self.scale.view(-1))
+
+    def merged(self, weight):
+        return torch.addcmul(weight, self.signs(weight.dtype), self.scale)
+
+    def gather(self, ids):
+        pos = ids.unsqueeze(-1).to(torch.int64) * self.cols + torch.arange(self.cols, device=ids.device)
+        signs = signs_at(self.bits, pos, self.scale.dtype)
+        scale = self.scale.view(-1)[ids].unsqueeze(-1) if self.scale.numel() > 1 else self.scale.view(())
+        return signs.mul_(scale)
+
+    def tensors(self):
+        return [self.bits, self.scale]

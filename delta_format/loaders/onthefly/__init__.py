@@ -3,7 +3,7 @@
 
 from ...errors import UnsupportedOnTheFlyError
 from .api import attach_deltas, detach_deltas, load_on_the_fly, set_active_delta, using_delta
-from .factors import MERGE_MIN_TOKENS
+from ...core.encodings import MERGE_MIN_TOKENS
 from .modules import DeltaEmbedding, DeltaLinear
 from .registry import OnTheFlyDeltas
 

@@ -48,7 +48,8 @@ from ...errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheF
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
 from ...io.model_class import model_class_for
-from .factors import _MATERIALISE_FIX, _require_on_the_fly, build_factor
+from ...core.encodings import build_factor, require_on_the_fly as _require_on_the_fly
+from ...core.encodings.base import MATERIALISE_FIX as _MATERIALISE_FIX
 from .modules import _ADOPT, DeltaEmbedding, DeltaLinear
 from .registry import Adapter, OnTheFlyDeltas, _owners
 

@@ -17,7 +17,7 @@ from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
 from ..materialize import _tied_names
-from .factors import Factor
+from ...core.encodings import Factor
 from .modules import _check_device
 
 @dataclass

@@ -1,0 +1,68 @@
+"""What an encoding gives for on-the-fly adapters: one delta on one matrix, times its alpha, kept
+in its stored form and ready for a forward (the product with an input, the merged weight, or rows
+of an embedding). Each encoding's `Factor` lives in its own module (`SignFactor` in ``sign.py``,
+...); `build_factor` picks it through `Encoding.factor`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from ..dtypes import TORCH_DTYPES, compute_dtype
+from .base import not_on_the_fly
+
+if TYPE_CHECKING:
+    from ..manifest import TensorEntry
+
+MERGE_MIN_TOKENS = 32
+"""From this many tokens in a call, a ``sign``/``dense`` delta is added to the weight for the call
+(one elementwise pass over the matrix, then one matmul) instead of multiplied separately (a second
+full matmul). Measured on CPU (2 cores, 2816 x 1024, float32 and bfloat16): separate products win
+at 1 token, tie near 16, and cost 2x the merge at 1024 tokens, where the merge costs +10-30 %."""
+
+
+class Factor:
+    """``alpha * delta`` of one ``rows x cols`` matrix, kept in its stored form on the weight's
+    device, in the weight's dtype."""
+
+    rows: int
+    cols: int
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (alpha * delta).T`` for ``x`` of shape ``[..., cols]`` (called where `apart`)."""
+        raise NotImplementedError
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + alpha * delta``, a new tensor (``weight`` is not modified)."""
+        raise NotImplementedError
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``alpha * delta``, shape ``[*ids.shape, cols]`` (embedding lookups)."""
+        raise NotImplementedError
+
+    def apart(self, tokens: int) -> bool:
+        """Whether `product` is cheaper than `merged` for a call on ``tokens`` input rows."""
+        return tokens < MERGE_MIN_TOKENS
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+
+def require_on_the_fly(name: str, entry: "TensorEntry") -> None:
+    """Refuse, before anything is read, a matrix whose encoding has no on-the-fly form."""
+    if not entry.encoding.on_the_fly():
+        raise not_on_the_fly(name, entry.encoding.name)
+
+
+def build_factor(name: str, entry: "TensorEntry", stored: Mapping[str, torch.Tensor], alpha: float,
+                 dtype: torch.dtype) -> Factor:
+    """The `Factor` of one matrix entry from its stored tensors, held in ``dtype`` (the weight's),
+    with ``alpha`` (entry alpha times the caller's) applied as SPEC §9 applies it: the product
+    rounded in the compute dtype of the entry's dtype."""
+    compute = compute_dtype(TORCH_DTYPES[entry.dtype])
+    return entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)
