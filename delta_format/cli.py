@@ -197,11 +197,11 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io.checkpoint import resolve_repo
-    from .io.reader import DeltaReader
+    from .io.resolve import HubOptions, open_delta
 
-    directory, _ = resolve_repo(args.delta, revision=args.revision, token=args.token, what="delta")
-    with DeltaReader(directory) as reader:
+    delta = open_delta(args.delta, HubOptions(revision=args.revision, token=args.token))
+    directory = delta.directory
+    with delta.reader as reader:
         manifest = reader.manifest
         params = ", ".join(f"{k}={v}" for k, v in manifest.method_params.items())
         print(f"delta       {directory}")
@@ -238,9 +238,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from .loaders.apply import apply_delta
 
-    out = apply_delta(args.delta, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite,
-                      alpha_scale=args.alpha_scale, revision=args.revision, base_revision=args.base_revision,
-                      token=args.token, verify=not args.no_verify_base, max_shard_size=args.max_shard_size)
+    out = apply_delta(args.delta, args.out, base_model=args.base, dtype=args.dtype, overwrite=args.overwrite,
+                      alpha=args.alpha_scale, revision=args.revision, base_revision=args.base_revision,
+                      token=args.token, verify_base=not args.no_verify_base, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
@@ -248,7 +248,7 @@ def _apply(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .loaders.apply import verify_delta
 
-    report = verify_delta(args.delta, base=args.base, revision=args.revision, base_revision=args.base_revision,
+    report = verify_delta(args.delta, base_model=args.base, revision=args.revision, base_revision=args.base_revision,
                           token=args.token)
     for line in report.lines:
         print(line)

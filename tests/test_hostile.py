@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KILL_AFTER_THIRD_WRITE = """
 import os, signal, sys
 import safetensors.torch
-import delta_format, delta_format.io.writer, delta_format.loaders.apply
+import delta_format, delta_format.io.checksums, delta_format.io.shards, delta_format.loaders.apply
 calls = [0]
 real = safetensors.torch.save_file
 def dying_save_file(*args, **kwargs):
@@ -27,8 +27,8 @@ def dying_save_file(*args, **kwargs):
     if calls[0] == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup handler can run
     return real(*args, **kwargs)
-delta_format.io.writer.save_file = dying_save_file
-delta_format.loaders.apply.save_file = dying_save_file
+delta_format.io.checksums.save_file = dying_save_file
+delta_format.io.shards.save_file = dying_save_file
 {action}
 """
 

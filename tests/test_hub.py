@@ -149,3 +149,47 @@ def test_two_processes_loading_the_same_delta_into_one_cache_both_succeed(hub, m
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     expected = float(sum(p.detach().double().sum() for p in AutoModelForCausalLM.from_pretrained(models / "ft0").parameters()))
     assert [float(out.strip().splitlines()[-1]) for out, _ in results] == [expected, expected]
+
+
+def _attach(repo, tmp_path, models, **hub):
+    from delta_format import attach_deltas
+
+    attach_deltas(AutoModelForCausalLM.from_pretrained(models / "base"), {"d": repo}, **hub)
+
+
+def _verify(repo, tmp_path, models, **hub):
+    from delta_format.loaders.apply import verify_delta
+
+    report = verify_delta(repo, **hub)
+    assert report.ok, report.lines
+
+
+def _apply(repo, tmp_path, models, **hub):
+    from delta_format.loaders.apply import apply_delta
+
+    apply_delta(repo, tmp_path / "full", **hub)
+
+
+def _on_the_fly(repo, tmp_path, models, **hub):
+    from delta_format import load_on_the_fly
+
+    load_on_the_fly({"d": repo}, **hub)
+
+
+ENTRY_POINTS = {  # entry point -> (call, how many repos it fetches: the delta, and the base unless given a model)
+    "from_pretrained": (lambda repo, tmp_path, models, **hub: DeltaModel.from_pretrained(repo, **hub), 2),
+    "swap_delta": (lambda repo, tmp_path, models, **hub: DeltaModel.from_pretrained(repo, **hub).swap_delta(repo), 2),
+    "load_on_the_fly": (_on_the_fly, 2),
+    "attach_deltas": (_attach, 1),
+    "apply_delta": (_apply, 2),
+    "verify_delta": (_verify, 2),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_honours_the_token_and_the_cache_directory(hub, models, tmp_path, entry):
+    base = push_base(hub, models / "base", private=True)
+    _, _, repo = publish(hub, models, tmp_path, private=True, base=base)
+    call, repos = ENTRY_POINTS[entry]
+    call(repo, tmp_path, models, token=hub.token, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("models--*"))) == repos

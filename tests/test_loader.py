@@ -165,6 +165,61 @@ def test_base_of_another_architecture_is_refused(llama, tmp_path):
         DeltaModel.from_pretrained(delta, base_model=tmp_path / "gpt2")
 
 
+def misfit_delta(llama, out):
+    """A delta of the right base whose ``model.norm.weight`` has 3 entries where the model has 64."""
+    base = Checkpoint(llama / "base")
+    ref = BaseReference(local_path=str(llama / "base"), fingerprint=base.fingerprint())
+    with DeltaWriter(out, base=ref, method="test") as writer:
+        writer.add("model.norm.weight", TensorEntry(DenseEncoding(), (3,), "float32"), DenseEncoding().encode(torch.ones(3)))
+        writer.add_file("config.json", llama / "ft" / "config.json")
+    return out
+
+
+def _swap_in(llama, delta):
+    DeltaModel.from_pretrained(write_delta(delta.parent / "fits", llama / "base", llama / "ft", dense)).swap_delta(delta)
+
+
+def _attach(llama, delta):
+    from delta_format import attach_deltas
+
+    attach_deltas(AutoModelForCausalLM.from_pretrained(llama / "base"), {"misfit": delta})
+
+
+def _apply(llama, delta):
+    from delta_format.loaders.apply import apply_delta
+
+    apply_delta(delta, delta.parent / "full")
+
+
+@pytest.mark.parametrize("load", [lambda llama, d: DeltaModel.from_pretrained(d), _swap_in, _attach, _apply],
+                         ids=["from_pretrained", "swap_delta", "attach_deltas", "apply_delta"])
+def test_a_delta_that_reshapes_a_parameter_is_a_base_mismatch_in_every_loader(llama, tmp_path, load):
+    with pytest.raises(BaseMismatchError, match="'model.norm.weight' \\[3\\] vs \\[64\\]"):
+        load(llama, misfit_delta(llama, tmp_path / "misfit"))
+    assert not (tmp_path / "full").exists()
+
+
+def test_verify_reports_a_delta_that_reshapes_a_parameter_of_its_base(llama, tmp_path):
+    from delta_format.loaders.apply import verify_delta
+
+    report = verify_delta(misfit_delta(llama, tmp_path / "misfit"))
+    assert not report.ok and any(line.startswith("FAIL  base") and "another shape" in line for line in report.lines)
+
+
+def test_verify_base_false_warns_the_same_way_in_every_loader(llama, tmp_path):
+    from delta_format import attach_deltas
+    from delta_format.loaders.apply import apply_delta
+
+    delta = write_delta(tmp_path / "d", llama / "base", llama / "ft", dense)
+    with pytest.warns(UserWarning, match="verify_base=False: the base model is not checked") as caught:
+        model = DeltaModel.from_pretrained(delta, verify_base=False)
+        model.swap_delta(delta)
+        attach_deltas(AutoModelForCausalLM.from_pretrained(llama / "base"), {"d": delta}, verify_base=False)
+        apply_delta(delta, tmp_path / "full", verify_base=False)
+    assert len([w for w in caught if "verify_base=False" in str(w.message)]) == 4
+    assert all(w.filename == __file__ for w in caught if "verify_base=False" in str(w.message))
+
+
 def test_missing_base_directory_is_a_resolution_error(llama, tmp_path):
     delta = write_delta(tmp_path / "d", llama / "base", llama / "ft", dense)
     with pytest.raises(ResolutionError, match="not a directory"):

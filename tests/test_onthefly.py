@@ -176,9 +176,9 @@ def test_verify_base_false_attaches_a_foreign_delta_with_a_warning(family, tmp_p
 
 def test_a_model_loaded_in_a_narrower_dtype_is_checked_through_its_files(family):
     model = base_model(family, dtype=torch.bfloat16)
-    with pytest.raises(BaseMismatchError, match="pass base=<the base checkpoint directory>"):
+    with pytest.raises(BaseMismatchError, match="pass base_model=<the base checkpoint directory>"):
         attach_deltas(model, {"sign": family / "sign"})
-    attach_deltas(model, {"sign": family / "sign"}, base=family / "base")
+    attach_deltas(model, {"sign": family / "sign"}, base_model=family / "base")
     set_active_delta(model, "sign")
     assert logits(model).dtype == torch.bfloat16
 
@@ -238,3 +238,11 @@ def test_cuda_matches_cpu(family, name):
         assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())  # TF32-free float32 kernels differ in order
     set_active_delta(cuda, None)
     assert torch.allclose(logits(cuda, BATCH.to("cuda")).cpu(), logits(base_model(family)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device_map", [None, "cpu", torch.device("cpu"), {"": "cpu"}], ids=["none", "str", "device", "dict"])
+def test_load_on_the_fly_takes_the_device_maps_from_pretrained_takes(family, device_map):
+    model = load_on_the_fly({"sign": family / "sign"}, device_map=device_map)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    set_active_delta(model, "sign")
+    assert torch.isfinite(logits(model)).all()

@@ -140,11 +140,11 @@ def test_a_delta_that_fits_is_one_file_without_index(delta):
      "u:gaps": torch.arange(4).to(torch.uint16), "i:gaps": torch.arange(4, dtype=torch.int32), "l:gaps": torch.arange(3, dtype=torch.int64)},
 ])
 def test_shards_are_hashed_while_written_with_the_bytes_safetensors_writes(tmp_path, tensors):
-    from delta_format.io.writer import _save_hashed, file_sha256
+    from delta_format.io.checksums import file_sha256, save_hashed
 
     # The hash comes from memory, for the header safetensors is expected to write; it must be
     # computed (not left to the file-reading fallback) and equal the file's.
-    assert _save_hashed(tensors, tmp_path / "s.safetensors") == file_sha256(tmp_path / "s.safetensors")
+    assert save_hashed(tensors, tmp_path / "s.safetensors") == file_sha256(tmp_path / "s.safetensors")
 
 
 def test_small_shard_size_writes_several_shards_and_an_index(tmp_path):

@@ -110,7 +110,7 @@ def test_sharded_vector_has_several_shards_an_index_and_no_single_file():
     directory = VECTORS / "sharded"
     index = json.loads((directory / "delta.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert shards == [f"delta-{k:05d}-of-00003.safetensors" for k in (1, 2, 3)]
+    assert shards == [f"delta-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
     assert not (directory / "delta.safetensors").exists()
     assert sorted(manifest_of("sharded")["files"]) == shards
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .constants import (
-    FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_RANK_DIMS, MAX_TENSOR_ELEMENTS, SPEC_VERSION, SUPPORTED_MAJOR_VERSIONS,
+    FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_RANK_DIMS, MAX_TENSOR_ELEMENTS, SPEC_VERSION, STORED_KEY_SEPARATOR,
+    SUPPORTED_MAJOR_VERSIONS,
 )
 from .dtypes import TORCH_DTYPES
 from .encodings import Encoding, encoding_from_dict
@@ -66,6 +67,11 @@ def parse_shape(where: str, value: Any) -> tuple[int, ...]:
     if math.prod(value) > MAX_TENSOR_ELEMENTS:
         raise ManifestError(f"{where} shape is too large", expected=f"at most {MAX_TENSOR_ELEMENTS} elements", found=value)
     return tuple(value)
+
+
+def stored_key(name: str, role: str) -> str:
+    """The safetensors key of one stored tensor of parameter ``name``: ``<name>:<role>`` (SPEC §4)."""
+    return f"{name}{STORED_KEY_SEPARATOR}{role}"
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""A model checkpoint on disk (a base or a fine-tune), and how to find one (local or Hub).
-
-`resolve_checkpoint` turns a local directory or a Hub repo id into a local directory, through
-huggingface_hub (cache, revision, token, offline mode: nothing re-implemented). `Checkpoint`
+"""A model checkpoint on disk (a base or a fine-tune): its file names, and `Checkpoint`, which
 reads a safetensors checkpoint lazily, one tensor at a time, so a whole model is never in memory.
+
+Finding one (a local directory or a Hub repo id) is `delta_format.io.resolve.resolve_repo`,
+re-exported here for the callers that import it from this module.
 """
 
 from __future__ import annotations
@@ -15,65 +15,17 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CorruptDeltaError, ResolutionError
 from ..core.fingerprint import fingerprint_safetensors
+from ..errors import CorruptDeltaError, ResolutionError
+from .resolve import CHECKPOINT_PATTERNS, resolve_repo  # noqa: F401  (re-exported)
+from .shards import ShardLayout
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.md"]
-"""Files fetched from the Hub for a checkpoint: configs, weights, tokenizer files. Never pickles."""
-
-
-def resolve_repo(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    allow_patterns: list[str] | None = None,
-    what: str = "model",
-) -> tuple[Path, str | None]:
-    """(local directory, commit sha or None for local paths) of a directory or a Hub repo.
-
-    Hub repos are downloaded with `huggingface_hub.snapshot_download` (restricted to
-    ``allow_patterns``), so caching, revisions, tokens and ``HF_HUB_OFFLINE`` behave as everywhere
-    else in the ecosystem.
-    """
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path, None
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ResolutionError(f"{what} {name!r} is not a directory", expected="a local directory or a Hub repo id (user/name)",
-                              found="a path that is not a directory" if path.exists() else "no such directory",
-                              fix="check the path")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-
-    try:
-        local = snapshot_download(
-            name, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-            allow_patterns=allow_patterns or CHECKPOINT_PATTERNS,
-        )
-    except RevisionNotFoundError:
-        raise ResolutionError(f"{what} {name!r} has no revision {revision!r}", expected="an existing branch, tag or commit",
-                              found=revision, fix="check the revision") from None
-    except (RepositoryNotFoundError, GatedRepoError):
-        raise ResolutionError(f"{what} {name!r} was not found on the Hub", expected="an existing repo you can access",
-                              found="no such repo, or a private one", fix="check the name, or pass token= (or log in) for a private repo") from None
-    except LocalEntryNotFoundError:
-        raise ResolutionError(f"{what} {name!r} is not in the local cache", expected="a cached copy (offline mode)",
-                              found="nothing cached", fix="connect once without HF_HUB_OFFLINE/local_files_only to download it") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ResolutionError(f"{what} {name!r} could not be downloaded", expected="a reachable Hub", found=str(exc)[:200],
-                              fix="check your connection, HF_ENDPOINT, or use local_files_only=True with a cached copy") from None
-    local_path = Path(local)
-    sha = local_path.name if local_path.parent.name == "snapshots" else None
-    return local_path, sha
+CHECKPOINT_SHARD_TEMPLATE = "model-{index:05d}-of-{total:05d}.safetensors"
+CHECKPOINT_LAYOUT = ShardLayout(SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, CHECKPOINT_SHARD_TEMPLATE)
+"""A transformers checkpoint's weight files (what ``save_pretrained`` writes and ``apply`` writes)."""
 
 
 class Checkpoint:

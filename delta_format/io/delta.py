@@ -13,7 +13,7 @@ from pathlib import Path
 from .card import render_model_card
 from ..core.constants import MODEL_CARD_NAME
 from .reader import DeltaReader
-from .writer import StagingDirectory
+from .staging import StagingDirectory
 
 
 class Delta:

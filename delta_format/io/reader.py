@@ -18,9 +18,9 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from ..core.dtypes import TORCH_DTYPES, compute_dtype
+from ..core.manifest import Manifest, TensorEntry, stored_key
 from ..errors import CorruptDeltaError, ManifestError, UnsafePathError
-from ..core.manifest import Manifest, TensorEntry
-from .writer import file_sha256, stored_key
+from .checksums import file_sha256
 
 
 def _read_limited(path: Path, limit: int, what: str) -> bytes:

@@ -17,21 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .base_model import resolve_base, verify_base
-from ..io.checkpoint import resolve_repo
 from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
 from ..core.dtypes import parse_dtype
-from ..errors import DeltaFormatError
-from ..io.reader import DeltaReader
 from ..core.reconstruct import reconstruct
-from ..io.sizes import parse_size
-from ..io.writer import StagingDirectory
-
-CHECKPOINT_NAME = "model.safetensors"
-CHECKPOINT_INDEX_NAME = "model.safetensors.index.json"
-CHECKPOINT_SHARD_TEMPLATE = "model-{index:05d}-of-{total:05d}.safetensors"
+from ..errors import DeltaFormatError
+from ..io.checkpoint import CHECKPOINT_LAYOUT, Checkpoint
+from ..io.reader import DeltaReader
+from ..io.resolve import HubOptions, open_delta
+from ..io.shards import ShardedSafetensorsWriter
+from ..io.staging import StagingDirectory
+from .base_model import check_base, resolve_base
 
 
 def _is_delta_file(name: str) -> bool:
@@ -39,67 +35,20 @@ def _is_delta_file(name: str) -> bool:
         name.startswith("delta") and name.endswith(".safetensors"))
 
 
-class CheckpointShardWriter:
-    """Writes tensors into ``model.safetensors`` (or numbered shards plus the index transformers
-    reads), holding at most ``max_shard_size`` bytes in memory."""
-
-    def __init__(self, directory: Path, max_shard_size: int | str = "5GB"):
-        self.directory = directory
-        self.max_shard_size = parse_size(max_shard_size)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.total_size = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += nbytes
-        self.total_size += nbytes
-
-    def _flush(self) -> None:
-        if self._pending:
-            temp = f"shard-{len(self._shards):05d}.tmp"
-            save_file(self._pending, str(self.directory / temp), metadata={"format": "pt"})
-            self._shards.append((temp, list(self._pending)))
-            self._pending, self._pending_bytes = {}, 0
-
-    def close(self) -> None:
-        self._flush()
-        if len(self._shards) <= 1:
-            if self._shards:
-                os.replace(self.directory / self._shards[0][0], self.directory / CHECKPOINT_NAME)
-            else:
-                save_file({}, str(self.directory / CHECKPOINT_NAME), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, (temp, keys) in enumerate(self._shards):
-            final = CHECKPOINT_SHARD_TEMPLATE.format(index=i + 1, total=len(self._shards))
-            os.replace(self.directory / temp, self.directory / final)
-            weight_map.update({key: final for key in keys})
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / CHECKPOINT_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _resolve_delta(delta: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
-    return resolve_repo(delta, revision=revision, token=token, what="delta")[0]
-
-
 def apply_delta(
     delta: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    base: str | os.PathLike | None = None,
+    base_model: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
-    alpha_scale: float = 1.0,
+    alpha: float = 1.0,
     revision: str | None = None,
     base_revision: str | None = None,
     token: str | bool | None = None,
-    verify: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    verify_base: bool = True,
     max_shard_size: int | str = "5GB",
     progress: bool = False,
 ) -> Path:
@@ -108,12 +57,15 @@ def apply_delta(
     Args:
         delta: the delta directory or Hub repo id.
         out_dir: where the checkpoint is published (atomically).
-        base: the base to use instead of the one the manifest names.
+        base_model: the base to use instead of the one the manifest names.
         dtype: cast every floating tensor to this dtype (default: each tensor's own: the
             fine-tune's for edited tensors, the base's for the others).
         overwrite: replace an existing ``out_dir``.
-        alpha_scale: multiplies every entry's α (EXPO at apply time).
-        verify: check the base's fingerprint first (a wrong base is an error).
+        alpha: multiplies every entry's stored alpha (EXPO at apply time).
+        revision, token, cache_dir, local_files_only: as in huggingface_hub (``base_revision``
+            for the base).
+        verify_base: check the base's fingerprint first (a wrong base is an error).
+        max_shard_size: largest checkpoint shard (transformers' rule, see `ShardedSafetensorsWriter`).
 
     Returns:
         ``out_dir``, which ``AutoModel*.from_pretrained`` loads.
@@ -122,41 +74,49 @@ def apply_delta(
         >>> apply_delta("ft-delta", "ft-full")                      # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained("ft-full")         # doctest: +SKIP
     """
-    target = parse_dtype(dtype)
-    reader = DeltaReader(_resolve_delta(delta, revision, token))
-    manifest = reader.manifest
-    checkpoint = resolve_base(manifest, base_override=base, revision=base_revision, token=token)
-    verify_base(manifest, checkpoint, verify=verify)
-    staging = StagingDirectory(out_dir, overwrite=overwrite)
+    hub = HubOptions(revision, token, cache_dir, local_files_only)
+    reader = open_delta(delta, hub).reader
+    checkpoint = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision))
     try:
-        writer = CheckpointShardWriter(staging.path, max_shard_size)
-        names = [*checkpoint, *(n for n in manifest.tensors if n not in checkpoint)]
-        from huggingface_hub.utils import tqdm
-
-        for name in tqdm(names, desc="applying", unit="tensor", disable=not progress):
-            entry = manifest.tensors.get(name)
-            if entry is None:
-                value = checkpoint.get_tensor(name)
-                if target is not None and value.is_floating_point():
-                    value = value.to(target)
-            else:
-                base_tensor = checkpoint.get_tensor(name) if entry.encoding.is_delta and name in checkpoint else None
-                value = reconstruct(name, entry, reader.decode(name), base_tensor, alpha_scale=alpha_scale, dtype=target)
-            writer.add(name, value)
-            del value
-        writer.close()
-        for path in sorted(reader.directory.iterdir()):
-            if path.is_file() and not path.name.startswith(".") and not _is_delta_file(path.name):
-                shutil.copyfile(path, staging.path / path.name)
-        if target is not None and (staging.path / "config.json").is_file():
-            _set_config_dtype(staging.path / "config.json", target)
-        return staging.publish()
-    except BaseException:
-        staging.discard()
-        raise
+        check_base(reader.manifest, checkpoint, verify_base=verify_base)
+        staging = StagingDirectory(out_dir, overwrite=overwrite)
+        try:
+            _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)
+            return staging.publish()
+        except BaseException:
+            staging.discard()
+            raise
     finally:
         reader.close()
         checkpoint.close()
+
+
+def _write_checkpoint(directory: Path, reader: DeltaReader, checkpoint: Checkpoint, target: torch.dtype | None,
+                      alpha: float, max_shard_size: int | str, progress: bool) -> None:
+    """Every tensor of the fine-tune (base order, then tensors only the delta has) into shards,
+    then the fine-tune's side files (config, tokenizer), with ``target`` recorded in config.json."""
+    from huggingface_hub.utils import tqdm
+
+    manifest = reader.manifest
+    writer = ShardedSafetensorsWriter(directory, CHECKPOINT_LAYOUT, max_shard_size)
+    names = [*checkpoint, *(n for n in manifest.tensors if n not in checkpoint)]
+    for name in tqdm(names, desc="applying", unit="tensor", disable=not progress):
+        entry = manifest.tensors.get(name)
+        if entry is None:
+            value = checkpoint.get_tensor(name)
+            if target is not None and value.is_floating_point():
+                value = value.to(target)
+        else:
+            base_tensor = checkpoint.get_tensor(name) if entry.encoding.is_delta and name in checkpoint else None
+            value = reconstruct(name, entry, reader.decode(name), base_tensor, alpha_scale=alpha, dtype=target)
+        writer.add({name: value})
+        del value
+    writer.close()
+    for path in sorted(reader.directory.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not _is_delta_file(path.name):
+            shutil.copyfile(path, directory / path.name)
+    if target is not None and (directory / "config.json").is_file():
+        _set_config_dtype(directory / "config.json", target)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
@@ -190,57 +150,64 @@ class VerifyReport:
 def verify_delta(
     delta: str | os.PathLike,
     *,
-    base: str | os.PathLike | None = None,
+    base_model: str | os.PathLike | None = None,
     revision: str | None = None,
     base_revision: str | None = None,
     token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> VerifyReport:
     """Check a delta end to end: files and checksums, every parameter decodes to finite values,
-    and the base (given, or resolvable from the manifest) has the recorded fingerprint and the
-    shapes the delta edits. A base that cannot be found is a failure only if it was given.
+    and the base (``base_model``, or the one the manifest names if it can be found) passes
+    `check_base`: the recorded fingerprint, and every edited parameter with its shape. A base
+    that cannot be found is a failure only if it was given.
     """
     report = VerifyReport()
+    hub = HubOptions(revision, token, cache_dir, local_files_only)
     try:
-        reader = DeltaReader(_resolve_delta(delta, revision, token))
+        reader = open_delta(delta, hub).reader
     except DeltaFormatError as exc:
         report.failed(f"open: {exc}")
         return report
-    manifest = reader.manifest
-    report.passed(f"files: {len(manifest.files)} tensor file(s) match their size and SHA-256")
+    try:
+        report.passed(f"files: {len(reader.manifest.files)} tensor file(s) match their size and SHA-256")
+        _verify_decoding(reader, report)
+        _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+    finally:
+        reader.close()
+    return report
+
+
+def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
     bad = 0
     for name in reader:
         try:
             reader.decode(name)
         except DeltaFormatError as exc:
             bad += 1
-            if bad <= 5:
+            if bad <= shown:
                 report.failed(f"decode {name}: {exc}")
     if not bad:
-        report.passed(f"decode: all {len(manifest.tensors)} parameters decode to finite values")
-    elif bad > 5:
+        report.passed(f"decode: all {len(reader.manifest.tensors)} parameters decode to finite values")
+    elif bad > shown:
         report.failed(f"decode: {bad} parameters fail in all")
+
+
+def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> None:
     try:
-        checkpoint = resolve_base(manifest, base_override=base, revision=base_revision, token=token)
+        checkpoint = resolve_base(manifest, base_model, hub)
     except DeltaFormatError as exc:
-        (report.failed if base is not None else report.skipped)(f"base: {exc}")
-        reader.close()
-        return report
+        (report.failed if base_model is not None else report.skipped)(f"base: {exc}")
+        return
     try:
-        verify_base(manifest, checkpoint)
+        check_base(manifest, checkpoint)
         report.passed(f"base: {checkpoint.directory} has the recorded fingerprint" if manifest.base.fingerprint
                       else f"base: {checkpoint.directory} (the delta records no fingerprint)")
-        mismatched = [n for n, e in manifest.tensors.items()
-                      if e.encoding.is_delta and (n not in checkpoint or checkpoint.shape_dtype(n)[0] != e.shape)]
-        if mismatched:
-            report.failed(f"shapes: the base lacks or reshapes {mismatched[:5]}")
-        else:
-            report.passed("shapes: every edited parameter exists in the base with its shape")
+        report.passed("shapes: every edited parameter exists in the base with its shape")
     except DeltaFormatError as exc:
         report.failed(f"base: {exc}")
     finally:
         checkpoint.close()
-        reader.close()
-    return report
 
 
-__all__ = ["apply_delta", "verify_delta", "VerifyReport", "CheckpointShardWriter"]
+__all__ = ["apply_delta", "verify_delta", "VerifyReport"]

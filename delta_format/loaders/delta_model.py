@@ -12,18 +12,17 @@ from typing import Any, Sequence
 
 import torch
 
-from . import base_model as base_checks
-from ..io.checkpoint import CHECKPOINT_PATTERNS, resolve_repo
-from ..io.delta import Delta
 from ..core.dtypes import parse_dtype
 from ..errors import BaseMismatchError, InvalidArgumentError
+from ..io.checkpoint import Checkpoint
+from ..io.delta import Delta
+from ..io.resolve import HubOptions, open_delta
+from .base_model import check_base, resolve_base
 from .materialize import materialize
-from .placement import device_lookup, resolve_device_map
+from .model_state import parameter_shapes
+from .placement import DeviceMap, device_lookup, resolve_device_map
 from .skeleton import build_skeleton
 from .swap import DeltaSwapper, attach_swapper
-
-DELTA_PATTERNS = CHECKPOINT_PATTERNS
-"""A delta repo holds the same kinds of files as a checkpoint: configs, safetensors, tokenizer, card."""
 
 
 class DeltaModel:
@@ -46,10 +45,7 @@ class DeltaModel:
         local_files_only: bool = False,
     ) -> Delta:
         """Resolve a delta (directory or Hub repo id) and open it, validated, without a base."""
-        directory, sha = resolve_repo(delta, revision=revision, token=token, cache_dir=cache_dir,
-                                      local_files_only=local_files_only, allow_patterns=DELTA_PATTERNS, what="delta")
-        repo_id = None if sha is None else str(delta)
-        return Delta(directory, repo_id=repo_id, revision=sha)
+        return open_delta(delta, HubOptions(revision, token, cache_dir, local_files_only))
 
     @classmethod
     def from_pretrained(
@@ -59,7 +55,7 @@ class DeltaModel:
         revision: str | None = None,
         base_model: str | os.PathLike | None = None,
         base_revision: str | None = None,
-        device_map: Any = None,
+        device_map: DeviceMap = None,
         dtype: torch.dtype | str | None = None,
         alpha: float | None = None,
         weights: Sequence[float] | None = None,
@@ -94,47 +90,58 @@ class DeltaModel:
             A transformers ``PreTrainedModel`` in eval mode.
 
         Raises:
-            BaseMismatchError: the base is not the one the delta was made against.
+            BaseMismatchError: the base is not the one the delta was made against, or lacks (or
+                reshapes) a parameter it edits (`check_base`).
             ResolutionError: the delta or base cannot be found (or is not cached offline).
             DeltaFormatError: any other problem with the files or the arguments.
         """
-        from transformers import AutoConfig
-
-        sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
-        if not sources:
-            raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty list")
-        scales = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
-        if len(scales) != len(sources):
-            raise InvalidArgumentError("weights and deltas differ in number", expected=len(sources), found=len(scales))
-        if alpha is not None:
-            scales = [s * float(alpha) for s in scales]
-        hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        opened = [d if isinstance(d, Delta) else cls.load_delta(d, revision=revision, **hub) for d in sources]
-
-        base = base_checks.resolve_base(opened[0].manifest, base_model, base_revision, **hub)
+        hub = HubOptions(revision, token, cache_dir, local_files_only)
+        opened, scales = _open_sources(delta, hub, alpha, weights)
+        base = resolve_base(opened[0].manifest, base_model, hub.updated(revision=base_revision))
+        _check_composable(opened, verify_base)
+        model, torch_dtype = _empty_model(opened[0], base, dtype, trust_remote_code, model_kwargs)
         for d in opened:
-            if d is not opened[0] and d.manifest.base.fingerprint != opened[0].manifest.base.fingerprint and verify_base:
-                raise BaseMismatchError("composed deltas were made against different bases",
-                                        expected=opened[0].manifest.base.describe(), found=d.manifest.base.describe(),
-                                        fix="compose only deltas of the same base")
-            base_checks.verify_base(d.manifest, base, verify=verify_base)
-
-        config_dir = opened[0].directory if (opened[0].directory / "config.json").is_file() else base.directory
-        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code, **model_kwargs)
-        torch_dtype = parse_dtype(dtype, allow_auto=True) or _config_dtype(config)
-        model = build_skeleton(config, torch_dtype, trust_remote_code)
-        device_map_resolved = resolve_device_map(model, device_map, torch_dtype, max_memory)
-        materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(device_map_resolved))
-        if len(set(device_map_resolved.values())) > 1:
-            from accelerate import dispatch_model
-
-            model = dispatch_model(model, device_map={k: str(v) for k, v in device_map_resolved.items()})
-        _finish(model, opened[0], base)
-        fingerprint = base.fingerprint() if verify_base else None
-        attach_swapper(model, DeltaSwapper(model, base, fingerprint, list(zip(opened, scales)),
-                                           lambda d, **kw: cls.load_delta(d, **{**hub, **kw})))
+            check_base(d, base, verify_base=verify_base, model_shapes=parameter_shapes(model))
+        placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
+        materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(placement))
+        model = _finish(model, opened[0], placement)
+        swapper = DeltaSwapper(model, base, list(zip(opened, scales)), hub.updated(revision=None), verify_base=verify_base)
+        attach_swapper(model, swapper)
         return model
 
+
+def _open_sources(delta, hub: HubOptions, alpha: float | None,
+                  weights: Sequence[float] | None) -> tuple[list[Delta], list[float]]:
+    """The deltas to load, opened, and the scale of each (its weight times ``alpha``)."""
+    sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
+    if not sources:
+        raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty list")
+    scales = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(scales) != len(sources):
+        raise InvalidArgumentError("weights and deltas differ in number", expected=len(sources), found=len(scales))
+    if alpha is not None:
+        scales = [s * float(alpha) for s in scales]
+    return [open_delta(d, hub) for d in sources], scales
+
+
+def _check_composable(opened: Sequence[Delta], verify_base: bool) -> None:
+    """Composed deltas must record one base (checked unless ``verify_base=False``)."""
+    first = opened[0].manifest.base
+    for d in opened[1:]:
+        if verify_base and d.manifest.base.fingerprint != first.fingerprint:
+            raise BaseMismatchError("composed deltas were made against different bases", expected=first.describe(),
+                                    found=d.manifest.base.describe(), fix="compose only deltas of the same base")
+
+
+def _empty_model(delta: Delta, base: Checkpoint, dtype, trust_remote_code: bool,
+                 model_kwargs: dict[str, Any]) -> tuple[Any, torch.dtype]:
+    """The fine-tune's model built empty from its config (the delta's, else the base's), and its dtype."""
+    from transformers import AutoConfig
+
+    config_dir = delta.directory if (delta.directory / "config.json").is_file() else base.directory
+    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code, **model_kwargs)
+    torch_dtype = parse_dtype(dtype, allow_auto=True) or _config_dtype(config)
+    return build_skeleton(config, torch_dtype, trust_remote_code), torch_dtype
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -146,12 +153,17 @@ def _config_dtype(config) -> torch.dtype:
         return torch.float32  # e.g. an integer-quantised config: the skeleton decides
 
 
-def _finish(model, delta: Delta, base) -> None:
-    """Generation config from the delta, eval mode, names that say where the weights came from."""
+def _finish(model, delta: Delta, placement: dict[str, torch.device]):
+    """Dispatched over several devices if the placement asks, generation config from the delta,
+    eval mode, names that say where the weights came from."""
     from transformers import GenerationConfig
 
+    if len(set(placement.values())) > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map={k: str(v) for k, v in placement.items()})
     if (delta.directory / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
         model.generation_config = GenerationConfig.from_pretrained(delta.directory)
     model.name_or_path = delta.repo_id or str(delta.directory)
     model.config._name_or_path = model.name_or_path
-    model.eval()
+    return model.eval()

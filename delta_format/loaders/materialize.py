@@ -13,23 +13,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..io.checkpoint import Checkpoint
-from ..errors import BaseMismatchError, CorruptDeltaError
-from ..io.reader import DeltaReader
 from ..core.reconstruct import reconstruct_stored
-
-
-def _tied_names(model) -> set[str]:
-    """Parameter names that `tie_weights` fills from another one (tied embeddings and the like):
-    the targets transformers declares, and names sharing a parameter with an earlier name."""
-    seen: dict[int, str] = {}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        else:
-            seen[id(param)] = name
-    return tied
+from ..errors import BaseMismatchError
+from ..io.checkpoint import Checkpoint
+from ..io.reader import DeltaReader
+from .model_state import tied_parameter_names
 
 
 def materialize(
@@ -40,6 +28,9 @@ def materialize(
 ) -> None:
     """Fill ``model`` (built empty) with ``base + sum(weight * alpha * delta)`` for each parameter.
 
+    Each delta must have passed `check_base` against ``base`` and ``model``'s shapes (every
+    parameter it edits exists with its shape): a misfit is a `BaseMismatchError` raised there.
+
     Args:
         model: a transformers model from `build_skeleton`.
         base: the base checkpoint.
@@ -49,14 +40,7 @@ def materialize(
     from accelerate.utils import set_module_tensor_to_device
 
     state = model.state_dict(keep_vars=True)
-    tied = _tied_names(model)
-    for reader, _ in deltas:
-        unknown = [n for n in reader.manifest.tensors if n not in state]
-        if unknown:
-            raise BaseMismatchError(
-                "the delta edits parameters this model does not have", expected="names of the fine-tune's architecture",
-                found=unknown[:5], fix="check the delta's config.json matches its tensors",
-            )
+    tied = tied_parameter_names(model)
     for name, current in state.items():
         parts_src = [(reader, scale) for reader, scale in deltas if name in reader.manifest.tensors]
         if not parts_src and name in tied and name not in base:
@@ -75,10 +59,6 @@ def materialize(
                 raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(current.shape),
                                         found=list(value.shape), fix="load the base the delta was made against")
         else:
-            for reader, _ in parts_src:  # before decoding: a shape must be justified by the model
-                if tuple(reader.manifest.tensors[name].shape) != tuple(current.shape):
-                    raise CorruptDeltaError(f"the delta's {name!r} does not fit the model", expected=list(current.shape),
-                                            found=list(reader.manifest.tensors[name].shape), fix="check the delta's config.json")
             parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
             needs_base = any(e.encoding.is_delta or e.alpha * s != 1.0 for e, _, s in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None

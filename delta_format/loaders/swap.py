@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
+from ..core.reconstruct import reconstruct_stored
+from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
-from ..errors import BaseMismatchError
-from ..core.fingerprint import fingerprint_differences
-from ..core.reconstruct import reconstruct_stored
+from ..io.resolve import HubOptions, open_delta
+from .base_model import check_base
+from .model_state import parameter_shapes
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -33,9 +35,9 @@ class DeltaCache:
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, Delta] = OrderedDict()
+        self._items: OrderedDict[Hashable, Delta] = OrderedDict()
 
-    def get(self, key: str, open_delta: Callable[[], Delta]) -> Delta:
+    def get(self, key: Hashable, open_delta: Callable[[], Delta]) -> Delta:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
@@ -56,13 +58,15 @@ class DeltaCache:
 class DeltaSwapper:
     """The state a loaded model needs to change its delta: its base, the active deltas, a cache."""
 
-    def __init__(self, model, base: Checkpoint, base_fingerprint: dict | None, active: list[tuple[Delta, float]],
-                 open_delta: Callable[..., Delta], cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, model, base: Checkpoint, active: list[tuple[Delta, float]], hub: HubOptions | None = None, *,
+                 verify_base: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.model = model
         self.base = base
-        self.base_fingerprint = base_fingerprint
         self.active = active
-        self._open_delta = open_delta
+        self.hub = hub or HubOptions()
+        """How deltas named in `swap` are fetched (each option can be overridden per swap)."""
+        self.verify_base = verify_base
+        """Check each new delta's base fingerprint, as `DeltaModel.from_pretrained` was asked to."""
         self.cache = DeltaCache(cache_bytes)
 
     @property
@@ -70,24 +74,8 @@ class DeltaSwapper:
         return [d for d, _ in self.active]
 
     def _check_base(self, delta: Delta) -> None:
-        expected = delta.manifest.base.fingerprint
-        if self.base_fingerprint is None or expected is None:
-            return
-        differences = fingerprint_differences(expected, self.base_fingerprint)
-        if differences:
-            raise BaseMismatchError(
-                "the delta was made against another base than the loaded one",
-                expected=f"a delta of base {self.base_fingerprint['digest'][:16]}",
-                found=f"{delta.manifest.base.describe()} ({'; '.join(differences)})",
-                fix="load that delta with DeltaModel.from_pretrained instead",
-            )
-        state = self.model.state_dict(keep_vars=True)
-        for name, entry in delta.manifest.tensors.items():
-            if name not in state or tuple(state[name].shape) != tuple(entry.shape):
-                found = "missing" if name not in state else list(state[name].shape)
-                raise BaseMismatchError(f"the delta's {name!r} does not fit the loaded model",
-                                        expected=list(entry.shape), found=found,
-                                        fix="deltas that resize tensors need a fresh from_pretrained")
+        """`check_base` against the loaded base and the model's shapes, before anything changes."""
+        check_base(delta, self.base, verify_base=self.verify_base, model_shapes=parameter_shapes(self.model))
 
     def _write(self, names: set[str], deltas: list[tuple[Delta, float]]) -> None:
         state = self.model.state_dict(keep_vars=True)
@@ -102,13 +90,17 @@ class DeltaSwapper:
                 else:
                     param.copy_(self.base.get_tensor(name, param.device))
 
-    def swap(self, delta: Any, *, alpha: float | None = None, **resolve_kwargs: Any) -> None:
-        """Make ``delta`` (directory, repo id or `Delta`) the active fine-tune, in place."""
+    def swap(self, delta: Delta | str | os.PathLike, *, alpha: float | None = None, **hub_options: Any) -> None:
+        """Make ``delta`` (directory, repo id or `Delta`) the active fine-tune, in place.
+
+        ``hub_options`` (``revision=``, ``token=``, ...) override the Hub options the model was
+        loaded with, for this delta.
+        """
         if isinstance(delta, Delta):
             new = delta
         else:
-            key = f"{os.fspath(delta)}@{resolve_kwargs.get('revision')}"
-            new = self.cache.get(key, lambda: self._open_delta(delta, **resolve_kwargs))
+            hub = self.hub.updated(**hub_options)
+            new = self.cache.get((os.fspath(delta), hub), lambda: open_delta(delta, hub))
         self._check_base(new)
         self._replace([(new, 1.0 if alpha is None else float(alpha))])
 

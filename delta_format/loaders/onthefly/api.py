@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -48,32 +47,24 @@ from ...errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheF
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
 from ...io.model_class import model_class_for
-from ...core.encodings import build_factor, require_on_the_fly as _require_on_the_fly
 from ...core.encodings.base import MATERIALISE_FIX as _MATERIALISE_FIX
-from .modules import _ADOPT, DeltaEmbedding, DeltaLinear
-from .registry import Adapter, OnTheFlyDeltas, _owners
-
-def _open(delta: Delta | str | os.PathLike, resolve_kwargs: Mapping[str, Any]) -> Delta:
-    if isinstance(delta, Delta):
-        return delta
-    from ..delta_model import DeltaModel
-
-    return DeltaModel.load_delta(delta, **resolve_kwargs)
+from ...core.encodings import build_factor
+from ...core.encodings import require_on_the_fly as _require_on_the_fly
+from ...io.resolve import HubOptions, open_delta
+from ..base_model import resolve_base
+from ..placement import DeviceMap
+from .modules import ADOPTERS, DeltaEmbedding, DeltaLinear
+from .registry import Adapter, OnTheFlyDeltas, tensor_owners
 
 
-def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, verify: bool) -> tuple[Adapter, set[str]]:
+def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, verify_base: bool) -> tuple[Adapter, set[str]]:
     """An `Adapter` built from ``delta`` (factors decoded, vectors rebuilt) and the module paths to
     adopt; nothing in the model changes here, so any error leaves it as it was."""
-    if verify:
-        deltas.check_base(delta)
+    deltas.check_base(delta, verify_base=verify_base)
     state = model.state_dict(keep_vars=True)
     adapter, adopt = Adapter(delta, alpha), set()
     done: dict[int, str] = {}
     for pname, entry in delta.manifest.tensors.items():
-        if pname not in state or tuple(state[pname].shape) != tuple(entry.shape):
-            raise BaseMismatchError(f"the delta's {pname!r} does not fit the model",
-                                    expected=list(entry.shape), found="missing" if pname not in state else list(state[pname].shape),
-                                    fix="deltas that add or resize tensors need DeltaModel.from_pretrained")
         tensor = state[pname]
         if id(tensor) in done:
             raise BaseMismatchError(f"the delta edits {pname!r} and {done[id(tensor)]!r}, which are one tied tensor here",
@@ -85,7 +76,7 @@ def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, ver
             adapter.vectors[pname] = reconstruct_stored(pname, [(entry, stored, alpha)], base, dtype=tensor.dtype)
             continue
         holders = owners.get(id(tensor), [])
-        bad = [(p, type(m).__name__, a) for p, m, a in holders if a != "weight" or type(m) not in _ADOPT
+        bad = [(p, type(m).__name__, a) for p, m, a in holders if a != "weight" or type(m) not in ADOPTERS
                or getattr(m, "max_norm", None) is not None or not p]  # not p: the model itself
         if bad or not holders:
             path, kind, attr = bad[0] if bad else (pname, "no module", "")
@@ -105,9 +96,9 @@ def attach_deltas(
     deltas: Mapping[str, Delta | str | os.PathLike],
     *,
     alpha: float | Mapping[str, float] | None = None,
-    base: Checkpoint | str | os.PathLike | None = None,
+    base_model: Checkpoint | str | os.PathLike | None = None,
     verify_base: bool = True,
-    **resolve_kwargs: Any,
+    **hub_options: Any,
 ) -> OnTheFlyDeltas:
     """Attach named deltas to a base model, kept encoded and applied in the forward.
 
@@ -115,12 +106,11 @@ def attach_deltas(
         model: the base, a transformers (or any torch) model, already on its device(s).
         deltas: ``{adapter name: delta}``, each a `Delta`, a directory or a Hub repo id.
         alpha: multiplier of every stored coefficient, one for all or ``{name: alpha}``.
-        base: the checkpoint ``model`` was loaded from (read on the first attach); its files are
-            fingerprinted instead of the model's tensors (needed when the model was loaded in a
-            narrower dtype than stored).
+        base_model: the checkpoint ``model`` was loaded from (read on the first attach); its
+            files are fingerprinted instead of the model's tensors (needed when the model was
+            loaded in a narrower dtype than stored).
         verify_base: check each delta's base fingerprint (on by default).
-        **resolve_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for
-            `DeltaModel.load_delta`.
+        **hub_options: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (`HubOptions`).
 
     Returns:
         The registry, also at ``model.on_the_fly_deltas``. No adapter is made active.
@@ -132,37 +122,16 @@ def attach_deltas(
     On any error the model is left exactly as it was.
     """
     registry: OnTheFlyDeltas | None = getattr(model, "on_the_fly_deltas", None)
-    clash = sorted(set(deltas) & set(registry.adapters)) if registry else []
-    if clash or not deltas or not all(isinstance(n, str) and n for n in deltas):
-        raise InvalidArgumentError("on-the-fly delta names must be new, non-empty strings",
-                                   expected="names not attached yet", found=clash or sorted(map(repr, deltas)) or "none",
-                                   fix="detach_deltas(model, [name]) first to replace one")
-    alphas = ({n: float(a) for n, a in alpha.items()} if isinstance(alpha, Mapping)
-              else {n: 1.0 if alpha is None else float(alpha) for n in deltas})
-    if set(alphas) - set(deltas):
-        raise InvalidArgumentError("alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alphas) - set(deltas)))
-    opened = {n: _open(d, resolve_kwargs) for n, d in deltas.items()}
-    if not verify_base:
-        warnings.warn("verify_base=False: the deltas are not checked against the model's base; "
-                      "a wrong base gives wrong outputs silently", stacklevel=2)
+    alphas = _alphas(deltas, alpha, registry)
+    hub = HubOptions().updated(**hub_options)
+    opened = {n: open_delta(d, hub) for n, d in deltas.items()}
     if registry is None:
-        registry = OnTheFlyDeltas(model, base if base is None or isinstance(base, Checkpoint) else Checkpoint(base))
-    owners = _owners(model)
-    plans = {n: _plan(model, registry, d, alphas.get(n, 1.0), owners, verify_base) for n, d in opened.items()}
-
+        base = base_model if base_model is None or isinstance(base_model, Checkpoint) else Checkpoint(base_model)
+        registry = OnTheFlyDeltas(model, base)
+    owners = tensor_owners(model)
+    plans = {n: _plan(model, registry, d, alphas[n], owners, verify_base) for n, d in opened.items()}
     # Nothing has changed so far; from here on nothing can fail on the deltas' account.
-    modules = dict(model.named_modules(remove_duplicate=False))
-    adopted: dict[int, nn.Module] = {}
-    for path in sorted({p for _, adopt in plans.values() for p in adopt}):
-        module = modules[path]
-        cls = _ADOPT[type(module)]
-        if cls is None:
-            continue
-        new = adopted.get(id(module)) or cls.adopt(module, registry)
-        adopted[id(module)] = new
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-        registry.replaced[path] = module
+    _adopt_modules(model, registry, {p for _, adopt in plans.values() for p in adopt})
     modules = dict(model.named_modules(remove_duplicate=False))
     state = model.state_dict(keep_vars=True)
     for name, (adapter, _) in plans.items():
@@ -174,6 +143,43 @@ def attach_deltas(
         registry.adapters[name] = adapter
     model.on_the_fly_deltas = registry
     return registry
+
+
+def _alphas(deltas: Mapping[str, Any], alpha: float | Mapping[str, float] | None,
+            registry: OnTheFlyDeltas | None) -> dict[str, float]:
+    """Each new adapter's alpha, after checking the names are new, non-empty strings."""
+    clash = sorted(set(deltas) & set(registry.adapters)) if registry else []
+    if clash or not deltas or not all(isinstance(n, str) and n for n in deltas):
+        raise InvalidArgumentError("on-the-fly delta names must be new, non-empty strings",
+                                   expected="names not attached yet", found=clash or sorted(map(repr, deltas)) or "none",
+                                   fix="detach_deltas(model, [name]) first to replace one")
+    if not isinstance(alpha, Mapping):
+        return {n: 1.0 if alpha is None else float(alpha) for n in deltas}
+    if set(alpha) - set(deltas):
+        raise InvalidArgumentError("alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alpha) - set(deltas)))
+    return {n: float(alpha.get(n, 1.0)) for n in deltas}
+
+
+def _adopt_modules(model, registry: OnTheFlyDeltas, paths: set[str]) -> None:
+    """Replace each module at ``paths`` by its adopting subclass (sharing its parameters, and the
+    accelerate hook that places its inputs, if any), once per module object."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    adopted: dict[int, nn.Module] = {}
+    for path in sorted(paths):
+        module = modules[path]
+        cls = ADOPTERS[type(module)]
+        if cls is None:
+            continue
+        new = adopted.get(id(module))
+        if new is None:
+            new = adopted[id(module)] = cls.adopt(module, registry)
+            if hasattr(module, "_hf_hook"):
+                from accelerate.hooks import add_hook_to_module
+
+                add_hook_to_module(new, module._hf_hook)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        registry.replaced[path] = module
 
 
 def set_active_delta(model, name: str | None) -> None:
@@ -229,7 +235,7 @@ def load_on_the_fly(
     base_model: str | os.PathLike | None = None,
     base_revision: str | None = None,
     dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
+    device_map: DeviceMap = None,
     alpha: float | Mapping[str, float] | None = None,
     verify_base: bool = True,
     token: str | bool | None = None,
@@ -238,19 +244,21 @@ def load_on_the_fly(
     revision: str | None = None,
 ):
     """The base the deltas name (or ``base_model``), loaded by transformers, with the deltas
-    attached on the fly; no adapter active. The base's files are fingerprinted (`attach_deltas`)."""
+    attached on the fly; no adapter active. The base's files are fingerprinted (`attach_deltas`).
+
+    ``device_map`` is handed to transformers' ``from_pretrained``: ``None``/``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, an index, a ``torch.device``, ``"auto"`` or a ``{module: device}``
+    dict, as for `DeltaModel.from_pretrained`.
+    """
     from transformers import AutoConfig
 
-    from .. import base_model as base_checks
-
-    hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    opened = {n: _open(d, {**hub, "revision": revision}) for n, d in deltas.items()}
+    hub = HubOptions(revision, token, cache_dir, local_files_only)
+    opened = {n: open_delta(d, hub) for n, d in deltas.items()}
     if not opened:
         raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty mapping")
-    checkpoint = base_checks.resolve_base(next(iter(opened.values())).manifest, base_model, base_revision, **hub)
+    checkpoint = resolve_base(next(iter(opened.values())).manifest, base_model, hub.updated(revision=base_revision))
     cls = model_class_for(AutoConfig.from_pretrained(checkpoint.directory))
-    model = cls.from_pretrained(checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto")
-    if device is not None:
-        model.to(device)
-    attach_deltas(model.eval(), opened, alpha=alpha, base=checkpoint, verify_base=verify_base)
+    model = cls.from_pretrained(checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto",
+                                device_map=device_map)
+    attach_deltas(model.eval(), opened, alpha=alpha, base_model=checkpoint, verify_base=verify_base)
     return model

@@ -14,7 +14,7 @@ from ...errors import InvalidArgumentError
 if TYPE_CHECKING:
     from .registry import OnTheFlyDeltas
 
-def _check_device(held: torch.device, weight: torch.Tensor) -> None:
+def check_same_device(held: torch.device, weight: torch.Tensor) -> None:
     if held != weight.device:
         raise InvalidArgumentError(
             "an on-the-fly delta is on another device than its weight", expected=str(weight.device),
@@ -40,7 +40,7 @@ class DeltaLinear(nn.Linear):
         factor = self.factors.get(self.deltas.active)
         if factor is None:
             return F.linear(x, self.weight, self.bias)
-        _check_device(factor.device, self.weight)
+        check_same_device(factor.device, self.weight)
         if factor.apart(x.numel() // max(x.shape[-1], 1)):
             return F.linear(x, self.weight, self.bias).add_(factor.product(x))
         return F.linear(x, factor.merged(self.weight), self.bias)
@@ -68,13 +68,13 @@ class DeltaEmbedding(nn.Embedding):
         factor = self.factors.get(self.deltas.active)
         if factor is None:
             return out
-        _check_device(factor.device, self.weight)
+        check_same_device(factor.device, self.weight)
         return out.add_(factor.gather(ids))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, adapters={sorted(self.factors)}"
 
 
-_ADOPT = {nn.Linear: DeltaLinear, nn.Embedding: DeltaEmbedding, DeltaLinear: None, DeltaEmbedding: None}
+ADOPTERS = {nn.Linear: DeltaLinear, nn.Embedding: DeltaEmbedding, DeltaLinear: None, DeltaEmbedding: None}
 """Module types whose weight can carry an on-the-fly delta (exact types: a subclass may change
 what its forward computes). ``None``: already adopted."""

@@ -3,22 +3,21 @@ and the base values of the vectors it swaps."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import field
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ...core.dtypes import SAFETENSORS_DTYPES, holds_exactly
-from ...core.fingerprint import check_fingerprint, fingerprint_state_dict
+from ...core.fingerprint import fingerprint_state_dict
 from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
-from ..materialize import _tied_names
 from ...core.encodings import Factor
-from .modules import _check_device
+from ..base_model import check_base
+from ..model_state import parameter_shapes, tied_parameter_names
+from .modules import check_same_device
 
 @dataclass
 class Adapter:
@@ -59,21 +58,21 @@ class OnTheFlyDeltas:
         wanted = self.adapters[name].vectors if name is not None else {}
         for vector, base in self.base_vectors.items():
             value = wanted.get(vector, base)
-            _check_device(value.device, state[vector])
+            check_same_device(value.device, state[vector])
             state[vector].data = value
         self.active = name
 
-    def check_base(self, delta: Delta) -> None:
-        """`BaseMismatchError` unless ``delta`` was made against this model's base."""
-        expected = delta.manifest.base.fingerprint
-        if expected is None:
-            warnings.warn(f"{delta.directory} records no base fingerprint; its base cannot be verified", stacklevel=4)
-            return
+    def check_base(self, delta: Delta, *, verify_base: bool = True) -> None:
+        """`check_base`: ``delta`` was made against this model's base (its checkpoint's files,
+        else the model's own tensors at their base values) and fits the model's shapes."""
+        base = self.base if self.base is not None else self._model_fingerprint
+        label = None if self.base is not None else "given to attach_deltas"
+        check_base(delta, base, verify_base=verify_base, model_shapes=parameter_shapes(self.model), base_label=label)
+
+    def _model_fingerprint(self, recorded: Mapping[str, Any]) -> dict:
         if self._fingerprint is None:  # computed once, from the base values even while an adapter is active
-            self._fingerprint = (self.base.fingerprint() if self.base is not None
-                                 else _model_fingerprint(self.model, expected, self.base_vectors))
-        label = str(self.base.directory) if self.base is not None else "given to attach_deltas"
-        check_fingerprint(expected, self._fingerprint, label)
+            self._fingerprint = _model_fingerprint(self.model, recorded, self.base_vectors)
+        return self._fingerprint
 
     @property
     def nbytes(self) -> int:
@@ -84,14 +83,12 @@ class OnTheFlyDeltas:
         return f"OnTheFlyDeltas(adapters={sorted(self.adapters)}, active={self.active!r})"
 
 
-
-
 def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping[str, torch.Tensor]) -> dict:
     """The fingerprint of the base held by ``model`` as it would be saved (tied copies left out,
     swapped vectors at their base values), each tensor cast back to the dtype the recorded
     fingerprint names, which is exact where the model holds a wider dtype; a narrower one cannot be
     checked from memory."""
-    tied = _tied_names(model)
+    tied = tied_parameter_names(model)
     want = recorded["tensors"]
     state = {}
     for name, tensor in model.state_dict().items():
@@ -106,13 +103,13 @@ def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping
             raise BaseMismatchError(
                 f"the model holds {name!r} as {tensor.dtype}, which cannot be checked against the {stored} it was saved as",
                 expected=f"{stored} or a wider dtype", found=str(tensor.dtype),
-                fix="pass base=<the base checkpoint directory> so its files are fingerprinted, or verify_base=False",
+                fix="pass base_model=<the base checkpoint directory> so its files are fingerprinted, or verify_base=False",
             )
         state[name] = tensor.to(SAFETENSORS_DTYPES[stored])
     return fingerprint_state_dict(state)
 
 
-def _owners(model) -> dict[int, list[tuple[str, nn.Module, str]]]:
+def tensor_owners(model) -> dict[int, list[tuple[str, nn.Module, str]]]:
     """For each tensor of the model (by id), every (module path, module, attribute) holding it."""
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
