@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from ..core.dtypes import TORCH_DTYPES
 from ..core.manifest import TensorEntry
 from ..methods import TensorContext
 from ..methods.base import Edit
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 
 def stored_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -51,7 +54,7 @@ def edit_error(edit: Edit, decoded: torch.Tensor | None, delta: torch.Tensor) ->
 
 
 def measure_on_model(name: str, entry: TensorEntry, decoded: torch.Tensor, context: TensorContext,
-                     session) -> float | None:
+                     session: Calibration) -> float | None:
     """Put the reconstructed parameter into the calibration model (so later tensors are measured
     against the model as it will load), and return the first-order loss change
     ``<∇L(θ_ft), θ̂ - θ_ft>`` of this tensor's edit, also recorded in ``entry.stats``; None when

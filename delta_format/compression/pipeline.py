@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,10 @@ from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
 from .plan import Action, MethodPlan, Rule, schedule
 from .sources import TensorSource, open_source
-from .steps import TensorSteps
+from .steps import TensorCompressor
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 
 @dataclass
@@ -80,7 +83,7 @@ class CompressOptions:
             params["source"] = finetune.adapter_params()
         return params
 
-    def calibration(self, finetune: TensorSource, edited: list[str]):
+    def calibration(self, finetune: TensorSource, edited: list[str]) -> Calibration | None:
         """The calibration session on the fine-tuned model, None without calibration texts."""
         if self.calibration_texts is None:
             return None
@@ -176,11 +179,11 @@ def compress(
                      overwrite=overwrite) as writer:
         writer.manifest.method_params.update(options.recorded_params(ft_src))
         edited = [name for name, action in actions if action is Action.EDIT]
-        run = TensorSteps(options.plan, base_src, ft_src, writer, options.calibration(ft_src, edited),
-                          alpha=options.alpha, seed=options.seed, value_dtype=options.value_dtype)
-        prepared = run.prepare(edited)
-        run.all(actions, progress)
-        stats = run.stats(prepared)
+        tensors = TensorCompressor(options.plan, base_src, ft_src, writer, options.calibration(ft_src, edited),
+                                   alpha=options.alpha, seed=options.seed, value_dtype=options.value_dtype)
+        prepared = tensors.prepare(edited)
+        tensors.run(actions, progress)
+        stats = tensors.stats(prepared)
         stats["seconds"] = round(time.perf_counter() - started, 3)
         write_side_files(writer, ft_src, tokenizer)
         writer.manifest.stats = stats

@@ -259,7 +259,8 @@ def open_source(source: Any, *, what: str, revision: str | None = None, token: s
                                    found=type(source).__name__)
     directory, sha = resolve_repo(source, revision=revision, token=token, cache_dir=cache_dir,
                                   local_files_only=local_files_only, what=what)
-    from .lora import LoraSource, is_lora_adapter  # imported here: lora.py builds on this module's protocol
+    # imported here, not at the top: lora.py builds its source on this module's protocol
+    from .lora import LoraSource, is_lora_adapter
 
     if base is not None and is_lora_adapter(directory):
         return LoraSource(directory, base)

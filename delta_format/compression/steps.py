@@ -1,7 +1,7 @@
 """The compressor's per-tensor step: read one (base, fine-tune) pair, edit it or store it whole,
 measure what was stored, and hand it to the writer.
 
-`TensorSteps` is driven by `delta_format.compression.pipeline.compress` in the order of the
+`TensorCompressor` is driven by `delta_format.compression.pipeline.compress` in the order of the
 schedule (`delta_format.compression.plan.schedule`); it keeps only the tensors of the current step
 alive, which is what lets the compressor stream a model larger than memory.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,15 +26,18 @@ from .measure import Totals, edit_error, measure_on_model
 from .plan import Action, MethodPlan
 from .sources import TensorSource
 
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
-class TensorSteps:
-    """The per-tensor step of one compression: read the pair, edit or store whole, measure, write.
+
+class TensorCompressor:
+    """One compression's per-tensor step: read the pair, edit it or store it whole, measure, write.
 
     Holds what every step shares: the sources, the writer, the calibration session (None without
     texts) and the running `Totals`."""
 
-    def __init__(self, plan: MethodPlan, base: TensorSource, finetune: TensorSource, writer: DeltaWriter, session, *,
-                 alpha: float, seed: int, value_dtype: torch.dtype | None):
+    def __init__(self, plan: MethodPlan, base: TensorSource, finetune: TensorSource, writer: DeltaWriter,
+                 session: Calibration | None, *, alpha: float, seed: int, value_dtype: torch.dtype | None):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
         self.alpha, self.seed, self.value_dtype = alpha, seed, value_dtype
         self.totals = Totals()
@@ -50,7 +53,7 @@ class TensorSteps:
                     prepared[m.name] = found
         return prepared
 
-    def all(self, actions: list[tuple[str, Action]], progress: bool) -> None:
+    def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
         """Every tensor in schedule order, with a progress bar in bytes of the fine-tune."""
         from huggingface_hub.utils import tqdm
 
@@ -59,25 +62,31 @@ class TensorSteps:
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", disable=not progress) as bar:
             for (name, action), nbytes in zip(actions, sizes):
                 self.totals.finetune_bytes += nbytes
-                self.one(name, action)
+                self.step(name, action)
                 release(nbytes)
                 bar.update(nbytes)
 
-    def one(self, name: str, action: Action) -> None:
+    def step(self, name: str, action: Action) -> None:
         if action is Action.EDIT:
             self.edit(name, self.plan.method_for(name))
         elif action is Action.REPLACE:
-            value = self.finetune.get(name)
-            reason = "the base has another shape" if name in self.base else "the base has no such tensor"
-            entry = TensorEntry(ReplaceEncoding(), tuple(value.shape), torch_dtype_name(value.dtype),
-                                stats={"lossless": True, "rel_error": 0.0, "reason": reason})
-            self.write(name, entry, {"value": value.contiguous()}, "replaced")
+            self.replace(name)
         else:
             self.totals.counts[action.value] += 1
             if action is Action.EXCLUDED and self.session is not None and name in self.base:
                 self.session.set_parameter(name, self.base.get(name).float())
 
+    def replace(self, name: str) -> None:
+        """Store the fine-tuned value whole: the base has no tensor of this shape to add a delta to."""
+        value = self.finetune.get(name)
+        reason = "the base has another shape" if name in self.base else "the base has no such tensor"
+        encoding = ReplaceEncoding()
+        entry = TensorEntry(encoding, tuple(value.shape), torch_dtype_name(value.dtype),
+                            stats={"lossless": True, "rel_error": 0.0, "reason": reason})
+        self.write(name, entry, encoding.encode(value), "replaced")
+
     def edit(self, name: str, method: EditMethod) -> None:
+        """Hand ``Δ`` to ``method``, measure what it stored, and write it (nothing if ``Δ`` is all zero bits)."""
         pair = self.read_pair(name)
         if pair is None:
             self.totals.counts["unchanged"] += 1
