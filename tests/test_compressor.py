@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import delta_format
-from delta_format import InvalidArgumentError, OutputExistsError
+from delta_format import InvalidArgumentError, OutputExistsError, ResolutionError
 from delta_format.loaders.apply import apply_delta
 from delta_format.methods.dense import same_bits
 from delta_format.io.reader import DeltaReader
@@ -400,3 +400,18 @@ def test_a_hub_base_is_pinned_to_the_commit_it_resolved_to(hub, trained, tmp_pat
     assert delta.manifest.base.repo_id == repo
     assert delta.manifest.base.revision == hub.api.model_info(repo).sha
     assert delta.manifest.base.local_path is None
+
+
+@pytest.mark.hub
+def test_a_hub_base_is_downloaded_into_cache_dir_and_read_from_it_offline(hub, trained, tmp_path):
+    repo = hub.repo_id("base")
+    hub.api.create_repo(repo)
+    hub.api.upload_folder(repo_id=repo, folder_path=str(trained["base"]))
+    cache = tmp_path / "cache"
+    with pytest.raises(ResolutionError, match="not in the local cache"):
+        compress(repo, trained["ft"], tmp_path / "before", method="sign", cache_dir=cache, local_files_only=True)
+    online = compress(repo, trained["ft"], tmp_path / "online", method="sign", cache_dir=cache)
+    assert list(cache.rglob("model.safetensors"))
+    hub.server.stop()
+    offline = compress(repo, trained["ft"], tmp_path / "offline", method="sign", cache_dir=cache, local_files_only=True)
+    assert offline.manifest.base == online.manifest.base

@@ -1,7 +1,10 @@
 """The streaming compressor: a base and a fine-tune in, a delta directory out.
 
-Tensor sources (checkpoints, in-memory models, LoRA adapters), the method plan (which method
-edits which tensor), the pipeline, and the measurement of what was stored.
+``sources`` reads the models (the `TensorSource` protocol: checkpoints, in-memory models; ``lora``
+adds PEFT adapters), ``plan`` decides which method edits which tensor and what happens to the
+rest, ``steps`` is the per-tensor step, ``measure`` what is recorded about what was stored, and
+``pipeline`` holds `compress`, which drives them. ``calibration`` is the optional in-memory
+session on calibration texts.
 """
 
 from .pipeline import compress

@@ -10,7 +10,8 @@ way PEFT matches them. Tensors the adapter saves whole (``modules_to_save``, tra
 fine-tuned values of their own.
 
 Adapters whose delta is not a plain product (DoRA's magnitude vectors, other PEFT types) are
-refused with a clear error rather than imported wrongly.
+refused with a clear error rather than imported wrongly. `LoraSource` is the adapter as the
+compressor's fine-tune (a `delta_format.compression.sources.TensorSource`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from typing import Any, Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.dtypes import CHECKPOINT_DTYPES
+from ..core.dtypes import CHECKPOINT_DTYPES, compute_dtype
+from ..io.checkpoint import SAFE_WEIGHTS_NAME
+from ..core.manifest import BaseReference
 from ..errors import CorruptDeltaError, InvalidArgumentError
+from .sources import CONFIG_FILES, SIDE_FILES, TOKENIZER_FILES, Factors, TensorSource
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,7 +43,7 @@ _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\
 def is_lora_adapter(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a PEFT adapter (and no full checkpoint)."""
     directory = Path(directory)
-    return (directory / ADAPTER_CONFIG_NAME).is_file() and not (directory / "model.safetensors").is_file() \
+    return (directory / ADAPTER_CONFIG_NAME).is_file() and not (directory / SAFE_WEIGHTS_NAME).is_file() \
         and not (directory / "model.safetensors.index.json").is_file()
 
 
@@ -159,3 +163,90 @@ class LoraAdapter:
 
     def full_tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(self.full[name])
+
+
+class LoraSource:
+    """A fine-tune given as a PEFT LoRA adapter over the base: ``ft = base + B @ A * scaling``.
+
+    Its deltas are exact (computed from the factors, not by subtracting a rounded fine-tune), and
+    it knows which tensors it changes, so the compressor never compares untouched ones."""
+
+    def __init__(self, directory: Path, base: TensorSource):
+        self.adapter = LoraAdapter(directory)
+        self.adapter.rename(base.names())
+        self.base = base
+        self.directory = Path(directory)
+        missing = [name for name in self.adapter.targets if name not in base]
+        if missing:
+            raise InvalidArgumentError("the LoRA adapter targets parameters the base does not have",
+                                       expected="names of the base's parameters", found=missing[:5],
+                                       fix="check the adapter was trained on this base")
+        self.targets = set(self.adapter.targets)
+
+    def names(self) -> list[str]:
+        return [*self.base.names(), *(n for n in self.adapter.full if n not in self.base)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base or name in self.adapter.full
+
+    def changed(self, name: str) -> bool:
+        return name in self.targets or name in self.adapter.full
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        if name in self.adapter.full:
+            tensor = self.adapter.full_tensor(name)
+            return tuple(tensor.shape), tensor.dtype
+        return self.base.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.read(name, self.base.get(name) if name in self.base else None)[0]
+
+    def read(self, name: str, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Factors | None]:
+        if name in self.adapter.full:
+            return self.adapter.full_tensor(name), None, None
+        if name not in self.targets:
+            return base, None, None
+        u, v = self.adapter.factors(name, tuple(base.shape))
+        arithmetic = compute_dtype(base.dtype)
+        delta = (u @ v).to(arithmetic).view(base.shape)
+        finetune = base.to(arithmetic, copy=True).add_(delta).to(base.dtype)
+        return finetune, delta, (u, v)
+
+    def factor_dtype(self, name: str) -> torch.dtype | None:
+        return self.adapter.factor_dtype(name) if name in self.targets else None
+
+    def provides_factors(self) -> bool:
+        return True
+
+    def adapter_params(self) -> dict[str, Any]:
+        return {"type": "peft-lora", "r": self.adapter.config.get("r"), "lora_alpha": self.adapter.config.get("lora_alpha")}
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError("a LoRA adapter is only ever a fine-tune; the base is fingerprinted")
+
+    def reference(self) -> BaseReference:
+        raise NotImplementedError("a LoRA adapter is only ever a fine-tune; the base is referenced")
+
+    def side_files(self) -> dict[str, Path | bytes]:
+        files = dict(self.base.side_files())
+        files.update({name: self.directory / name for name in SIDE_FILES
+                      if name not in CONFIG_FILES and (self.directory / name).is_file()})
+        return files
+
+    def load_model(self) -> torch.nn.Module:
+        model = self.base.load_model()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in [*self.targets, *self.adapter.full]:
+                if name in params:
+                    base = params[name].detach().clone()
+                    params[name].copy_(self.read(name, base)[0])
+        return model
+
+    def tokenizer(self) -> Any:
+        """The adapter's own tokenizer (saved with added tokens), else the base's."""
+        if any((self.directory / f).is_file() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.directory)
+        return self.base.tokenizer()

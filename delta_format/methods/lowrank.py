@@ -7,7 +7,7 @@ range explodes in half precision.
 
 ``lora`` stores a LoRA adapter's own factors exactly: a LoRA fine-tune *is* a low-rank delta,
 ``B @ A * lora_alpha / r``, with the scaling folded into ``U`` (the compressor reads the adapter
-files, `delta_format.compression.pipeline.LoraAdapter`). ``lowrank`` with a rank below the adapter's
+files, `delta_format.compression.lora.LoraAdapter`). ``lowrank`` with a rank below the adapter's
 re-truncates it by SVD.
 
 Vectors have no low-rank form, and a factorisation of rank ``r`` only saves space while

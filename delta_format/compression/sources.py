@@ -1,0 +1,265 @@
+"""Where the compressor's tensors come from: a checkpoint directory, an in-memory model, or a
+PEFT LoRA adapter over the base.
+
+Every source answers the same `TensorSource` protocol, so the pipeline never asks what kind of
+source it holds. Sources are lazy: a checkpoint reads one tensor at a time from its safetensors
+files, and a LoRA adapter computes a target's fine-tuned value only when it is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..core.dtypes import CHECKPOINT_DTYPES
+from ..core.fingerprint import fingerprint_state_dict
+from ..core.manifest import BaseReference
+from ..errors import InvalidArgumentError
+from ..io.checkpoint import Checkpoint
+from ..io.resolve import HubOptions, resolve_repo
+from ..io.model_class import model_class_for
+
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "tiktoken.model", "chat_template.jinja", "chat_template.json",
+)
+"""The fine-tune's files copied into the delta: its config and everything its tokenizer needs."""
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+"""Side files that describe the model itself: a LoRA adapter's base supplies them, not the adapter."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""Either one in a directory means a tokenizer can be loaded from it."""
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""``(u, v)`` with ``u @ v`` a parameter's delta viewed as ``[shape[0], prod(shape[1:])]``."""
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A model the compressor reads, as a base or as a fine-tune, one tensor at a time.
+
+    The pipeline only uses these members, so a new kind of source (another adapter format, a
+    remote store) is one class. ``dtype`` in `info` is a `torch.dtype`, or the safetensors name
+    of a dtype torch cannot hold (e.g. ``"F8_E8M0"``), which the compressor can only compare.
+    """
+
+    def names(self) -> list[str]:
+        """Every tensor name, in the order the delta lists them."""
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the source has a tensor ``name``."""
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        """``(shape, dtype)`` of ``name`` without reading it (schedules and byte counts need no data)."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` on the CPU in its own dtype."""
+
+    def read(self, name: str, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Factors | None]:
+        """``(fine-tuned value, exact delta or None, factors or None)`` of ``name``, given the base's
+        value. A source that knows its delta exactly (a LoRA product) returns it, so the compressor
+        does not subtract the rounded fine-tuned value; one that knows it as factors returns them."""
+
+    def changed(self, name: str) -> bool | None:
+        """Whether ``name`` differs from the base: True or False where the source knows (an adapter
+        changes only its targets), None where it does not (compare the values)."""
+
+    def factor_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype ``name``'s factors were stored in (a LoRA adapter's), None without factors."""
+
+    def provides_factors(self) -> bool:
+        """Whether `read` can return factors: methods that store an adapter's own factors need it."""
+
+    def adapter_params(self) -> dict[str, Any] | None:
+        """What the manifest records about the adapter the fine-tune came from, None for full weights."""
+
+    def fingerprint(self) -> dict:
+        """The base fingerprint of these tensors (SPEC §7)."""
+
+    def reference(self) -> BaseReference:
+        """How a loader finds this model again when it is the base (repo + commit, or local path)."""
+
+    def side_files(self) -> dict[str, Path | bytes]:
+        """Files to copy beside the delta (config, tokenizer), by name: a path or the bytes."""
+
+    def load_model(self) -> torch.nn.Module:
+        """The whole model in float32, for calibration (a private copy: the caller edits it)."""
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, None if it has none. May raise OSError/ValueError from transformers."""
+
+
+class WholeValueSource:
+    """The members shared by sources that hold values whole (a checkpoint, a model), not as a
+    delta or factors: they cannot say which tensors changed, so the compressor compares them."""
+
+    def read(self, name: str, base: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
+        return self.get(name), None, None
+
+    def changed(self, name: str) -> None:
+        return None  # unknown: the compressor compares the values
+
+    def factor_dtype(self, name: str) -> None:
+        return None
+
+    def provides_factors(self) -> bool:
+        return False
+
+    def adapter_params(self) -> None:
+        return None
+
+
+class CheckpointSource(WholeValueSource):
+    """A safetensors checkpoint directory (local, or a resolved Hub snapshot)."""
+
+    def __init__(self, directory: Path, repo_id: str | None = None, commit_sha: str | None = None):
+        self.checkpoint = Checkpoint(directory, commit_sha=commit_sha)
+        self.directory = Path(directory)
+        self.repo_id = repo_id
+
+    def names(self) -> list[str]:
+        return list(self.checkpoint)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.checkpoint
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        shape, stored = self.checkpoint.shape_dtype(name)
+        return shape, CHECKPOINT_DTYPES.get(stored, stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.checkpoint.get_tensor(name)
+
+    def fingerprint(self) -> dict:
+        return self.checkpoint.fingerprint()
+
+    def reference(self) -> BaseReference:
+        if self.repo_id and self.checkpoint.commit_sha:
+            return BaseReference(repo_id=self.repo_id, revision=self.checkpoint.commit_sha, fingerprint=self.fingerprint())
+        return BaseReference(local_path=str(self.directory.resolve()), fingerprint=self.fingerprint())
+
+    def side_files(self) -> dict[str, Path | bytes]:
+        return {name: self.directory / name for name in SIDE_FILES if (self.directory / name).is_file()}
+
+    def load_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig
+
+        cls = model_class_for(AutoConfig.from_pretrained(self.directory))
+        return cls.from_pretrained(self.directory, dtype=torch.float32)
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.directory)
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` would write: tied parameters (tensors sharing storage) once,
+    under the name transformers keeps (the first name in ``state_dict`` order for other modules)."""
+    state = dict(model.state_dict())
+    try:
+        from transformers import PreTrainedModel
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # pragma: no cover - transformers is a dependency, but its internals move
+        PreTrainedModel = remove_tied_weights_from_state_dict = None
+    if PreTrainedModel is not None and isinstance(model, PreTrainedModel):
+        try:
+            state = remove_tied_weights_from_state_dict(state, model)
+        except (RuntimeError, TypeError, AttributeError):
+            pass  # fall through to the storage rule below
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.numel():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+        out[name] = tensor.detach()
+    return out
+
+
+class ModelSource(WholeValueSource):
+    """An in-memory model, read through its (tie-deduplicated) state dict."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.state = model_state_dict(model)
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        tensor = self.state[name]
+        return tuple(tensor.shape), tensor.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name].to("cpu")
+
+    def fingerprint(self) -> dict:
+        return fingerprint_state_dict({name: tensor.cpu() for name, tensor in self.state.items()})
+
+    def reference(self) -> BaseReference:
+        """The model's origin if transformers recorded it: a Hub repo at the commit it was loaded
+        from, or the directory it was loaded from. Without one, only the fingerprint."""
+        config = getattr(self.model, "config", None)
+        origin = getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "")
+        commit = getattr(config, "_commit_hash", None)
+        fingerprint = self.fingerprint()
+        if origin and Path(origin).is_dir():
+            return BaseReference(local_path=str(Path(origin).resolve()), fingerprint=fingerprint)
+        if origin and commit and re.fullmatch(r"[0-9a-f]{40}", str(commit)):
+            return BaseReference(repo_id=origin, revision=commit, fingerprint=fingerprint)
+        warnings.warn("the in-memory base model does not say where it came from; the delta records only its "
+                      "fingerprint, so loading it needs base_model= (or --base)", stacklevel=3)
+        return BaseReference(fingerprint=fingerprint)
+
+    def side_files(self) -> dict[str, Path | bytes]:
+        files: dict[str, Path | bytes] = {}
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            files["config.json"] = config.to_json_string().encode()
+        generation = getattr(self.model, "generation_config", None)
+        can_generate = getattr(self.model, "can_generate", lambda: False)
+        if generation is not None and can_generate():
+            files["generation_config.json"] = generation.to_json_string().encode()
+        return files
+
+    def load_model(self) -> torch.nn.Module:
+        return copy.deepcopy(self.model)
+
+    def tokenizer(self) -> Any:
+        origin = getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        if origin and Path(origin).is_dir():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(origin)
+        return None
+
+
+def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource | None = None) -> TensorSource:
+    """A tensor source for a directory, a Hub repo id, an in-memory model, or (for the fine-tune,
+    when ``base`` is given) a PEFT LoRA adapter directory or repo."""
+    if isinstance(source, torch.nn.Module):
+        return ModelSource(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidArgumentError(f"cannot read the {what}", expected="a directory, a Hub repo id or a torch model",
+                                   found=type(source).__name__)
+    directory, sha = resolve_repo(source, hub, what=what)
+    # imported here, not at the top: lora.py builds its source on this module's protocol
+    from .lora import LoraSource, is_lora_adapter
+
+    if base is not None and is_lora_adapter(directory):
+        return LoraSource(directory, base)
+    return CheckpointSource(directory, repo_id=None if sha is None else str(source), commit_sha=sha)

@@ -1,0 +1,168 @@
+"""The compressor's per-tensor step: read one (base, fine-tune) pair, edit it or store it whole,
+measure what was stored, and hand it to the writer.
+
+`TensorCompressor` is driven by `delta_format.compression.pipeline.compress` in the order of the
+schedule (`delta_format.compression.plan.schedule`); it keeps only the tensors of the current step
+alive, which is what lets the compressor stream a model larger than memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.constants import INDEX_GAPS
+from ..core.dtypes import compute_dtype, torch_dtype_name
+from ..core.encodings import ReplaceEncoding, SparseEncoding
+from ..core.manifest import TensorEntry
+from ..io.writer import DeltaWriter
+from ..methods import EditMethod, TensorContext
+from ..methods.base import Edit
+from ..methods.dense import same_bits
+from .heap import FreedMemory
+from .measure import Totals, edit_error, measure_on_model
+from .plan import Action, MethodPlan
+from .sources import TensorSource
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+
+
+class TensorCompressor:
+    """One compression's per-tensor step: read the pair, edit it or store it whole, measure, write.
+
+    Holds what every step shares: the sources, the writer, the calibration session (None without
+    texts) and the running `Totals`."""
+
+    def __init__(self, plan: MethodPlan, base: TensorSource, finetune: TensorSource, writer: DeltaWriter,
+                 session: Calibration | None, *, alpha: float, seed: int, value_dtype: torch.dtype | None):
+        self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
+        self.alpha, self.seed, self.value_dtype = alpha, seed, value_dtype
+        self.totals = Totals()
+
+    def prepare(self, edited: list[str]) -> dict[str, Any]:
+        """Each method's whole-model choices on the calibration texts (`EditMethod.prepare`), by method name."""
+        prepared = {}
+        if self.session is not None:
+            for m in self.plan.methods():
+                names = [n for n in edited if self.plan.method_for(n) is m]
+                found = m.prepare(self.stream(names), self.session)
+                if found:
+                    prepared[m.name] = found
+        return prepared
+
+    def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
+        """Every tensor in schedule order, with a progress bar in bytes of the fine-tune."""
+        from huggingface_hub.utils import tqdm
+
+        release = FreedMemory()
+        sizes = [self.finetune_nbytes(name) for name, _ in actions]
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", disable=not progress) as bar:
+            for (name, action), nbytes in zip(actions, sizes):
+                self.totals.finetune_bytes += nbytes
+                self.step(name, action)
+                release(nbytes)
+                bar.update(nbytes)
+
+    def step(self, name: str, action: Action) -> None:
+        if action is Action.EDIT:
+            self.edit(name, self.plan.method_for(name))
+        elif action is Action.REPLACE:
+            self.replace(name)
+        else:
+            self.totals.counts[action.value] += 1
+            if action is Action.EXCLUDED and self.session is not None and name in self.base:
+                self.session.set_parameter(name, self.base.get(name).float())
+
+    def replace(self, name: str) -> None:
+        """Store the fine-tuned value whole: the base has no tensor of this shape to add a delta to."""
+        value = self.finetune.get(name)
+        reason = "the base has another shape" if name in self.base else "the base has no such tensor"
+        encoding = ReplaceEncoding()
+        entry = TensorEntry(encoding, tuple(value.shape), torch_dtype_name(value.dtype),
+                            stats={"lossless": True, "rel_error": 0.0, "reason": reason})
+        self.write(name, entry, encoding.encode(value), "replaced")
+
+    def edit(self, name: str, method: EditMethod) -> None:
+        """Hand ``Δ`` to ``method``, measure what it stored, and write it (nothing if ``Δ`` is all zero bits)."""
+        pair = self.read_pair(name)
+        if pair is None:
+            self.totals.counts["unchanged"] += 1
+            return
+        delta, context = pair
+        if context.finetune.dtype != context.base.dtype and not bool(delta.any()):
+            # equal values in another dtype: a zero-byte entry records the dtype
+            encoding = SparseEncoding(INDEX_GAPS)
+            stored = encoding.encode(delta, name=name, positions=torch.empty(0, dtype=torch.int64),
+                                     dtype=context.value_dtype)
+            edit = Edit(encoding, stored, {"reason": "dtype change only"}, lossless=True)
+        else:
+            edit = method.edit(name, delta, context)
+        alpha = context.alpha if edit.encoding.is_delta else 1.0
+        entry = TensorEntry(edit.encoding, tuple(delta.shape), torch_dtype_name(context.finetune.dtype), alpha,
+                            {"method": method.name, **edit.stats})
+        decoded = None
+        if self.session is not None or not edit.lossless:  # measured on what was stored: decoded as a reader will
+            decoded = edit.decode(tuple(delta.shape), name, delta.dtype)
+        if self.session is not None:
+            self.totals.loss_change += measure_on_model(name, entry, decoded, context, self.session) or 0.0
+        error = edit_error(edit, decoded, delta)
+        del decoded
+        entry.stats["rel_error"] = error.relative
+        self.write(name, entry, edit.stored, "edited")
+        if edit.encoding.is_delta:
+            self.totals.add_error(error)
+
+    def write(self, name: str, entry: TensorEntry, stored: dict[str, torch.Tensor], kind: str) -> None:
+        self.totals.add_entry(entry, stored, kind)
+        self.writer.add(name, entry, stored)
+
+    def read_pair(self, name: str) -> tuple[torch.Tensor, TensorContext] | None:
+        """(delta, context), or None when the fine-tune equals the base bit for bit."""
+        base = self.base.get(name)
+        finetune, delta, factors = self.finetune.read(name, base)
+        if delta is None and finetune.dtype == base.dtype and same_bits(finetune, base):
+            return None
+        arithmetic = compute_dtype(finetune.dtype)
+        if delta is None:  # narrower bases are widened on the fly (exactly), without a full-size copy
+            delta = finetune.to(arithmetic, copy=True)
+            delta.sub_(base if base.dtype.itemsize <= arithmetic.itemsize else base.to(arithmetic))
+        return delta, self.context(name, base, finetune, factors)
+
+    def context(self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors) -> TensorContext:
+        activations = self.session.activations.get(name) if self.session is not None else None
+        if activations is not None and activations.kind == "linear" and not len(activations.inputs):
+            activations = None  # the layer never ran on the calibration texts
+        factor_dtype = self.finetune.factor_dtype(name) if factors is not None else None
+        value_dtype = self.value_dtype or factor_dtype or finetune.dtype
+        return TensorContext(name, base=base, finetune=finetune, value_dtype=value_dtype, seed=self.seed,
+                             alpha=self.alpha, activations=activations, factors=factors)
+
+    def stream(self, names: list[str]) -> Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]:
+        """A re-iterable stream of (name, delta, context) over ``names``, skipping unchanged ones."""
+        def stream():
+            for name in names:
+                pair = self.read_pair(name)
+                if pair is not None:
+                    yield name, pair[0], pair[1]
+
+        return stream
+
+    def finetune_nbytes(self, name: str) -> int:
+        shape, dtype = self.finetune.info(name)
+        return math.prod(shape) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 0)
+
+    def stats(self, prepared: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's ``stats``: the totals, the methods' whole-model choices, the calibration measures."""
+        stats = self.totals.summary()
+        if prepared:
+            stats["prepare"] = prepared
+        if self.session is not None:
+            stats.update(output_error=self.session.output_mse(), calibration_texts=len(self.session.batches),
+                         calibration_tokens=self.session.tokens)
+            if self.session.loss is not None:
+                stats.update(calibration_loss=self.session.loss, loss_change_estimate=self.totals.loss_change)
+        return stats
