@@ -54,9 +54,15 @@ def build_pair(root: Path, layers: int, hidden: int, intermediate: int, vocab: i
     marker = root / "pair.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root / "base", root / "finetune"
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, vocab_size=vocab,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(root / "base")
@@ -72,28 +78,38 @@ def build_pair(root: Path, layers: int, hidden: int, intermediate: int, vocab: i
 
 def child(method: str, base: str, ft: str, out: str, shard_size: str) -> None:
     """One compression in this (fresh) process; prints a JSON line."""
-    import torch  # noqa: F401  (imports count as the baseline, not as compressor memory)
-
     import huggingface_hub.utils  # noqa: F401
+    import torch  # noqa: F401  (imports count as the baseline, not as compressor memory)
     from huggingface_hub import ModelCard  # noqa: F401
 
     import delta_format
-    import delta_format.io.card  # noqa: F401
     import delta_format.compression.pipeline  # noqa: F401
+    import delta_format.io.card  # noqa: F401
     import delta_format.io.delta  # noqa: F401
     from delta_format.io.checkpoint import Checkpoint
 
     with PeakAnonSampler() as memory:
         start = time.perf_counter()
-        delta = delta_format.compress(base, ft, out, method=method, progress=False, overwrite=True,
-                                      max_shard_size=shard_size, **METHODS[method])
+        delta = delta_format.compress(
+            base, ft, out, method=method, progress=False, overwrite=True, max_shard_size=shard_size, **METHODS[method]
+        )
         seconds = time.perf_counter() - start
     ckpt = Checkpoint(ft)
     largest = max(math_prod(ckpt.shape_dtype(n)[0]) * 2 for n in ckpt)  # bf16
-    print(json.dumps({"method": method, "seconds": seconds, "baseline_anon": memory.baseline, "peak_anon": memory.peak,
-                      "vm_hwm": status_kib("VmHWM") * 1024, "largest_tensor": largest,
-                      "finetune_bytes": delta.manifest.stats["finetune_bytes"],
-                      "stored_bytes": delta.manifest.stats["stored_bytes"]}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "seconds": seconds,
+                "baseline_anon": memory.baseline,
+                "peak_anon": memory.peak,
+                "vm_hwm": status_kib("VmHWM") * 1024,
+                "largest_tensor": largest,
+                "finetune_bytes": delta.manifest.stats["finetune_bytes"],
+                "stored_bytes": delta.manifest.stats["stored_bytes"],
+            }
+        )
+    )
 
 
 def math_prod(shape) -> int:
@@ -105,8 +121,13 @@ def math_prod(shape) -> int:
 
 def run_child(method: str, base: Path, ft: Path, out: Path, shard_size: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, __file__, "--child", method, str(base), str(ft), str(out), shard_size],
-                            capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(base), str(ft), str(out), shard_size],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -119,8 +140,10 @@ def memory_table(work: Path, methods: list[str], shard_size: str) -> None:
         for method in methods:
             r = run_child(method, base, ft, work / f"mem-{layers}" / f"delta-{method}", shard_size)
             grown = r["peak_anon"] - r["baseline_anon"]
-            print(f"| {layers} | {r['finetune_bytes'] / 2 / 1e6:.1f}M | {r['largest_tensor'] / 1e6:.1f} MB | {method} "
-                  f"| {grown / 1e6:.1f} MB | {grown / r['largest_tensor']:.1f} | {r['vm_hwm'] / 1e6:.0f} MB |")
+            print(
+                f"| {layers} | {r['finetune_bytes'] / 2 / 1e6:.1f}M | {r['largest_tensor'] / 1e6:.1f} MB | {method} "
+                f"| {grown / 1e6:.1f} MB | {grown / r['largest_tensor']:.1f} | {r['vm_hwm'] / 1e6:.0f} MB |"
+            )
     print()
 
 
@@ -131,13 +154,17 @@ def throughput_table(work: Path, methods: list[str], repeats: int) -> None:
         runs = [run_child(method, base, ft, work / "throughput" / f"delta-{method}", "2GB") for _ in range(repeats)]
         rows.append(min(runs, key=lambda r: r["seconds"]))
     size = rows[0]["finetune_bytes"]
-    print(f"## Compressor throughput ({size / 2 / 1e6:.0f}M parameters, {size / 1e6:.0f} MB bf16; "
-          f"best of {repeats} runs, page cache warm)\n")
+    print(
+        f"## Compressor throughput ({size / 2 / 1e6:.0f}M parameters, {size / 1e6:.0f} MB bf16; "
+        f"best of {repeats} runs, page cache warm)\n"
+    )
     print("| method | params | seconds | MB/s of fine-tune | stored | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {METHODS[r['method']]} | {r['seconds']:.2f} | {size / 1e6 / r['seconds']:.0f} "
-              f"| {r['stored_bytes'] / 1e6:.1f} MB | {size / r['stored_bytes']:.1f}x |")
+        print(
+            f"| {r['method']} | {METHODS[r['method']]} | {r['seconds']:.2f} | {size / 1e6 / r['seconds']:.0f} "
+            f"| {r['stored_bytes'] / 1e6:.1f} MB | {size / r['stored_bytes']:.1f}x |"
+        )
     print()
 
 
@@ -150,8 +177,15 @@ def profile(work: Path, method: str) -> None:
     base, ft = build_pair(work / "throughput", 12, 768, 2048, 16000)
     profiler = cProfile.Profile()
     profiler.enable()
-    delta_format.compress(base, ft, work / "throughput" / f"delta-{method}", method=method, progress=False,
-                          overwrite=True, **METHODS[method])
+    delta_format.compress(
+        base,
+        ft,
+        work / "throughput" / f"delta-{method}",
+        method=method,
+        progress=False,
+        overwrite=True,
+        **METHODS[method],
+    )
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
@@ -175,8 +209,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.profile:
         return profile(args.work, args.profile)
-    print(f"# Compressor benchmarks ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)\n")
+    print(
+        f"# Compressor benchmarks ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)\n"
+    )
     if not args.skip_memory:
         memory_table(args.work, args.memory_methods.split(","), args.shard_size)
     if not args.skip_throughput:

@@ -75,8 +75,10 @@ def run(device_name: str, rows: int, cols: int, repeats: int) -> None:
     out = torch.empty_like(base)
     gigabytes = base.numel() * 2 / 1e9
     copy = best_seconds(lambda: out.copy_(base), repeats, device)
-    print(f"\n{device.type}: {rows} x {cols} bf16 parameter ({gigabytes * 1e3:.0f} MB); baseline: bf16 copy of the "
-          f"base into it, {gigabytes / copy:.2f} GB/s\n")
+    print(
+        f"\n{device.type}: {rows} x {cols} bf16 parameter ({gigabytes * 1e3:.0f} MB); baseline: bf16 copy of the "
+        f"base into it, {gigabytes / copy:.2f} GB/s\n"
+    )
     print("| encoding | stored bits/param | decode GB/s | ÷ copy | load path GB/s | ÷ copy |")
     print("|---|---|---|---|---|---|")
     for label, enc, stored in encoded(rows, cols, device):
@@ -84,9 +86,13 @@ def run(device_name: str, rows: int, cols: int, repeats: int) -> None:
         shape = (rows, cols)
         decode = best_seconds(lambda: enc.decode(stored, shape, "w", torch.float32), repeats, device)
         parts = [(TensorEntry(enc, shape, "bfloat16", 1.0), stored, 1.0)]
-        load = best_seconds(lambda: reconstruct_stored("w", parts, base, dtype=torch.bfloat16, out=out), repeats, device)
-        print(f"| {label} | {bits:.2f} | {gigabytes / decode:.2f} | {copy / decode:.2f} | {gigabytes / load:.2f} | "
-              f"{copy / load:.2f} |")
+        load = best_seconds(
+            lambda: reconstruct_stored("w", parts, base, dtype=torch.bfloat16, out=out), repeats, device
+        )
+        print(
+            f"| {label} | {bits:.2f} | {gigabytes / decode:.2f} | {copy / decode:.2f} | {gigabytes / load:.2f} | "
+            f"{copy / load:.2f} |"
+        )
 
 
 def main() -> None:
@@ -101,8 +107,10 @@ def main() -> None:
     from benchmarks.synthetic import machine
 
     print(f"# Decode throughput per encoding ({machine()})\n")
-    print(f"Command: `python benchmarks/decode.py --rows {args.rows} --cols {args.cols} --repeats {args.repeats}` "
-          "(GB/s of bf16 parameter produced, min over the repeats; ÷ copy: the fraction of the plain copy's speed)")
+    print(
+        f"Command: `python benchmarks/decode.py --rows {args.rows} --cols {args.cols} --repeats {args.repeats}` "
+        "(GB/s of bf16 parameter produced, min over the repeats; ÷ copy: the fraction of the plain copy's speed)"
+    )
     run("cpu", args.rows, args.cols, args.repeats)
     if torch.cuda.is_available():
         run("cuda", args.rows, args.cols, args.repeats)

@@ -54,8 +54,17 @@ def child(kind: str, path: str) -> None:
             model(input_ids=torch.arange(8).unsqueeze(0))
         forward = time.perf_counter()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"load": loaded - start, "first_forward": forward - start, "peak": status_kib("VmHWM") * 1024 - rss0,
-                      "peak_anon": memory.peak - memory.baseline, "model_bytes": model_bytes}))
+    print(
+        json.dumps(
+            {
+                "load": loaded - start,
+                "first_forward": forward - start,
+                "peak": status_kib("VmHWM") * 1024 - rss0,
+                "peak_anon": memory.peak - memory.baseline,
+                "model_bytes": model_bytes,
+            }
+        )
+    )
 
 
 def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
@@ -63,9 +72,9 @@ def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
     touched: the arithmetic of a delta load alone, without first-touch page faults."""
     import torch
 
+    from delta_format.core.reconstruct import reconstruct_stored
     from delta_format.io.checkpoint import Checkpoint
     from delta_format.io.reader import DeltaReader
-    from delta_format.core.reconstruct import reconstruct_stored
 
     checkpoint, reader = Checkpoint(base), DeltaReader(delta)
     parts = {name: (reader.manifest.tensors[name], reader.stored(name, "cpu")) for name in reader}
@@ -74,7 +83,9 @@ def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         for name, (entry, stored) in parts.items():
-            reconstruct_stored(name, [(entry, stored, 1.0)], checkpoint.get_tensor(name), dtype=torch.bfloat16, out=outs[name])
+            reconstruct_stored(
+                name, [(entry, stored, 1.0)], checkpoint.get_tensor(name), dtype=torch.bfloat16, out=outs[name]
+            )
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -82,8 +93,13 @@ def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
 def measure(kind: str, path: Path, repeats: int) -> list[dict]:
     runs = []
     for i in range(repeats + 1):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True, check=True,
-                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", kind, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        )
         if i:  # the first run warms the page cache
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return runs
@@ -132,7 +148,9 @@ def main() -> None:
     model_bytes = reference[0]["model_bytes"]
     print(f"# Load time and memory ({args.scale}: {model_bytes / 1e9:.2f} GB in bf16; {machine()})\n")
     print(f"Command: `python benchmarks/load_time.py --scale {args.scale} --repeats {args.repeats}`\n")
-    print("| variant | load s (min / median) | load+forward s (min / median) | ÷ full fine-tune (load+fwd) | ÷ base alone | peak anon RSS ÷ model bytes | peak RSS (incl. mapped files) ÷ model bytes |")
+    print(
+        "| variant | load s (min / median) | load+forward s (min / median) | ÷ full fine-tune (load+fwd) | ÷ base alone | peak anon RSS ÷ model bytes | peak RSS (incl. mapped files) ÷ model bytes |"
+    )
     print("|---|---|---|---|---|---|---|")
     verdicts = []
     for label, runs in rows:
@@ -140,16 +158,24 @@ def main() -> None:
         fwds = [r["first_forward"] for r in runs]
         peak = max(r["peak"] for r in runs) / model_bytes
         anon = max(r["peak_anon"] for r in runs) / model_bytes
-        print(f"| {label} | {min(loads):.2f} / {statistics.median(loads):.2f} | {min(fwds):.2f} / {statistics.median(fwds):.2f} "
-              f"| {min(fwds) / ref_fwd:.2f}x | {min(fwds) / base_fwd:.2f}x | {anon:.2f} | {peak:.2f} |")
+        print(
+            f"| {label} | {min(loads):.2f} / {statistics.median(loads):.2f} | {min(fwds):.2f} / {statistics.median(fwds):.2f} "
+            f"| {min(fwds) / ref_fwd:.2f}x | {min(fwds) / base_fwd:.2f}x | {anon:.2f} | {peak:.2f} |"
+        )
         if label.startswith("delta-format"):
-            verdicts.append(f"- {label}: load+forward {min(fwds) / ref_fwd:.2f}x the full fine-tune (target 1.15x: "
-                            f"{'met' if min(fwds) / ref_fwd <= 1.15 else 'missed'}); peak anonymous memory {anon:.2f}x the "
-                            f"model (target 1.15x: {'met' if anon <= 1.15 else 'missed'}).")
+            verdicts.append(
+                f"- {label}: load+forward {min(fwds) / ref_fwd:.2f}x the full fine-tune (target 1.15x: "
+                f"{'met' if min(fwds) / ref_fwd <= 1.15 else 'missed'}); peak anonymous memory {anon:.2f}x the "
+                f"model (target 1.15x: {'met' if anon <= 1.15 else 'missed'})."
+            )
     print("\n" + "\n".join(verdicts))
-    print(f"\ntransformers' `load` alone (lazy, memory-mapped): {ref_load:.3f} s. Where a delta load's extra time goes "
-          "(in one process, min of the repeats):\n")
-    print("| delta | decode+add+cast into touched memory s | per GB of model | resident floor − transformers (first touch) s |")
+    print(
+        f"\ntransformers' `load` alone (lazy, memory-mapped): {ref_load:.3f} s. Where a delta load's extra time goes "
+        "(in one process, min of the repeats):\n"
+    )
+    print(
+        "| delta | decode+add+cast into touched memory s | per GB of model | resident floor − transformers (first touch) s |"
+    )
     print("|---|---|---|---|")
     touch = min(r["load"] for r in resident) - ref_load
     for label, path in deltas.items():

@@ -33,7 +33,7 @@ class PeakAnonSampler:
             self.peak = max(self.peak, status_kib("RssAnon") * 1024)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakAnonSampler":
+    def __enter__(self) -> PeakAnonSampler:
         self.baseline = self.peak = status_kib("RssAnon") * 1024
         self._thread.start()
         return self

@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--copies", type=int, default=2, help="copies of each delta attached at once (as distinct fine-tunes)")
+    parser.add_argument(
+        "--copies", type=int, default=2, help="copies of each delta attached at once (as distinct fine-tunes)"
+    )
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args()
 
@@ -113,12 +115,18 @@ def main() -> None:
     set_active_delta(base, None)
 
     b, s = shapes["batch"]
-    print(f"# On-the-fly deltas vs materialised fine-tunes (Llama {args.scale}, bf16; {machine()}, "
-          f"{torch.get_num_threads()} threads)\n")
-    print(f"Command: `python benchmarks/onthefly.py --scale {args.scale} --batch {args.batch} --seq {args.seq} "
-          f"--repeats {args.repeats} --copies {args.copies}`\n")
-    print(f"| model | tokens/s, {b} x {s} | ÷ materialised | tokens/s, {b} x 1 | ÷ materialised | "
-          f"merged weights ≠ materialised |")
+    print(
+        f"# On-the-fly deltas vs materialised fine-tunes (Llama {args.scale}, bf16; {machine()}, "
+        f"{torch.get_num_threads()} threads)\n"
+    )
+    print(
+        f"Command: `python benchmarks/onthefly.py --scale {args.scale} --batch {args.batch} --seq {args.seq} "
+        f"--repeats {args.repeats} --copies {args.copies}`\n"
+    )
+    print(
+        f"| model | tokens/s, {b} x {s} | ÷ materialised | tokens/s, {b} x 1 | ÷ materialised | "
+        f"merged weights ≠ materialised |"
+    )
     print("|---|---|---|---|---|---|")
     for label, speed, ref, gap in rows:
         ratio = {k: f"{speed[k] / ref[k]:.2f}" if ref else "—" for k in speed}
@@ -132,9 +140,13 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| {count} materialised copies ({count} x {model_bytes / 1e6:.0f} MB) | {copies / 1e6:.0f} MB | 1.00 |")
     print(f"| base + {count} on the fly (counted tensors) | {on_the_fly / 1e6:.0f} MB | {on_the_fly / copies:.3f} |")
-    print(f"| of which per adapter: {', '.join(f'{k} {v / 1e6:.1f} MB ({v / model_bytes:.3f} of the model)' for k, v in per_label.items())} | | |")
-    print(f"| anonymous RSS grown by attaching the {count} (measured: decoded positions and values; sign bits "
-          f"stay memory-mapped from the delta files) | {attached_anon / 1e6:.0f} MB | |")
+    print(
+        f"| of which per adapter: {', '.join(f'{k} {v / 1e6:.1f} MB ({v / model_bytes:.3f} of the model)' for k, v in per_label.items())} | | |"
+    )
+    print(
+        f"| anonymous RSS grown by attaching the {count} (measured: decoded positions and values; sign bits "
+        f"stay memory-mapped from the delta files) | {attached_anon / 1e6:.0f} MB | |"
+    )
 
 
 if __name__ == "__main__":

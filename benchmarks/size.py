@@ -59,10 +59,14 @@ def main() -> None:
 
     base, ft = build_pair(args.work / f"llama-{args.scale}", args.scale)
     ft_file_bytes = sum(f.stat().st_size for f in ft.glob("*.safetensors"))
-    print(f"# Stored size per method ({args.scale} Llama, bf16 fine-tune of {ft_file_bytes / 1e6:.0f} MB; {machine()})\n")
+    print(
+        f"# Stored size per method ({args.scale} Llama, bf16 fine-tune of {ft_file_bytes / 1e6:.0f} MB; {machine()})\n"
+    )
     print(f"Command: `python benchmarks/size.py --scale {args.scale}`\n")
-    print("| method | bits / edited weight | encoding limit | ÷ limit | stored ÷ ft bytes (edited matrices) | "
-          "delta dir ÷ ft checkpoint |")
+    print(
+        "| method | bits / edited weight | encoding limit | ÷ limit | stored ÷ ft bytes (edited matrices) | "
+        "delta dir ÷ ft checkpoint |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, method, params in METHODS:
@@ -78,11 +82,15 @@ def main() -> None:
                 limit += limit_bits(method, params, tuple(entry.shape)) * numel
             bits = 8 * stored / weights
             whole = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / ft_file_bytes
-            print(f"| {label} | {bits:.3f} | {limit / weights:.3f} | {bits / (limit / weights):.3f} | "
-                  f"{stored / (2 * weights):.4f} | {whole:.4f} |")
-    print("\nDense stores the exact float32 difference (lossless for any dtype), hence 32 bits; the other "
-          "methods store bf16 values. Sign's excess over 1 bit is its per-tensor or per-row scales; a seeded "
-          "sparse delta's excess is the rounding of how many values a tensor keeps; magnitude's is its index gaps.")
+            print(
+                f"| {label} | {bits:.3f} | {limit / weights:.3f} | {bits / (limit / weights):.3f} | "
+                f"{stored / (2 * weights):.4f} | {whole:.4f} |"
+            )
+    print(
+        "\nDense stores the exact float32 difference (lossless for any dtype), hence 32 bits; the other "
+        "methods store bf16 values. Sign's excess over 1 bit is its per-tensor or per-row scales; a seeded "
+        "sparse delta's excess is the rounding of how many values a tensor keeps; magnitude's is its index gaps."
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def main() -> None:
 
     print(f"# Hot-swap ({args.scale}, bf16; {machine()})\n")
     print(f"Command: `python benchmarks/swap.py --scale {args.scale} --repeats {args.repeats}`\n")
-    print("| delta | swap s (min / median) | read+decode floor s | swap ÷ floor | fresh from_pretrained s | transformers full fine-tune + forward s |")
+    print(
+        "| delta | swap s (min / median) | read+decode floor s | swap ÷ floor | fresh from_pretrained s | transformers full fine-tune + forward s |"
+    )
     print("|---|---|---|---|---|---|")
     hf = timed(lambda: touch(AutoModelForCausalLM.from_pretrained(ft, dtype=torch.bfloat16)), args.repeats)
     order = {"sign": "dare", "dare": "sign"}
@@ -76,15 +78,21 @@ def main() -> None:
             swap_times.append(time.perf_counter() - start)
         floor = timed(lambda: decode_floor(path), args.repeats)
         fresh = timed(lambda: DeltaModel.from_pretrained(path, dtype=torch.bfloat16), args.repeats)
-        print(f"| {label} | {min(swap_times):.2f} / {statistics.median(swap_times):.2f} | {floor[0]:.2f} | "
-              f"{min(swap_times) / floor[0]:.2f}x | {fresh[0]:.2f} | {hf[0]:.2f} |")
-        verdicts.append(f"- {label}: swap {min(swap_times) / floor[0]:.2f}x the read+decode floor (target 2x: "
-                        f"{'met' if min(swap_times) / floor[0] <= 2 else 'missed'}), {min(swap_times) / fresh[0]:.2f}x a fresh load.")
+        print(
+            f"| {label} | {min(swap_times):.2f} / {statistics.median(swap_times):.2f} | {floor[0]:.2f} | "
+            f"{min(swap_times) / floor[0]:.2f}x | {fresh[0]:.2f} | {hf[0]:.2f} |"
+        )
+        verdicts.append(
+            f"- {label}: swap {min(swap_times) / floor[0]:.2f}x the read+decode floor (target 2x: "
+            f"{'met' if min(swap_times) / floor[0] <= 2 else 'missed'}), {min(swap_times) / fresh[0]:.2f}x a fresh load."
+        )
     print("\n" + "\n".join(verdicts))
     cache = model.delta_swapper.cache
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"\nSwap machinery holds {len(cache)} opened deltas ({cache.nbytes / 1e6:.1f} MB of stored tensors, "
-          f"memory-mapped) beside a {params / 1e9:.2f} GB model; no copy of the base is kept (it is re-read from its mapped files).")
+    print(
+        f"\nSwap machinery holds {len(cache)} opened deltas ({cache.nbytes / 1e6:.1f} MB of stored tensors, "
+        f"memory-mapped) beside a {params / 1e9:.2f} GB model; no copy of the base is kept (it is re-read from its mapped files)."
+    )
 
 
 if __name__ == "__main__":

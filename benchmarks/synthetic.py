@@ -16,9 +16,30 @@ def llama_config(scale: str = "0.5B"):
     from transformers import LlamaConfig
 
     sizes = {
-        "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=8000),
-        "160M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
-        "0.5B": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000),
+        "tiny": dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=8000,
+        ),
+        "160M": dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
+        "0.5B": dict(
+            hidden_size=1536,
+            intermediate_size=4096,
+            num_hidden_layers=16,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
     }
     return LlamaConfig(**sizes[scale], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
 

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -47,19 +47,30 @@ class DeltaL2Regularizer:
         decoupled: AdamR-style decoupled pull (`step`) rather than gradient (`add_gradients`).
     """
 
-    def __init__(self, model: nn.Module, strength: float, *, base: Mapping[str, torch.Tensor] | None = None,
-                 decoupled: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        strength: float,
+        *,
+        base: Mapping[str, torch.Tensor] | None = None,
+        decoupled: bool = True,
+    ):
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
-            raise InvalidArgumentError("DAREx-L2 strength must be a number >= 0", expected="e.g. 0.1", found=repr(strength))
+            raise InvalidArgumentError(
+                "DAREx-L2 strength must be a number >= 0", expected="e.g. 0.1", found=repr(strength)
+            )
         self.strength = float(strength)
         self.decoupled = decoupled
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         source = base if base is not None else {name: p.detach() for name, p in self.params.items()}
         missing = [name for name in self.params if name not in source]
         if missing:
-            raise InvalidArgumentError("the base lacks trainable parameters of the model", expected="every trainable name",
-                                       found=missing[:5])
-        self.base = {name: source[name].detach().to(p.device, torch.float32, copy=True) for name, p in self.params.items()}
+            raise InvalidArgumentError(
+                "the base lacks trainable parameters of the model", expected="every trainable name", found=missing[:5]
+            )
+        self.base = {
+            name: source[name].detach().to(p.device, torch.float32, copy=True) for name, p in self.params.items()
+        }
 
     def penalty(self) -> torch.Tensor:
         """``λ Σ ||θ - θ_base||²`` (differentiable): add it to the loss for the coupled form."""
@@ -95,8 +106,14 @@ class DeltaL2Callback(TrainerCallback):
     optimizer's first param group), so warm-up and decay apply to the pull as to the update.
     """
 
-    def __init__(self, model: nn.Module, strength: float, *, base: Mapping[str, torch.Tensor] | None = None,
-                 decoupled: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        strength: float,
+        *,
+        base: Mapping[str, torch.Tensor] | None = None,
+        decoupled: bool = True,
+    ):
         self.regularizer = DeltaL2Regularizer(model, strength, base=base, decoupled=decoupled)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -34,8 +34,9 @@ def make_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def corpora() -> tuple[str, str]:
@@ -51,8 +52,10 @@ def blocks(tokenizer, text: str, length: int = 64) -> list[dict]:
     import torch
 
     ids = torch.tensor(tokenizer(text)["input_ids"])
-    return [{"input_ids": ids[i : i + length], "labels": ids[i : i + length]}
-            for i in range(0, len(ids) - length, length // 2)]
+    return [
+        {"input_ids": ids[i : i + length], "labels": ids[i : i + length]}
+        for i in range(0, len(ids) - length, length // 2)
+    ]
 
 
 def fine_tune(base_dir: Path, data: list[dict], out: Path, steps: int, lam: float) -> tuple[float, float]:
@@ -64,9 +67,20 @@ def fine_tune(base_dir: Path, data: list[dict], out: Path, steps: int, lam: floa
 
     model = LlamaForCausalLM.from_pretrained(base_dir)
     callback = DeltaL2Callback(model, lam) if lam > 0 else None
-    args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=8,
-                             learning_rate=3e-3, lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
-                             save_strategy="no", logging_steps=steps, use_cpu=True, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=steps,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback] if callback else [])
     result = trainer.train()
     model.save_pretrained(out)
@@ -92,14 +106,31 @@ def main(argv=None) -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="darex-l2-"))
     tokenizer = make_tokenizer()
     zen, docs = corpora()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    pretrain = TrainingArguments(output_dir=str(work / "pretrain"), max_steps=60, per_device_train_batch_size=8,
-                                 learning_rate=3e-3, report_to=[], save_strategy="no", logging_strategy="no",
-                                 use_cpu=True, disable_tqdm=True, seed=0)
+    pretrain = TrainingArguments(
+        output_dir=str(work / "pretrain"),
+        max_steps=60,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     Trainer(model=base, args=pretrain, train_dataset=blocks(tokenizer, zen)).train()
     base.save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
@@ -114,12 +145,27 @@ def main(argv=None) -> None:
         loss, norm = fine_tune(work / "base", data, ft_dir, args.steps, lam)
         tokenizer.save_pretrained(ft_dir)
         for method, params in (("dare", {"p": 0.9}), ("dare", {"p": 0.99}), ("darex", {"p": 0.99, "q": "auto"})):
-            delta = delta_format.compress(work / "base", ft_dir, work / f"delta-{ft_dir.name}-{method}-{params['p']}",
-                                          method=method, calibration_texts=held_out, progress=False, overwrite=True,
-                                          **params)
+            delta = delta_format.compress(
+                work / "base",
+                ft_dir,
+                work / f"delta-{ft_dir.name}-{method}-{params['p']}",
+                method=method,
+                calibration_texts=held_out,
+                progress=False,
+                overwrite=True,
+                **params,
+            )
             stats = delta.manifest.stats
-            rows.append((label, loss, norm, f"{method} p={params['p']}" + (" q=auto" if "q" in params else ""),
-                         stats["stored_bytes"], stats["output_error"]))
+            rows.append(
+                (
+                    label,
+                    loss,
+                    norm,
+                    f"{method} p={params['p']}" + (" q=auto" if "q" in params else ""),
+                    stats["stored_bytes"],
+                    stats["output_error"],
+                )
+            )
 
     print(f"\n{'fine-tune':<16} {'train loss':>10} {'||Δ||':>8}  {'edit':<20} {'stored':>9} {'logit MSE':>10}")
     for label, loss, norm, edit, stored, mse in rows:

@@ -72,9 +72,22 @@ def start_local_hub(storage: Path):
     """The test suite's Hub server (tests/hubserver), on 127.0.0.1, as a subprocess."""
     token = "hf_example_token"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.hubserver", "--host", "127.0.0.1", "--port", "0",
-         "--storage", str(storage), "--token", f"user:{token}"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.hubserver",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--storage",
+            str(storage),
+            "--token",
+            f"user:{token}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().strip()
     if not line.startswith("HUB_URL="):
@@ -119,9 +132,16 @@ def run(work: Path, hub: bool) -> None:
     tokenizer = make_tokenizer()
     zen, docs = corpora()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
@@ -159,15 +179,34 @@ def run(work: Path, hub: bool) -> None:
         model = DeltaModel.from_pretrained(source)
         with torch.no_grad():
             mse = float(((model(**prompt).logits - reference) ** 2).mean())
-        text = tokenizer.decode(model.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
+        text = tokenizer.decode(
+            model.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True
+        )
         stats = delta.manifest.stats
-        rows.append((label, source, stats.get("stored_bytes"), stats.get("compression_ratio"), stats.get("rel_error"), mse, seconds, text))
+        rows.append(
+            (
+                label,
+                source,
+                stats.get("stored_bytes"),
+                stats.get("compression_ratio"),
+                stats.get("rel_error"),
+                mse,
+                seconds,
+                text,
+            )
+        )
 
-    print(f"\n{'delta':<10} {'stored':>10} {'ratio':>7} {'rel.err':>8} {'logit MSE':>10} {'compress s':>10}  loaded from")
+    print(
+        f"\n{'delta':<10} {'stored':>10} {'ratio':>7} {'rel.err':>8} {'logit MSE':>10} {'compress s':>10}  loaded from"
+    )
     for label, source, stored, ratio, rel, mse, seconds, _ in rows:
-        print(f"{label:<10} {stored or 0:>10} {ratio or 0:>7.2f} {rel or 0:>8.4f} {mse:>10.3g} {seconds:>10.2f}  {source}")
+        print(
+            f"{label:<10} {stored or 0:>10} {ratio or 0:>7.2f} {rel or 0:>8.4f} {mse:>10.3g} {seconds:>10.2f}  {source}"
+        )
     print()
-    ft_text = tokenizer.decode(finetune.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True)
+    ft_text = tokenizer.decode(
+        finetune.generate(**prompt, max_new_tokens=24, do_sample=False)[0], skip_special_tokens=True
+    )
     print(f"fine-tune: {json.dumps(ft_text)}")
     for label, *_, text in rows:
         print(f"{label}: {json.dumps(text)}")

@@ -25,16 +25,42 @@ from pathlib import Path
 import torch
 
 from delta_format.core.encodings import (
-    DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
+    DenseEncoding,
+    LowRankEncoding,
+    ReplaceEncoding,
+    SignEncoding,
+    SparseEncoding,
 )
-from delta_format.errors import DeltaFormatError
 from delta_format.core.manifest import BaseReference, TensorEntry
-from delta_format.io.reader import DeltaReader
 from delta_format.core.reconstruct import reconstruct
+from delta_format.errors import DeltaFormatError
+from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
 
-JUNK_VALUES = [None, -1, 0, 2**70, 1e308, -0.5, "x", "../../etc/passwd", "/abs/path", [], {}, [2**40, 2**40],
-               [1] * 20, {"a": 1}, True, "9.0", "1.999", "", "\u0000", "sparse", "seeded", 0.999999999]
+JUNK_VALUES = [
+    None,
+    -1,
+    0,
+    2**70,
+    1e308,
+    -0.5,
+    "x",
+    "../../etc/passwd",
+    "/abs/path",
+    [],
+    {},
+    [2**40, 2**40],
+    [1] * 20,
+    {"a": 1},
+    True,
+    "9.0",
+    "1.999",
+    "",
+    "\u0000",
+    "sparse",
+    "seeded",
+    0.999999999,
+]
 
 
 def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,15 +81,36 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
     g = torch.Generator().manual_seed(1)
     ref = BaseReference(local_path="in-memory")
     with DeltaWriter(out, base=ref, method="mixed", max_shard_size=400) as w:
+
         def add(name, enc, stored, dtype="float32", alpha=1.0):
-            w.add(name, TensorEntry(enc, tuple(base[name].shape) if name in base else tuple(stored["value"].shape), dtype, alpha), stored)
+            w.add(
+                name,
+                TensorEntry(
+                    enc, tuple(base[name].shape) if name in base else tuple(stored["value"].shape), dtype, alpha
+                ),
+                stored,
+            )
 
         add("dense.w", DenseEncoding(), DenseEncoding().encode(torch.randn(8, 6, generator=g)))
         enc = SparseEncoding("seeded", scale=10.0, seed=2**40 + 3, p=0.9)
-        add("seeded.w", enc, enc.encode(torch.randn(16, 16, generator=g), name="seeded.w", dtype=torch.bfloat16), "bfloat16")
+        add(
+            "seeded.w",
+            enc,
+            enc.encode(torch.randn(16, 16, generator=g), name="seeded.w", dtype=torch.bfloat16),
+            "bfloat16",
+        )
         idx = torch.tensor([0, 3, 17, 64, 119])
-        add("gaps.w", SparseEncoding("gaps", scale=2.0), SparseEncoding("gaps", scale=2.0).encode(torch.randn(12, 10, generator=g), name="gaps.w", positions=idx))
-        add("bitmask.w", SparseEncoding("bitmask"), SparseEncoding("bitmask").encode(torch.randn(10, 9, generator=g), name="bitmask.w", positions=idx[:4]), "float16")
+        add(
+            "gaps.w",
+            SparseEncoding("gaps", scale=2.0),
+            SparseEncoding("gaps", scale=2.0).encode(torch.randn(12, 10, generator=g), name="gaps.w", positions=idx),
+        )
+        add(
+            "bitmask.w",
+            SparseEncoding("bitmask"),
+            SparseEncoding("bitmask").encode(torch.randn(10, 9, generator=g), name="bitmask.w", positions=idx[:4]),
+            "float16",
+        )
         add("sign.w", SignEncoding("row"), SignEncoding("row").encode(torch.randn(9, 7, generator=g)), alpha=1.5)
         add("lowrank.w", LowRankEncoding(2), LowRankEncoding(2).encode(torch.randn(10, 8, generator=g)))
         add("new.head", ReplaceEncoding(), ReplaceEncoding().encode(torch.randn(3, 4, generator=g)))
@@ -77,7 +124,11 @@ def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.
         if entry.encoding.is_delta and (name not in base or tuple(base[name].shape) != entry.shape):
             from delta_format.errors import BaseMismatchError
 
-            raise BaseMismatchError(f"{name!r} does not fit the base", expected=list(base[name].shape) if name in base else "a base tensor", found=list(entry.shape))
+            raise BaseMismatchError(
+                f"{name!r} does not fit the base",
+                expected=list(base[name].shape) if name in base else "a base tensor",
+                found=list(entry.shape),
+            )
         out[name] = reconstruct(name, entry, reader.decode(name), base.get(name))
     reader.close()
     return out
@@ -108,7 +159,9 @@ _DELETE = object()
 def mutate(directory: Path, rng: random.Random) -> str:
     """Apply one random mutation in place; returns its category."""
     shards = sorted(directory.glob("*.safetensors"))
-    kind = rng.choice(["shard-header", "shard-body", "truncate", "append", "manifest", "manifest-bytes", "index", "remove", "symlink"])
+    kind = rng.choice(
+        ["shard-header", "shard-body", "truncate", "append", "manifest", "manifest-bytes", "index", "remove", "symlink"]
+    )
     if kind in ("shard-header", "shard-body", "truncate", "append"):
         path = rng.choice(shards)
         data = bytearray(path.read_bytes())
@@ -141,8 +194,17 @@ def mutate(directory: Path, rng: random.Random) -> str:
         path = directory / "delta.safetensors.index.json"
         index = json.loads(path.read_text())
         key = rng.choice(sorted(index["weight_map"]))
-        index["weight_map"][key] = rng.choice(["../outside.safetensors", "/etc/passwd", "missing.safetensors", "", 7,
-                                               rng.choice(shards).name, "delta_config.json"])
+        index["weight_map"][key] = rng.choice(
+            [
+                "../outside.safetensors",
+                "/etc/passwd",
+                "missing.safetensors",
+                "",
+                7,
+                rng.choice(shards).name,
+                "delta_config.json",
+            ]
+        )
         path.write_text(json.dumps(index))
     elif kind == "remove":
         rng.choice(shards + [directory / "delta.safetensors.index.json"]).unlink()

@@ -55,7 +55,11 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
 
 
@@ -82,15 +86,30 @@ def _seeded(build, seed: int):
     return model.eval()
 
 
-def tiny_llama(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB_SIZE,
-               tie: bool = False, dtype: torch.dtype = torch.float32):
+def tiny_llama(
+    seed: int = 0,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = VOCAB_SIZE,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
     """A 2-layer Llama (hidden 64, MLP 128, GQA 4/2 heads) with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
-        bos_token_id=257, eos_token_id=258, pad_token_id=256,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
     )
     return _seeded(lambda: LlamaForCausalLM(config), seed).to(dtype)
 
@@ -99,8 +118,16 @@ def tiny_gpt2(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 
     """A 2-layer GPT-2 (Conv1D projections, tied input/output embeddings)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                        bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
     return _seeded(lambda: GPT2LMHeadModel(config), seed)
 
 
@@ -108,8 +135,15 @@ def tiny_bert(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 
     """A 2-layer BERT masked LM (biases, LayerNorms, position and type embeddings)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=256)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=256,
+        pad_token_id=256,
+    )
     return _seeded(lambda: BertForMaskedLM(config), seed)
 
 
@@ -124,8 +158,16 @@ def encode(text: str, vocab: int = VOCAB_SIZE) -> torch.Tensor:
     return (ids % vocab).unsqueeze(0)
 
 
-def finetune_by_training(model, steps: int = 20, text: str = TRAIN_TEXT, *, lr: float = 3e-3, seed: int = 1,
-                         block: int = 64, regularizer=None):
+def finetune_by_training(
+    model,
+    steps: int = 20,
+    text: str = TRAIN_TEXT,
+    *,
+    lr: float = 3e-3,
+    seed: int = 1,
+    block: int = 64,
+    regularizer=None,
+):
     """A real fine-tune: a copy of ``model`` trained for ``steps`` AdamW steps on next-token (or,
     for masked LMs, same-token) prediction over ``text`` in blocks of ``block`` tokens.
 

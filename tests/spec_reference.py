@@ -122,6 +122,7 @@ def bit_of(packed: np.ndarray, i: int) -> int:
 # §5 decode and §9 reconstruction.
 # ---------------------------------------------------------------------------------------------
 
+
 def decode(entry: dict, stored: dict[str, np.ndarray], name: str) -> np.ndarray:
     """δ of SPEC §5 in the compute dtype (float64 for float64 parameters, else float32)."""
     shape, config = entry["shape"], entry.get("config", {})
@@ -195,6 +196,7 @@ def read_delta(directory: Path) -> tuple[dict, dict[str, tuple[str, list[int], b
 # §7 fingerprint.
 # ---------------------------------------------------------------------------------------------
 
+
 def fingerprint(files: list[Path]) -> dict:
     records = {}
     for file in files:
@@ -206,5 +208,8 @@ def fingerprint(files: list[Path]) -> dict:
                 sample = b"".join(raw[i * (n - 64) // 63 : i * (n - 64) // 63 + 64] for i in range(64))
             records[name] = {"dtype": dtype, "shape": shape, "sample": hashlib.sha256(sample).hexdigest()[:32]}
     canonical = json.dumps(records, sort_keys=True, separators=(",", ":")).encode()
-    return {"algorithm": "sampled-sha256-v1", "digest": hashlib.sha256(canonical).hexdigest(),
-            "tensors": dict(sorted(records.items()))}
+    return {
+        "algorithm": "sampled-sha256-v1",
+        "digest": hashlib.sha256(canonical).hexdigest(),
+        "tensors": dict(sorted(records.items())),
+    }

@@ -34,8 +34,9 @@ def compress(pair, out, *flags) -> int:
 
 def test_help_runs_as_a_module_in_a_subprocess():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "delta_format.cli", "--help"], capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "delta_format.cli", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for command in ("compress", "inspect", "apply", "verify", "push"):
         assert command in result.stdout
@@ -59,8 +60,27 @@ def test_compress_writes_a_delta_and_reports_it(pair, tmp_path, capsys):
 
 
 def test_compress_rules_include_and_exclude_flags(pair, tmp_path):
-    assert compress(pair, tmp_path / "d", "--method", "sign", "--scale", "row", "--rule", "*norm*=dense",
-                    "--rule", "*mlp*=lowrank", "--rank", "2", "--exclude", "lm_head*", "--include", "model.*") == 0
+    assert (
+        compress(
+            pair,
+            tmp_path / "d",
+            "--method",
+            "sign",
+            "--scale",
+            "row",
+            "--rule",
+            "*norm*=dense",
+            "--rule",
+            "*mlp*=lowrank",
+            "--rank",
+            "2",
+            "--exclude",
+            "lm_head*",
+            "--include",
+            "model.*",
+        )
+        == 0
+    )
     tensors = DeltaReader(tmp_path / "d").manifest.tensors
     assert "lm_head.weight" not in tensors
     assert tensors["model.norm.weight"].stats["method"] == "dense"
@@ -71,7 +91,10 @@ def test_compress_rules_include_and_exclude_flags(pair, tmp_path):
 def test_compress_with_a_calibration_file_chooses_q_and_measures_the_output(pair, tmp_path):
     texts = tmp_path / "calibration.txt"
     texts.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
-    assert compress(pair, tmp_path / "d", "--method", "darex", "--p", "0.9", "--q", "auto", "--calibration-file", texts) == 0
+    assert (
+        compress(pair, tmp_path / "d", "--method", "darex", "--p", "0.9", "--q", "auto", "--calibration-file", texts)
+        == 0
+    )
     manifest = DeltaReader(tmp_path / "d").manifest
     assert manifest.stats["calibration_texts"] == len(CALIBRATION_TEXTS)
     assert "output_error" in manifest.stats
@@ -151,10 +174,13 @@ def test_verify_skips_a_base_it_cannot_find(pair, tmp_path, capsys):
     assert "skip  base" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["compress", "no/such/dir/x", "also-missing", "out"], "error: base model"),
-    (["inspect", "/nonexistent/delta"], "error: delta"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "no/such/dir/x", "also-missing", "out"], "error: base model"),
+        (["inspect", "/nonexistent/delta"], "error: delta"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_status_1(argv, message, capsys, tmp_path):
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -178,11 +204,14 @@ def test_push_hands_the_delta_to_delta_push_to_hub(pair, tmp_path, monkeypatch, 
     from delta_format.io.delta import Delta
 
     calls = []
-    monkeypatch.setattr(Delta, "push_to_hub", lambda self, repo_id, **kw: calls.append((self.directory, repo_id, kw))
-                        or "https://hub/commit/abc")
+    monkeypatch.setattr(
+        Delta,
+        "push_to_hub",
+        lambda self, repo_id, **kw: calls.append((self.directory, repo_id, kw)) or "https://hub/commit/abc",
+    )
     compress(pair, tmp_path / "d", "--method", "sign")
     assert run("push", tmp_path / "d", "user/ft-delta", "--private", "--token", "t0k", "--commit-message", "hi") == 0
-    (directory, repo_id, kwargs), = calls
+    ((directory, repo_id, kwargs),) = calls
     assert directory == tmp_path / "d" and repo_id == "user/ft-delta"
     assert kwargs == {"private": True, "token": "t0k", "revision": None, "commit_message": "hi", "create_pr": False}
     assert "https://hub/commit/abc" in capsys.readouterr().out

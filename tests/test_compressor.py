@@ -13,12 +13,21 @@ from safetensors.torch import save_file
 
 import delta_format
 from delta_format import InvalidArgumentError, OutputExistsError, ResolutionError
+from delta_format.io.reader import DeltaReader
 from delta_format.loaders.apply import apply_delta
 from delta_format.methods.dense import same_bits
-from delta_format.io.reader import DeltaReader
 from tests.models import (
-    CALIBRATION_TEXTS, byte_tokenizer, clone, encode, finetune_by_training, fresh_memory, save, state_dict_on_disk,
-    structured_perturbation, tiny_gpt2, tiny_llama,
+    CALIBRATION_TEXTS,
+    byte_tokenizer,
+    clone,
+    encode,
+    finetune_by_training,
+    fresh_memory,
+    save,
+    state_dict_on_disk,
+    structured_perturbation,
+    tiny_gpt2,
+    tiny_llama,
 )
 
 
@@ -29,8 +38,13 @@ def trained(tmp_path_factory):
     base = tiny_llama()
     ft = finetune_by_training(base, steps=20, lr=1e-3)
     tokenizer = byte_tokenizer()
-    return {"base": save(base, root / "base", tokenizer), "ft": save(ft, root / "ft", tokenizer),
-            "base_model": base, "ft_model": ft, "tokenizer": tokenizer}
+    return {
+        "base": save(base, root / "base", tokenizer),
+        "ft": save(ft, root / "ft", tokenizer),
+        "base_model": base,
+        "ft_model": ft,
+        "tokenizer": tokenizer,
+    }
 
 
 def compress(base, ft, out, **kwargs):
@@ -197,11 +211,17 @@ def test_lora_import_equals_the_merged_lora_weights(trained, tmp_path):
             tensors[f"{prefix}{module}.lora_A.weight"], tensors[f"{prefix}{module}.lora_B.weight"] = a, b
             factors[f"{module}.weight"] = (a, b, rank)
     a_emb = torch.randn(4, base.config.vocab_size, generator=g) * 0.1  # lora_embedding_A [r, vocab]
-    b_emb = torch.randn(64, 4, generator=g) * 0.1                       # lora_embedding_B [dim, r]
+    b_emb = torch.randn(64, 4, generator=g) * 0.1  # lora_embedding_B [dim, r]
     tensors[f"{prefix}model.embed_tokens.lora_embedding_A"] = a_emb
     tensors[f"{prefix}model.embed_tokens.lora_embedding_B"] = b_emb
-    config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 16},
-              "target_modules": ["q_proj", "v_proj", "embed_tokens"], "fan_in_fan_out": False}
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "rank_pattern": {"v_proj": 2},
+        "alpha_pattern": {"layers.1.self_attn.q_proj": 16},
+        "target_modules": ["q_proj", "v_proj", "embed_tokens"],
+        "fan_in_fan_out": False,
+    }
     adapter = write_adapter(tmp_path / "adapter", tensors, config)
 
     delta = compress(trained["base"], adapter, tmp_path / "delta", method="lora")
@@ -226,9 +246,11 @@ def test_lora_import_of_fan_in_fan_out_conv1d_layers(tmp_path):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(4, 64, generator=g) * 0.1, torch.randn(192, 4, generator=g) * 0.1  # c_attn: Conv1D [64, 192]
     module = "transformer.h.0.attn.c_attn"
-    adapter = write_adapter(tmp_path / "adapter", {f"base_model.model.{module}.lora_A.weight": a,
-                                                   f"base_model.model.{module}.lora_B.weight": b},
-                            {"r": 4, "lora_alpha": 4, "fan_in_fan_out": True, "use_rslora": True})
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        {f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b},
+        {"r": 4, "lora_alpha": 4, "fan_in_fan_out": True, "use_rslora": True},
+    )
     compress(tmp_path / "base", adapter, tmp_path / "delta", method="lora")
     apply_delta(tmp_path / "delta", tmp_path / "full")
     expected = base.transformer.h[0].attn.c_attn.weight.detach() + (b @ a).T * (4 / math.sqrt(4))
@@ -250,9 +272,21 @@ def test_dora_adapters_are_refused(trained, tmp_path):
 
 
 def test_rules_pick_methods_by_name_and_the_first_match_wins(trained, tmp_path):
-    delta = compress(trained["base"], trained["ft"], tmp_path / "delta", method="dare", p=0.9, scale="row",
-                     rules=[("*embed_tokens*", "dense"), ("*norm*", "dense"), (re.compile(r".*\.q_proj\.weight"), "sign"),
-                            ("*proj*", "sign", {"scale": "tensor"}), ("*q_proj*", "lowrank", {"rank": 2})])
+    delta = compress(
+        trained["base"],
+        trained["ft"],
+        tmp_path / "delta",
+        method="dare",
+        p=0.9,
+        scale="row",
+        rules=[
+            ("*embed_tokens*", "dense"),
+            ("*norm*", "dense"),
+            (re.compile(r".*\.q_proj\.weight"), "sign"),
+            ("*proj*", "sign", {"scale": "tensor"}),
+            ("*q_proj*", "lowrank", {"rank": 2}),
+        ],
+    )
     tensors = delta.manifest.tensors
     assert tensors["model.embed_tokens.weight"].stats["method"] == "dense"
     assert tensors["model.layers.0.input_layernorm.weight"].stats["method"] == "dense"
@@ -263,8 +297,14 @@ def test_rules_pick_methods_by_name_and_the_first_match_wins(trained, tmp_path):
 
 
 def test_include_and_exclude_leave_other_tensors_at_the_base(trained, tmp_path):
-    delta = compress(trained["base"], trained["ft"], tmp_path / "delta", method="dense",
-                     include=["model.layers.*"], exclude=["*mlp*"])
+    delta = compress(
+        trained["base"],
+        trained["ft"],
+        tmp_path / "delta",
+        method="dense",
+        include=["model.layers.*"],
+        exclude=["*mlp*"],
+    )
     names = set(delta.manifest.tensors)
     assert names and all(n.startswith("model.layers.") and "mlp" not in n for n in names)
     assert delta.manifest.stats["tensors"]["excluded"] == 21 - len(names)
@@ -324,7 +364,9 @@ def test_recorded_errors_are_those_of_the_stored_bytes(trained, tmp_path):
         decoded = delta.reader.decode(name)
         rel = float((decoded - exact).norm() / exact.norm())
         assert entry.stats["rel_error"] == pytest.approx(rel, rel=1e-6)
-        assert entry.stats["stored_bytes"] == sum(t.numel() * t.element_size() for t in delta.reader.stored(name).values())
+        assert entry.stats["stored_bytes"] == sum(
+            t.numel() * t.element_size() for t in delta.reader.stored(name).values()
+        )
         err_sq += float((decoded - exact).norm()) ** 2
         norm_sq += float(exact.norm()) ** 2
     stats = delta.manifest.stats
@@ -338,8 +380,14 @@ def test_calibration_records_output_error_and_a_first_order_loss_estimate_that_h
     <grad L, theta_hat - theta_ft> should predict it."""
     from transformers import AutoModelForCausalLM
 
-    delta = compress(trained["base"], trained["ft"], tmp_path / "delta", method="dense", alpha=1.02,
-                     calibration_texts=CALIBRATION_TEXTS)
+    delta = compress(
+        trained["base"],
+        trained["ft"],
+        tmp_path / "delta",
+        method="dense",
+        alpha=1.02,
+        calibration_texts=CALIBRATION_TEXTS,
+    )
     stats = delta.manifest.stats
     apply_delta(tmp_path / "delta", tmp_path / "full")
     actual = loss_of(AutoModelForCausalLM.from_pretrained(tmp_path / "full")) - loss_of(trained["ft_model"])

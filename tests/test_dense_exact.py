@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from delta_format.core.encodings import DenseEncoding
 from delta_format.core.manifest import BaseReference, TensorEntry
-from delta_format.io.reader import DeltaReader
 from delta_format.core.reconstruct import reconstruct
+from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -19,8 +19,14 @@ INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
 def base_and_finetune(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     torch.manual_seed(0)
     base = {k: v.detach().to(dtype) for k, v in LlamaForCausalLM(config).state_dict().items()}
     # A structured update of every parameter: about 1e-3, the size of a fine-tuning step's sum,
@@ -39,7 +45,9 @@ def test_dense_delta_rebuilds_every_llama_parameter_bit_for_bit(tmp_path, dtype)
     with DeltaWriter(tmp_path / "delta", base=BaseReference(local_path="base"), method="dense") as writer:
         for name, b in base.items():
             delta = finetune[name].float() - b.float()
-            writer.add(name, TensorEntry(enc, tuple(b.shape), DTYPE_NAMES[dtype]), enc.encode(delta, dtype=torch.float32))
+            writer.add(
+                name, TensorEntry(enc, tuple(b.shape), DTYPE_NAMES[dtype]), enc.encode(delta, dtype=torch.float32)
+            )
     changed = 0
     with DeltaReader(tmp_path / "delta") as reader:
         assert set(reader) == set(base)

@@ -14,11 +14,16 @@ from hypothesis import strategies as st
 
 from delta_format.core.bits import count_bits, pack_bits, packed_length, unpack_bits
 from delta_format.core.encodings import (
-    ENCODING_CLASSES, DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
+    ENCODING_CLASSES,
+    DenseEncoding,
+    LowRankEncoding,
+    ReplaceEncoding,
+    SignEncoding,
+    SparseEncoding,
     encoding_from_dict,
 )
-from delta_format.errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 from delta_format.core.seeded_mask import kept_positions
+from delta_format.errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 
 SETTINGS = settings(max_examples=40, deadline=None)
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -41,6 +46,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # --- dense / replace -------------------------------------------------------------------------
 
+
 @SETTINGS
 @given(shape=shapes, dtype=stored_dtypes, seed=st.integers(0, 2**31))
 def test_dense_round_trip_is_exact(shape, dtype, seed):
@@ -60,6 +66,7 @@ def test_replace_round_trip_is_exact(shape, dtype, seed):
 
 # --- sparse ----------------------------------------------------------------------------------
 
+
 def expected_sparse(numel: int, positions: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """SPEC §5.2 in numpy: round32(value * round32(scale)) at kept positions, zero elsewhere."""
     out = np.zeros(numel, dtype=np.float32)
@@ -68,9 +75,17 @@ def expected_sparse(numel: int, positions: torch.Tensor, values: torch.Tensor, s
 
 
 @SETTINGS
-@given(shape=shapes, dtype=stored_dtypes, seed=st.integers(0, 2**31), coding=st.sampled_from(["gaps", "bitmask"]),
-       scale=scales, density=st.floats(0.0, 1.0))
-def test_sparse_explicit_round_trip_is_exact_at_kept_positions_and_zero_elsewhere(shape, dtype, seed, coding, scale, density):
+@given(
+    shape=shapes,
+    dtype=stored_dtypes,
+    seed=st.integers(0, 2**31),
+    coding=st.sampled_from(["gaps", "bitmask"]),
+    scale=scales,
+    density=st.floats(0.0, 1.0),
+)
+def test_sparse_explicit_round_trip_is_exact_at_kept_positions_and_zero_elsewhere(
+    shape, dtype, seed, coding, scale, density
+):
     delta = random_tensor(shape, seed)
     numel = delta.numel()
     g = torch.Generator().manual_seed(seed + 1)
@@ -106,6 +121,7 @@ def test_sparse_gaps_use_the_narrowest_dtype(n, seed):
 
 
 # --- sign ------------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(shape=shapes, dtype=stored_dtypes, seed=st.integers(0, 2**31))
@@ -148,6 +164,7 @@ def test_sign_bits_have_zero_padding(shape, seed):
 
 
 # --- lowrank ---------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(shape=st.lists(st.integers(1, 8), min_size=2, max_size=3).map(tuple), seed=st.integers(0, 2**31))
@@ -192,6 +209,7 @@ def test_lowrank_decode_is_the_product_of_the_factors(shape, rank, dtype, data):
 
 # --- bits ------------------------------------------------------------------------------------
 
+
 @SETTINGS
 @given(flags=st.lists(st.booleans(), max_size=100))
 def test_pack_unpack_round_trip(flags):
@@ -208,7 +226,10 @@ def test_packing_matches_numpy_packbits_little(flags):
 
 
 def test_bit_order_puts_element_zero_in_the_least_significant_bit():
-    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, False, False, True])).tolist() == [1, 2]
+    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, False, False, True])).tolist() == [
+        1,
+        2,
+    ]
 
 
 def test_unpack_refuses_nonzero_padding():
@@ -229,8 +250,9 @@ configs = st.one_of(
     st.sampled_from(["tensor", "row"]).map(SignEncoding),
     st.integers(1, 2**40 - 1).map(LowRankEncoding),
     st.builds(SparseEncoding, st.sampled_from(["gaps", "bitmask"]), st.floats(-1e6, 1e6)),
-    st.builds(lambda s, seed, p: SparseEncoding("seeded", s, seed, p), st.floats(-1e6, 1e6), seeds,
-              st.floats(0.0, 0.999)),
+    st.builds(
+        lambda s, seed, p: SparseEncoding("seeded", s, seed, p), st.floats(-1e6, 1e6), seeds, st.floats(0.0, 0.999)
+    ),
 )
 
 

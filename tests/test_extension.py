@@ -142,8 +142,24 @@ def test_the_command_line_offers_the_method_its_flag_and_the_encodings_label(toy
     assert "toy (the delta times a gain, halved)" in compress_help
     assert "--gain" in compress_help and "[toy]" in compress_help
     out = tmp_path / "d"
-    assert main(["compress", str(pair[0]), str(pair[1]), str(out), "--no-progress", "--method", "toy",
-                 "--gain", "0.5", "--rule", "*norm*=dense"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(pair[0]),
+                str(pair[1]),
+                str(out),
+                "--no-progress",
+                "--method",
+                "toy",
+                "--gain",
+                "0.5",
+                "--rule",
+                "*norm*=dense",
+            ]
+        )
+        == 0
+    )
     manifest = DeltaReader(out).manifest
     assert manifest.method_params["gain"] == 0.5
     assert manifest.tensors["model.layers.0.mlp.up_proj.weight"].stats["gain"] == 0.5
@@ -178,9 +194,13 @@ def test_the_toy_encoding_applies_on_the_fly(toy, toy_delta, pair, ids):
 
 def test_a_registered_name_cannot_be_taken_again(toy):
     with pytest.raises(InvalidArgumentError, match="already registered"):
+
         class Again(Encoding, name="halved"):
             pass
+
     with pytest.raises(InvalidArgumentError, match="already registered"):
+
         class AgainMethod(EditMethod, name="toy"):
             pass
+
     assert ENCODING_CLASSES["halved"] is toy[0] and METHODS["toy"] is toy[1]

@@ -9,11 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from delta_format.errors import BaseMismatchError, ManifestError
 from delta_format.core.fingerprint import (
-    check_fingerprint, fingerprint_differences, fingerprint_safetensors, fingerprint_state_dict, sample_ranges,
+    check_fingerprint,
+    fingerprint_differences,
+    fingerprint_safetensors,
+    fingerprint_state_dict,
+    sample_ranges,
     validate_fingerprint,
 )
+from delta_format.errors import BaseMismatchError, ManifestError
 
 
 def state() -> dict[str, torch.Tensor]:
@@ -99,7 +103,8 @@ def test_missing_and_extra_tensors_are_reported():
     del tensors["head.weight"]
     tensors["lm_head.weight"] = torch.zeros(2)
     assert fingerprint_differences(before, fingerprint_state_dict(tensors)) == [
-        "missing tensor 'head.weight'", "unexpected tensor 'lm_head.weight'",
+        "missing tensor 'head.weight'",
+        "unexpected tensor 'lm_head.weight'",
     ]
 
 
@@ -130,12 +135,16 @@ def test_check_fingerprint_names_expected_and_found():
     assert "verify_base=False" in message
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda fp: fp.update(algorithm="sampled-sha256-v2"),
-    lambda fp: fp.pop("digest"),
-    lambda fp: fp["tensors"]["empty"].pop("sample"),
-    lambda fp: fp.update(tensors=[]),
-], ids=["unknown algorithm", "no digest", "record without sample", "tensors not an object"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda fp: fp.update(algorithm="sampled-sha256-v2"),
+        lambda fp: fp.pop("digest"),
+        lambda fp: fp["tensors"]["empty"].pop("sample"),
+        lambda fp: fp.update(tensors=[]),
+    ],
+    ids=["unknown algorithm", "no digest", "record without sample", "tensors not an object"],
+)
 def test_malformed_fingerprints_are_refused(mutate):
     fp = fingerprint_state_dict(state())
     mutate(fp)

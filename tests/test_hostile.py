@@ -49,8 +49,10 @@ def run_killed(action: str) -> int:
 
 def test_compress_killed_mid_write_leaves_no_output_directory(pair, tmp_path):
     out = tmp_path / "delta"
-    rc = run_killed(f"delta_format.compress({str(pair / 'base')!r}, {str(pair / 'ft')!r}, {str(out)!r}, "
-                    "method='dense', max_shard_size=20_000, progress=False)")
+    rc = run_killed(
+        f"delta_format.compress({str(pair / 'base')!r}, {str(pair / 'ft')!r}, {str(out)!r}, "
+        "method='dense', max_shard_size=20_000, progress=False)"
+    )
     assert rc == -9
     assert not out.exists()
     assert not any(p.name == "delta" for p in tmp_path.iterdir())
@@ -61,7 +63,9 @@ def test_apply_killed_mid_write_leaves_no_output_directory(pair, tmp_path):
 
     delta = delta_format.compress(pair / "base", pair / "ft", tmp_path / "delta", method="dense", progress=False)
     out = tmp_path / "full"
-    rc = run_killed(f"delta_format.loaders.apply.apply_delta({str(delta.directory)!r}, {str(out)!r}, max_shard_size=20_000)")
+    rc = run_killed(
+        f"delta_format.loaders.apply.apply_delta({str(delta.directory)!r}, {str(out)!r}, max_shard_size=20_000)"
+    )
     assert rc == -9
     assert not out.exists()
 
@@ -72,8 +76,10 @@ def test_killed_compress_never_replaces_an_existing_output(pair, tmp_path):
     out = tmp_path / "delta"
     delta_format.compress(pair / "base", pair / "ft", out, method="sign", progress=False)
     before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
-    rc = run_killed(f"delta_format.compress({str(pair / 'base')!r}, {str(pair / 'ft')!r}, {str(out)!r}, "
-                    "method='dense', max_shard_size=20_000, progress=False, overwrite=True)")
+    rc = run_killed(
+        f"delta_format.compress({str(pair / 'base')!r}, {str(pair / 'ft')!r}, {str(out)!r}, "
+        "method='dense', max_shard_size=20_000, progress=False, overwrite=True)"
+    )
     assert rc == -9
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
 
@@ -81,7 +87,9 @@ def test_killed_compress_never_replaces_an_existing_output(pair, tmp_path):
 def _small_delta(pair, tmp_path):
     import delta_format
 
-    return delta_format.compress(pair / "base", pair / "ft", tmp_path / "delta", method="sign", progress=False).directory
+    return delta_format.compress(
+        pair / "base", pair / "ft", tmp_path / "delta", method="sign", progress=False
+    ).directory
 
 
 def test_oversized_manifest_is_refused_without_reading_it(pair, tmp_path):

@@ -41,7 +41,9 @@ def push_base(hub, folder, private=False):
 
 def publish(hub, models, tmp_path, ft="ft0", encode=dense, private=False, base=None):
     base_repo, base_sha = base or push_base(hub, models / "base")
-    out = write_delta(tmp_path / f"delta-{ft}", models / "base", models / ft, encode, repo_id=base_repo, revision=base_sha)
+    out = write_delta(
+        tmp_path / f"delta-{ft}", models / "base", models / ft, encode, repo_id=base_repo, revision=base_sha
+    )
     delta_repo = hub.repo_id("ft-delta")
     Delta(out).push_to_hub(delta_repo, private=private, token=hub.token)
     return base_repo, base_sha, delta_repo
@@ -67,10 +69,14 @@ def test_revision_loads_an_earlier_version_of_the_delta(hub, models, tmp_path):
     base = push_base(hub, models / "base")
     _, _, repo = publish(hub, models, tmp_path / "a", ft="ft0", base=base)
     first = hub.api.model_info(repo).sha
-    Delta(write_delta(tmp_path / "second", models / "base", models / "ft1", dense, repo_id=base[0], revision=base[1])).push_to_hub(repo, token=hub.token)
+    Delta(
+        write_delta(tmp_path / "second", models / "base", models / "ft1", dense, repo_id=base[0], revision=base[1])
+    ).push_to_hub(repo, token=hub.token)
     assert hub.api.model_info(repo).sha != first
     assert_same_weights(DeltaModel.from_pretrained(repo), AutoModelForCausalLM.from_pretrained(models / "ft1"))
-    assert_same_weights(DeltaModel.from_pretrained(repo, revision=first), AutoModelForCausalLM.from_pretrained(models / "ft0"))
+    assert_same_weights(
+        DeltaModel.from_pretrained(repo, revision=first), AutoModelForCausalLM.from_pretrained(models / "ft0")
+    )
 
 
 def test_private_repo_needs_its_token(hub, models, tmp_path):
@@ -119,15 +125,23 @@ def test_published_model_card_carries_the_spec_metadata(hub, models, tmp_path):
     assert "delta-format" in data["tags"]
     meta = data["delta_format"]
     assert meta["spec_version"] == "1.0" and meta["base_revision"] == base_sha
-    shapes = [AutoModelForCausalLM.from_pretrained(models / "ft0").state_dict()[n].dim() for n in Delta(tmp_path / "delta-ft0").manifest.tensors]
+    shapes = [
+        AutoModelForCausalLM.from_pretrained(models / "ft0").state_dict()[n].dim()
+        for n in Delta(tmp_path / "delta-ft0").manifest.tensors
+    ]
     assert meta["encodings"] == {"sign": shapes.count(2), "dense": shapes.count(1)}
     assert f'DeltaModel.from_pretrained("{repo}"' in card.text
     jsonschema.validate(data, json.loads((ROOT / "spec" / "model_card.schema.json").read_text()))
 
 
 def test_example_runs_the_whole_story_against_the_local_hub(tmp_path):
-    result = subprocess.run([sys.executable, "examples/publish_and_load.py", "--hub", "--out", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "examples/publish_and_load.py", "--hub", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dare-0.9" in result.stdout and "sign-row" in result.stdout and "user/tiny-ft-sign-row" in result.stdout
 
@@ -143,11 +157,21 @@ print(float(sum(p.detach().double().sum() for p in model.parameters())))
 def test_two_processes_loading_the_same_delta_into_one_cache_both_succeed(hub, models, tmp_path):
     _, _, repo = publish(hub, models, tmp_path)
     hub.fresh_cache()
-    procs = [subprocess.Popen([sys.executable, "-c", LOAD_AND_PRINT, repo], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_AND_PRINT, repo],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
-    expected = float(sum(p.detach().double().sum() for p in AutoModelForCausalLM.from_pretrained(models / "ft0").parameters()))
+    expected = float(
+        sum(p.detach().double().sum() for p in AutoModelForCausalLM.from_pretrained(models / "ft0").parameters())
+    )
     assert [float(out.strip().splitlines()[-1]) for out, _ in results] == [expected, expected]
 
 

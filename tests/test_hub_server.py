@@ -250,7 +250,10 @@ def test_model_info_tree_and_paths_info(hub: Hub, tmp_path: Path):
 
     top = {e.path: type(e).__name__ for e in hub.api.list_repo_tree(repo_id)}
     assert top == {
-        ".gitattributes": "RepoFile", "config.json": "RepoFile", "notes.txt": "RepoFile", "weights": "RepoFolder"
+        ".gitattributes": "RepoFile",
+        "config.json": "RepoFile",
+        "notes.txt": "RepoFile",
+        "weights": "RepoFolder",
     }
     everything = {e.path for e in hub.api.list_repo_tree(repo_id, recursive=True, revision=sha)}
     assert everything == {".gitattributes", *FILES_V1, "weights"}

@@ -5,21 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, BertConfig, BertForMaskedLM,
-    BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 from delta_format import BaseMismatchError, DeltaModel, ResolutionError
-from delta_format.io.checkpoint import Checkpoint
 from delta_format.core.encodings import DenseEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
 from delta_format.core.manifest import BaseReference, TensorEntry
-from delta_format.io.reader import DeltaReader
 from delta_format.core.reconstruct import reconstruct
+from delta_format.io.checkpoint import Checkpoint
+from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
 from tests.models import fresh_memory
 
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
 
 
 def perturbed(model, rel: float, seed: int):
@@ -170,13 +183,17 @@ def misfit_delta(llama, out):
     base = Checkpoint(llama / "base")
     ref = BaseReference(local_path=str(llama / "base"), fingerprint=base.fingerprint())
     with DeltaWriter(out, base=ref, method="test") as writer:
-        writer.add("model.norm.weight", TensorEntry(DenseEncoding(), (3,), "float32"), DenseEncoding().encode(torch.ones(3)))
+        writer.add(
+            "model.norm.weight", TensorEntry(DenseEncoding(), (3,), "float32"), DenseEncoding().encode(torch.ones(3))
+        )
         writer.add_file("config.json", llama / "ft" / "config.json")
     return out
 
 
 def _swap_in(llama, delta):
-    DeltaModel.from_pretrained(write_delta(delta.parent / "fits", llama / "base", llama / "ft", dense)).swap_delta(delta)
+    DeltaModel.from_pretrained(write_delta(delta.parent / "fits", llama / "base", llama / "ft", dense)).swap_delta(
+        delta
+    )
 
 
 def _attach(llama, delta):
@@ -191,8 +208,11 @@ def _apply(llama, delta):
     apply_delta(delta, delta.parent / "full")
 
 
-@pytest.mark.parametrize("load", [lambda llama, d: DeltaModel.from_pretrained(d), _swap_in, _attach, _apply],
-                         ids=["from_pretrained", "swap_delta", "attach_deltas", "apply_delta"])
+@pytest.mark.parametrize(
+    "load",
+    [lambda llama, d: DeltaModel.from_pretrained(d), _swap_in, _attach, _apply],
+    ids=["from_pretrained", "swap_delta", "attach_deltas", "apply_delta"],
+)
 def test_a_delta_that_reshapes_a_parameter_is_a_base_mismatch_in_every_loader(llama, tmp_path, load):
     with pytest.raises(BaseMismatchError, match="'model.norm.weight' \\[3\\] vs \\[64\\]"):
         load(llama, misfit_delta(llama, tmp_path / "misfit"))
@@ -284,8 +304,15 @@ def test_resized_vocabulary_is_carried_by_replace_tensors(llama, tmp_path):
 
 @pytest.mark.parametrize("cls", [BertForMaskedLM, BertForSequenceClassification])
 def test_bert_encoders_and_classification_heads_load_exactly(tmp_path, cls):
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=96, max_position_embeddings=32, num_labels=3)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=96,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = cls(config)
     base.save_pretrained(tmp_path / "base")
@@ -298,8 +325,15 @@ def test_bert_encoders_and_classification_heads_load_exactly(tmp_path, cls):
 
 
 def test_classification_finetune_of_a_masked_lm_base_replaces_the_new_head(tmp_path):
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=96, max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=96,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
     ft = BertForSequenceClassification.from_pretrained(tmp_path / "base")

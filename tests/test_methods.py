@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from delta_format import InvalidArgumentError
+from delta_format.core.encodings import index_coding_bytes
+from delta_format.core.reconstruct import reconstruct
+from delta_format.core.seeded_mask import kept_positions
+from delta_format.methods import METHODS, TensorContext, get_method
 from delta_format.methods.activations import ActivationStats
 from delta_format.methods.darex import mse_optimal_rescale
-from delta_format.core.encodings import index_coding_bytes
-from delta_format.methods import METHODS, TensorContext, get_method
 from delta_format.methods.dense import same_bits
 from delta_format.methods.magnitude import top_positions
-from delta_format.core.reconstruct import reconstruct
 from delta_format.regularization import DeltaL2Callback, DeltaL2Regularizer
-from delta_format.core.seeded_mask import kept_positions
 from tests.models import TRAIN_TEXT, finetune_by_training, tiny_llama
 
 
@@ -55,10 +55,21 @@ def test_unknown_parameter_is_an_error_not_a_default():
         get_method("dare", pp=0.9)
 
 
-@pytest.mark.parametrize("name,params", [("dare", {"p": 1.0}), ("dare", {"p": -0.1}), ("dare", {"k": 0}),
-                                         ("darex", {"q": "sometimes"}), ("darex", {"q": -1}), ("sign", {"scale": "col"}),
-                                         ("lowrank", {"rank": 0}), ("lowrank", {"rank": 2, "energy": 0.9}),
-                                         ("lowrank", {"energy": 1.5}), ("structural", {"axis": "diagonal"})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("dare", {"p": 1.0}),
+        ("dare", {"p": -0.1}),
+        ("dare", {"k": 0}),
+        ("darex", {"q": "sometimes"}),
+        ("darex", {"q": -1}),
+        ("sign", {"scale": "col"}),
+        ("lowrank", {"rank": 0}),
+        ("lowrank", {"rank": 2, "energy": 0.9}),
+        ("lowrank", {"energy": 1.5}),
+        ("structural", {"axis": "diagonal"}),
+    ],
+)
 def test_out_of_range_parameters_are_refused(name, params):
     with pytest.raises(InvalidArgumentError):
         get_method(name, **params)
@@ -201,7 +212,9 @@ def test_darex_auto_computes_q_per_tensor_from_activations():
 
 def test_darex_auto_does_not_rescale_elementwise_parameters():
     """A bias or norm scale has S² = V for every output, so c* = 1: drop without rescaling."""
-    edit = get_method("darex", p=0.9, q="auto").edit("b", torch.randn(64), ctx("b", activations=ActivationStats("elementwise")))
+    edit = get_method("darex", p=0.9, q="auto").edit(
+        "b", torch.randn(64), ctx("b", activations=ActivationStats("elementwise"))
+    )
     assert edit.encoding.scale == pytest.approx(1.0)
 
 
@@ -318,8 +331,10 @@ def test_sign_row_scales_are_each_rows_mean_abs_delta():
 
 def test_per_row_sign_scales_fit_rows_of_different_magnitude_better():
     delta = rows_delta()
-    errors = {s: (decode(get_method("sign", scale=s).edit("w", delta, ctx()), delta.shape) - delta).norm()
-              for s in ("tensor", "row")}
+    errors = {
+        s: (decode(get_method("sign", scale=s).edit("w", delta, ctx()), delta.shape) - delta).norm()
+        for s in ("tensor", "row")
+    }
     assert errors["row"] < 0.9 * errors["tensor"]
 
 
@@ -387,8 +402,12 @@ def test_darex_l2_keeps_the_delta_smaller_and_dare_more_faithful():
         deltas = [pf.detach() - pb.detach() for pf, pb in zip(ft.parameters(), base.parameters())]
         norm = math.sqrt(sum(float(d.square().sum()) for d in deltas))
         dare = get_method("dare", p=0.9)
-        err = math.sqrt(sum(float((decode(dare.edit(f"t{i}", d, ctx(f"t{i}")), d.shape, f"t{i}") - d).square().sum())
-                            for i, d in enumerate(deltas)))
+        err = math.sqrt(
+            sum(
+                float((decode(dare.edit(f"t{i}", d, ctx(f"t{i}")), d.shape, f"t{i}") - d).square().sum())
+                for i, d in enumerate(deltas)
+            )
+        )
         return norm, err
 
     norm_plain, err_plain = delta_norm_and_dare_error(plain)
@@ -419,9 +438,18 @@ def test_darex_l2_callback_pulls_towards_the_base_inside_a_trainer(tmp_path):
 
     def train(callbacks):
         model = tiny_llama()
-        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=1,
-                                 learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
-                                 use_cpu=True, disable_tqdm=True, seed=0)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=4,
+            per_device_train_batch_size=1,
+            learning_rate=1e-3,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
         Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks(model)).train()
         with torch.no_grad():
             return math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(model.parameters(), base.parameters())))

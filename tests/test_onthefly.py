@@ -10,8 +10,15 @@ import delta_format
 from delta_format import BaseMismatchError, DeltaFormatError, DeltaModel
 from delta_format.core.encodings import ReplaceEncoding
 from delta_format.loaders.onthefly import (
-    MERGE_MIN_TOKENS, DeltaEmbedding, DeltaLinear, UnsupportedOnTheFlyError, attach_deltas, detach_deltas,
-    load_on_the_fly, set_active_delta, using_delta,
+    MERGE_MIN_TOKENS,
+    DeltaEmbedding,
+    DeltaLinear,
+    UnsupportedOnTheFlyError,
+    attach_deltas,
+    detach_deltas,
+    load_on_the_fly,
+    set_active_delta,
+    using_delta,
 )
 from tests.models import fresh_memory
 from tests.test_loader import LLAMA, dense, perturbed, write_delta
@@ -235,12 +242,16 @@ def test_cuda_matches_cpu(family, name):
     for ids in (BATCH, FEW):
         want = logits(cpu, ids)
         got = logits(cuda, ids.to("cuda")).cpu()
-        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())  # TF32-free float32 kernels differ in order
+        assert float((got - want).abs().max()) <= 1e-4 * float(
+            want.abs().max()
+        )  # TF32-free float32 kernels differ in order
     set_active_delta(cuda, None)
     assert torch.allclose(logits(cuda, BATCH.to("cuda")).cpu(), logits(base_model(family)), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device_map", [None, "cpu", torch.device("cpu"), {"": "cpu"}], ids=["none", "str", "device", "dict"])
+@pytest.mark.parametrize(
+    "device_map", [None, "cpu", torch.device("cpu"), {"": "cpu"}], ids=["none", "str", "device", "dict"]
+)
 def test_load_on_the_fly_takes_the_device_maps_from_pretrained_takes(family, device_map):
     model = load_on_the_fly({"sign": family / "sign"}, device_map=device_map)
     assert {p.device.type for p in model.parameters()} == {"cpu"}

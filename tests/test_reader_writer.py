@@ -17,13 +17,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from delta_format.core.encodings import DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding
-from delta_format.errors import (
-    BaseMismatchError, CorruptDeltaError, ManifestError, NumericalError, OutputExistsError, UnknownEncodingError,
-    UnsafePathError, UnsupportedVersionError, InvalidArgumentError,
-)
 from delta_format.core.manifest import BaseReference, TensorEntry
-from delta_format.io.reader import DeltaReader
 from delta_format.core.reconstruct import reconstruct
+from delta_format.errors import (
+    BaseMismatchError,
+    CorruptDeltaError,
+    InvalidArgumentError,
+    ManifestError,
+    NumericalError,
+    OutputExistsError,
+    UnknownEncodingError,
+    UnsafePathError,
+    UnsupportedVersionError,
+)
+from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
 
 REF = BaseReference(repo_id="org/base", revision="0123456789abcdef0123456789abcdef01234567")
@@ -42,9 +49,18 @@ def params() -> dict[str, tuple[TensorEntry, dict[str, torch.Tensor]]]:
     idx = torch.tensor([0, 5, 17, 79])
     return {
         "dense.w": (TensorEntry(DenseEncoding(), (8, 10), "float32"), DenseEncoding().encode(d)),
-        "gaps.w": (TensorEntry(SparseEncoding("gaps", 2.0), (8, 10), "float32"), SparseEncoding("gaps", 2.0).encode(d, name="gaps.w", positions=idx)),
-        "mask.w": (TensorEntry(SparseEncoding("bitmask"), (8, 10), "float16"), SparseEncoding("bitmask").encode(d, name="mask.w", positions=idx, dtype=torch.float16)),
-        "seeded.w": (TensorEntry(seeded, (30, 30), "bfloat16"), seeded.encode(tensor((30, 30), 2), name="seeded.w", dtype=torch.bfloat16)),
+        "gaps.w": (
+            TensorEntry(SparseEncoding("gaps", 2.0), (8, 10), "float32"),
+            SparseEncoding("gaps", 2.0).encode(d, name="gaps.w", positions=idx),
+        ),
+        "mask.w": (
+            TensorEntry(SparseEncoding("bitmask"), (8, 10), "float16"),
+            SparseEncoding("bitmask").encode(d, name="mask.w", positions=idx, dtype=torch.float16),
+        ),
+        "seeded.w": (
+            TensorEntry(seeded, (30, 30), "bfloat16"),
+            seeded.encode(tensor((30, 30), 2), name="seeded.w", dtype=torch.bfloat16),
+        ),
         "sign.w": (TensorEntry(sign, (5, 13), "float32", alpha=1.5), sign.encode(tensor((5, 13), 3))),
         "lowrank.w": (TensorEntry(lowrank, (8, 10), "float32"), lowrank.encode(d)),
         "new.head": (TensorEntry(ReplaceEncoding(), (3, 4), "float32"), ReplaceEncoding().encode(tensor((3, 4), 4))),
@@ -53,7 +69,9 @@ def params() -> dict[str, tuple[TensorEntry, dict[str, torch.Tensor]]]:
 
 def write(out: Path, max_shard_size=2**30, **kwargs) -> dict:
     content = params()
-    with DeltaWriter(out, base=REF, method="mixed", method_params={"k": 1}, max_shard_size=max_shard_size, **kwargs) as w:
+    with DeltaWriter(
+        out, base=REF, method="mixed", method_params={"k": 1}, max_shard_size=max_shard_size, **kwargs
+    ) as w:
         for name, (entry, stored) in content.items():
             w.add(name, entry, stored)
     return content
@@ -103,14 +121,24 @@ def decode_all(directory: Path) -> None:
 
 # --- round trips -----------------------------------------------------------------------------
 
+
 def test_round_trip_returns_every_stored_tensor_and_entry(delta):
     content = params()
     with DeltaReader(delta) as reader:
         assert list(reader) == list(content)
-        assert reader.manifest.base == REF and reader.manifest.method == "mixed" and reader.manifest.method_params == {"k": 1}
+        assert (
+            reader.manifest.base == REF
+            and reader.manifest.method == "mixed"
+            and reader.manifest.method_params == {"k": 1}
+        )
         for name, (entry, stored) in content.items():
             got = reader.entry(name)
-            assert (got.encoding, got.shape, got.dtype, got.alpha) == (entry.encoding, entry.shape, entry.dtype, entry.alpha)
+            assert (got.encoding, got.shape, got.dtype, got.alpha) == (
+                entry.encoding,
+                entry.shape,
+                entry.dtype,
+                entry.alpha,
+            )
             read = reader.stored(name)
             assert read.keys() == stored.keys()
             for role in stored:
@@ -123,22 +151,38 @@ def test_stored_bytes_are_recorded_per_parameter_and_summed(delta):
         for name, (_, stored) in content.items():
             want = sum(t.numel() * t.element_size() for t in stored.values())
             assert reader.entry(name).stats["stored_bytes"] == want
-        assert reader.stored_bytes() == sum(t.numel() * t.element_size() for _, s in content.values() for t in s.values())
+        assert reader.stored_bytes() == sum(
+            t.numel() * t.element_size() for _, s in content.values() for t in s.values()
+        )
 
 
 def test_a_delta_that_fits_is_one_file_without_index(delta):
     names = sorted(p.name for p in delta.iterdir())
     assert names == ["delta.safetensors", "delta_config.json"]
     raw = (delta / "delta.safetensors").read_bytes()
-    assert manifest(delta)["files"] == {"delta.safetensors": {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
+    assert manifest(delta)["files"] == {
+        "delta.safetensors": {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    }
 
 
-@pytest.mark.parametrize("tensors", [
-    {},
-    {"w:values": torch.randn(9).to(torch.bfloat16), "w:gaps": torch.arange(9, dtype=torch.uint8), "v:mask": torch.ones(3, dtype=torch.uint8),
-     "b:delta": torch.randn(3, 4), "é\"q\\\n:value": torch.zeros(0), "h:value": torch.randn(5).half(), "g:value": torch.randn(2).double(),
-     "u:gaps": torch.arange(4).to(torch.uint16), "i:gaps": torch.arange(4, dtype=torch.int32), "l:gaps": torch.arange(3, dtype=torch.int64)},
-])
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {
+            "w:values": torch.randn(9).to(torch.bfloat16),
+            "w:gaps": torch.arange(9, dtype=torch.uint8),
+            "v:mask": torch.ones(3, dtype=torch.uint8),
+            "b:delta": torch.randn(3, 4),
+            'é"q\\\n:value': torch.zeros(0),
+            "h:value": torch.randn(5).half(),
+            "g:value": torch.randn(2).double(),
+            "u:gaps": torch.arange(4).to(torch.uint16),
+            "i:gaps": torch.arange(4, dtype=torch.int32),
+            "l:gaps": torch.arange(3, dtype=torch.int64),
+        },
+    ],
+)
 def test_shards_are_hashed_while_written_with_the_bytes_safetensors_writes(tmp_path, tensors):
     from delta_format.io.checksums import file_sha256, save_hashed
 
@@ -193,6 +237,7 @@ def test_writer_refuses_roles_that_do_not_match_the_encoding(tmp_path):
 
 # --- atomic publishing -----------------------------------------------------------------------
 
+
 def test_exception_inside_the_writer_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with DeltaWriter(tmp_path / "d", base=REF, method="dense", max_shard_size=10) as w:
@@ -229,6 +274,7 @@ def test_failed_overwrite_keeps_the_old_delta(delta):
 
 
 # --- manifest errors -------------------------------------------------------------------------
+
 
 def test_missing_manifest_is_a_manifest_error(delta):
     (delta / "delta_config.json").unlink()
@@ -287,6 +333,7 @@ def test_nan_in_the_manifest_is_refused(delta):
 
 # --- paths -----------------------------------------------------------------------------------
 
+
 def shard(tmp_path) -> Path:
     out = tmp_path / "delta"
     write(out, max_shard_size=300)
@@ -335,6 +382,7 @@ def test_hub_cache_symlinks_into_blobs_are_allowed(tmp_path, delta):
 
 
 # --- stored tensors --------------------------------------------------------------------------
+
 
 def test_truncated_shard_fails_its_recorded_size(tmp_path):
     out = shard(tmp_path)
@@ -398,11 +446,14 @@ def decode_one(delta: Path, name: str):
         return reader.decode(name)
 
 
-@pytest.mark.parametrize("gaps,match", [
-    (torch.tensor([0, -1, 3, 1], dtype=torch.int32), "negative"),
-    (torch.tensor([0, 4, 11, 62], dtype=torch.uint8), "past"),
-    (torch.tensor([0, 2**63 - 1, 0, 0], dtype=torch.int64), "past"),  # wraps past 2**63
-])
+@pytest.mark.parametrize(
+    "gaps,match",
+    [
+        (torch.tensor([0, -1, 3, 1], dtype=torch.int32), "negative"),
+        (torch.tensor([0, 4, 11, 62], dtype=torch.uint8), "past"),
+        (torch.tensor([0, 2**63 - 1, 0, 0], dtype=torch.int64), "past"),  # wraps past 2**63
+    ],
+)
 def test_sparse_gaps_out_of_range_are_refused(delta, gaps, match):
     replace_stored(delta, {"gaps.w:gaps": gaps})
     with pytest.raises(CorruptDeltaError, match=match):
@@ -456,8 +507,16 @@ def test_sign_bits_with_nonzero_padding_are_refused(delta):
         decode_one(delta, "sign.w")
 
 
-@pytest.mark.parametrize("key,name", [("gaps.w:values", "gaps.w"), ("dense.w:delta", "dense.w"),
-                                      ("sign.w:scale", "sign.w"), ("lowrank.w:u", "lowrank.w"), ("new.head:value", "new.head")])
+@pytest.mark.parametrize(
+    "key,name",
+    [
+        ("gaps.w:values", "gaps.w"),
+        ("dense.w:delta", "dense.w"),
+        ("sign.w:scale", "sign.w"),
+        ("lowrank.w:u", "lowrank.w"),
+        ("new.head:value", "new.head"),
+    ],
+)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_stored_floats_are_refused(delta, key, name, bad):
     value = load_file(delta / "delta.safetensors")[key]
@@ -468,6 +527,7 @@ def test_non_finite_stored_floats_are_refused(delta, key, name, bad):
 
 
 # --- reconstruction --------------------------------------------------------------------------
+
 
 def dense_entry(shape, dtype="float32", alpha=1.0):
     return TensorEntry(DenseEncoding(), shape, dtype, alpha)

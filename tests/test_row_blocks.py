@@ -14,11 +14,13 @@ import torch
 
 from delta_format.core.encodings import DenseEncoding, LowRankEncoding, SignEncoding, SparseEncoding
 from delta_format.core.encodings import sparse as sparse_module
-from delta_format.errors import CorruptDeltaError
 from delta_format.core.manifest import TensorEntry
 from delta_format.core.reconstruct import reconstruct_stored
+from delta_format.errors import CorruptDeltaError
 
-reconstruct_module = importlib.import_module("delta_format.core.reconstruct")  # the package exports a function of that name
+reconstruct_module = importlib.import_module(
+    "delta_format.core.reconstruct"
+)  # the package exports a function of that name
 
 SHAPE = (37, 11)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,7 +103,9 @@ def test_sparse_position_blocks_smaller_than_row_blocks(row_block, coding, monke
     enc, stored = parts_for(f"sparse-{coding}", seed=3)
     parts = [(TensorEntry(enc, SHAPE, "float32", 1.0), stored, 1.0)]
     base = random(SHAPE, 5)
-    assert torch.equal(reconstruct_stored("w", parts, base, dtype=torch.float32), by_formula(parts, base, torch.float32))
+    assert torch.equal(
+        reconstruct_stored("w", parts, base, dtype=torch.float32), by_formula(parts, base, torch.float32)
+    )
 
 
 def corrupt_gaps(change):
@@ -117,11 +121,15 @@ def _run_past_in_last_block(stored):
     stored["gaps"] = gaps
 
 
-@pytest.mark.parametrize("change, message", [
-    (_run_past_in_last_block, "run past"),
-    (lambda s: s.update(values=s["values"][:-1]), "do not match"),
-    (lambda s: s.update(values=torch.cat([s["values"], s["values"][:3]])), "do not match"),
-], ids=["index-past-end", "too-few-values", "too-many-values"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_run_past_in_last_block, "run past"),
+        (lambda s: s.update(values=s["values"][:-1]), "do not match"),
+        (lambda s: s.update(values=torch.cat([s["values"], s["values"][:3]])), "do not match"),
+    ],
+    ids=["index-past-end", "too-few-values", "too-many-values"],
+)
 def test_corrupt_sparse_is_refused_whatever_the_blocks(row_block, change, message):
     with pytest.raises(CorruptDeltaError, match=message):
         reconstruct_stored("w", corrupt_gaps(change), random(SHAPE, 6), dtype=torch.float32)

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from delta_format.core import seeded_mask
-from delta_format.errors import DeltaFormatError
 from delta_format.core.fingerprint import fingerprint_safetensors
 from delta_format.core.manifest import Manifest
-from delta_format.io.reader import DeltaReader
 from delta_format.core.reconstruct import reconstruct
+from delta_format.errors import DeltaFormatError
+from delta_format.io.reader import DeltaReader
 from tests import spec_reference as ref
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"
@@ -30,7 +30,12 @@ VECTORS = SPEC / "vectors"
 VECTOR_NAMES = sorted(p.name for p in VECTORS.iterdir() if (p / "delta_config.json").is_file())
 KNOWN = json.loads((VECTORS / "seeded_mask.json").read_text(encoding="utf-8"))
 SCHEMA = json.loads((SPEC / "manifest.schema.json").read_text())
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -42,10 +47,19 @@ def manifest_of(name: str) -> dict:
 
 
 def test_every_encoding_and_index_coding_has_a_vector():
-    assert VECTOR_NAMES == sorted([
-        "dense", "sparse-gaps", "sparse-bitmask", "sparse-seeded", "sign-tensor", "sign-row", "lowrank", "replace",
-        "sharded",
-    ])
+    assert VECTOR_NAMES == sorted(
+        [
+            "dense",
+            "sparse-gaps",
+            "sparse-bitmask",
+            "sparse-seeded",
+            "sign-tensor",
+            "sign-row",
+            "lowrank",
+            "replace",
+            "sharded",
+        ]
+    )
 
 
 def test_vectors_stay_small():
@@ -86,8 +100,10 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
             mine = {key.split(":")[-1]: ref.to_array(*v) for key, v in stored.items() if key.rsplit(":", 1)[0] == param}
             got = ref.reconstruct(entry, ref.decode(entry, mine, param), base.get(param))
         assert got.shape == want.shape, param
-        assert np.array_equal(got.view(np.uint32 if got.dtype == np.float32 else np.uint64),
-                              want.astype(got.dtype).view(np.uint32 if got.dtype == np.float32 else np.uint64)), param
+        assert np.array_equal(
+            got.view(np.uint32 if got.dtype == np.float32 else np.uint64),
+            want.astype(got.dtype).view(np.uint32 if got.dtype == np.float32 else np.uint64),
+        ), param
 
 
 def roles(entry: dict) -> list[str]:
@@ -134,6 +150,7 @@ def test_vectors_regenerate_to_the_same_bytes(tmp_path):
 # spec/manifest.schema.json
 # ---------------------------------------------------------------------------------------------
 
+
 def test_schema_is_a_valid_draft_2020_12_schema():
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
@@ -153,6 +170,7 @@ def _set(path: str, value):
             del node[last]
         else:
             node[last] = value
+
     return mutate
 
 
@@ -226,6 +244,7 @@ def test_schema_and_library_both_accept(case):
 # Seeded-mask known answers (SPEC §6).
 # ---------------------------------------------------------------------------------------------
 
+
 def test_lowbias32_known_answers():
     for case in KNOWN["lowbias32"]:
         assert ref.mix32(case["x"]) == case["lowbias32"]
@@ -244,7 +263,11 @@ def test_stream_known_answers_include_counters_past_2_to_32():
 def test_key_threshold_and_table_known_answers():
     for case in KNOWN["masks"]:
         assert ref.tensor_id(case["name"]) == seeded_mask.tensor_id(case["name"]) == case["tensor_id"]
-        assert ref.stream_key(case["seed"], case["name"]) == seeded_mask.stream_key(case["seed"], case["name"]) == case["key"]
+        assert (
+            ref.stream_key(case["seed"], case["name"])
+            == seeded_mask.stream_key(case["seed"], case["name"])
+            == case["key"]
+        )
         assert ref.drop_threshold(case["p"]) == seeded_mask.drop_threshold(case["p"]) == case["P"]
         table = ref.gap_table(case["p"])
         assert len(table) == len(seeded_mask.gap_table(case["p"])) == case["gap_table_length"]

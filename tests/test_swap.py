@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from delta_format import BaseMismatchError, DeltaModel
-from tests.test_loader import LLAMA, dense, dare, perturbed, sign_or_dense, write_delta
+from tests.test_loader import LLAMA, dare, dense, perturbed, sign_or_dense, write_delta
 
 
 def weights(model):
@@ -45,7 +45,9 @@ def test_remove_delta_restores_the_base_exactly(family):
     model = DeltaModel.from_pretrained(family / "d1")
     model.swap_delta(family / "d0")
     model.remove_delta()
-    assert_equal_state(weights(model), weights(AutoModelForCausalLM.from_pretrained(family / "base", dtype=torch.bfloat16)))
+    assert_equal_state(
+        weights(model), weights(AutoModelForCausalLM.from_pretrained(family / "base", dtype=torch.bfloat16))
+    )
 
 
 def test_swap_writes_in_place_without_new_parameters(family):

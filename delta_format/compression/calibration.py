@@ -17,7 +17,8 @@ The layer inputs are capped at `MAX_ACTIVATION_ROWS` tokens per layer.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,15 +64,29 @@ class Calibration:
         0.0
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, texts: Sequence[str], *,
-                 parameters: Iterable[str] | None = None, max_rows: int = MAX_ACTIVATION_ROWS,
-                 max_tokens: int = MAX_TEXT_TOKENS):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        texts: Sequence[str],
+        *,
+        parameters: Iterable[str] | None = None,
+        max_rows: int = MAX_ACTIVATION_ROWS,
+        max_tokens: int = MAX_TEXT_TOKENS,
+    ):
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise InvalidArgumentError("calibration_texts must be a non-empty list of non-empty strings",
-                                       expected="e.g. ['first text', 'second text']", found=repr(texts)[:100])
+            raise InvalidArgumentError(
+                "calibration_texts must be a non-empty list of non-empty strings",
+                expected="e.g. ['first text', 'second text']",
+                found=repr(texts)[:100],
+            )
         if tokenizer is None:
-            raise InvalidArgumentError("calibration texts need a tokenizer", expected="tokenizer=...", found="None",
-                                       fix="pass tokenizer=, or put the tokenizer files next to the fine-tune")
+            raise InvalidArgumentError(
+                "calibration texts need a tokenizer",
+                expected="tokenizer=...",
+                found="None",
+                fix="pass tokenizer=, or put the tokenizer files next to the fine-tune",
+            )
         self.model = model.to("cpu", torch.float32).eval()  # the compressor streams on the CPU
         self.model.requires_grad_(False)
         self.batches = []
@@ -190,8 +205,11 @@ class Calibration:
         count = 0
         with torch.set_grad_enabled(grad):
             for ids, reference in zip(self.batches, self.reference):
-                output = functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False) \
-                    if overrides else self.model(input_ids=ids)
+                output = (
+                    functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False)
+                    if overrides
+                    else self.model(input_ids=ids)
+                )
                 total = total + (_logits(output) - reference).double().square().sum()
                 count += reference.numel()
         mse = total / max(count, 1)

@@ -20,16 +20,17 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.dtypes import CHECKPOINT_DTYPES, compute_dtype
-from ..io.checkpoint import SAFE_WEIGHTS_NAME
 from ..core.manifest import BaseReference
 from ..errors import CorruptDeltaError, InvalidArgumentError
+from ..io.checkpoint import SAFE_WEIGHTS_NAME
 from .sources import CONFIG_FILES, SIDE_FILES, TOKENIZER_FILES, Factors, TensorSource
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -43,8 +44,11 @@ _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\
 def is_lora_adapter(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a PEFT adapter (and no full checkpoint)."""
     directory = Path(directory)
-    return (directory / ADAPTER_CONFIG_NAME).is_file() and not (directory / SAFE_WEIGHTS_NAME).is_file() \
+    return (
+        (directory / ADAPTER_CONFIG_NAME).is_file()
+        and not (directory / SAFE_WEIGHTS_NAME).is_file()
         and not (directory / "model.safetensors.index.json").is_file()
+    )
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -69,36 +73,52 @@ class LoraAdapter:
         try:
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise InvalidArgumentError(f"{config_path} is unreadable", expected="a PEFT adapter_config.json",
-                                       found=str(exc)[:200]) from None
+            raise InvalidArgumentError(
+                f"{config_path} is unreadable", expected="a PEFT adapter_config.json", found=str(exc)[:200]
+            ) from None
         peft_type = str(self.config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
-            raise InvalidArgumentError("only LoRA adapters can be imported", expected="peft_type LORA", found=peft_type,
-                                       fix="merge the adapter into the model (peft merge_and_unload) and compress that")
+            raise InvalidArgumentError(
+                "only LoRA adapters can be imported",
+                expected="peft_type LORA",
+                found=peft_type,
+                fix="merge the adapter into the model (peft merge_and_unload) and compress that",
+            )
         if self.config.get("use_dora"):
-            raise InvalidArgumentError("DoRA adapters are not a plain low-rank delta", expected="use_dora false",
-                                       found="use_dora true",
-                                       fix="merge the adapter into the model (peft merge_and_unload) and compress that")
+            raise InvalidArgumentError(
+                "DoRA adapters are not a plain low-rank delta",
+                expected="use_dora false",
+                found="use_dora true",
+                fix="merge the adapter into the model (peft merge_and_unload) and compress that",
+            )
         if not weights_path.is_file():
-            raise InvalidArgumentError(f"no {ADAPTER_WEIGHTS_NAME} in {self.directory}",
-                                       expected="safetensors adapter weights", found="none",
-                                       fix="save the adapter with safe_serialization=True; pickles are not read")
+            raise InvalidArgumentError(
+                f"no {ADAPTER_WEIGHTS_NAME} in {self.directory}",
+                expected="safetensors adapter weights",
+                found="none",
+                fix="save the adapter with safe_serialization=True; pickles are not read",
+            )
         try:
             self._file = safe_open(str(weights_path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as exc:
-            raise CorruptDeltaError(f"{weights_path.name} is not a valid safetensors file", expected="a complete file",
-                                    found=str(exc)[:200]) from None
+            raise CorruptDeltaError(
+                f"{weights_path.name} is not a valid safetensors file", expected="a complete file", found=str(exc)[:200]
+            ) from None
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         self._pairs: dict[str, dict[str, str]] = {}
         self._kinds: dict[str, str] = {}
         self.full: dict[str, str] = {}
         """Parameter name -> key of tensors the adapter stores whole (not LoRA factors)."""
         for key in self._file.keys():
-            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+            name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
             match = _LORA_KEY.match(name) or _EMBEDDING_KEY.match(name)
             if "lora_magnitude_vector" in name:
-                raise InvalidArgumentError("DoRA adapters are not a plain low-rank delta", expected="no magnitude vectors",
-                                           found=key, fix="merge the adapter into the model and compress that")
+                raise InvalidArgumentError(
+                    "DoRA adapters are not a plain low-rank delta",
+                    expected="no magnitude vectors",
+                    found=key,
+                    fix="merge the adapter into the model and compress that",
+                )
             if match is None:
                 self.full[name] = key
                 continue
@@ -107,8 +127,11 @@ class LoraAdapter:
             self._kinds[module] = "embedding" if "lora_embedding_" in name else "linear"
         for module, pair in self._pairs.items():
             if set(pair) != {"A", "B"}:
-                raise CorruptDeltaError(f"the adapter has an incomplete LoRA pair for {module!r}",
-                                        expected="lora_A and lora_B", found=sorted(pair))
+                raise CorruptDeltaError(
+                    f"the adapter has an incomplete LoRA pair for {module!r}",
+                    expected="lora_A and lora_B",
+                    found=sorted(pair),
+                )
         self._targets = {f"{module}.weight": module for module in self._pairs}
 
     @property
@@ -150,10 +173,12 @@ class LoraAdapter:
             u, v = (a.T, scaled_b.T) if self.fan_in_fan_out else (scaled_b, a)
         rows = shape[0] if shape else 1
         if tuple(u.shape) != (rows, rank) or u.shape[0] * v.shape[1] != math.prod(shape):
-            raise InvalidArgumentError(f"the adapter's LoRA factors for {name!r} do not fit the base",
-                                       expected=f"a delta of shape {list(shape)}",
-                                       found=f"factors {list(u.shape)} @ {list(v.shape)}",
-                                       fix="check the adapter belongs to this base (and fan_in_fan_out)")
+            raise InvalidArgumentError(
+                f"the adapter's LoRA factors for {name!r} do not fit the base",
+                expected=f"a delta of shape {list(shape)}",
+                found=f"factors {list(u.shape)} @ {list(v.shape)}",
+                fix="check the adapter belongs to this base (and fan_in_fan_out)",
+            )
         return u.contiguous(), v.contiguous()
 
     def factor_dtype(self, name: str) -> torch.dtype:
@@ -178,9 +203,12 @@ class LoraSource:
         self.directory = Path(directory)
         missing = [name for name in self.adapter.targets if name not in base]
         if missing:
-            raise InvalidArgumentError("the LoRA adapter targets parameters the base does not have",
-                                       expected="names of the base's parameters", found=missing[:5],
-                                       fix="check the adapter was trained on this base")
+            raise InvalidArgumentError(
+                "the LoRA adapter targets parameters the base does not have",
+                expected="names of the base's parameters",
+                found=missing[:5],
+                fix="check the adapter was trained on this base",
+            )
         self.targets = set(self.adapter.targets)
 
     def names(self) -> list[str]:
@@ -219,7 +247,11 @@ class LoraSource:
         return True
 
     def adapter_params(self) -> dict[str, Any]:
-        return {"type": "peft-lora", "r": self.adapter.config.get("r"), "lora_alpha": self.adapter.config.get("lora_alpha")}
+        return {
+            "type": "peft-lora",
+            "r": self.adapter.config.get("r"),
+            "lora_alpha": self.adapter.config.get("lora_alpha"),
+        }
 
     def fingerprint(self) -> dict:
         raise NotImplementedError("a LoRA adapter is only ever a fine-tune; the base is fingerprinted")
@@ -229,8 +261,13 @@ class LoraSource:
 
     def side_files(self) -> dict[str, Path | bytes]:
         files = dict(self.base.side_files())
-        files.update({name: self.directory / name for name in SIDE_FILES
-                      if name not in CONFIG_FILES and (self.directory / name).is_file()})
+        files.update(
+            {
+                name: self.directory / name
+                for name in SIDE_FILES
+                if name not in CONFIG_FILES and (self.directory / name).is_file()
+            }
+        )
         return files
 
     def load_model(self) -> torch.nn.Module:

@@ -53,8 +53,9 @@ def edit_error(edit: Edit, decoded: torch.Tensor | None, delta: torch.Tensor) ->
     return EditError(error_sq, float(torch.linalg.vector_norm(delta)) ** 2)
 
 
-def measure_on_model(name: str, entry: TensorEntry, decoded: torch.Tensor, context: TensorContext,
-                     session: Calibration) -> float | None:
+def measure_on_model(
+    name: str, entry: TensorEntry, decoded: torch.Tensor, context: TensorContext, session: Calibration
+) -> float | None:
     """Put the reconstructed parameter into the calibration model (so later tensors are measured
     against the model as it will load), and return the first-order loss change
     ``<∇L(θ_ft), θ̂ - θ_ft>`` of this tensor's edit, also recorded in ``entry.stats``; None when

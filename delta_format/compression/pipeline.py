@@ -61,12 +61,24 @@ class CompressOptions:
     tokenizer: Any
 
     @classmethod
-    def check(cls, method: str | EditMethod, method_params: dict[str, Any], *, rules: Sequence[Rule] | None,
-              include: Any, exclude: Any, alpha: float, seed: int, value_dtype: str | torch.dtype | None,
-              calibration_texts: Sequence[str] | None, tokenizer: Any) -> CompressOptions:
+    def check(
+        cls,
+        method: str | EditMethod,
+        method_params: dict[str, Any],
+        *,
+        rules: Sequence[Rule] | None,
+        include: Any,
+        exclude: Any,
+        alpha: float,
+        seed: int,
+        value_dtype: str | torch.dtype | None,
+        calibration_texts: Sequence[str] | None,
+        tokenizer: Any,
+    ) -> CompressOptions:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise InvalidArgumentError("alpha must be a finite number", expected="e.g. 1.0 (or 1.3 to extrapolate)",
-                                       found=repr(alpha))
+            raise InvalidArgumentError(
+                "alpha must be a finite number", expected="e.g. 1.0 (or 1.3 to extrapolate)", found=repr(alpha)
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise InvalidArgumentError("seed must be an integer in [0, 2**64)", expected="e.g. 0", found=repr(seed))
         stored_dtype = parse_dtype(value_dtype, what="value_dtype")
@@ -166,22 +178,44 @@ def compress(
     from ..io.delta import Delta
 
     started = time.perf_counter()
-    options = CompressOptions.check(method, method_params, rules=rules, include=include, exclude=exclude, alpha=alpha,
-                                    seed=seed, value_dtype=value_dtype, calibration_texts=calibration_texts,
-                                    tokenizer=tokenizer)
+    options = CompressOptions.check(
+        method,
+        method_params,
+        rules=rules,
+        include=include,
+        exclude=exclude,
+        alpha=alpha,
+        seed=seed,
+        value_dtype=value_dtype,
+        calibration_texts=calibration_texts,
+        tokenizer=tokenizer,
+    )
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_src = open_source(base, hub.updated(revision=base_revision), what="base model")
     ft_src = open_source(finetune, hub, what="fine-tune", base=base_src)
     options.plan.check_finetune(ft_src)
     actions = schedule(options.plan, base_src, ft_src)
 
-    with DeltaWriter(out_dir, base=base_src.reference(), method=options.plan.default.name,
-                     method_params=options.plan.describe(), max_shard_size=max_shard_size,
-                     overwrite=overwrite) as writer:
+    with DeltaWriter(
+        out_dir,
+        base=base_src.reference(),
+        method=options.plan.default.name,
+        method_params=options.plan.describe(),
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    ) as writer:
         writer.manifest.method_params.update(options.recorded_params(ft_src))
         edited = [name for name, action in actions if action is Action.EDIT]
-        tensors = TensorCompressor(options.plan, base_src, ft_src, writer, options.calibration(ft_src, edited),
-                                   alpha=options.alpha, seed=options.seed, value_dtype=options.value_dtype)
+        tensors = TensorCompressor(
+            options.plan,
+            base_src,
+            ft_src,
+            writer,
+            options.calibration(ft_src, edited),
+            alpha=options.alpha,
+            seed=options.seed,
+            value_dtype=options.value_dtype,
+        )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)
         stats = tensors.stats(prepared)
@@ -199,12 +233,19 @@ def _tokenizer(source: TensorSource) -> Any:
     try:
         found = source.tokenizer()
     except (OSError, ValueError) as exc:
-        raise InvalidArgumentError("the fine-tune's tokenizer could not be loaded for calibration",
-                                   expected="tokenizer files beside the fine-tune", found=str(exc)[:200],
-                                   fix="pass tokenizer=") from None
+        raise InvalidArgumentError(
+            "the fine-tune's tokenizer could not be loaded for calibration",
+            expected="tokenizer files beside the fine-tune",
+            found=str(exc)[:200],
+            fix="pass tokenizer=",
+        ) from None
     if found is None:
-        raise InvalidArgumentError("calibration texts need a tokenizer", expected="tokenizer=...", found="none",
-                                   fix="pass tokenizer= (the fine-tune has no tokenizer files)")
+        raise InvalidArgumentError(
+            "calibration texts need a tokenizer",
+            expected="tokenizer=...",
+            found="none",
+            fix="pass tokenizer= (the fine-tune has no tokenizer files)",
+        )
     return found
 
 

@@ -45,8 +45,11 @@ def check_patterns(what: str, patterns: Any) -> list[str | re.Pattern]:
         patterns = [patterns]
     patterns = list(patterns)
     if not all(isinstance(p, (str, re.Pattern)) for p in patterns):
-        raise InvalidArgumentError(f"{what} must be glob patterns or compiled regular expressions",
-                                   expected='e.g. ["*embed_tokens*"]', found=repr(patterns)[:200])
+        raise InvalidArgumentError(
+            f"{what} must be glob patterns or compiled regular expressions",
+            expected='e.g. ["*embed_tokens*"]',
+            found=repr(patterns)[:200],
+        )
     return patterns
 
 
@@ -59,8 +62,14 @@ class MethodPlan:
     tensors it edits.
     """
 
-    def __init__(self, method: str | EditMethod, method_params: Mapping[str, Any], rules: Sequence[Rule] | None,
-                 include: Any, exclude: Any):
+    def __init__(
+        self,
+        method: str | EditMethod,
+        method_params: Mapping[str, Any],
+        rules: Sequence[Rule] | None,
+        include: Any,
+        exclude: Any,
+    ):
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
         used: set[str] = set()
@@ -68,28 +77,44 @@ class MethodPlan:
         self.default = self._build(method, {}, method_params, used)
         self.rules: list[tuple[Any, EditMethod]] = []
         for rule in rules or []:
-            if not isinstance(rule, (tuple, list)) or len(rule) not in (2, 3) or not isinstance(rule[0], (str, re.Pattern)):
-                raise InvalidArgumentError("a rule is (pattern, method) or (pattern, method, params)",
-                                           expected='e.g. ("*norm*", "dense")', found=repr(rule)[:200])
+            if (
+                not isinstance(rule, (tuple, list))
+                or len(rule) not in (2, 3)
+                or not isinstance(rule[0], (str, re.Pattern))
+            ):
+                raise InvalidArgumentError(
+                    "a rule is (pattern, method) or (pattern, method, params)",
+                    expected='e.g. ("*norm*", "dense")',
+                    found=repr(rule)[:200],
+                )
             own = dict(rule[2]) if len(rule) == 3 else {}
             self.rules.append((rule[0], self._build(rule[1], own, method_params, used)))
         unused = set(method_params) - used
         if unused:
             names = sorted({m.name for m in self.methods()})
-            raise InvalidArgumentError(f"{sorted(unused)} is not a parameter of {', '.join(names)}",
-                                       expected=f"parameters of the methods in use: "
-                                                f"{sorted(set().union(*(type(m).param_names() for m in self.methods())))}",
-                                       found=sorted(unused), fix="check the spelling, or the method name")
+            raise InvalidArgumentError(
+                f"{sorted(unused)} is not a parameter of {', '.join(names)}",
+                expected=f"parameters of the methods in use: "
+                f"{sorted(set().union(*(type(m).param_names() for m in self.methods())))}",
+                found=sorted(unused),
+                fix="check the spelling, or the method name",
+            )
 
-    def _build(self, method: str | EditMethod, own: Mapping[str, Any], shared: Mapping[str, Any],
-               used: set[str]) -> EditMethod:
+    def _build(
+        self, method: str | EditMethod, own: Mapping[str, Any], shared: Mapping[str, Any], used: set[str]
+    ) -> EditMethod:
         if isinstance(method, EditMethod):
             if own:
-                raise InvalidArgumentError("a rule with a method instance takes no params", expected="(pattern, instance)",
-                                           found=f"params {sorted(own)}")
+                raise InvalidArgumentError(
+                    "a rule with a method instance takes no params",
+                    expected="(pattern, instance)",
+                    found=f"params {sorted(own)}",
+                )
             return method
         if not isinstance(method, str):
-            raise InvalidArgumentError("a method is a name or an EditMethod", expected="e.g. 'dare'", found=repr(method))
+            raise InvalidArgumentError(
+                "a method is a name or an EditMethod", expected="e.g. 'dare'", found=repr(method)
+            )
         from ..methods import METHODS
 
         cls = METHODS.get(method)
@@ -132,16 +157,22 @@ class MethodPlan:
         """Refuse settings that cannot run without calibration texts when there are none."""
         needing = sorted({m.name for m in self.methods() if m.needs_calibration()})
         if needing and not has_texts:
-            raise InvalidArgumentError(f"{', '.join(needing)} with these parameters needs calibration texts",
-                                       expected="calibration_texts=[...] (a few representative texts)", found="none",
-                                       fix="pass calibration texts, or a data-free setting (e.g. a number for q)")
+            raise InvalidArgumentError(
+                f"{', '.join(needing)} with these parameters needs calibration texts",
+                expected="calibration_texts=[...] (a few representative texts)",
+                found="none",
+                fix="pass calibration texts, or a data-free setting (e.g. a number for q)",
+            )
 
     def check_finetune(self, finetune: TensorSource) -> None:
         """Refuse methods that store an adapter's factors when the fine-tune has none."""
         if not finetune.provides_factors() and any(m.needs_adapter_factors for m in self.methods()):
-            raise InvalidArgumentError("the lora method stores a LoRA adapter's factors", expected="a PEFT adapter "
-                                       "(adapter_config.json + adapter_model.safetensors) as the fine-tune",
-                                       found="a full checkpoint", fix="use lowrank with rank= or energy=")
+            raise InvalidArgumentError(
+                "the lora method stores a LoRA adapter's factors",
+                expected="a PEFT adapter (adapter_config.json + adapter_model.safetensors) as the fine-tune",
+                found="a full checkpoint",
+                fix="use lowrank with rank= or energy=",
+            )
 
 
 class Action(str, enum.Enum):
@@ -168,9 +199,11 @@ def schedule(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> li
     if orphans:
         raise InvalidArgumentError(
             "the base has tensors the fine-tune lacks, and a delta cannot delete a parameter",
-            expected="every base tensor in the fine-tune", found=orphans[:5],
+            expected="every base tensor in the fine-tune",
+            found=orphans[:5],
             fix="if the fine-tune's architecture drops them, pass exclude=[...] with their names: the loader "
-                "builds the fine-tune's architecture and ignores base tensors it does not have")
+            "builds the fine-tune's architecture and ignores base tensors it does not have",
+        )
     return out
 
 
@@ -185,7 +218,10 @@ def _action(name: str, plan: MethodPlan, base: TensorSource, finetune: TensorSou
     if not (isinstance(dtype, torch.dtype) and torch_dtype_name(dtype) is not None):
         if in_base and base.info(name) == (shape, dtype) and same_bits(base.get(name), finetune.get(name)):
             return Action.UNCHANGED
-        raise InvalidArgumentError(f"{name!r} is a {dtype} tensor that differs from the base",
-                                   expected="changed tensors in float64, float32, float16 or bfloat16",
-                                   found=str(dtype), fix=f"exclude it (exclude=[{name!r}]) to keep the base's value")
+        raise InvalidArgumentError(
+            f"{name!r} is a {dtype} tensor that differs from the base",
+            expected="changed tensors in float64, float32, float16 or bfloat16",
+            found=str(dtype),
+            fix=f"exclude it (exclude=[{name!r}]) to keep the base's value",
+        )
     return Action.EDIT if same_shape else Action.REPLACE

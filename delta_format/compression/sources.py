@@ -22,13 +22,25 @@ from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
 from ..errors import InvalidArgumentError
 from ..io.checkpoint import Checkpoint
-from ..io.resolve import HubOptions, resolve_repo
 from ..io.model_class import model_class_for
+from ..io.resolve import HubOptions, resolve_repo
 
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model", "tiktoken.model", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tiktoken.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 """The fine-tune's files copied into the delta: its config and everything its tokenizer needs."""
 
@@ -143,7 +155,9 @@ class CheckpointSource(WholeValueSource):
 
     def reference(self) -> BaseReference:
         if self.repo_id and self.checkpoint.commit_sha:
-            return BaseReference(repo_id=self.repo_id, revision=self.checkpoint.commit_sha, fingerprint=self.fingerprint())
+            return BaseReference(
+                repo_id=self.repo_id, revision=self.checkpoint.commit_sha, fingerprint=self.fingerprint()
+            )
         return BaseReference(local_path=str(self.directory.resolve()), fingerprint=self.fingerprint())
 
     def side_files(self) -> dict[str, Path | bytes]:
@@ -221,8 +235,11 @@ class ModelSource(WholeValueSource):
             return BaseReference(local_path=str(Path(origin).resolve()), fingerprint=fingerprint)
         if origin and commit and re.fullmatch(r"[0-9a-f]{40}", str(commit)):
             return BaseReference(repo_id=origin, revision=commit, fingerprint=fingerprint)
-        warnings.warn("the in-memory base model does not say where it came from; the delta records only its "
-                      "fingerprint, so loading it needs base_model= (or --base)", stacklevel=3)
+        warnings.warn(
+            "the in-memory base model does not say where it came from; the delta records only its "
+            "fingerprint, so loading it needs base_model= (or --base)",
+            stacklevel=3,
+        )
         return BaseReference(fingerprint=fingerprint)
 
     def side_files(self) -> dict[str, Path | bytes]:
@@ -254,8 +271,11 @@ def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource |
     if isinstance(source, torch.nn.Module):
         return ModelSource(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise InvalidArgumentError(f"cannot read the {what}", expected="a directory, a Hub repo id or a torch model",
-                                   found=type(source).__name__)
+        raise InvalidArgumentError(
+            f"cannot read the {what}",
+            expected="a directory, a Hub repo id or a torch model",
+            found=type(source).__name__,
+        )
     directory, sha = resolve_repo(source, hub, what=what)
     # imported here, not at the top: lora.py builds its source on this module's protocol
     from .lora import LoraSource, is_lora_adapter

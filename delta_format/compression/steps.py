@@ -37,8 +37,18 @@ class TensorCompressor:
     Holds what every step shares: the sources, the writer, the calibration session (None without
     texts) and the running `Totals`."""
 
-    def __init__(self, plan: MethodPlan, base: TensorSource, finetune: TensorSource, writer: DeltaWriter,
-                 session: Calibration | None, *, alpha: float, seed: int, value_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        plan: MethodPlan,
+        base: TensorSource,
+        finetune: TensorSource,
+        writer: DeltaWriter,
+        session: Calibration | None,
+        *,
+        alpha: float,
+        seed: int,
+        value_dtype: torch.dtype | None,
+    ):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
         self.alpha, self.seed, self.value_dtype = alpha, seed, value_dtype
         self.totals = Totals()
@@ -82,8 +92,12 @@ class TensorCompressor:
         value = self.finetune.get(name)
         reason = "the base has another shape" if name in self.base else "the base has no such tensor"
         encoding = ReplaceEncoding()
-        entry = TensorEntry(encoding, tuple(value.shape), torch_dtype_name(value.dtype),
-                            stats={"lossless": True, "rel_error": 0.0, "reason": reason})
+        entry = TensorEntry(
+            encoding,
+            tuple(value.shape),
+            torch_dtype_name(value.dtype),
+            stats={"lossless": True, "rel_error": 0.0, "reason": reason},
+        )
         self.write(name, entry, encoding.encode(value), "replaced")
 
     def edit(self, name: str, method: EditMethod) -> None:
@@ -96,14 +110,20 @@ class TensorCompressor:
         if context.finetune.dtype != context.base.dtype and not bool(delta.any()):
             # equal values in another dtype: a zero-byte entry records the dtype
             encoding = SparseEncoding(INDEX_GAPS)
-            stored = encoding.encode(delta, name=name, positions=torch.empty(0, dtype=torch.int64),
-                                     dtype=context.value_dtype)
+            stored = encoding.encode(
+                delta, name=name, positions=torch.empty(0, dtype=torch.int64), dtype=context.value_dtype
+            )
             edit = Edit(encoding, stored, {"reason": "dtype change only"}, lossless=True)
         else:
             edit = method.edit(name, delta, context)
         alpha = context.alpha if edit.encoding.is_delta else 1.0
-        entry = TensorEntry(edit.encoding, tuple(delta.shape), torch_dtype_name(context.finetune.dtype), alpha,
-                            {"method": method.name, **edit.stats})
+        entry = TensorEntry(
+            edit.encoding,
+            tuple(delta.shape),
+            torch_dtype_name(context.finetune.dtype),
+            alpha,
+            {"method": method.name, **edit.stats},
+        )
         decoded = None
         if self.session is not None or not edit.lossless:  # measured on what was stored: decoded as a reader will
             decoded = edit.decode(tuple(delta.shape), name, delta.dtype)
@@ -138,11 +158,20 @@ class TensorCompressor:
             activations = None  # the layer never ran on the calibration texts
         factor_dtype = self.finetune.factor_dtype(name) if factors is not None else None
         value_dtype = self.value_dtype or factor_dtype or finetune.dtype
-        return TensorContext(name, base=base, finetune=finetune, value_dtype=value_dtype, seed=self.seed,
-                             alpha=self.alpha, activations=activations, factors=factors)
+        return TensorContext(
+            name,
+            base=base,
+            finetune=finetune,
+            value_dtype=value_dtype,
+            seed=self.seed,
+            alpha=self.alpha,
+            activations=activations,
+            factors=factors,
+        )
 
     def stream(self, names: list[str]) -> Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]:
         """A re-iterable stream of (name, delta, context) over ``names``, skipping unchanged ones."""
+
         def stream():
             for name in names:
                 pair = self.read_pair(name)
@@ -161,8 +190,11 @@ class TensorCompressor:
         if prepared:
             stats["prepare"] = prepared
         if self.session is not None:
-            stats.update(output_error=self.session.output_mse(), calibration_texts=len(self.session.batches),
-                         calibration_tokens=self.session.tokens)
+            stats.update(
+                output_error=self.session.output_mse(),
+                calibration_texts=len(self.session.batches),
+                calibration_tokens=self.session.tokens,
+            )
             if self.session.loss is not None:
                 stats.update(calibration_loss=self.session.loss, loss_change_estimate=self.totals.loss_change)
         return stats

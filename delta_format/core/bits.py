@@ -39,8 +39,10 @@ def check_packed(packed: torch.Tensor, numel: int) -> None:
         )
     if numel % 8 and packed.numel() and int(packed[-1]) >> (numel % 8):
         raise CorruptDeltaError(
-            "packed bits have non-zero padding", expected="zero bits after the last element",
-            found=f"last byte {int(packed[-1]):#04x}", fix="re-create the delta with a conforming writer",
+            "packed bits have non-zero padding",
+            expected="zero bits after the last element",
+            found=f"last byte {int(packed[-1]):#04x}",
+            fix="re-create the delta with a conforming writer",
         )
 
 

@@ -36,8 +36,14 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 """Stored dtypes of floating values (kept entries, factors, scales, whole values)."""
 
 CHECKPOINT_DTYPES: dict[str, torch.dtype] = {
-    **SAFETENSORS_DTYPES, "I16": torch.int16, "I8": torch.int8, "BOOL": torch.bool,
-    "U32": torch.uint32, "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    **SAFETENSORS_DTYPES,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "BOOL": torch.bool,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 """Every safetensors dtype a model checkpoint (base or fine-tune) may hold that torch can read."""
 
@@ -83,6 +89,13 @@ def parse_dtype(value: object, *, what: str = "dtype", allow_auto: bool = False)
 
 
 __all__ = [
-    "TORCH_DTYPES", "SAFETENSORS_DTYPES", "FLOAT_STORED", "CHECKPOINT_DTYPES", "dtype_name", "torch_dtype_name",
-    "compute_dtype", "holds_exactly", "parse_dtype",
+    "TORCH_DTYPES",
+    "SAFETENSORS_DTYPES",
+    "FLOAT_STORED",
+    "CHECKPOINT_DTYPES",
+    "dtype_name",
+    "torch_dtype_name",
+    "compute_dtype",
+    "holds_exactly",
+    "parse_dtype",
 ]

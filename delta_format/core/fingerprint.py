@@ -13,18 +13,21 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
+from ..errors import BaseMismatchError, CorruptDeltaError, ManifestError
 from .constants import (
-    FINGERPRINT_ALGORITHM, FINGERPRINT_CHUNK_BYTES, FINGERPRINT_CHUNKS, FINGERPRINT_FULL_BYTES,
+    FINGERPRINT_ALGORITHM,
+    FINGERPRINT_CHUNK_BYTES,
+    FINGERPRINT_CHUNKS,
+    FINGERPRINT_FULL_BYTES,
     MAX_SAFETENSORS_HEADER_BYTES,
 )
 from .dtypes import dtype_name
-from ..errors import BaseMismatchError, CorruptDeltaError, ManifestError
-
 
 
 def sample_ranges(nbytes: int) -> list[tuple[int, int]]:
@@ -51,19 +54,26 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CorruptDeltaError(f"{path.name} is not a safetensors file", expected="an 8-byte header length", found=f"{size} bytes")
+            raise CorruptDeltaError(
+                f"{path.name} is not a safetensors file", expected="an 8-byte header length", found=f"{size} bytes"
+            )
         (length,) = struct.unpack("<Q", raw)
         if length > MAX_SAFETENSORS_HEADER_BYTES or 8 + length > size:
             raise CorruptDeltaError(
                 f"{path.name} has an impossible header length",
-                expected=f"at most {min(MAX_SAFETENSORS_HEADER_BYTES, size - 8)} bytes", found=f"{length}",
+                expected=f"at most {min(MAX_SAFETENSORS_HEADER_BYTES, size - 8)} bytes",
+                found=f"{length}",
             )
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptDeltaError(f"{path.name} has an unreadable header", expected="JSON", found=str(exc)[:100]) from None
+            raise CorruptDeltaError(
+                f"{path.name} has an unreadable header", expected="JSON", found=str(exc)[:100]
+            ) from None
     if not isinstance(header, dict):
-        raise CorruptDeltaError(f"{path.name} has an unreadable header", expected="a JSON object", found=type(header).__name__)
+        raise CorruptDeltaError(
+            f"{path.name} has an unreadable header", expected="a JSON object", found=type(header).__name__
+        )
     return 8 + length, header
 
 
@@ -81,7 +91,11 @@ def fingerprint_safetensors(files: Iterable[str | os.PathLike]) -> dict[str, Any
                     begin, end = info["data_offsets"]
                     dtype, shape = info["dtype"], info["shape"]
                 except (TypeError, KeyError, ValueError):
-                    raise CorruptDeltaError(f"{path.name}: entry {name!r} is malformed", expected="dtype, shape, data_offsets", found=repr(info)[:100]) from None
+                    raise CorruptDeltaError(
+                        f"{path.name}: entry {name!r} is malformed",
+                        expected="dtype, shape, data_offsets",
+                        found=repr(info)[:100],
+                    ) from None
                 parts = []
                 for offset, length in sample_ranges(end - begin):
                     f.seek(start + begin + offset)
@@ -105,18 +119,31 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 def validate_fingerprint(fp: Any) -> None:
     """Structure check of a fingerprint read from an untrusted manifest."""
     ok = (
-        isinstance(fp, Mapping) and isinstance(fp.get("algorithm"), str) and isinstance(fp.get("digest"), str)
+        isinstance(fp, Mapping)
+        and isinstance(fp.get("algorithm"), str)
+        and isinstance(fp.get("digest"), str)
         and isinstance(fp.get("tensors"), Mapping)
         and all(
-            isinstance(v, Mapping) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+            isinstance(v, Mapping)
+            and isinstance(v.get("dtype"), str)
+            and isinstance(v.get("shape"), list)
             and isinstance(v.get("sample"), str)
             for v in fp["tensors"].values()
         )
     )
     if not ok:
-        raise ManifestError("base.fingerprint is malformed", expected="algorithm, digest and tensors{dtype, shape, sample}", found=repr(fp)[:200])
+        raise ManifestError(
+            "base.fingerprint is malformed",
+            expected="algorithm, digest and tensors{dtype, shape, sample}",
+            found=repr(fp)[:200],
+        )
     if fp["algorithm"] != FINGERPRINT_ALGORITHM:
-        raise ManifestError("unknown fingerprint algorithm", expected=FINGERPRINT_ALGORITHM, found=repr(fp["algorithm"]), fix="upgrade delta-format")
+        raise ManifestError(
+            "unknown fingerprint algorithm",
+            expected=FINGERPRINT_ALGORITHM,
+            found=repr(fp["algorithm"]),
+            fix="upgrade delta-format",
+        )
 
 
 def fingerprint_differences(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 5) -> list[str]:
@@ -143,6 +170,7 @@ def check_fingerprint(expected: Mapping[str, Any], found: Mapping[str, Any], bas
     if differences:
         raise BaseMismatchError(
             f"the base model {base} is not the one this delta was made against",
-            expected=f"fingerprint {expected['digest'][:16]}", found=f"{found['digest'][:16]} ({'; '.join(differences)})",
+            expected=f"fingerprint {expected['digest'][:16]}",
+            found=f"{found['digest'][:16]} ({'; '.join(differences)})",
             fix="load the base the delta names, or pass verify_base=False if you know better",
         )

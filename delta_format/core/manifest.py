@@ -9,16 +9,22 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
+from ..errors import ManifestError, UnsupportedVersionError
 from .constants import (
-    FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_RANK_DIMS, MAX_TENSOR_ELEMENTS, SPEC_VERSION, STORED_KEY_SEPARATOR,
+    FORMAT_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_RANK_DIMS,
+    MAX_TENSOR_ELEMENTS,
+    SPEC_VERSION,
+    STORED_KEY_SEPARATOR,
     SUPPORTED_MAJOR_VERSIONS,
 )
 from .dtypes import TORCH_DTYPES
 from .encodings import Encoding, encoding_from_dict
-from ..errors import ManifestError, UnsupportedVersionError
 
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -60,12 +66,19 @@ def _opt_str(where: str, value: Any) -> str | None:
 def parse_shape(where: str, value: Any) -> tuple[int, ...]:
     """A shape: at most 8 non-negative ints whose product stays under the element limit."""
     if (
-        not isinstance(value, list) or len(value) > MAX_RANK_DIMS
+        not isinstance(value, list)
+        or len(value) > MAX_RANK_DIMS
         or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value)
     ):
-        raise ManifestError(f"{where} shape is invalid", expected=f"a list of at most {MAX_RANK_DIMS} integers >= 0", found=repr(value)[:200])
+        raise ManifestError(
+            f"{where} shape is invalid",
+            expected=f"a list of at most {MAX_RANK_DIMS} integers >= 0",
+            found=repr(value)[:200],
+        )
     if math.prod(value) > MAX_TENSOR_ELEMENTS:
-        raise ManifestError(f"{where} shape is too large", expected=f"at most {MAX_TENSOR_ELEMENTS} elements", found=value)
+        raise ManifestError(
+            f"{where} shape is too large", expected=f"at most {MAX_TENSOR_ELEMENTS} elements", found=value
+        )
     return tuple(value)
 
 
@@ -86,22 +99,27 @@ class TensorEntry:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "encoding": self.encoding.name, "config": self.encoding.to_dict(),
-            "shape": list(self.shape), "dtype": self.dtype, "alpha": self.alpha,
+            "encoding": self.encoding.name,
+            "config": self.encoding.to_dict(),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "alpha": self.alpha,
         }
         if self.stats:
             out["stats"] = self.stats
         return out
 
     @classmethod
-    def from_dict(cls, name: str, data: Any) -> "TensorEntry":
+    def from_dict(cls, name: str, data: Any) -> TensorEntry:
         where = f"tensor {name!r}"
         data = _obj(where, data)
         for key in ("encoding", "shape", "dtype"):
             if key not in data:
                 raise ManifestError(f"{where} lacks {key!r}", expected="encoding, shape and dtype", found=sorted(data))
         if not isinstance(data["dtype"], str) or data["dtype"] not in TORCH_DTYPES:
-            raise ManifestError(f"{where} has an unsupported dtype", expected=sorted(TORCH_DTYPES), found=repr(data["dtype"]))
+            raise ManifestError(
+                f"{where} has an unsupported dtype", expected=sorted(TORCH_DTYPES), found=repr(data["dtype"])
+            )
         alpha = data.get("alpha", 1.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ManifestError(f"{where} alpha is not a finite number", expected="a number", found=repr(alpha))
@@ -111,7 +129,9 @@ class TensorEntry:
         stats = _obj(f"{where} stats", data.get("stats", {}))
         stored = stats.get("stored_bytes", 0)
         if isinstance(stored, bool) or not isinstance(stored, int) or stored < 0:
-            raise ManifestError(f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100])
+            raise ManifestError(
+                f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100]
+            )
         return cls(encoding, shape, data["dtype"], float(alpha), dict(stats))
 
 
@@ -131,18 +151,29 @@ class BaseReference:
         return self.local_path or "<unknown base>"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "revision": self.revision, "local_path": self.local_path, "fingerprint": self.fingerprint}
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "local_path": self.local_path,
+            "fingerprint": self.fingerprint,
+        }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BaseReference":
+    def from_dict(cls, data: Any) -> BaseReference:
         data = _obj("base", data)
         ref = cls(
-            _opt_str("base.repo_id", data.get("repo_id")), _opt_str("base.revision", data.get("revision")),
-            _opt_str("base.local_path", data.get("local_path")), data.get("fingerprint"),
+            _opt_str("base.repo_id", data.get("repo_id")),
+            _opt_str("base.revision", data.get("revision")),
+            _opt_str("base.local_path", data.get("local_path")),
+            data.get("fingerprint"),
         )
         if ref.revision is not None and not _SHA.fullmatch(ref.revision):
-            raise ManifestError("base.revision is not a commit", expected="40 lowercase hex digits (a pinned commit)",
-                                found=repr(ref.revision)[:100], fix="re-create the delta against a pinned base commit")
+            raise ManifestError(
+                "base.revision is not a commit",
+                expected="40 lowercase hex digits (a pinned commit)",
+                found=repr(ref.revision)[:100],
+                fix="re-create the delta against a pinned base commit",
+            )
         if ref.fingerprint is not None:
             from .fingerprint import validate_fingerprint
 
@@ -184,11 +215,13 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Manifest":
+    def from_dict(cls, data: Any) -> Manifest:
         data = _obj("manifest", data)
         if data.get("format") != FORMAT_NAME:
             raise ManifestError(
-                "not a delta-format manifest", expected=f'format "{FORMAT_NAME}"', found=repr(data.get("format")),
+                "not a delta-format manifest",
+                expected=f'format "{FORMAT_NAME}"',
+                found=repr(data.get("format")),
                 fix="point the loader at a directory written by delta-format",
             )
         version = data.get("spec_version")
@@ -215,10 +248,12 @@ class Manifest:
         )
 
     @classmethod
-    def from_json_bytes(cls, raw: bytes, source: str = "delta_config.json") -> "Manifest":
+    def from_json_bytes(cls, raw: bytes, source: str = "delta_config.json") -> Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ManifestError(
-                f"{source} is too large", expected=f"at most {MAX_MANIFEST_BYTES} bytes", found=f"{len(raw)} bytes",
+                f"{source} is too large",
+                expected=f"at most {MAX_MANIFEST_BYTES} bytes",
+                found=f"{len(raw)} bytes",
                 fix="this is not a delta manifest, or a hostile one",
             )
         try:
@@ -232,12 +267,19 @@ def _parse_files(value: Any) -> dict[str, dict[str, Any]]:
     files = _obj("files", value)
     for name, info in files.items():
         ok = (
-            isinstance(info, Mapping) and isinstance(info.get("size"), int) and not isinstance(info.get("size"), bool)
-            and info["size"] >= 0 and isinstance(info.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
+            isinstance(info, Mapping)
+            and isinstance(info.get("size"), int)
+            and not isinstance(info.get("size"), bool)
+            and info["size"] >= 0
+            and isinstance(info.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
         )
         if not ok:
-            raise ManifestError(f"files entry {name!r} is malformed", expected='{"size": bytes, "sha256": 64 hex digits}',
-                                found=repr(info)[:200])
+            raise ManifestError(
+                f"files entry {name!r} is malformed",
+                expected='{"size": bytes, "sha256": 64 hex digits}',
+                found=repr(info)[:200],
+            )
     return {name: dict(info) for name, info in files.items()}
 
 

@@ -13,14 +13,14 @@ would otherwise be a silent wrong weight.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..errors import BaseMismatchError, NumericalError
 from .dtypes import TORCH_DTYPES, compute_dtype
 from .encodings import DenseEncoding, ReplaceEncoding
 from .encodings.base import matrix_shape
-from ..errors import BaseMismatchError, NumericalError
 from .manifest import TensorEntry
 
 Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]
@@ -77,15 +77,25 @@ def reconstruct_stored(
         value = _replaced(name, parts, base, dtype)
         return value if out is None else out.copy_(value)
     if base is None:
-        raise BaseMismatchError(f"the base has no tensor {name!r}", expected=f"shape {list(shape)}", found="nothing",
-                                fix="load the base the delta was made against")
+        raise BaseMismatchError(
+            f"the base has no tensor {name!r}",
+            expected=f"shape {list(shape)}",
+            found="nothing",
+            fix="load the base the delta was made against",
+        )
     for entry, _, _ in parts:
         if tuple(base.shape) != tuple(entry.shape):
-            raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(entry.shape),
-                                    found=list(base.shape), fix="load the base the delta was made against")
+            raise BaseMismatchError(
+                f"the base's {name!r} has another shape",
+                expected=list(entry.shape),
+                found=list(base.shape),
+                fix="load the base the delta was made against",
+            )
     compute = compute_dtype(dtype)
-    deltas = [entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
-              for entry, stored, alpha_scale in parts]
+    deltas = [
+        entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
+        for entry, stored, alpha_scale in parts
+    ]
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
     rows, cols = matrix_shape(shape)
@@ -110,9 +120,12 @@ def reconstruct_stored(
 def _replaced(name: str, parts: Sequence[Part], base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """A ``replace`` part: the stored value (SPEC §5.5), or base + alpha (value - base) when alpha != 1."""
     if len(parts) > 1:
-        raise BaseMismatchError(f"{name!r} is replaced by one delta and changed by another",
-                                expected="at most one delta touching a replaced parameter", found=f"{len(parts)} deltas",
-                                fix="compose deltas that edit disjoint replaced tensors")
+        raise BaseMismatchError(
+            f"{name!r} is replaced by one delta and changed by another",
+            expected="at most one delta touching a replaced parameter",
+            found=f"{len(parts)} deltas",
+            fix="compose deltas that edit disjoint replaced tensors",
+        )
     entry, stored, alpha_scale = parts[0]
     alpha = entry.alpha * alpha_scale
     if alpha == 1.0 or base is None or tuple(base.shape) != tuple(entry.shape):
@@ -141,6 +154,8 @@ def _check_finite(name: str, out: torch.Tensor, base: torch.Tensor | None, dtype
     if bad == 0:
         return
     raise NumericalError(
-        f"{name!r} overflows {str(dtype).removeprefix('torch.')}", expected="finite weights",
-        found=f"{bad} non-finite values after adding the delta", fix="load in a wider dtype (dtype=torch.float32) or lower alpha",
+        f"{name!r} overflows {str(dtype).removeprefix('torch.')}",
+        expected="finite weights",
+        found=f"{bad} non-finite values after adding the delta",
+        fix="load in a wider dtype (dtype=torch.float32) or lower alpha",
     )

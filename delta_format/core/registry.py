@@ -22,9 +22,12 @@ class Registry(dict[str, type[T]], Generic[T]):
 
     def add(self, name: str, cls: type[T]) -> None:
         if name in self:
-            raise InvalidArgumentError(f"an {self.what} named {name!r} is already registered",
-                                       expected=f"a new {self.what} name", found=self[name].__qualname__,
-                                       fix="choose another name")
+            raise InvalidArgumentError(
+                f"an {self.what} named {name!r} is already registered",
+                expected=f"a new {self.what} name",
+                found=self[name].__qualname__,
+                fix="choose another name",
+            )
         self[name] = cls
 
 

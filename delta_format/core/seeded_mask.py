@@ -21,13 +21,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 import torch
 
-from .constants import MASK_PROB_BITS, MAX_SEEDED_GAP_TABLE
 from ..errors import InvalidArgumentError
+from .constants import MASK_PROB_BITS, MAX_SEEDED_GAP_TABLE
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
@@ -96,7 +96,9 @@ def drop_threshold(p: float) -> int:
     threshold = round(float(p) * (1 << MASK_PROB_BITS))
     if threshold >= 1 << MASK_PROB_BITS:
         raise InvalidArgumentError(
-            "drop rate too close to 1", expected="p * 2**32 rounding below 2**32", found=repr(p),
+            "drop rate too close to 1",
+            expected="p * 2**32 rounding below 2**32",
+            found=repr(p),
             fix="use a smaller p",
         )
     return threshold
@@ -120,7 +122,8 @@ def gap_table(p: float) -> tuple[int, ...]:
             raise InvalidArgumentError(
                 "drop rate too close to 1 for a seeded mask",
                 expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries",
-                found=f"p={p}", fix="use a smaller p or an explicit index coding",
+                found=f"p={p}",
+                fix="use a smaller p or an explicit index coding",
             )
 
 

@@ -19,6 +19,7 @@ BASE_MODEL_RELATION = "adapter"
 
 LIBRARY_NAME = "delta-format"
 
+
 def _method_tags(method: str) -> tuple[str, ...]:
     """The tags a registered method declares (none for a method this install does not know)."""
     from ..methods import METHODS
@@ -65,26 +66,35 @@ def render_model_card(manifest: Manifest, repo_id: str | None = None) -> str:
     name = repo_id or "path/to/this-delta"
     base = manifest.base.describe()
     ratio = meta.get("compression_ratio")
+    encodings = ", ".join(f"{k}: {v}" for k, v in sorted(meta["encodings"].items()))
     lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {name.split('/')[-1]}", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {name.split('/')[-1]}",
+        "",
         f"A fine-tune published as a **{manifest.method}** delta against "
         + (f"[`{base}`](https://huggingface.co/{manifest.base.repo_id})" if manifest.base.repo_id else f"`{base}`")
         + f", in the [delta-format](https://pypi.org/project/delta-format/) v{manifest.spec_version} layout. "
         "It needs its base model to run; the loader fetches the base at the pinned commit and checks its fingerprint.",
         "",
-        "## How to load", "",
+        "## How to load",
+        "",
         "```python",
         "import torch",
         "from delta_format import DeltaModel",
         "",
         f'model = DeltaModel.from_pretrained("{name}", dtype=torch.bfloat16, device_map="auto")',
-        "```", "",
-        "## The edit", "",
-        "| | |", "|---|---|",
+        "```",
+        "",
+        "## The edit",
+        "",
+        "| | |",
+        "|---|---|",
         f"| method | `{manifest.method}` |",
         f"| parameters | `{meta['method_params']}` |",
-        f"| edited tensors | {meta['tensors']} ({', '.join(f'{k}: {v}' for k, v in sorted(meta['encodings'].items()))}) |",
+        f"| edited tensors | {meta['tensors']} ({encodings}) |",
         f"| stored size | {format_bytes(meta['stored_bytes'])} |",
     ]
     if ratio is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -46,7 +46,9 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise CorruptDeltaError(f"{index} is unreadable", expected="a weight_map", found=str(exc)[:100]) from None
+                raise CorruptDeltaError(
+                    f"{index} is unreadable", expected="a weight_map", found=str(exc)[:100]
+                ) from None
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
         elif single.is_file():
             self.weight_map = {}
@@ -54,9 +56,12 @@ class Checkpoint:
                 self.weight_map = {k: single for k in f.keys()}
         else:
             found = sorted(p.name for p in self.directory.iterdir())[:10] if self.directory.is_dir() else "no directory"
-            raise ResolutionError(f"no safetensors checkpoint in {self.directory}",
-                                  expected=f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}", found=found,
-                                  fix="save the model with save_pretrained(safe_serialization=True); pickled checkpoints are not read")
+            raise ResolutionError(
+                f"no safetensors checkpoint in {self.directory}",
+                expected=f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}",
+                found=found,
+                fix="save the model with save_pretrained(safe_serialization=True); pickled checkpoints are not read",
+            )
         self.files = sorted(set(self.weight_map.values()))
         self._handles: dict[tuple[Path, str], object] = {}
         self._fingerprint: dict | None = None
@@ -66,8 +71,12 @@ class Checkpoint:
         try:
             return safe_open(str(path), framework="pt", device=device)
         except (SafetensorError, OSError) as exc:
-            raise CorruptDeltaError(f"{path.name} is not a valid safetensors file", expected="a complete file",
-                                    found=str(exc)[:200], fix="re-download the checkpoint") from None
+            raise CorruptDeltaError(
+                f"{path.name} is not a valid safetensors file",
+                expected="a complete file",
+                found=str(exc)[:200],
+                fix="re-download the checkpoint",
+            ) from None
 
     def _handle(self, path: Path, device: str):
         key = (path, device)

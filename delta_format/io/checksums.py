@@ -10,8 +10,9 @@ import hashlib
 import json
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file

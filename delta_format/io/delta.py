@@ -10,8 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .card import render_model_card
 from ..core.constants import MODEL_CARD_NAME
+from .card import render_model_card
 from .reader import DeltaReader
 from .staging import StagingDirectory
 
@@ -24,8 +24,14 @@ class Delta:
         >>> delta.push_to_hub("user/ft-delta", private=True)                               # doctest: +SKIP
     """
 
-    def __init__(self, directory: str | os.PathLike, repo_id: str | None = None, revision: str | None = None, *,
-                 verify_checksums: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        *,
+        verify_checksums: bool = True,
+    ):
         self.directory = Path(directory)
         self.repo_id = repo_id
         self.revision = revision
@@ -43,7 +49,7 @@ class Delta:
         """The README.md text for publishing under ``repo_id``."""
         return render_model_card(self.manifest, repo_id=repo_id)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> "Delta":
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Delta:
         """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
         staging = StagingDirectory(save_directory, overwrite=overwrite)
         try:
@@ -77,12 +83,19 @@ class Delta:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in self.files()
-                      if p.name != MODEL_CARD_NAME]
-        operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME,
-                                             path_or_fileobj=self.model_card(repo_id).encode("utf-8")))
+        operations = [
+            CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+            for p in self.files()
+            if p.name != MODEL_CARD_NAME
+        ]
+        operations.append(
+            CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=self.model_card(repo_id).encode("utf-8"))
+        )
         info = api.create_commit(
-            repo_id, operations, revision=revision, create_pr=create_pr,
+            repo_id,
+            operations,
+            revision=revision,
+            create_pr=create_pr,
             commit_message=commit_message or f"Upload {self.manifest.method} delta with delta-format",
         )
         return info.pr_url if create_pr and info.pr_url else info.commit_url

@@ -18,8 +18,10 @@ def model_class_for(config, trust_remote_code: bool = False):
     if getattr(config, "auto_map", None):
         if not trust_remote_code:
             raise InvalidArgumentError(
-                "the model needs code from its repository", expected="trust_remote_code=True to run it",
-                found=f"auto_map {config.auto_map}", fix="review the repository's code, then pass trust_remote_code=True",
+                "the model needs code from its repository",
+                expected="trust_remote_code=True to run it",
+                found=f"auto_map {config.auto_map}",
+                fix="review the repository's code, then pass trust_remote_code=True",
             )
         return None  # resolved by the Auto class with trust_remote_code
     from transformers import AutoModel

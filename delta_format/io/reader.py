@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,8 +26,12 @@ from .checksums import file_sha256
 def _read_limited(path: Path, limit: int, what: str) -> bytes:
     size = path.stat().st_size
     if size > limit:
-        raise ManifestError(f"{what} is too large", expected=f"at most {limit} bytes", found=f"{size} bytes",
-                            fix="this is not a delta file, or a hostile one")
+        raise ManifestError(
+            f"{what} is too large",
+            expected=f"at most {limit} bytes",
+            found=f"{size} bytes",
+            fix="this is not a delta file, or a hostile one",
+        )
     return path.read_bytes()
 
 
@@ -43,16 +47,28 @@ def allowed_roots(directory: Path) -> list[Path]:
 def safe_member(directory: Path, name: object, what: str) -> Path:
     """``directory / name`` after checking ``name`` is a plain file name that stays inside."""
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
-        raise UnsafePathError(f"{what} names an unsafe file", expected="a plain file name inside the delta directory",
-                              found=repr(name)[:200], fix="do not load this delta; it may be hostile")
+        raise UnsafePathError(
+            f"{what} names an unsafe file",
+            expected="a plain file name inside the delta directory",
+            found=repr(name)[:200],
+            fix="do not load this delta; it may be hostile",
+        )
     path = directory / name
     resolved = path.resolve()
     if not any(resolved == root or root in resolved.parents for root in allowed_roots(directory)):
-        raise UnsafePathError(f"{what} points outside the delta directory", expected=f"a file inside {directory}",
-                              found=str(resolved), fix="do not load this delta; it may be hostile")
+        raise UnsafePathError(
+            f"{what} points outside the delta directory",
+            expected=f"a file inside {directory}",
+            found=str(resolved),
+            fix="do not load this delta; it may be hostile",
+        )
     if not resolved.is_file():
-        raise CorruptDeltaError(f"{what} names a missing file", expected=f"{name} in {directory}", found="nothing",
-                                fix="re-download the delta (a shard is missing)")
+        raise CorruptDeltaError(
+            f"{what} names a missing file",
+            expected=f"{name} in {directory}",
+            found="nothing",
+            fix="re-download the delta (a shard is missing)",
+        )
     return path
 
 
@@ -68,8 +84,12 @@ class DeltaReader:
         self.directory = Path(directory)
         manifest_path = self.directory / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise ManifestError(f"no {MANIFEST_NAME} in {self.directory}", expected="a delta-format directory",
-                                found="no manifest", fix="point at a directory written by delta-format compress")
+            raise ManifestError(
+                f"no {MANIFEST_NAME} in {self.directory}",
+                expected="a delta-format directory",
+                found="no manifest",
+                fix="point at a directory written by delta-format compress",
+            )
         safe_member(self.directory, MANIFEST_NAME, "the manifest")
         self.manifest = Manifest.from_json_bytes(_read_limited(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
@@ -84,10 +104,14 @@ class DeltaReader:
             try:
                 index = json.loads(_read_limited(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ManifestError(f"{WEIGHTS_INDEX_NAME} is not valid JSON", expected="JSON", found=str(exc)[:100]) from None
+                raise ManifestError(
+                    f"{WEIGHTS_INDEX_NAME} is not valid JSON", expected="JSON", found=str(exc)[:100]
+                ) from None
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
-                raise ManifestError(f"{WEIGHTS_INDEX_NAME} lacks a weight_map", expected="an object", found=repr(weight_map)[:100])
+                raise ManifestError(
+                    f"{WEIGHTS_INDEX_NAME} lacks a weight_map", expected="an object", found=repr(weight_map)[:100]
+                )
             checked: dict[str, Path] = {}
             for key, file in weight_map.items():
                 if not isinstance(file, str) or file not in checked:
@@ -102,15 +126,27 @@ class DeltaReader:
         for path in sorted(set(self._key_to_file.values())):
             info = recorded.get(path.name)
             if info is None:
-                raise CorruptDeltaError(f"{path.name} is not listed in the manifest's files", expected=sorted(recorded),
-                                        found=path.name, fix="re-create the delta")
+                raise CorruptDeltaError(
+                    f"{path.name} is not listed in the manifest's files",
+                    expected=sorted(recorded),
+                    found=path.name,
+                    fix="re-create the delta",
+                )
             size = path.stat().st_size
             if size != info["size"]:
-                raise CorruptDeltaError(f"{path.name} has the wrong size", expected=f"{info['size']} bytes", found=f"{size} bytes",
-                                        fix="the file is truncated or altered; re-download the delta")
+                raise CorruptDeltaError(
+                    f"{path.name} has the wrong size",
+                    expected=f"{info['size']} bytes",
+                    found=f"{size} bytes",
+                    fix="the file is truncated or altered; re-download the delta",
+                )
             if verify_checksums and file_sha256(path) != info["sha256"]:
-                raise CorruptDeltaError(f"{path.name} fails its checksum", expected=f"sha256 {info['sha256'][:16]}...",
-                                        found="other bytes", fix="the file is corrupt or altered; re-download the delta")
+                raise CorruptDeltaError(
+                    f"{path.name} fails its checksum",
+                    expected=f"sha256 {info['sha256'][:16]}...",
+                    found="other bytes",
+                    fix="the file is corrupt or altered; re-download the delta",
+                )
 
     def _open(self, path: Path, device: str = "cpu"):
         handle = self._handles.get((path, device))
@@ -118,8 +154,12 @@ class DeltaReader:
             try:
                 handle = safe_open(str(path), framework="pt", device=device)
             except (SafetensorError, OSError, ValueError) as exc:
-                raise CorruptDeltaError(f"{path.name} is not a valid safetensors file", expected="a complete safetensors file",
-                                        found=str(exc)[:200], fix="re-download or re-create the delta") from None
+                raise CorruptDeltaError(
+                    f"{path.name} is not a valid safetensors file",
+                    expected="a complete safetensors file",
+                    found=str(exc)[:200],
+                    fix="re-download or re-create the delta",
+                ) from None
             self._handles[(path, device)] = handle
         return handle
 
@@ -148,8 +188,12 @@ class DeltaReader:
             present = set(handle.keys())
             for key in keys:
                 if key not in present:
-                    raise CorruptDeltaError(f"{path.name} lacks {key!r}", expected="the tensor the index names", found="no such tensor",
-                                            fix="re-download or re-create the delta")
+                    raise CorruptDeltaError(
+                        f"{path.name} lacks {key!r}",
+                        expected="the tensor the index names",
+                        found="no such tensor",
+                        fix="re-download or re-create the delta",
+                    )
                 view = handle.get_slice(key)
                 expected_keys[key][2].check(key, view.get_dtype(), tuple(view.get_shape()))
 
@@ -169,7 +213,9 @@ class DeltaReader:
             try:
                 out[role] = self._open(self._key_to_file[key], device).get_tensor(key)
             except SafetensorError as exc:
-                raise CorruptDeltaError(f"cannot read {key!r}", expected="a readable tensor", found=str(exc)[:200]) from None
+                raise CorruptDeltaError(
+                    f"cannot read {key!r}", expected="a readable tensor", found=str(exc)[:200]
+                ) from None
         return out
 
     def decode(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -185,7 +231,7 @@ class DeltaReader:
     def close(self) -> None:
         self._handles.clear()
 
-    def __enter__(self) -> "DeltaReader":
+    def __enter__(self) -> DeltaReader:
         return self
 
     def __exit__(self, *exc) -> None:

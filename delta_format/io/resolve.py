@@ -38,7 +38,7 @@ class HubOptions:
     local_files_only: bool = False
     """Use only the cache; never touch the network."""
 
-    def updated(self, **changes: object) -> "HubOptions":
+    def updated(self, **changes: object) -> HubOptions:
         """A copy with ``changes`` applied; unknown names are an `InvalidArgumentError`."""
         unknown = sorted(changes.keys() - {f.name for f in fields(self)})
         if unknown:
@@ -68,31 +68,58 @@ def resolve_repo(
         return path, None
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ResolutionError(f"{what} {name!r} is not a directory", expected="a local directory or a Hub repo id (user/name)",
-                              found="a path that is not a directory" if path.exists() else "no such directory",
-                              fix="check the path")
+        raise ResolutionError(
+            f"{what} {name!r} is not a directory",
+            expected="a local directory or a Hub repo id (user/name)",
+            found="a path that is not a directory" if path.exists() else "no such directory",
+            fix="check the path",
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
         local = snapshot_download(
-            name, revision=hub.revision, token=hub.token, cache_dir=hub.cache_dir,
-            local_files_only=hub.local_files_only, allow_patterns=allow_patterns or CHECKPOINT_PATTERNS,
+            name,
+            revision=hub.revision,
+            token=hub.token,
+            cache_dir=hub.cache_dir,
+            local_files_only=hub.local_files_only,
+            allow_patterns=allow_patterns or CHECKPOINT_PATTERNS,
         )
     except RevisionNotFoundError:
-        raise ResolutionError(f"{what} {name!r} has no revision {hub.revision!r}", expected="an existing branch, tag or commit",
-                              found=hub.revision, fix="check the revision") from None
+        raise ResolutionError(
+            f"{what} {name!r} has no revision {hub.revision!r}",
+            expected="an existing branch, tag or commit",
+            found=hub.revision,
+            fix="check the revision",
+        ) from None
     except (RepositoryNotFoundError, GatedRepoError):
-        raise ResolutionError(f"{what} {name!r} was not found on the Hub", expected="an existing repo you can access",
-                              found="no such repo, or a private one", fix="check the name, or pass token= (or log in) for a private repo") from None
+        raise ResolutionError(
+            f"{what} {name!r} was not found on the Hub",
+            expected="an existing repo you can access",
+            found="no such repo, or a private one",
+            fix="check the name, or pass token= (or log in) for a private repo",
+        ) from None
     except LocalEntryNotFoundError:
-        raise ResolutionError(f"{what} {name!r} is not in the local cache", expected="a cached copy (offline mode)",
-                              found="nothing cached", fix="connect once without HF_HUB_OFFLINE/local_files_only to download it") from None
+        raise ResolutionError(
+            f"{what} {name!r} is not in the local cache",
+            expected="a cached copy (offline mode)",
+            found="nothing cached",
+            fix="connect once without HF_HUB_OFFLINE/local_files_only to download it",
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise ResolutionError(f"{what} {name!r} could not be downloaded", expected="a reachable Hub", found=str(exc)[:200],
-                              fix="check your connection, HF_ENDPOINT, or use local_files_only=True with a cached copy") from None
+        raise ResolutionError(
+            f"{what} {name!r} could not be downloaded",
+            expected="a reachable Hub",
+            found=str(exc)[:200],
+            fix="check your connection, HF_ENDPOINT, or use local_files_only=True with a cached copy",
+        ) from None
     local_path = Path(local)
     sha = local_path.name if local_path.parent.name == "snapshots" else None
     return local_path, sha
@@ -115,5 +142,6 @@ def open_delta(
     if isinstance(source, Delta):
         return source
     directory, sha = resolve_repo(source, hub, what="delta")
-    return Delta(directory, repo_id=None if sha is None else str(source), revision=sha,
-                 verify_checksums=verify_checksums)
+    return Delta(
+        directory, repo_id=None if sha is None else str(source), revision=sha, verify_checksums=verify_checksums
+    )

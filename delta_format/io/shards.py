@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +28,7 @@ from ..core.constants import SHARD_NAME_TEMPLATE, WEIGHTS_INDEX_NAME, WEIGHTS_NA
 from ..errors import InvalidArgumentError
 from .checksums import SAFETENSORS_METADATA, save_hashed
 from .sizes import parse_size
+
 
 @dataclass(frozen=True)
 class ShardLayout:

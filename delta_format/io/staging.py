@@ -21,7 +21,9 @@ def publish_directory(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
             raise OutputExistsError(
-                "the output path already exists", expected="a path that does not exist", found=str(out_dir),
+                "the output path already exists",
+                expected="a path that does not exist",
+                found=str(out_dir),
                 fix="choose another path, remove it, or pass overwrite=True (--overwrite)",
             )
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -40,7 +42,9 @@ class StagingDirectory:
         self.overwrite = overwrite
         if (self.out_dir.exists() or self.out_dir.is_symlink()) and not overwrite:
             raise OutputExistsError(
-                "the output path already exists", expected="a path that does not exist", found=str(self.out_dir),
+                "the output path already exists",
+                expected="a path that does not exist",
+                found=str(self.out_dir),
                 fix="choose another path, remove it, or pass overwrite=True (--overwrite)",
             )
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)

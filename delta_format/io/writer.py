@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -60,11 +61,18 @@ class DeltaWriter:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
     ):
-        self.manifest = Manifest(base=base, method=method, method_params=dict(method_params or {}), tensors={},
-                                 created_by=f"delta-format {__version__}")
+        self.manifest = Manifest(
+            base=base,
+            method=method,
+            method_params=dict(method_params or {}),
+            tensors={},
+            created_by=f"delta-format {__version__}",
+        )
         self._staging = StagingDirectory(out_dir, overwrite)
         try:
-            self._shards = ShardedSafetensorsWriter(self._staging.path, DELTA_LAYOUT, max_shard_size, record_sha256=True)
+            self._shards = ShardedSafetensorsWriter(
+                self._staging.path, DELTA_LAYOUT, max_shard_size, record_sha256=True
+            )
         except BaseException:
             self._staging.discard()
             raise
@@ -84,12 +92,20 @@ class DeltaWriter:
             raise InvalidArgumentError("parameter added twice", expected="unique names", found=repr(name))
         expected = entry.encoding.expected(entry.shape)
         if set(stored) != set(expected):
-            raise CorruptDeltaError(f"{name!r}: stored roles do not match {entry.encoding.name}", expected=sorted(expected), found=sorted(stored))
+            raise CorruptDeltaError(
+                f"{name!r}: stored roles do not match {entry.encoding.name}",
+                expected=sorted(expected),
+                found=sorted(stored),
+            )
         for role, tensor in stored.items():
             expected[role].check(stored_key(name, role), dtype_name(tensor.dtype), tuple(tensor.shape))
             if tensor.is_floating_point() and tensor.numel() and not _all_finite(tensor):
-                raise NumericalError(f"{name}:{role} holds NaN or Inf", expected="finite values", found="non-finite values",
-                                     fix="check the fine-tune and base: their difference is not finite")
+                raise NumericalError(
+                    f"{name}:{role} holds NaN or Inf",
+                    expected="finite values",
+                    found="non-finite values",
+                    fix="check the fine-tune and base: their difference is not finite",
+                )
         nbytes = self._shards.add({stored_key(name, role): tensor for role, tensor in stored.items()})
         entry.stats = {"stored_bytes": nbytes, **entry.stats}
         self.manifest.tensors[name] = entry
@@ -97,7 +113,9 @@ class DeltaWriter:
     def add_file(self, name: str, content: bytes | str | os.PathLike) -> None:
         """Copy a side file (config.json, tokenizer files, README.md) into the delta directory."""
         if Path(name).name != name or name in ("", ".", ".."):
-            raise InvalidArgumentError("side file names must be plain file names", expected="e.g. config.json", found=repr(name))
+            raise InvalidArgumentError(
+                "side file names must be plain file names", expected="e.g. config.json", found=repr(name)
+            )
         target = self._staging.path / name
         if isinstance(content, bytes):
             target.write_bytes(content)
@@ -126,7 +144,7 @@ class DeltaWriter:
         self._closed = True
         self._staging.discard()
 
-    def __enter__(self) -> "DeltaWriter":
+    def __enter__(self) -> DeltaWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

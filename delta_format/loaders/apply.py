@@ -32,7 +32,8 @@ from .base_model import check_base, resolve_base
 
 def _is_delta_file(name: str) -> bool:
     return name in (MANIFEST_NAME, WEIGHTS_INDEX_NAME, MODEL_CARD_NAME) or (
-        name.startswith("delta") and name.endswith(".safetensors"))
+        name.startswith("delta") and name.endswith(".safetensors")
+    )
 
 
 def apply_delta(
@@ -91,8 +92,15 @@ def apply_delta(
         checkpoint.close()
 
 
-def _write_checkpoint(directory: Path, reader: DeltaReader, checkpoint: Checkpoint, target: torch.dtype | None,
-                      alpha: float, max_shard_size: int | str, progress: bool) -> None:
+def _write_checkpoint(
+    directory: Path,
+    reader: DeltaReader,
+    checkpoint: Checkpoint,
+    target: torch.dtype | None,
+    alpha: float,
+    max_shard_size: int | str,
+    progress: bool,
+) -> None:
     """Every tensor of the fine-tune (base order, then tensors only the delta has) into shards,
     then the fine-tune's side files (config, tokenizer), with ``target`` recorded in config.json."""
     from huggingface_hub.utils import tqdm
@@ -201,8 +209,11 @@ def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) ->
         return
     try:
         check_base(manifest, checkpoint)
-        report.passed(f"base: {checkpoint.directory} has the recorded fingerprint" if manifest.base.fingerprint
-                      else f"base: {checkpoint.directory} (the delta records no fingerprint)")
+        report.passed(
+            f"base: {checkpoint.directory} has the recorded fingerprint"
+            if manifest.base.fingerprint
+            else f"base: {checkpoint.directory} (the delta records no fingerprint)"
+        )
         report.passed("shapes: every edited parameter exists in the base with its shape")
     except DeltaFormatError as exc:
         report.failed(f"base: {exc}")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..core.fingerprint import check_fingerprint
 from ..core.manifest import Manifest, TensorEntry
@@ -26,16 +27,19 @@ from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.resolve import HubOptions, resolve_repo
 
-NOT_VERIFIED_WARNING = ("verify_base=False: the base model is not checked against the delta's fingerprint; "
-                        "a wrong base gives wrong weights silently")
+NOT_VERIFIED_WARNING = (
+    "verify_base=False: the base model is not checked against the delta's fingerprint; "
+    "a wrong base gives wrong weights silently"
+)
 
 FingerprintSource = Checkpoint | Callable[[Mapping[str, Any]], Mapping[str, Any]]
 """Where a base's fingerprint comes from: its checkpoint files, or a function of the recorded
 fingerprint (a model in memory is fingerprinted in the dtypes the record names)."""
 
 
-def resolve_base(manifest: Manifest, base_model: str | os.PathLike | None = None,
-                 hub: HubOptions | None = None) -> Checkpoint:
+def resolve_base(
+    manifest: Manifest, base_model: str | os.PathLike | None = None, hub: HubOptions | None = None
+) -> Checkpoint:
     """The base checkpoint: ``base_model`` (a directory or repo id) if given, else the manifest's
     repo (at ``hub.revision`` if given, else its pinned commit), else its local path.
 
@@ -50,8 +54,12 @@ def resolve_base(manifest: Manifest, base_model: str | os.PathLike | None = None
     elif ref.local_path:
         name, hub = ref.local_path, hub.updated(revision=None)
     else:
-        raise ResolutionError("the delta does not say which base it needs", expected="base.repo_id or base.local_path",
-                              found="neither", fix="pass base_model= (or --base) explicitly")
+        raise ResolutionError(
+            "the delta does not say which base it needs",
+            expected="base.repo_id or base.local_path",
+            found="neither",
+            fix="pass base_model= (or --base) explicitly",
+        )
     directory, sha = resolve_repo(name, hub, what="base model")
     return Checkpoint(directory, commit_sha=sha)
 
@@ -91,26 +99,40 @@ def check_base(
         check_fingerprint(expected, base.fingerprint() if isinstance(base, Checkpoint) else base(expected), label)
     if isinstance(base, Checkpoint):  # a delta (not a replacement) is added to a base tensor of its shape
         edits = {n: e for n, e in manifest.tensors.items() if e.encoding.is_delta}
-        _check_shapes(edits, _checkpoint_shapes(base, edits), f"the base model {label}",
-                      "load the base the delta was made against")
+        _check_shapes(
+            edits,
+            _checkpoint_shapes(base, edits),
+            f"the base model {label}",
+            "load the base the delta was made against",
+        )
     if model_shapes is not None:
-        _check_shapes(manifest.tensors, model_shapes, "the model",
-                      "a delta that adds or resizes parameters needs a model built from its own config.json: load it "
-                      "with a fresh from_pretrained (if that fails too, its config.json does not match its tensors)")
+        _check_shapes(
+            manifest.tensors,
+            model_shapes,
+            "the model",
+            "a delta that adds or resizes parameters needs a model built from its own config.json: load it "
+            "with a fresh from_pretrained (if that fails too, its config.json does not match its tensors)",
+        )
 
 
 def _checkpoint_shapes(checkpoint: Checkpoint, names) -> dict[str, tuple[int, ...]]:
     return {n: checkpoint.shape_dtype(n)[0] for n in names if n in checkpoint}
 
 
-def _check_shapes(entries: Mapping[str, TensorEntry], shapes: Mapping[str, Sequence[int]], holder: str, fix: str) -> None:
-    misfits = [f"{name!r} {list(entry.shape)} vs {list(shapes[name]) if name in shapes else 'missing'}"
-               for name, entry in entries.items() if name not in shapes or tuple(shapes[name]) != tuple(entry.shape)]
+def _check_shapes(
+    entries: Mapping[str, TensorEntry], shapes: Mapping[str, Sequence[int]], holder: str, fix: str
+) -> None:
+    misfits = [
+        f"{name!r} {list(entry.shape)} vs {list(shapes[name]) if name in shapes else 'missing'}"
+        for name, entry in entries.items()
+        if name not in shapes or tuple(shapes[name]) != tuple(entry.shape)
+    ]
     if misfits:
         raise BaseMismatchError(
             f"the delta edits parameters that {holder} lacks or holds in another shape",
             expected="every edited parameter, with the shape the delta records",
-            found="; ".join(misfits[:5]) + (f"; ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""), fix=fix,
+            found="; ".join(misfits[:5]) + (f"; ... and {len(misfits) - 5} more" if len(misfits) > 5 else ""),
+            fix=fix,
         )
 
 

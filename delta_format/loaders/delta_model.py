@@ -8,7 +8,8 @@ build the empty model -> materialize (stream base, decode, add, cast, place) -> 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -105,13 +106,16 @@ class DeltaModel:
         placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
         materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(placement))
         model = _finish(model, opened[0], placement)
-        swapper = DeltaSwapper(model, base, list(zip(opened, scales)), hub.updated(revision=None), verify_base=verify_base)
+        swapper = DeltaSwapper(
+            model, base, list(zip(opened, scales)), hub.updated(revision=None), verify_base=verify_base
+        )
         attach_swapper(model, swapper)
         return model
 
 
-def _open_sources(delta, hub: HubOptions, alpha: float | None,
-                  weights: Sequence[float] | None) -> tuple[list[Delta], list[float]]:
+def _open_sources(
+    delta, hub: HubOptions, alpha: float | None, weights: Sequence[float] | None
+) -> tuple[list[Delta], list[float]]:
     """The deltas to load, opened, and the scale of each (its weight times ``alpha``)."""
     sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
     if not sources:
@@ -129,12 +133,17 @@ def _check_composable(opened: Sequence[Delta], verify_base: bool) -> None:
     first = opened[0].manifest.base
     for d in opened[1:]:
         if verify_base and d.manifest.base.fingerprint != first.fingerprint:
-            raise BaseMismatchError("composed deltas were made against different bases", expected=first.describe(),
-                                    found=d.manifest.base.describe(), fix="compose only deltas of the same base")
+            raise BaseMismatchError(
+                "composed deltas were made against different bases",
+                expected=first.describe(),
+                found=d.manifest.base.describe(),
+                fix="compose only deltas of the same base",
+            )
 
 
-def _empty_model(delta: Delta, base: Checkpoint, dtype, trust_remote_code: bool,
-                 model_kwargs: dict[str, Any]) -> tuple[Any, torch.dtype]:
+def _empty_model(
+    delta: Delta, base: Checkpoint, dtype, trust_remote_code: bool, model_kwargs: dict[str, Any]
+) -> tuple[Any, torch.dtype]:
     """The fine-tune's model built empty from its config (the delta's, else the base's), and its dtype."""
     from transformers import AutoConfig
 

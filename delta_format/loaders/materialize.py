@@ -9,7 +9,7 @@ parameter's stored delta and a cache-sized buffer exist, so peak memory stays ne
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,26 +48,39 @@ def materialize(
         if not parts_src and name not in base:
             if current.device.type != "meta":
                 continue  # a buffer the model initialised itself (not saved in checkpoints)
-            raise BaseMismatchError(f"the base has no tensor {name!r} and the delta does not provide it",
-                                    expected="every parameter in the base or the delta", found="missing",
-                                    fix="load the base the delta was made against")
+            raise BaseMismatchError(
+                f"the base has no tensor {name!r} and the delta does not provide it",
+                expected="every parameter in the base or the delta",
+                found="missing",
+                fix="load the base the delta was made against",
+            )
         device = device_of(name)
         target = current.dtype
         if not parts_src:
             value = base.get_tensor(name, device)
             if tuple(value.shape) != tuple(current.shape):
-                raise BaseMismatchError(f"the base's {name!r} has another shape", expected=list(current.shape),
-                                        found=list(value.shape), fix="load the base the delta was made against")
+                raise BaseMismatchError(
+                    f"the base's {name!r} has another shape",
+                    expected=list(current.shape),
+                    found=list(value.shape),
+                    fix="load the base the delta was made against",
+                )
         else:
             parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
             needs_base = any(e.encoding.is_delta or e.alpha * s != 1.0 for e, _, s in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
             value = reconstruct_stored(name, parts, base_tensor, dtype=target)
             del parts, base_tensor
-        set_module_tensor_to_device(model, name, device, value=value, dtype=target if value.is_floating_point() else None)
+        set_module_tensor_to_device(
+            model, name, device, value=value, dtype=target if value.is_floating_point() else None
+        )
         del value
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
-        raise BaseMismatchError("some parameters were found neither in the base nor in the delta",
-                                expected="a complete model", found=left[:5], fix="load the base the delta was made against")
+        raise BaseMismatchError(
+            "some parameters were found neither in the base nor in the delta",
+            expected="a complete model",
+            found=left[:5],
+            fix="load the base the delta was made against",
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -13,8 +13,12 @@ DeviceMap = str | int | torch.device | Mapping[str, str | int | torch.device] | 
 
 def _device(value) -> torch.device:
     if value == "disk":
-        raise InvalidArgumentError("disk offload is not supported by the delta loader", expected="cpu or cuda devices",
-                                   found="'disk'", fix="give the model enough cpu/cuda memory (max_memory=...)")
+        raise InvalidArgumentError(
+            "disk offload is not supported by the delta loader",
+            expected="cpu or cuda devices",
+            found="'disk'",
+            fix="give the model enough cpu/cuda memory (max_memory=...)",
+        )
     return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
 
 
@@ -28,8 +32,12 @@ def resolve_device_map(model, device_map: DeviceMap, dtype: torch.dtype, max_mem
     ):
         device = _device(device_map)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgumentError("CUDA was asked for but is not available", expected="a CUDA device", found="none",
-                                       fix='use device_map="cpu"')
+            raise InvalidArgumentError(
+                "CUDA was asked for but is not available",
+                expected="a CUDA device",
+                found="none",
+                fix='use device_map="cpu"',
+            )
         return {"": device}
     if isinstance(device_map, str):
         from accelerate import infer_auto_device_map
@@ -37,13 +45,20 @@ def resolve_device_map(model, device_map: DeviceMap, dtype: torch.dtype, max_mem
 
         no_split = getattr(model, "_no_split_modules", None) or []
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
-                                             low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=no_split,
+                dtype=dtype,
+                low_zero=device_map == "balanced_low_0",
+            )
         computed = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
         return {k: _device(v) for k, v in computed.items()}
     if isinstance(device_map, Mapping):
         return {k: _device(v) for k, v in device_map.items()}
-    raise InvalidArgumentError("unreadable device_map", expected='"cpu", "cuda", "auto", an index or a dict', found=repr(device_map))
+    raise InvalidArgumentError(
+        "unreadable device_map", expected='"cpu", "cuda", "auto", an index or a dict', found=repr(device_map)
+    )
 
 
 def device_lookup(device_map: Mapping[str, torch.device]) -> Callable[[str], torch.device]:
@@ -55,7 +70,11 @@ def device_lookup(device_map: Mapping[str, torch.device]) -> Callable[[str], tor
             prefix = ".".join(parts[:i])
             if prefix in device_map:
                 return device_map[prefix]
-        raise InvalidArgumentError("the device_map does not cover a parameter", expected="a device for every module",
-                                   found=f"none for {name!r}", fix='add it, or use device_map="auto"')
+        raise InvalidArgumentError(
+            "the device_map does not cover a parameter",
+            expected="a device for every module",
+            found=f"none for {name!r}",
+            fix='add it, or use device_map="auto"',
+        )
 
     return lookup

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -58,8 +59,16 @@ class DeltaCache:
 class DeltaSwapper:
     """The state a loaded model needs to change its delta: its base, the active deltas, a cache."""
 
-    def __init__(self, model, base: Checkpoint, active: list[tuple[Delta, float]], hub: HubOptions | None = None, *,
-                 verify_base: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        model,
+        base: Checkpoint,
+        active: list[tuple[Delta, float]],
+        hub: HubOptions | None = None,
+        *,
+        verify_base: bool = True,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         self.model = model
         self.base = base
         self.active = active
@@ -82,8 +91,11 @@ class DeltaSwapper:
         with torch.no_grad():
             for name in sorted(names):
                 param = state[name]
-                parts = [(d.manifest.tensors[name], d.reader.stored(name, param.device), s)
-                         for d, s in deltas if name in d.manifest.tensors]
+                parts = [
+                    (d.manifest.tensors[name], d.reader.stored(name, param.device), s)
+                    for d, s in deltas
+                    if name in d.manifest.tensors
+                ]
                 if parts:  # written straight into the parameter, a block of rows at a time
                     base = self.base.get_tensor(name, param.device) if name in self.base else None
                     reconstruct_stored(name, parts, base, dtype=param.dtype, out=param)
@@ -113,9 +125,12 @@ class DeltaSwapper:
         state = self.model.state_dict(keep_vars=True)
         for name in touched - {n for d, _ in new for n in d.manifest.tensors}:
             if name not in self.base or self.base.shape_dtype(name)[0] != tuple(state[name].shape):
-                raise BaseMismatchError(f"{name!r} cannot be restored from the base", expected=list(state[name].shape),
-                                        found="missing" if name not in self.base else list(self.base.shape_dtype(name)[0]),
-                                        fix="deltas that resize or add tensors need a fresh from_pretrained")
+                raise BaseMismatchError(
+                    f"{name!r} cannot be restored from the base",
+                    expected=list(state[name].shape),
+                    found="missing" if name not in self.base else list(self.base.shape_dtype(name)[0]),
+                    fix="deltas that resize or add tensors need a fresh from_pretrained",
+                )
         old = self.active
         try:
             self._write(touched, new)

@@ -24,15 +24,15 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from .base import METHODS, Edit, EditMethod, Param, TensorContext, method_parameters, param
+from .dare import DareMethod
+from .darex import DarexMethod
 
 # Importing a method's module registers it; this order is the order the command line lists them.
 from .dense import DenseMethod
-from .dare import DareMethod
-from .darex import DarexMethod
-from .magnitude import ImportanceMethod, MagnitudeMethod
-from .structural import StructuralMethod
-from .sign import SignMethod
 from .lowrank import LoraMethod, LowRankMethod
+from .magnitude import ImportanceMethod, MagnitudeMethod
+from .sign import SignMethod
+from .structural import StructuralMethod
 
 
 def get_method(name: str, **params: Any) -> EditMethod:
@@ -48,13 +48,30 @@ def get_method(name: str, **params: Any) -> EditMethod:
         raise InvalidArgumentError("unknown edit method", expected=sorted(METHODS), found=repr(name))
     unknown = set(params) - cls.param_names()
     if unknown:
-        raise InvalidArgumentError(f"{name} does not take {sorted(unknown)}",
-                                   expected=f"parameters among {sorted(cls.param_names()) or 'none'}", found=sorted(params))
+        raise InvalidArgumentError(
+            f"{name} does not take {sorted(unknown)}",
+            expected=f"parameters among {sorted(cls.param_names()) or 'none'}",
+            found=sorted(params),
+        )
     return cls(**params)
 
 
 __all__ = [
-    "METHODS", "get_method", "method_parameters", "param", "Param", "Edit", "EditMethod", "TensorContext",
-    "DenseMethod", "DareMethod", "DarexMethod", "MagnitudeMethod", "ImportanceMethod", "StructuralMethod",
-    "SignMethod", "LowRankMethod", "LoraMethod",
+    "METHODS",
+    "get_method",
+    "method_parameters",
+    "param",
+    "Param",
+    "Edit",
+    "EditMethod",
+    "TensorContext",
+    "DenseMethod",
+    "DareMethod",
+    "DarexMethod",
+    "MagnitudeMethod",
+    "ImportanceMethod",
+    "StructuralMethod",
+    "SignMethod",
+    "LowRankMethod",
+    "LoraMethod",
 ]

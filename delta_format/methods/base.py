@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -56,8 +57,13 @@ class Edit:
         return self.decoder(dtype).view(shape)
 
 
-def scattered(encoding: SparseEncoding, values: torch.Tensor, shape: tuple[int, ...], where: Any,
-              laid_out: tuple[int, ...] = (-1,)) -> Callable[[torch.dtype], torch.Tensor]:
+def scattered(
+    encoding: SparseEncoding,
+    values: torch.Tensor,
+    shape: tuple[int, ...],
+    where: Any,
+    laid_out: tuple[int, ...] = (-1,),
+) -> Callable[[torch.dtype], torch.Tensor]:
     """Decoder of a sparse edit whose kept entries are known: zeros of ``shape`` with the scaled
     stored ``values`` (viewed as ``laid_out``) at ``where`` (flat positions into a 1-D ``shape``,
     or whole slices of a matrix, e.g. ``(rows,)`` or ``(slice(None), columns)``): what
@@ -85,7 +91,7 @@ class TensorContext:
     seed: int = 0
     alpha: float = 1.0
     """The coefficient the entry will carry (methods that search on outputs must use it)."""
-    activations: "ActivationStats | None" = None
+    activations: ActivationStats | None = None
     """What this parameter's layer saw on the calibration texts, when there are any."""
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     """``(u, v)`` with ``u @ v`` equal to the delta (as a matrix), when the source is a LoRA adapter."""
@@ -108,8 +114,14 @@ class Param:
 _PARAM = "delta_format.param"
 
 
-def param(default: Any, *, help: str, parse: Callable[[str], Any] | None = None,
-          choices: Sequence[str] | None = None, metavar: str | None = None) -> Any:
+def param(
+    default: Any,
+    *,
+    help: str,
+    parse: Callable[[str], Any] | None = None,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+) -> Any:
     """A method parameter: a dataclass field with its command-line description.
 
     ``parse`` turns the flag's text into the value (default: the default's type, ``str`` with
@@ -123,8 +135,11 @@ def param(default: Any, *, help: str, parse: Callable[[str], Any] | None = None,
     """
     if parse is None:
         if choices is None and default is None:
-            raise InvalidArgumentError("param() needs parse= when the default is None", expected="parse=int, float, ...",
-                                       found="no parser and no default to take one from")
+            raise InvalidArgumentError(
+                "param() needs parse= when the default is None",
+                expected="parse=int, float, ...",
+                found="no parser and no default to take one from",
+            )
         parse = str if choices is not None else type(default)
     spec = Param(help, parse, None if choices is None else tuple(choices), metavar)
     return field(default=default, metadata={_PARAM: spec})
@@ -152,7 +167,7 @@ def drop_rate(default: float, what: str = "delta entries") -> Any:
     return param(default, help=f"drop rate: fraction of {what} dropped")
 
 
-METHODS: Registry["EditMethod"] = Registry("edit method")
+METHODS: Registry[EditMethod] = Registry("edit method")
 """Every registered method by name, filled by subclassing `EditMethod` with a name."""
 
 
@@ -183,7 +198,7 @@ class EditMethod(Registered):
         """True if the method cannot run without calibration texts with these parameters."""
         return False
 
-    def prepare(self, tensors: TensorStream, calibration: "Calibration") -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
         """Whole-model choices made on calibration texts before streaming; returns statistics
         for the manifest. Called only when there are calibration texts."""
         return {}
@@ -216,20 +231,31 @@ def method_parameters() -> dict[str, tuple[Param, dict[str, list[str]]]]:
         for pname, spec in cls.declared_params().items():
             first, helps = out.setdefault(pname, (spec, {}))
             if (spec.parse, spec.choices, spec.metavar) != (first.parse, first.choices, first.metavar):
-                raise InvalidArgumentError(f"methods declare the parameter {pname!r} differently",
-                                           expected="one parser and one set of choices per parameter name",
-                                           found=f"{method} and {next(iter(helps.values()))[0]}",
-                                           fix="rename the parameter of one of them")
+                raise InvalidArgumentError(
+                    f"methods declare the parameter {pname!r} differently",
+                    expected="one parser and one set of choices per parameter name",
+                    found=f"{method} and {next(iter(helps.values()))[0]}",
+                    fix="rename the parameter of one of them",
+                )
             helps.setdefault(spec.help, []).append(method)
     return out
 
 
 def check_drop_rate(method: str, p: float, *, allow_zero: bool = True) -> float:
     """``p`` is a fraction of entries to drop: a number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not (0.0 <= p < 1.0) \
-            or (p == 0.0 and not allow_zero):
-        raise InvalidArgumentError(f"{method}: invalid drop rate p", expected="0 <= p < 1", found=repr(p),
-                                   fix="p is the fraction of delta entries dropped, e.g. p=0.9 keeps 10%")
+    if (
+        isinstance(p, bool)
+        or not isinstance(p, (int, float))
+        or not math.isfinite(p)
+        or not (0.0 <= p < 1.0)
+        or (p == 0.0 and not allow_zero)
+    ):
+        raise InvalidArgumentError(
+            f"{method}: invalid drop rate p",
+            expected="0 <= p < 1",
+            found=repr(p),
+            fix="p is the fraction of delta entries dropped, e.g. p=0.9 keeps 10%",
+        )
     return float(p)
 
 

@@ -26,8 +26,12 @@ def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float
     # The positions are generated once: encode stores their values, the decoder scatters them back.
     positions = encoding.positions(delta.numel(), name, delta.device)
     stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions)
-    return Edit(encoding, stored, {"kept": int(positions.numel()), "rescale": scale},
-                decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions))
+    return Edit(
+        encoding,
+        stored,
+        {"kept": int(positions.numel()), "rescale": scale},
+        decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions),
+    )
 
 
 @dataclass

@@ -33,7 +33,15 @@ from ..core.constants import INDEX_SEEDED
 from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
 from .base import (
-    Edit, EditMethod, TensorContext, TensorStream, check_drop_rate, check_positive, drop_rate, number_or, param,
+    Edit,
+    EditMethod,
+    TensorContext,
+    TensorStream,
+    check_drop_rate,
+    check_positive,
+    drop_rate,
+    number_or,
+    param,
 )
 from .dare import seeded_edit
 
@@ -56,7 +64,6 @@ def mse_optimal_rescale(s2: float, v: float, p: float) -> float:
     return s2 / denominator if denominator > 0 else 0.0
 
 
-
 @dataclass
 class DarexMethod(EditMethod, name="darex"):
     """DAREx-q: DARE's seeded mask with rescale ``1/q``; ``q`` a number, ``"auto"`` (per tensor,
@@ -72,9 +79,13 @@ class DarexMethod(EditMethod, name="darex"):
     tags: ClassVar[tuple[str, ...]] = ("dare", "darex")
     uses_seed: ClassVar[bool] = True
     p: float = drop_rate(0.9)
-    q: float | str = param("auto", parse=parse_q, metavar="Q|auto|output",
-                           help="DAREx-q: rescale kept entries by 1/Q; 'auto' picks the MSE-optimal q per tensor "
-                                "from activations on the calibration texts, 'output' one q minimising the logit error")
+    q: float | str = param(
+        "auto",
+        parse=parse_q,
+        metavar="Q|auto|output",
+        help="DAREx-q: rescale kept entries by 1/Q; 'auto' picks the MSE-optimal q per tensor "
+        "from activations on the calibration texts, 'output' one q minimising the logit error",
+    )
     grid: int = param(16, help="points of the geometric grid searched for q='output'")
     _global_q: float | None = field(default=None, init=False, repr=False)
 
@@ -84,8 +95,9 @@ class DarexMethod(EditMethod, name="darex"):
             try:
                 self.q = parse_q(self.q)
             except ValueError:
-                raise InvalidArgumentError("darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}",
-                                           found=repr(self.q)) from None
+                raise InvalidArgumentError(
+                    "darex: invalid q", expected=f"a number > 0 or one of {Q_MODES}", found=repr(self.q)
+                ) from None
         if not isinstance(self.q, str):
             self.q = check_positive(self.name, "q", self.q)
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 3:
@@ -94,7 +106,7 @@ class DarexMethod(EditMethod, name="darex"):
     def needs_calibration(self) -> bool:
         return isinstance(self.q, str)
 
-    def prepare(self, tensors: TensorStream, calibration: "Calibration") -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
         if self.q != "output":
             return {}
         kept, deltas, alphas = {}, {}, {}
@@ -125,8 +137,12 @@ class DarexMethod(EditMethod, name="darex"):
             if q not in curve:
                 curve[q] = output_mse(q)
         self._global_q = min(curve, key=curve.get)
-        return {"q": self._global_q, "output_mse": curve[self._global_q],
-                "dare_output_mse": curve.get(points[0]), "tensors": len(kept)}
+        return {
+            "q": self._global_q,
+            "output_mse": curve[self._global_q],
+            "dare_output_mse": curve.get(points[0]),
+            "tensors": len(kept),
+        }
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         stats: dict[str, Any]
@@ -134,9 +150,12 @@ class DarexMethod(EditMethod, name="darex"):
             scale, stats = 1.0 / self.q, {"q_source": "given"}
         elif self.q == "output":
             if self._global_q is None:
-                raise InvalidArgumentError("darex q='output' is chosen in prepare(), which has not run",
-                                           expected="calibration texts", found="no prepared q",
-                                           fix="pass calibration texts, or give q a number")
+                raise InvalidArgumentError(
+                    "darex q='output' is chosen in prepare(), which has not run",
+                    expected="calibration texts",
+                    found="no prepared q",
+                    fix="pass calibration texts, or give q a number",
+                )
             scale, stats = 1.0 / self._global_q, {"q_source": "output search"}
         elif context.activations is None:
             scale, stats = 1.0 / (1.0 - self.p), {"q_source": "no activation statistics: DARE's 1-p"}

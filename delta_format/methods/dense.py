@@ -45,8 +45,9 @@ def differing_bits(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.contiguous().view(as_int) != b.contiguous().view(as_int)).sum())
 
 
-def reconstructs(base: torch.Tensor, stored_delta: torch.Tensor, finetune: torch.Tensor,
-                 stored_dtype: torch.dtype | None = None) -> bool:
+def reconstructs(
+    base: torch.Tensor, stored_delta: torch.Tensor, finetune: torch.Tensor, stored_dtype: torch.dtype | None = None
+) -> bool:
     """Whether SPEC §9 reconstruction (``cast(base + delta)`` in the arithmetic dtype, alpha 1)
     of ``stored_delta`` (cast to ``stored_dtype`` first, if given, as storing it would) gives
     exactly ``finetune``.
@@ -85,8 +86,11 @@ class DenseMethod(EditMethod, name="dense"):
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         base, ft = context.base, context.finetune
         if base is None or ft is None:
-            raise InvalidArgumentError("dense needs the base and fine-tuned tensors to check losslessness",
-                                       expected="both in the context", found="missing")
+            raise InvalidArgumentError(
+                "dense needs the base and fine-tuned tensors to check losslessness",
+                expected="both in the context",
+                found="missing",
+            )
         arithmetic = compute_dtype(ft.dtype)
         candidates = [context.value_dtype] if context.value_dtype.itemsize < arithmetic.itemsize else []
         candidates.append(arithmetic)
@@ -99,8 +103,12 @@ class DenseMethod(EditMethod, name="dense"):
         misses = differing_bits(base.to(arithmetic, copy=True).add_(delta.to(arithmetic)).to(ft.dtype), ft)
         replace = ReplaceEncoding()
         return Edit(
-            replace, replace.encode(ft),
-            {"lossless": True, "fallback": "replace",
-             "reason": f"base + delta does not round back to the fine-tune at {misses} of {ft.numel()} entries"},
+            replace,
+            replace.encode(ft),
+            {
+                "lossless": True,
+                "fallback": "replace",
+                "reason": f"base + delta does not round back to the fine-tune at {misses} of {ft.numel()} entries",
+            },
             lossless=True,
         )

@@ -69,13 +69,19 @@ class LowRankMethod(EditMethod, name="lowrank"):
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:
-            raise InvalidArgumentError("lowrank: give rank or energy, not both", expected="one of them",
-                                       found=f"rank={self.rank}, energy={self.energy}")
+            raise InvalidArgumentError(
+                "lowrank: give rank or energy, not both",
+                expected="one of them",
+                found=f"rank={self.rank}, energy={self.energy}",
+            )
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise InvalidArgumentError("lowrank: rank must be an integer >= 1", expected=">= 1", found=repr(self.rank))
-        if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
-                                        or not 0.0 < self.energy <= 1.0):
-            raise InvalidArgumentError("lowrank: energy must be in (0, 1]", expected="e.g. 0.9", found=repr(self.energy))
+        if self.energy is not None and (
+            isinstance(self.energy, bool) or not isinstance(self.energy, (int, float)) or not 0.0 < self.energy <= 1.0
+        ):
+            raise InvalidArgumentError(
+                "lowrank: energy must be in (0, 1]", expected="e.g. 0.9", found=repr(self.energy)
+            )
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         if delta.dim() < 2:
@@ -84,8 +90,11 @@ class LowRankMethod(EditMethod, name="lowrank"):
         factors = context.factors
         if self.rank is None and self.energy is None:
             if factors is None:
-                raise InvalidArgumentError(f"lowrank: {name!r} needs rank= or energy=", expected="rank or energy",
-                                           found="neither (and the source is not a LoRA adapter)")
+                raise InvalidArgumentError(
+                    f"lowrank: {name!r} needs rank= or energy=",
+                    expected="rank or energy",
+                    found="neither (and the source is not a LoRA adapter)",
+                )
             u, v = factors
             stats = {"source": "adapter factors"}
         elif factors is not None and self.rank is not None and self.rank >= factors[0].shape[1]:

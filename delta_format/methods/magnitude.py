@@ -25,7 +25,6 @@ from ..core.constants import INDEX_BITMASK
 from ..core.encodings import SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count, scattered
 
-
 _SAMPLE = 1 << 16
 """Entries sampled (strided) to bracket a k-th largest value."""
 _DIRECT = 1 << 17
@@ -158,16 +157,26 @@ def cheaper_index_coding(positions: torch.Tensor, numel: int) -> str:
     return min(costs, key=costs.get)
 
 
-def explicit_sparse_edit(name: str, delta: torch.Tensor, positions: torch.Tensor, context: TensorContext,
-                         scale: float = 1.0, mask: torch.Tensor | None = None) -> Edit:
+def explicit_sparse_edit(
+    name: str,
+    delta: torch.Tensor,
+    positions: torch.Tensor,
+    context: TensorContext,
+    scale: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> Edit:
     """Store ``delta`` at ``positions`` with the cheaper explicit index coding. ``mask``, the
     same positions as a bool tensor of ``delta``'s size if the caller has it, spares the bitmask
     coding building it again."""
     coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
     stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions, keep=mask)
-    return Edit(encoding, stored, {"kept": int(positions.numel()), "index_coding": coding},
-                decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions))
+    return Edit(
+        encoding,
+        stored,
+        {"kept": int(positions.numel()), "index_coding": coding},
+        decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions),
+    )
 
 
 @dataclass

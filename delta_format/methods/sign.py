@@ -52,10 +52,13 @@ class SignMethod(EditMethod, name="sign"):
 
     def __post_init__(self):
         if self.scale not in GRANULARITIES:
-            raise InvalidArgumentError("sign: unknown scale granularity", expected=GRANULARITIES, found=repr(self.scale))
+            raise InvalidArgumentError(
+                "sign: unknown scale granularity", expected=GRANULARITIES, found=repr(self.scale)
+            )
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
-            raise InvalidArgumentError("sign: distill_steps must be an integer >= 0", expected=">= 0",
-                                       found=repr(self.distill_steps))
+            raise InvalidArgumentError(
+                "sign: distill_steps must be an integer >= 0", expected=">= 0", found=repr(self.distill_steps)
+            )
         self.distill_lr = check_positive(self.name, "distill_lr", self.distill_lr)
 
     def encoding_for(self, delta: torch.Tensor) -> SignEncoding:
@@ -64,7 +67,7 @@ class SignMethod(EditMethod, name="sign"):
     def needs_calibration(self) -> bool:
         return self.distill_steps > 0
 
-    def prepare(self, tensors: TensorStream, calibration: "Calibration") -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
         if not self.distill_steps:
             return {}
         fixed = {}
@@ -81,8 +84,10 @@ class SignMethod(EditMethod, name="sign"):
             return {name: init * (1 + corrections[name]) for name, (init, *_) in fixed.items()}
 
         def deviation(current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {name: alpha * current[name].view(broadcast) * signs - delta
-                    for name, (_, broadcast, signs, delta, alpha) in fixed.items()}
+            return {
+                name: alpha * current[name].view(broadcast) * signs - delta
+                for name, (_, broadcast, signs, delta, alpha) in fixed.items()
+            }
 
         optimizer = torch.optim.Adam(corrections.values(), lr=self.distill_lr)
         history = []
@@ -99,8 +104,12 @@ class SignMethod(EditMethod, name="sign"):
             loss.backward()
             optimizer.step()
         self._scales = best[1] or {}
-        return {"distill_steps": self.distill_steps, "output_mse_initial": history[0], "output_mse_distilled": best[0],
-                "tensors": len(fixed)}
+        return {
+            "distill_steps": self.distill_steps,
+            "output_mse_initial": history[0],
+            "output_mse_distilled": best[0],
+            "tensors": len(fixed),
+        }
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         encoding = self.encoding_for(delta)

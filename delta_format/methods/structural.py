@@ -84,5 +84,9 @@ def _bitmask_of_slices(matrix: torch.Tensor, where: tuple, laid_out: tuple[int, 
     values = matrix[where].reshape(-1)  # row-major, as positions ascend
     stored = encoding.encode(matrix, dtype=context.value_dtype, values=values, keep=mask)
     values = stored[encoding.VALUES]
-    return Edit(encoding, stored, {"kept": int(values.numel()), "index_coding": INDEX_BITMASK},
-                decoder=scattered(encoding, values, tuple(matrix.shape), where, laid_out))
+    return Edit(
+        encoding,
+        stored,
+        {"kept": int(values.numel()), "index_coding": INDEX_BITMASK},
+        decoder=scattered(encoding, values, tuple(matrix.shape), where, laid_out),
+    )

@@ -32,14 +32,25 @@ sys.path.insert(0, str(REPO))
 
 from delta_format.core import seeded_mask  # noqa: E402
 from delta_format.core.encodings import (  # noqa: E402
-    DenseEncoding, LowRankEncoding, ReplaceEncoding, SignEncoding, SparseEncoding,
+    DenseEncoding,
+    LowRankEncoding,
+    ReplaceEncoding,
+    SignEncoding,
+    SparseEncoding,
 )
 from delta_format.core.fingerprint import fingerprint_safetensors  # noqa: E402
 from delta_format.core.manifest import BaseReference, TensorEntry  # noqa: E402
 from delta_format.io.writer import DeltaWriter  # noqa: E402
 
 VECTORS = (
-    "dense", "sparse-gaps", "sparse-bitmask", "sparse-seeded", "sign-tensor", "sign-row", "lowrank", "replace",
+    "dense",
+    "sparse-gaps",
+    "sparse-bitmask",
+    "sparse-seeded",
+    "sign-tensor",
+    "sign-row",
+    "lowrank",
+    "replace",
     "sharded",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
@@ -50,6 +61,7 @@ TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.b
 # ---------------------------------------------------------------------------------------------
 # Deterministic values and exact casts (numpy has no bfloat16: it is float32's top 16 bits).
 # ---------------------------------------------------------------------------------------------
+
 
 def splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -97,6 +109,7 @@ def as_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
 # SPEC §9 reconstruction, in numpy.
 # ---------------------------------------------------------------------------------------------
 
+
 def reconstruct(base: np.ndarray, delta: np.ndarray, alpha: float, dtype: str) -> np.ndarray:
     """cast(float32(base) + round32(round32(alpha) * delta), dtype); ``delta`` already decoded in float32."""
     acc = base.astype(np.float32)
@@ -139,8 +152,9 @@ class Vector:
         save_file({k: as_torch(v, d) for k, (v, d) in self.base.items()}, str(base_path))
         # The base lies beside the delta, so the reference names no repo or path: only its fingerprint.
         ref = BaseReference(fingerprint=fingerprint_safetensors([base_path]))
-        with DeltaWriter(self.dir, base=ref, method=method, method_params=method_params,
-                         max_shard_size=max_shard_size) as writer:
+        with DeltaWriter(
+            self.dir, base=ref, method=method, method_params=method_params, max_shard_size=max_shard_size
+        ) as writer:
             for name, entry, stored in self.params:
                 writer.add(name, entry, stored)
         base_path.rename(self.dir / "base.safetensors")
@@ -156,13 +170,18 @@ def entry(encoding, shape, dtype, alpha=1.0) -> TensorEntry:
 # The vectors.
 # ---------------------------------------------------------------------------------------------
 
+
 def vector_dense(root: Path) -> None:
     v = Vector(root, "dense")
     for name, shape, salt in (("w", (4, 6), 1), ("b", (6,), 2), ("empty", (0, 4), 3)):
         base = v.add_base(name, shape, "float32", salt)
         delta = values(shape, salt + 100, 0.01)
-        v.add(name, entry(DenseEncoding(), shape, "float32"), {"delta": torch.from_numpy(delta)},
-              reconstruct(base, delta, 1.0, "float32"))
+        v.add(
+            name,
+            entry(DenseEncoding(), shape, "float32"),
+            {"delta": torch.from_numpy(delta)},
+            reconstruct(base, delta, 1.0, "float32"),
+        )
     v.write("dense", {})
 
 
@@ -173,11 +192,18 @@ def vector_sparse_gaps(root: Path) -> None:
     positions = np.array([0, 1, 7, 8, 9, 310, 311, 319])  # the gap 9 -> 310 is 300: stored as U16
     kept = values((len(positions),), 5, 0.01)
     enc = SparseEncoding("gaps", scale=scale)
-    stored = enc.encode(torch.zeros(shape).view(-1).index_put_((torch.from_numpy(positions),), torch.from_numpy(kept)),
-                        name="w", positions=torch.from_numpy(positions))
+    stored = enc.encode(
+        torch.zeros(shape).view(-1).index_put_((torch.from_numpy(positions),), torch.from_numpy(kept)),
+        name="w",
+        positions=torch.from_numpy(positions),
+    )
     assert stored["gaps"].dtype == torch.uint16
-    v.add("w", entry(enc, shape, "float32"), stored,
-          reconstruct(base, scatter(320, positions, kept, scale, shape), 1.0, "float32"))
+    v.add(
+        "w",
+        entry(enc, shape, "float32"),
+        stored,
+        reconstruct(base, scatter(320, positions, kept, scale, shape), 1.0, "float32"),
+    )
     v.write("magnitude", {"density": 0.025})
 
 
@@ -192,8 +218,12 @@ def vector_sparse_bitmask(root: Path) -> None:
     full = torch.zeros(65, dtype=torch.float16)
     full[torch.from_numpy(positions)] = as_torch(kept, "float16")
     stored = enc.encode(full.view(shape), name="w", positions=torch.from_numpy(positions))
-    v.add("w", entry(enc, shape, "float16"), stored,
-          reconstruct(base, scatter(65, positions, kept, 1.0, shape), 1.0, "float16"))
+    v.add(
+        "w",
+        entry(enc, shape, "float16"),
+        stored,
+        reconstruct(base, scatter(65, positions, kept, 1.0, shape), 1.0, "float16"),
+    )
     v.write("magnitude", {"density": round(len(positions) / 65, 4)})
 
 
@@ -206,8 +236,12 @@ def vector_sparse_seeded(root: Path) -> None:
     stored = enc.encode(as_torch(delta, "bfloat16"), name="w", dtype=torch.bfloat16)
     positions = seeded_mask.kept_positions(512, SEEDED_P, SEEDED_SEED, "w").numpy()
     kept = delta.reshape(-1)[positions]
-    v.add("w", entry(enc, shape, "bfloat16"), stored,
-          reconstruct(base, scatter(512, positions, kept, scale, shape), 1.0, "bfloat16"))
+    v.add(
+        "w",
+        entry(enc, shape, "bfloat16"),
+        stored,
+        reconstruct(base, scatter(512, positions, kept, scale, shape), 1.0, "bfloat16"),
+    )
     v.write("dare", {"p": SEEDED_P, "seed": SEEDED_SEED})
 
 
@@ -225,8 +259,7 @@ def vector_sign_tensor(root: Path) -> None:
     scale = rounded(np.abs(delta).mean(keepdims=True).reshape(1), "bfloat16")
     enc = SignEncoding("tensor")
     stored = enc.encode(torch.from_numpy(delta), scale=as_torch(scale, "bfloat16"), dtype=torch.bfloat16)
-    v.add("w", entry(enc, shape, "float32"), stored,
-          reconstruct(base, _sign_parts(delta, 1, scale), 1.0, "float32"))
+    v.add("w", entry(enc, shape, "float32"), stored, reconstruct(base, _sign_parts(delta, 1, scale), 1.0, "float32"))
     v.write("bitdelta", {"scale": "tensor"})
 
 
@@ -238,8 +271,9 @@ def vector_sign_row(root: Path) -> None:
         delta = values(shape, salt + 1, 0.01)
         scale = np.abs(delta.reshape(shape[0], -1)).mean(axis=1).astype(np.float32)
         stored = enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale), dtype=torch.float32)
-        v.add(name, entry(enc, shape, dtype), stored,
-              reconstruct(base, _sign_parts(delta, shape[0], scale), 1.0, dtype))
+        v.add(
+            name, entry(enc, shape, dtype), stored, reconstruct(base, _sign_parts(delta, shape[0], scale), 1.0, dtype)
+        )
     v.write("bitdelta", {"scale": "row"})
 
 
@@ -248,7 +282,8 @@ def vector_lowrank(root: Path) -> None:
     # Dyadic factors and base: every product and partial sum is exact, so the result does not
     # depend on the summation order of the matrix product (SPEC §5.4).
     for name, shape, rank, dtype, factor_dtype, salt in (
-        ("w", (12, 10), 3, "float32", "float32", 20), ("conv", (4, 3, 5), 2, "bfloat16", "bfloat16", 23),
+        ("w", (12, 10), 3, "float32", "float32", 20),
+        ("conv", (4, 3, 5), 2, "bfloat16", "bfloat16", 23),
     ):
         base = v.add_base(name, shape, dtype, salt, exact=True)
         rows, cols = shape[0], int(np.prod(shape[1:]))
@@ -279,13 +314,21 @@ def vector_sharded(root: Path) -> None:
     alpha = 0.3  # not a float32 value: SPEC §9 rounds it to float32 before multiplying
     base = v.add_base("layers.0.w", (16, 24), "float32", 40)
     delta = values((16, 24), 41, 0.01)
-    v.add("layers.0.w", entry(DenseEncoding(), (16, 24), "float32", alpha), {"delta": torch.from_numpy(delta)},
-          reconstruct(base, delta, alpha, "float32"))
+    v.add(
+        "layers.0.w",
+        entry(DenseEncoding(), (16, 24), "float32", alpha),
+        {"delta": torch.from_numpy(delta)},
+        reconstruct(base, delta, alpha, "float32"),
+    )
 
     base = v.add_base("layers.0.b", (24,), "bfloat16", 42)
     delta = values((24,), 43, 0.01)
-    v.add("layers.0.b", entry(DenseEncoding(), (24,), "bfloat16", alpha), {"delta": torch.from_numpy(delta)},
-          reconstruct(base, delta, alpha, "bfloat16"))
+    v.add(
+        "layers.0.b",
+        entry(DenseEncoding(), (24,), "bfloat16", alpha),
+        {"delta": torch.from_numpy(delta)},
+        reconstruct(base, delta, alpha, "bfloat16"),
+    )
 
     base = v.add_base("layers.1.w", (16, 24), "bfloat16", 44)
     positions = np.array([i for i in range(384) if splitmix64(i + 45) % 7 == 0])
@@ -293,20 +336,32 @@ def vector_sharded(root: Path) -> None:
     enc = SparseEncoding("gaps", scale=1.25)
     full = torch.zeros(384)
     full[torch.from_numpy(positions)] = torch.from_numpy(kept)
-    v.add("layers.1.w", entry(enc, (16, 24), "bfloat16", 1.7), enc.encode(full, name="layers.1.w", positions=torch.from_numpy(positions)),
-          reconstruct(base, scatter(384, positions, kept, 1.25, (16, 24)), 1.7, "bfloat16"))
+    v.add(
+        "layers.1.w",
+        entry(enc, (16, 24), "bfloat16", 1.7),
+        enc.encode(full, name="layers.1.w", positions=torch.from_numpy(positions)),
+        reconstruct(base, scatter(384, positions, kept, 1.25, (16, 24)), 1.7, "bfloat16"),
+    )
 
     base = v.add_base("layers.1.h", (8, 9), "float16", 47)
     delta = values((8, 9), 48, 0.01)
     scale = np.abs(delta).mean(axis=1).astype(np.float32)
     enc = SignEncoding("row")
-    v.add("layers.1.h", entry(enc, (8, 9), "float16", 0.5), enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale), dtype=torch.float32),
-          reconstruct(base, _sign_parts(delta, 8, scale), 0.5, "float16"))
+    v.add(
+        "layers.1.h",
+        entry(enc, (8, 9), "float16", 0.5),
+        enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale), dtype=torch.float32),
+        reconstruct(base, _sign_parts(delta, 8, scale), 0.5, "float16"),
+    )
 
     base = v.add_base("big", (40, 40), "float32", 49)  # 6400 bytes: its fingerprint samples 64 chunks
     delta = values((40, 40), 50, 0.001)
-    v.add("big", entry(DenseEncoding(), (40, 40), "float32", alpha), {"delta": torch.from_numpy(delta)},
-          reconstruct(base, delta, alpha, "float32"))
+    v.add(
+        "big",
+        entry(DenseEncoding(), (40, 40), "float32", alpha),
+        {"delta": torch.from_numpy(delta)},
+        reconstruct(base, delta, alpha, "float32"),
+    )
 
     v.add_base("frozen", (4,), "float32", 51)  # not in the delta: the base's, unchanged
     v.write("mixed", {"alpha": alpha}, max_shard_size=300)
@@ -333,30 +388,51 @@ def seeded_known_answers() -> dict:
     for numel, p, seed, name in MASK_CASES:
         key = seeded_mask.stream_key(seed, name)
         table = seeded_mask.gap_table(p)
-        cases.append({
-            "numel": numel, "p": p, "seed": seed, "name": name,
-            "tensor_id": seeded_mask.tensor_id(name), "key": key,
-            "P": seeded_mask.drop_threshold(p), "gap_table_length": len(table), "gap_table_head": list(table[:4]),
-            "gaps_head": seeded_mask.gaps(p, key, 0, 8).tolist(),
-            "kept": seeded_mask.kept_positions(numel, p, seed, name).tolist(),
-        })
+        cases.append(
+            {
+                "numel": numel,
+                "p": p,
+                "seed": seed,
+                "name": name,
+                "tensor_id": seeded_mask.tensor_id(name),
+                "key": key,
+                "P": seeded_mask.drop_threshold(p),
+                "gap_table_length": len(table),
+                "gap_table_head": list(table[:4]),
+                "gaps_head": seeded_mask.gaps(p, key, 0, 8).tolist(),
+                "kept": seeded_mask.kept_positions(numel, p, seed, name).tolist(),
+            }
+        )
     key = cases[2]["key"]
     stream = [{"key": key, "k": k, "u": int(seeded_mask.uniform_stream(key, k, 1)[0])} for k in STREAM_COUNTERS]
     mix = [{"x": x, "lowbias32": seeded_mask._mix32_int(x)} for x in MIX_INPUTS]
     return {
         "generator": "lowbias32-geometric-v1",
         "note": "Known answers of the seeded-mask generator, SPEC section 6. Generated by spec/vectors/generate.py.",
-        "lowbias32": mix, "stream": stream, "masks": cases,
+        "lowbias32": mix,
+        "stream": stream,
+        "masks": cases,
     }
 
 
 def main(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for build in (vector_dense, vector_sparse_gaps, vector_sparse_bitmask, vector_sparse_seeded, vector_sign_tensor,
-                  vector_sign_row, vector_lowrank, vector_replace, vector_sharded):
+    for build in (
+        vector_dense,
+        vector_sparse_gaps,
+        vector_sparse_bitmask,
+        vector_sparse_seeded,
+        vector_sign_tensor,
+        vector_sign_row,
+        vector_lowrank,
+        vector_replace,
+        vector_sharded,
+    ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)
-    text = re.sub(r"\[\s*([-0-9][-0-9,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    text = re.sub(
+        r"\[\s*([-0-9][-0-9,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text
+    )
     (root / "seeded_mask.json").write_text(text + "\n", encoding="utf-8")
 
 

@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
 
-    config = uvicorn.Config(
-        app, log_level=args.log_level, access_log=True, lifespan="off", timeout_graceful_shutdown=2
-    )
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=True, lifespan="off", timeout_graceful_shutdown=2)
     asyncio.run(_serve(uvicorn.Server(config), sock, url))
     return 0
 

@@ -16,7 +16,19 @@ from .sign import SignEncoding
 from .sparse import SparseEncoding
 
 __all__ = [
-    "Encoding", "Expected", "ENCODING_CLASSES", "encoding_from_dict", "on_the_fly_encodings", "Factor",
-    "MERGE_MIN_TOKENS", "build_factor", "require_on_the_fly", "DenseEncoding", "SparseEncoding", "SignEncoding",
-    "LowRankEncoding", "ReplaceEncoding", "index_coding_bytes",
+    "Encoding",
+    "Expected",
+    "ENCODING_CLASSES",
+    "encoding_from_dict",
+    "on_the_fly_encodings",
+    "Factor",
+    "MERGE_MIN_TOKENS",
+    "build_factor",
+    "require_on_the_fly",
+    "DenseEncoding",
+    "SparseEncoding",
+    "SignEncoding",
+    "LowRankEncoding",
+    "ReplaceEncoding",
+    "index_coding_bytes",
 ]

@@ -33,8 +33,9 @@ An encoding knows nothing about edit methods, files or the Hub.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -56,13 +57,17 @@ class Expected:
     def check(self, key: str, dtype: str, shape: tuple[int, ...]) -> None:
         if dtype not in self.dtypes:
             raise CorruptDeltaError(
-                f"stored tensor {key!r} has the wrong dtype", expected=" or ".join(self.dtypes), found=dtype,
+                f"stored tensor {key!r} has the wrong dtype",
+                expected=" or ".join(self.dtypes),
+                found=dtype,
                 fix="the delta's files disagree with its manifest; re-download or re-create it",
             )
         if len(shape) != len(self.shape) or any(e is not None and e != f for e, f in zip(self.shape, shape)):
             want = "[" + ", ".join("n" if e is None else str(e) for e in self.shape) + "]"
             raise CorruptDeltaError(
-                f"stored tensor {key!r} has the wrong shape", expected=want, found=list(shape),
+                f"stored tensor {key!r} has the wrong shape",
+                expected=want,
+                found=list(shape),
                 fix="the delta's files disagree with its manifest; re-download or re-create it",
             )
 
@@ -110,7 +115,7 @@ class DecodedRows(RowDelta):
         acc.add_(scaled(self.delta[start:stop].to(acc.dtype), self.alpha))
 
 
-ENCODING_CLASSES: Registry["Encoding"] = Registry("encoding")
+ENCODING_CLASSES: Registry[Encoding] = Registry("encoding")
 """Every registered encoding by manifest name, filled by subclassing `Encoding` with a name."""
 
 MATERIALISE_FIX = "serve this fine-tune materialised: DeltaModel.from_pretrained(...) or model.swap_delta(...)"
@@ -130,7 +135,7 @@ class Encoding(Registered):
     """False for encodings that store the value itself (``replace``): the base is not added."""
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "Encoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> Encoding:
         """Build from the manifest's ``config`` object, validating every field."""
         raise NotImplementedError
 
@@ -157,7 +162,12 @@ class Encoding(Registered):
         raise NotImplementedError
 
     def rows(
-        self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype, alpha: float = 1.0
+        self,
+        stored: Mapping[str, torch.Tensor],
+        shape: tuple[int, ...],
+        name: str,
+        dtype: torch.dtype,
+        alpha: float = 1.0,
     ) -> RowDelta:
         """The delta times ``alpha`` (SPEC §9: the product rounded in ``dtype``), validated and
         ready to be added into an accumulator a block of rows at a time (`RowDelta`).
@@ -167,9 +177,15 @@ class Encoding(Registered):
         return DecodedRows(self.decode(stored, shape, name, dtype), alpha)
 
     def factor(
-        self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int], name: str, dtype: torch.dtype,
-        alpha: float = 1.0, *, compute: torch.dtype = torch.float32,
-    ) -> "Factor":
+        self,
+        stored: Mapping[str, torch.Tensor],
+        shape: tuple[int, int],
+        name: str,
+        dtype: torch.dtype,
+        alpha: float = 1.0,
+        *,
+        compute: torch.dtype = torch.float32,
+    ) -> Factor:
         """``alpha * delta`` of the matrix ``name`` kept in stored form for a forward pass, held in
         ``dtype`` (the weight's), validated as a load validates it, with SPEC §9's product
         ``alpha * delta`` rounded in ``compute``.
@@ -213,7 +229,9 @@ def not_on_the_fly(name: str, encoding: str) -> UnsupportedOnTheFlyError:
     """The error for a matrix ``name`` stored as ``encoding``, which has no on-the-fly form."""
     return UnsupportedOnTheFlyError(
         f"{name!r} is stored as {encoding!r}, which cannot be applied on the fly to a matrix",
-        expected=" or ".join(on_the_fly_encodings()), found=encoding, fix=MATERIALISE_FIX,
+        expected=" or ".join(on_the_fly_encodings()),
+        found=encoding,
+        fix=MATERIALISE_FIX,
     )
 
 
@@ -222,7 +240,9 @@ def encoding_from_dict(name: str, config: Mapping[str, Any]) -> Encoding:
     cls = ENCODING_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise UnknownEncodingError(
-            "unknown encoding", expected=sorted(ENCODING_CLASSES), found=repr(name),
+            "unknown encoding",
+            expected=sorted(ENCODING_CLASSES),
+            found=repr(name),
             fix="upgrade delta-format, or re-create the delta with a known encoding",
         )
     return cls.from_dict(config)
@@ -247,7 +267,9 @@ def config_number(name: str, config: Mapping[str, Any], key: str, default: float
     """A finite JSON number from a config (bools are not numbers here)."""
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ManifestError(f"{name} config field {key!r} is not a finite number", expected="a number", found=repr(value))
+        raise ManifestError(
+            f"{name} config field {key!r} is not a finite number", expected="a number", found=repr(value)
+        )
     return float(value)
 
 
@@ -264,6 +286,8 @@ def require_finite(name: str, role: str, tensor: torch.Tensor) -> None:
     """Stored floats must be finite: a NaN or Inf would silently poison the weights."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise CorruptDeltaError(
-            f"stored tensor {name}:{role} holds NaN or Inf", expected="finite values", found="non-finite values",
+            f"stored tensor {name}:{role} holds NaN or Inf",
+            expected="finite values",
+            found="non-finite values",
             fix="the delta is corrupt; re-create it",
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ class DenseEncoding(Encoding, name=DENSE):
     DELTA = "delta"
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "DenseEncoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> DenseEncoding:
         check_config_keys(cls.name, config, set(), set())
         return cls()
 
@@ -30,7 +31,9 @@ class DenseEncoding(Encoding, name=DENSE):
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
         return {self.DELTA: Expected(FLOAT_STORED, tuple(shape))}
 
-    def encode(self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def encode(
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
         """``delta`` in ``dtype`` (default: its own)."""
         return {self.DELTA: delta.to(dtype or delta.dtype).contiguous()}
 

@@ -5,7 +5,8 @@ of an embedding). Each encoding's `Factor` lives in its own module (`SignFactor`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,14 +54,15 @@ class Factor:
         return self.tensors()[0].device
 
 
-def require_on_the_fly(name: str, entry: "TensorEntry") -> None:
+def require_on_the_fly(name: str, entry: TensorEntry) -> None:
     """Refuse, before anything is read, a matrix whose encoding has no on-the-fly form."""
     if not entry.encoding.on_the_fly():
         raise not_on_the_fly(name, entry.encoding.name)
 
 
-def build_factor(name: str, entry: "TensorEntry", stored: Mapping[str, torch.Tensor], alpha: float,
-                 dtype: torch.dtype) -> Factor:
+def build_factor(
+    name: str, entry: TensorEntry, stored: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype
+) -> Factor:
     """The `Factor` of one matrix entry from its stored tensors, held in ``dtype`` (the weight's),
     with ``alpha`` (entry alpha times the caller's) applied as SPEC §9 applies it: the product
     rounded in the compute dtype of the entry's dtype."""

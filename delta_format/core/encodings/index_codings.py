@@ -5,13 +5,13 @@ cache-sized pieces, refusing corrupt data (negative gaps, positions past the end
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
+from ...errors import CorruptDeltaError
 from ..bits import bit_range, packed_length
 from ..constants import INDEX_BITMASK, INDEX_GAPS
-from ...errors import CorruptDeltaError
 
 _GAP_TORCH = ((255, torch.uint8), (65535, torch.uint16), (2**31 - 1, torch.int32), (2**63 - 1, torch.int64))
 
@@ -33,8 +33,12 @@ _BLOCK = 1 << 16
 
 
 def run_past(name: str, numel: int, index: int) -> CorruptDeltaError:
-    return CorruptDeltaError(f"sparse indices of {name!r} run past the tensor", expected=f"indices < {numel}",
-                             found=f"index {index}", fix="the delta is corrupt; re-create it")
+    return CorruptDeltaError(
+        f"sparse indices of {name!r} run past the tensor",
+        expected=f"indices < {numel}",
+        found=f"index {index}",
+        fix="the delta is corrupt; re-create it",
+    )
 
 
 def gap_blocks(gaps: torch.Tensor, numel: int, name: str, block: int = _BLOCK) -> Iterator[torch.Tensor]:
@@ -46,8 +50,10 @@ def gap_blocks(gaps: torch.Tensor, numel: int, name: str, block: int = _BLOCK) -
         low, high = torch.aminmax(wide)
         if int(low) < 0:
             raise CorruptDeltaError(
-                f"sparse gaps of {name!r} are negative", expected="gaps >= 0 (indices sorted and unique)",
-                found=f"minimum gap {int(low)}", fix="the delta is corrupt; re-create it",
+                f"sparse gaps of {name!r} are negative",
+                expected="gaps >= 0 (indices sorted and unique)",
+                found=f"minimum gap {int(low)}",
+                fix="the delta is corrupt; re-create it",
             )
         if int(high) >= numel:
             raise run_past(name, numel, last + 1 + int(high))

@@ -7,13 +7,14 @@ with the LoRA scaling folded into ``u``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
 from ...errors import ManifestError
+from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
 from ..dtypes import FLOAT_STORED
 from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols, scaled
 from .factor import Factor
@@ -37,7 +38,7 @@ class LowRankEncoding(Encoding, name=LOWRANK):
         self.rank = rank
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "LowRankEncoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> LowRankEncoding:
         check_config_keys(cls.name, config, {"rank"}, set())
         return cls(config_int(cls.name, config, "rank", 1, MAX_TENSOR_ELEMENTS))
 
@@ -47,15 +48,22 @@ class LowRankEncoding(Encoding, name=LOWRANK):
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
         if len(shape) < 2:
             raise ManifestError(
-                "low-rank encoding needs a matrix", expected="a parameter with 2 or more dimensions",
-                found=f"shape {list(shape)}", fix="encode vectors as dense",
+                "low-rank encoding needs a matrix",
+                expected="a parameter with 2 or more dimensions",
+                found=f"shape {list(shape)}",
+                fix="encode vectors as dense",
             )
         rows, cols = rows_cols(shape)
         return {self.U: Expected(FLOAT_STORED, (rows, self.rank)), self.V: Expected(FLOAT_STORED, (self.rank, cols))}
 
     def encode(
-        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None,
-        u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+        self,
+        delta: torch.Tensor,
+        *,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        u: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Factors ``u``, ``v`` of ``delta`` (``u @ v`` is the delta as a matrix), given (a LoRA
         adapter's, or a truncation the caller chose) or `factorize`'s at this rank, stored in

@@ -7,7 +7,8 @@ read and the coefficient alpha does not apply. No on-the-fly form: a value is no
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ class ReplaceEncoding(Encoding, name=REPLACE):
     is_delta = False
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "ReplaceEncoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> ReplaceEncoding:
         check_config_keys(cls.name, config, set(), set())
         return cls()
 
@@ -31,7 +32,9 @@ class ReplaceEncoding(Encoding, name=REPLACE):
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
         return {self.VALUE: Expected(FLOAT_STORED, tuple(shape))}
 
-    def encode(self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def encode(
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
         """``delta`` is the new value here, stored in ``dtype`` (default: its own)."""
         return {self.VALUE: delta.to(dtype or delta.dtype).contiguous()}
 

@@ -8,14 +8,15 @@ Decoded: ``scale[row] * (2 * bit - 1)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ...errors import ManifestError
 from ..bits import check_packed, expand_signs, pack_bits, packed_length, sign_table, signs_at
 from ..constants import SIGN
-from ...errors import ManifestError
 from ..dtypes import FLOAT_STORED
 from .base import Encoding, Expected, RowDelta, check_config_keys, matrix_shape, require_finite, scaled
 from .factor import Factor
@@ -42,7 +43,7 @@ class SignEncoding(Encoding, name=SIGN):
         self.granularity = granularity
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "SignEncoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> SignEncoding:
         check_config_keys(cls.name, config, {"scale"}, set())
         return cls(config["scale"])
 
@@ -54,8 +55,10 @@ class SignEncoding(Encoding, name=SIGN):
             return 1
         if len(shape) < 2:
             raise ManifestError(
-                "per-row sign scales need a matrix", expected="a parameter with 2 or more dimensions",
-                found=f"shape {list(shape)}", fix="use scale 'tensor' for vectors",
+                "per-row sign scales need a matrix",
+                expected="a parameter with 2 or more dimensions",
+                found=f"shape {list(shape)}",
+                fix="use scale 'tensor' for vectors",
             )
         return shape[0]
 
@@ -76,15 +79,18 @@ class SignEncoding(Encoding, name=SIGN):
         return d.reshape(delta.shape[0], -1).abs().mean(dim=1)
 
     def encode(
-        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None,
+        self,
+        delta: torch.Tensor,
+        *,
+        name: str = "",
+        dtype: torch.dtype | None = None,
         scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Bits from ``delta >= 0``; ``scale`` given (e.g. distilled) or `initial_scale`, stored
         in ``dtype`` (default: ``delta``'s)."""
         if scale is None:
             scale = self.initial_scale(delta)
-        return {self.BITS: pack_bits(delta >= 0),
-                self.SCALE: scale.reshape(-1).to(dtype or delta.dtype).contiguous()}
+        return {self.BITS: pack_bits(delta >= 0), self.SCALE: scale.reshape(-1).to(dtype or delta.dtype).contiguous()}
 
     def _checked(self, stored: Mapping[str, torch.Tensor], numel: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         check_packed(stored[self.BITS], numel)
@@ -124,7 +130,9 @@ class SignRows(RowDelta):
     +-1 is exact and rounding is symmetric), so the scale is multiplied by alpha once per row.
     """
 
-    def __init__(self, bits: torch.Tensor, scale: torch.Tensor, granularity: str, shape, dtype: torch.dtype, alpha: float):
+    def __init__(
+        self, bits: torch.Tensor, scale: torch.Tensor, granularity: str, shape, dtype: torch.dtype, alpha: float
+    ):
         self.bits = bits
         self.cols = matrix_shape(tuple(shape))[1]
         scale = scaled(scale.to(dtype), alpha)

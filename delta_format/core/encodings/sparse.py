@@ -17,17 +17,26 @@ changed without touching the tensors.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
+from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
 from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
-from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
-from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
 from ..dtypes import FLOAT_STORED
+from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
 from .base import (
-    Encoding, Expected, RowDelta, check_config_keys, config_int, config_number, matrix_shape, require_finite, scaled,
+    Encoding,
+    Expected,
+    RowDelta,
+    check_config_keys,
+    config_int,
+    config_number,
+    matrix_shape,
+    require_finite,
+    scaled,
 )
 from .factor import Factor
 from .index_codings import bitmask_blocks, gap_blocks, positions_to_gaps, run_past
@@ -56,7 +65,9 @@ class SparseEncoding(Encoding, name=SPARSE):
             raise ManifestError("sparse scale is not finite", expected="a finite number", found=repr(scale))
         if index_coding == INDEX_SEEDED:
             if seed is None or p is None:
-                raise ManifestError("seeded sparse coding needs seed and p", expected="both", found=f"seed={seed}, p={p}")
+                raise ManifestError(
+                    "seeded sparse coding needs seed and p", expected="both", found=f"seed={seed}, p={p}"
+                )
             drop_threshold(p)
         self.index_coding = index_coding
         self.scale = float(scale)
@@ -64,7 +75,7 @@ class SparseEncoding(Encoding, name=SPARSE):
         self.p = None if p is None else float(p)
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "SparseEncoding":
+    def from_dict(cls, config: Mapping[str, Any]) -> SparseEncoding:
         coding = config.get("index_coding") if isinstance(config, Mapping) else None
         if coding == INDEX_SEEDED:
             check_config_keys(cls.name, config, {"index_coding", "seed", "p"}, {"scale"})
@@ -74,9 +85,15 @@ class SparseEncoding(Encoding, name=SPARSE):
             try:
                 gap_table(p)
             except InvalidArgumentError as exc:
-                raise ManifestError("seeded sparse p cannot be generated", expected=exc.expected, found=exc.found,
-                                    fix="re-create the delta with a smaller p or an explicit index coding") from None
-            return cls(coding, config_number(cls.name, config, "scale", 1.0), config_int(cls.name, config, "seed", 0, 2**64), p)
+                raise ManifestError(
+                    "seeded sparse p cannot be generated",
+                    expected=exc.expected,
+                    found=exc.found,
+                    fix="re-create the delta with a smaller p or an explicit index coding",
+                ) from None
+            return cls(
+                coding, config_number(cls.name, config, "scale", 1.0), config_int(cls.name, config, "seed", 0, 2**64), p
+            )
         check_config_keys(cls.name, config, {"index_coding"}, {"scale"})
         if coding not in INDEX_CODINGS:
             raise UnknownEncodingError("unknown sparse index coding", expected=INDEX_CODINGS, found=repr(coding))
@@ -104,7 +121,8 @@ class SparseEncoding(Encoding, name=SPARSE):
         if abs(count - mean) > 8 * sd + 16:
             raise CorruptDeltaError(
                 f"sparse values of {name!r} cannot come from a seeded mask of this shape",
-                expected=f"about {mean:.0f} values (p={self.p}, {numel} elements)", found=f"{count}",
+                expected=f"about {mean:.0f} values (p={self.p}, {numel} elements)",
+                found=f"{count}",
                 fix="the delta is corrupt; re-create it",
             )
 
@@ -113,8 +131,14 @@ class SparseEncoding(Encoding, name=SPARSE):
         return kept_positions(numel, self.p, self.seed, name, device)
 
     def encode(
-        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None,
-        positions: torch.Tensor | None = None, keep: torch.Tensor | None = None, values: torch.Tensor | None = None,
+        self,
+        delta: torch.Tensor,
+        *,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        positions: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Store ``delta``'s kept entries, values in ``dtype`` (default: ``delta``'s).
 
@@ -124,8 +148,9 @@ class SparseEncoding(Encoding, name=SPARSE):
         computing it again: the seeded mask's positions (from `positions`), ``keep`` besides
         ``positions`` (the bitmask is packed from it), the kept ``values`` in position order."""
         flat = delta.reshape(-1)
-        if positions is None and (values is None or self.index_coding == INDEX_GAPS
-                                  or (self.index_coding == INDEX_BITMASK and keep is None)):
+        if positions is None and (
+            values is None or self.index_coding == INDEX_GAPS or (self.index_coding == INDEX_BITMASK and keep is None)
+        ):
             positions = self._kept(flat, name, keep)
         if values is None:
             values = flat[positions.to(torch.int64)]
@@ -144,8 +169,9 @@ class SparseEncoding(Encoding, name=SPARSE):
         if self.index_coding == INDEX_SEEDED:
             return self.positions(flat.numel(), name, flat.device)
         if keep is None:
-            raise ManifestError("explicit index codings need the kept entries", expected="positions or keep",
-                                found="neither")
+            raise ManifestError(
+                "explicit index codings need the kept entries", expected="positions or keep", found="neither"
+            )
         return keep.reshape(-1).nonzero().view(-1)
 
     def _blocks(self, stored, numel: int, name: str) -> Iterator[torch.Tensor]:
@@ -161,7 +187,8 @@ class SparseEncoding(Encoding, name=SPARSE):
             if count_bits(mask) != values.numel():
                 raise CorruptDeltaError(
                     f"sparse bitmask of {name!r} disagrees with its values",
-                    expected=f"{values.numel()} set bits", found=f"{count_bits(mask)}",
+                    expected=f"{values.numel()} set bits",
+                    found=f"{count_bits(mask)}",
                     fix="the delta is corrupt; re-create it",
                 )
             return bitmask_blocks(mask, numel)
@@ -180,7 +207,9 @@ class SparseEncoding(Encoding, name=SPARSE):
     def decode(self, stored, shape, name, dtype):
         numel = math.prod(shape)
         values = stored[self.VALUES]
-        positions = torch.cat([*self._blocks(stored, numel, name), torch.empty(0, dtype=torch.int64, device=values.device)])
+        positions = torch.cat(
+            [*self._blocks(stored, numel, name), torch.empty(0, dtype=torch.int64, device=values.device)]
+        )
         if positions.numel() and int(positions[-1]) >= numel:
             raise run_past(name, numel, int(positions[-1]))
         check_value_count(name, positions.numel(), values.numel())
@@ -192,8 +221,14 @@ class SparseEncoding(Encoding, name=SPARSE):
         # O(kept): only the kept positions of the accumulator change. Same bits as decode + add
         # except the sign of a base -0.0, which adding +0.0 would flip (SPEC §9 allows either).
         numel = math.prod(shape)
-        return SparseRows(self._blocks(stored, numel, name), stored[self.VALUES], matrix_shape(tuple(shape))[1], numel,
-                          name, lambda v: self.scaled_values(v, dtype, alpha))
+        return SparseRows(
+            self._blocks(stored, numel, name),
+            stored[self.VALUES],
+            matrix_shape(tuple(shape))[1],
+            numel,
+            name,
+            lambda v: self.scaled_values(v, dtype, alpha),
+        )
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         # Decoded once (every check of a load included), then only the kept entries are held.
@@ -215,7 +250,9 @@ class SparseEncoding(Encoding, name=SPARSE):
 def check_value_count(name: str, positions: int, values: int) -> None:
     if positions != values:
         raise CorruptDeltaError(
-            f"sparse values of {name!r} do not match their indices", expected=f"{positions} values", found=f"{values}",
+            f"sparse values of {name!r} do not match their indices",
+            expected=f"{positions} values",
+            found=f"{values}",
             fix="the delta is corrupt or was written with another seed; re-create it",
         )
 
@@ -224,7 +261,14 @@ class SparseRows(RowDelta):
     """Kept values added a block of rows at a time, walking the positions front to back."""
 
     def __init__(self, blocks: Iterator[torch.Tensor], values: torch.Tensor, cols: int, numel: int, name: str, scaled):
-        self.blocks, self.values, self.cols, self.numel, self.name, self.scaled = blocks, values, cols, numel, name, scaled
+        self.blocks, self.values, self.cols, self.numel, self.name, self.scaled = (
+            blocks,
+            values,
+            cols,
+            numel,
+            name,
+            scaled,
+        )
         self.pending = torch.empty(0, dtype=torch.int64, device=values.device)
         self.used = 0  # values consumed so far
         self.next_row = 0
@@ -248,8 +292,12 @@ class SparseRows(RowDelta):
 
     def add_rows(self, acc, start, stop):
         if start != self.next_row:
-            raise InvalidArgumentError("sparse row blocks out of order", expected=f"a block starting at row {self.next_row}",
-                                       found=f"row {start}", fix="add row blocks front to back")
+            raise InvalidArgumentError(
+                "sparse row blocks out of order",
+                expected=f"a block starting at row {self.next_row}",
+                found=f"row {start}",
+                fix="add row blocks front to back",
+            )
         self.next_row = stop
         first = start * self.cols
         positions = self._take(stop * self.cols)

@@ -36,20 +36,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...core.dtypes import parse_dtype
+from ...core.encodings import build_factor
+from ...core.encodings import require_on_the_fly as _require_on_the_fly
+from ...core.encodings.base import MATERIALISE_FIX as _MATERIALISE_FIX
 from ...core.reconstruct import reconstruct_stored
 from ...errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheFlyError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
 from ...io.model_class import model_class_for
-from ...core.encodings.base import MATERIALISE_FIX as _MATERIALISE_FIX
-from ...core.encodings import build_factor
-from ...core.encodings import require_on_the_fly as _require_on_the_fly
 from ...io.resolve import HubOptions, open_delta
 from ..base_model import resolve_base
 from ..placement import DeviceMap
@@ -57,7 +58,9 @@ from .modules import ADOPTERS, DeltaEmbedding, DeltaLinear
 from .registry import Adapter, OnTheFlyDeltas, tensor_owners
 
 
-def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, verify_base: bool) -> tuple[Adapter, set[str]]:
+def _plan(
+    model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, verify_base: bool
+) -> tuple[Adapter, set[str]]:
     """An `Adapter` built from ``delta`` (factors decoded, vectors rebuilt) and the module paths to
     adopt; nothing in the model changes here, so any error leaves it as it was."""
     deltas.check_base(delta, verify_base=verify_base)
@@ -67,8 +70,12 @@ def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, ver
     for pname, entry in delta.manifest.tensors.items():
         tensor = state[pname]
         if id(tensor) in done:
-            raise BaseMismatchError(f"the delta edits {pname!r} and {done[id(tensor)]!r}, which are one tied tensor here",
-                                    expected="one entry per tied tensor", found="two", fix=_MATERIALISE_FIX)
+            raise BaseMismatchError(
+                f"the delta edits {pname!r} and {done[id(tensor)]!r}, which are one tied tensor here",
+                expected="one entry per tied tensor",
+                found="two",
+                fix=_MATERIALISE_FIX,
+            )
         done[id(tensor)] = pname
         if tensor.dim() <= 1:
             base = deltas.base_vectors.get(pname, tensor.data)
@@ -76,13 +83,18 @@ def _plan(model, deltas: OnTheFlyDeltas, delta: Delta, alpha: float, owners, ver
             adapter.vectors[pname] = reconstruct_stored(pname, [(entry, stored, alpha)], base, dtype=tensor.dtype)
             continue
         holders = owners.get(id(tensor), [])
-        bad = [(p, type(m).__name__, a) for p, m, a in holders if a != "weight" or type(m) not in ADOPTERS
-               or getattr(m, "max_norm", None) is not None or not p]  # not p: the model itself
+        bad = [
+            (p, type(m).__name__, a)
+            for p, m, a in holders
+            if a != "weight" or type(m) not in ADOPTERS or getattr(m, "max_norm", None) is not None or not p
+        ]  # not p: the model itself
         if bad or not holders:
             path, kind, attr = bad[0] if bad else (pname, "no module", "")
             raise UnsupportedOnTheFlyError(
                 f"{pname!r} is a matrix of a {kind} ({path}.{attr}), which on-the-fly deltas do not patch",
-                expected="weights of nn.Linear or nn.Embedding modules, or vectors", found=kind, fix=_MATERIALISE_FIX,
+                expected="weights of nn.Linear or nn.Embedding modules, or vectors",
+                found=kind,
+                fix=_MATERIALISE_FIX,
             )
         _require_on_the_fly(pname, entry)  # before reading anything
         stored = delta.reader.stored(pname, tensor.device)
@@ -145,18 +157,24 @@ def attach_deltas(
     return registry
 
 
-def _alphas(deltas: Mapping[str, Any], alpha: float | Mapping[str, float] | None,
-            registry: OnTheFlyDeltas | None) -> dict[str, float]:
+def _alphas(
+    deltas: Mapping[str, Any], alpha: float | Mapping[str, float] | None, registry: OnTheFlyDeltas | None
+) -> dict[str, float]:
     """Each new adapter's alpha, after checking the names are new, non-empty strings."""
     clash = sorted(set(deltas) & set(registry.adapters)) if registry else []
     if clash or not deltas or not all(isinstance(n, str) and n for n in deltas):
-        raise InvalidArgumentError("on-the-fly delta names must be new, non-empty strings",
-                                   expected="names not attached yet", found=clash or sorted(map(repr, deltas)) or "none",
-                                   fix="detach_deltas(model, [name]) first to replace one")
+        raise InvalidArgumentError(
+            "on-the-fly delta names must be new, non-empty strings",
+            expected="names not attached yet",
+            found=clash or sorted(map(repr, deltas)) or "none",
+            fix="detach_deltas(model, [name]) first to replace one",
+        )
     if not isinstance(alpha, Mapping):
         return {n: 1.0 if alpha is None else float(alpha) for n in deltas}
     if set(alpha) - set(deltas):
-        raise InvalidArgumentError("alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alpha) - set(deltas)))
+        raise InvalidArgumentError(
+            "alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alpha) - set(deltas))
+        )
     return {n: float(alpha.get(n, 1.0)) for n in deltas}
 
 
@@ -224,8 +242,12 @@ def detach_deltas(model, names: list[str] | None = None) -> None:
 def _registry(model) -> OnTheFlyDeltas:
     registry = getattr(model, "on_the_fly_deltas", None)
     if registry is None:
-        raise InvalidArgumentError("the model has no on-the-fly deltas", expected="a model given to attach_deltas",
-                                   found=type(model).__name__, fix="call attach_deltas(model, {...}) first")
+        raise InvalidArgumentError(
+            "the model has no on-the-fly deltas",
+            expected="a model given to attach_deltas",
+            found=type(model).__name__,
+            fix="call attach_deltas(model, {...}) first",
+        )
     return registry
 
 
@@ -258,7 +280,8 @@ def load_on_the_fly(
         raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty mapping")
     checkpoint = resolve_base(next(iter(opened.values())).manifest, base_model, hub.updated(revision=base_revision))
     cls = model_class_for(AutoConfig.from_pretrained(checkpoint.directory))
-    model = cls.from_pretrained(checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto",
-                                device_map=device_map)
+    model = cls.from_pretrained(
+        checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto", device_map=device_map
+    )
     attach_deltas(model.eval(), opened, alpha=alpha, base_model=checkpoint, verify_base=verify_base)
     return model

@@ -14,11 +14,14 @@ from ...errors import InvalidArgumentError
 if TYPE_CHECKING:
     from .registry import OnTheFlyDeltas
 
+
 def check_same_device(held: torch.device, weight: torch.Tensor) -> None:
     if held != weight.device:
         raise InvalidArgumentError(
-            "an on-the-fly delta is on another device than its weight", expected=str(weight.device),
-            found=str(held), fix="detach_deltas(model), move the model, then attach the deltas again",
+            "an on-the-fly delta is on another device than its weight",
+            expected=str(weight.device),
+            found=str(held),
+            fix="detach_deltas(model), move the model, then attach the deltas again",
         )
 
 
@@ -27,7 +30,7 @@ class DeltaLinear(nn.Linear):
     dict) and adds the active adapter's delta in its forward."""
 
     @classmethod
-    def adopt(cls, linear: nn.Linear, deltas: "OnTheFlyDeltas") -> "DeltaLinear":
+    def adopt(cls, linear: nn.Linear, deltas: OnTheFlyDeltas) -> DeltaLinear:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
@@ -53,11 +56,19 @@ class DeltaEmbedding(nn.Embedding):
     """An ``nn.Embedding`` sharing the replaced one's parameters; adds the active adapter's rows."""
 
     @classmethod
-    def adopt(cls, embedding: nn.Embedding, deltas: "OnTheFlyDeltas") -> "DeltaEmbedding":
+    def adopt(cls, embedding: nn.Embedding, deltas: OnTheFlyDeltas) -> DeltaEmbedding:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
-                     "sparse", "training"):
+        for attr in (
+            "num_embeddings",
+            "embedding_dim",
+            "padding_idx",
+            "max_norm",
+            "norm_type",
+            "scale_grad_by_freq",
+            "sparse",
+            "training",
+        ):
             setattr(module, attr, getattr(embedding, attr))
         module.weight = embedding.weight
         module.deltas, module.factors = deltas, {}

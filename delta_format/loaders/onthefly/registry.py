@@ -3,21 +3,23 @@ and the base values of the vectors it swaps."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...core.dtypes import SAFETENSORS_DTYPES, holds_exactly
+from ...core.encodings import Factor
 from ...core.fingerprint import fingerprint_state_dict
 from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
-from ...core.encodings import Factor
 from ..base_model import check_base
 from ..model_state import parameter_shapes, tied_parameter_names
 from .modules import check_same_device
+
 
 @dataclass
 class Adapter:
@@ -31,7 +33,9 @@ class Adapter:
     @property
     def nbytes(self) -> int:
         """Bytes of tensors this adapter holds (besides the shared base)."""
-        held = {id(t): t for f in self.factors.values() for t in f.tensors()} | {id(t): t for t in self.vectors.values()}
+        held = {id(t): t for f in self.factors.values() for t in f.tensors()} | {
+            id(t): t for t in self.vectors.values()
+        }
         return sum(t.numel() * t.element_size() for t in held.values())
 
 
@@ -52,8 +56,12 @@ class OnTheFlyDeltas:
 
     def set_active(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
-            raise InvalidArgumentError("no such on-the-fly delta", expected=sorted(self.adapters) or "an attached name",
-                                       found=repr(name), fix="attach it with attach_deltas first, or pass None for the base")
+            raise InvalidArgumentError(
+                "no such on-the-fly delta",
+                expected=sorted(self.adapters) or "an attached name",
+                found=repr(name),
+                fix="attach it with attach_deltas first, or pass None for the base",
+            )
         state = self.model.state_dict(keep_vars=True)
         wanted = self.adapters[name].vectors if name is not None else {}
         for vector, base in self.base_vectors.items():
@@ -101,9 +109,12 @@ def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping
             continue
         if not holds_exactly(tensor.dtype, stored):
             raise BaseMismatchError(
-                f"the model holds {name!r} as {tensor.dtype}, which cannot be checked against the {stored} it was saved as",
-                expected=f"{stored} or a wider dtype", found=str(tensor.dtype),
-                fix="pass base_model=<the base checkpoint directory> so its files are fingerprinted, or verify_base=False",
+                f"the model holds {name!r} as {tensor.dtype}, which cannot be checked against the {stored} "
+                "it was saved as",
+                expected=f"{stored} or a wider dtype",
+                found=str(tensor.dtype),
+                fix="pass base_model=<the base checkpoint directory> so its files are fingerprinted, "
+                "or verify_base=False",
             )
         state[name] = tensor.to(SAFETENSORS_DTYPES[stored])
     return fingerprint_state_dict(state)
