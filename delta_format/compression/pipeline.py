@@ -38,11 +38,12 @@ import torch
 
 from ..core.dtypes import parse_dtype
 from ..errors import InvalidArgumentError
-from ..io.resolve import HubOptions
+from ..io.resolve import HubOptions, resolve_repo
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
+from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, schedule
-from .sources import TensorSource, open_source
+from .sources import CheckpointSource, ModelSource, TensorSource
 from .steps import TensorCompressor
 
 if TYPE_CHECKING:
@@ -227,6 +228,23 @@ def compress(
     # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
     # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
     return Delta(writer.out_dir, verify_checksums=False)
+
+
+def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource | None = None) -> TensorSource:
+    """A tensor source for a directory, a Hub repo id, an in-memory model, or (for the fine-tune,
+    when ``base`` is given) a PEFT LoRA adapter directory or repo."""
+    if isinstance(source, torch.nn.Module):
+        return ModelSource(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"cannot read the {what}",
+            expected="a directory, a Hub repo id or a torch model",
+            found=type(source).__name__,
+        )
+    directory, sha = resolve_repo(source, hub, what=what)
+    if base is not None and is_lora_adapter(directory):
+        return LoraSource(directory, base)
+    return CheckpointSource(directory, repo_id=None if sha is None else str(source), commit_sha=sha)
 
 
 def _tokenizer(source: TensorSource) -> Any:

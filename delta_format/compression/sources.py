@@ -9,7 +9,6 @@ files, and a LoRA adapter computes a target's fine-tuned value only when it is r
 from __future__ import annotations
 
 import copy
-import os
 import re
 import warnings
 from pathlib import Path
@@ -20,10 +19,8 @@ import torch
 from ..core.dtypes import CHECKPOINT_DTYPES
 from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
-from ..errors import InvalidArgumentError
 from ..io.checkpoint import Checkpoint
 from ..io.model_class import model_class_for
-from ..io.resolve import HubOptions, resolve_repo
 
 SIDE_FILES = (
     "config.json",
@@ -263,23 +260,3 @@ class ModelSource(WholeValueSource):
 
             return AutoTokenizer.from_pretrained(origin)
         return None
-
-
-def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource | None = None) -> TensorSource:
-    """A tensor source for a directory, a Hub repo id, an in-memory model, or (for the fine-tune,
-    when ``base`` is given) a PEFT LoRA adapter directory or repo."""
-    if isinstance(source, torch.nn.Module):
-        return ModelSource(source)
-    if not isinstance(source, (str, os.PathLike)):
-        raise InvalidArgumentError(
-            f"cannot read the {what}",
-            expected="a directory, a Hub repo id or a torch model",
-            found=type(source).__name__,
-        )
-    directory, sha = resolve_repo(source, hub, what=what)
-    # imported here, not at the top: lora.py builds its source on this module's protocol
-    from .lora import LoraSource, is_lora_adapter
-
-    if base is not None and is_lora_adapter(directory):
-        return LoraSource(directory, base)
-    return CheckpointSource(directory, repo_id=None if sha is None else str(source), commit_sha=sha)

@@ -6,7 +6,9 @@ method receives them in its `TensorContext` and never runs a model itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -61,3 +63,15 @@ class ActivationStats:
         if self.kind == "elementwise":
             return float((approx.double() - exact.double()).square().sum())
         return float(self.outputs(approx.float() - exact.float()).double().square().sum())
+
+
+class CalibrationSession(Protocol):
+    """What a method may ask of the compressor's calibration session in `EditMethod.prepare`
+    (implemented by `delta_format.compression.calibration.Calibration`)."""
+
+    def parameter(self, name: str) -> torch.Tensor | None:
+        """The fine-tuned model's parameter ``name`` (None if the model has no such parameter)."""
+
+    def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
+        """Mean squared logit error against the fine-tune when each named parameter moves by
+        ``deviation[name]``; a differentiable tensor with ``grad=True``, else a float."""

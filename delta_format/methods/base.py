@@ -31,8 +31,7 @@ from ..core.registry import Registered, Registry
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ..compression.calibration import Calibration
-    from .activations import ActivationStats
+    from .activations import ActivationStats, CalibrationSession
 
 
 @dataclass
@@ -198,7 +197,7 @@ class EditMethod(Registered):
         """True if the method cannot run without calibration texts with these parameters."""
         return False
 
-    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: CalibrationSession) -> dict[str, Any]:
         """Whole-model choices made on calibration texts before streaming; returns statistics
         for the manifest. Called only when there are calibration texts."""
         return {}

@@ -46,7 +46,7 @@ from .base import (
 from .dare import seeded_edit
 
 if TYPE_CHECKING:
-    from ..compression.calibration import Calibration
+    from .activations import CalibrationSession
 
 Q_MODES = ("auto", "output")
 parse_q = number_or(*Q_MODES)
@@ -106,7 +106,7 @@ class DarexMethod(EditMethod, name="darex"):
     def needs_calibration(self) -> bool:
         return isinstance(self.q, str)
 
-    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: CalibrationSession) -> dict[str, Any]:
         if self.q != "output":
             return {}
         kept, deltas, alphas = {}, {}, {}

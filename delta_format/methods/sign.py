@@ -23,7 +23,7 @@ from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
-    from ..compression.calibration import Calibration
+    from .activations import CalibrationSession
 
 GRANULARITIES = ("tensor", "row")
 SCALE_DTYPE = torch.float32
@@ -67,7 +67,7 @@ class SignMethod(EditMethod, name="sign"):
     def needs_calibration(self) -> bool:
         return self.distill_steps > 0
 
-    def prepare(self, tensors: TensorStream, calibration: Calibration) -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: CalibrationSession) -> dict[str, Any]:
         if not self.distill_steps:
             return {}
         fixed = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .base import ENCODING_CLASSES, Encoding, Expected, encoding_from_dict, on_the_fly_encodings
 from .dense import DenseEncoding
-from .factor import MERGE_MIN_TOKENS, Factor, build_factor, require_on_the_fly
+from .factor import MERGE_MIN_TOKENS, Factor
 from .index_codings import index_coding_bytes
 from .lowrank import LowRankEncoding
 from .replace import ReplaceEncoding
@@ -23,8 +23,6 @@ __all__ = [
     "on_the_fly_encodings",
     "Factor",
     "MERGE_MIN_TOKENS",
-    "build_factor",
-    "require_on_the_fly",
     "DenseEncoding",
     "SparseEncoding",
     "SignEncoding",

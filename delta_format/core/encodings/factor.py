@@ -1,20 +1,11 @@
 """What an encoding gives for on-the-fly adapters: one delta on one matrix, times its alpha, kept
 in its stored form and ready for a forward (the product with an input, the merged weight, or rows
 of an embedding). Each encoding's `Factor` lives in its own module (`SignFactor` in ``sign.py``,
-...); `build_factor` picks it through `Encoding.factor`."""
+...), built by `Encoding.factor`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
 import torch
-
-from ..dtypes import TORCH_DTYPES, compute_dtype
-from .base import not_on_the_fly
-
-if TYPE_CHECKING:
-    from ..manifest import TensorEntry
 
 MERGE_MIN_TOKENS = 32
 """From this many tokens in a call, a ``sign``/``dense`` delta is added to the weight for the call
@@ -52,19 +43,3 @@ class Factor:
     @property
     def device(self) -> torch.device:
         return self.tensors()[0].device
-
-
-def require_on_the_fly(name: str, entry: TensorEntry) -> None:
-    """Refuse, before anything is read, a matrix whose encoding has no on-the-fly form."""
-    if not entry.encoding.on_the_fly():
-        raise not_on_the_fly(name, entry.encoding.name)
-
-
-def build_factor(
-    name: str, entry: TensorEntry, stored: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype
-) -> Factor:
-    """The `Factor` of one matrix entry from its stored tensors, held in ``dtype`` (the weight's),
-    with ``alpha`` (entry alpha times the caller's) applied as SPEC §9 applies it: the product
-    rounded in the compute dtype of the entry's dtype."""
-    compute = compute_dtype(TORCH_DTYPES[entry.dtype])
-    return entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)

@@ -43,8 +43,6 @@ import torch
 from torch import nn
 
 from ...core.dtypes import parse_dtype
-from ...core.encodings import build_factor
-from ...core.encodings import require_on_the_fly as _require_on_the_fly
 from ...core.encodings.base import MATERIALISE_FIX as _MATERIALISE_FIX
 from ...core.reconstruct import reconstruct_stored
 from ...errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheFlyError
@@ -54,6 +52,7 @@ from ...io.model_class import model_class_for
 from ...io.resolve import HubOptions, open_delta
 from ..base_model import resolve_base
 from ..placement import DeviceMap
+from .factors import build_factor, require_on_the_fly
 from .modules import ADOPTERS, DeltaEmbedding, DeltaLinear
 from .registry import Adapter, OnTheFlyDeltas, tensor_owners
 
@@ -96,7 +95,7 @@ def _plan(
                 found=kind,
                 fix=_MATERIALISE_FIX,
             )
-        _require_on_the_fly(pname, entry)  # before reading anything
+        require_on_the_fly(pname, entry)  # before reading anything
         stored = delta.reader.stored(pname, tensor.device)
         adapter.factors[pname] = build_factor(pname, entry, stored, alpha, tensor.dtype)
         adopt.update(p for p, _, _ in holders)

@@ -3,7 +3,7 @@ and adds the active adapter's delta in its forward."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,11 @@ from torch import nn
 
 from ...errors import InvalidArgumentError
 
-if TYPE_CHECKING:
-    from .registry import OnTheFlyDeltas
+
+class ActiveAdapter(Protocol):
+    """Who says which adapter a forward applies (`OnTheFlyDeltas`): None for the base itself."""
+
+    active: str | None
 
 
 def check_same_device(held: torch.device, weight: torch.Tensor) -> None:
@@ -30,7 +33,7 @@ class DeltaLinear(nn.Linear):
     dict) and adds the active adapter's delta in its forward."""
 
     @classmethod
-    def adopt(cls, linear: nn.Linear, deltas: OnTheFlyDeltas) -> DeltaLinear:
+    def adopt(cls, linear: nn.Linear, deltas: ActiveAdapter) -> DeltaLinear:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
@@ -56,7 +59,7 @@ class DeltaEmbedding(nn.Embedding):
     """An ``nn.Embedding`` sharing the replaced one's parameters; adds the active adapter's rows."""
 
     @classmethod
-    def adopt(cls, embedding: nn.Embedding, deltas: OnTheFlyDeltas) -> DeltaEmbedding:
+    def adopt(cls, embedding: nn.Embedding, deltas: ActiveAdapter) -> DeltaEmbedding:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         for attr in (
