@@ -117,6 +117,15 @@ def test_decoding_needs_the_base_of_the_parameters_shape():
         enc.decode(stored, (4,), "w", torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_decodes_on_the_bases_device_with_the_same_bits():
+    value, base = any_bits(300_000, torch.bfloat16, 4), any_bits(300_000, torch.bfloat16, 5)
+    enc = BitdiffEncoding()
+    stored = enc.encode(value, base=base)
+    got = enc.decode({k: t.cuda() for k, t in stored.items()}, (300_000,), "w", torch.bfloat16, base=base.cuda())
+    assert got.device.type == "cuda" and same_bits(got.cpu(), value)
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 
