@@ -15,11 +15,13 @@ Three exact forms compete per parameter, and the smallest is stored:
 * ``replace`` (SPEC §5.5): the fine-tuned tensor itself, exactly the fine-tune's bytes, which
   bounds the other two: the delta is never larger than the fine-tune (plus headers).
 
-``form="delta"`` leaves ``bitdiff`` out, for a delta that applies on the fly and scales with a
-load-time alpha wherever a float delta is exact. With a coefficient α ≠ 1 the reconstruction is
-not meant to be the fine-tune, and a value would ignore α, so the delta is stored in the
-arithmetic dtype without the fallback (``exact_at_alpha_1`` in the stats says whether α = 1 would
-have been bit-exact).
+``form="delta"`` leaves ``bitdiff`` out and stores a float delta wherever one is exact, even where
+it is larger than the fine-tune (a float32 delta of a bf16 model is twice its size), for a delta
+that applies on the fly, scales with a load-time alpha and adds up with other deltas.
+
+With a coefficient α ≠ 1 the reconstruction is not meant to be the fine-tune, and a value would
+ignore α, so the delta is stored in the arithmetic dtype without the fallback
+(``exact_at_alpha_1`` in the stats says whether α = 1 would have been bit-exact).
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ class DenseMethod(EditMethod, name="dense"):
     summary: ClassVar[str] = "lossless"
     form: str = param(
         "smallest",
-        help="smallest: the smallest exact form (bitdiff where zstandard is installed); "
-        "delta: a float delta where one is exact (applies on the fly, scales with alpha), else the value",
+        help="smallest: the smallest exact form, never larger than the fine-tune (bitdiff where zstandard is "
+        "installed); delta: a float delta where one is exact, even if larger (applies on the fly, scales with "
+        "alpha), else the value",
         choices=FORMS,
     )
 
@@ -158,7 +161,7 @@ class DenseMethod(EditMethod, name="dense"):
         dense = DenseEncoding()
         for dtype in candidates:
             kind = str(dtype).removeprefix("torch.")
-            if context.alpha == 1.0 and ft.numel() * dtype.itemsize > budget:
+            if context.alpha == 1.0 and self.form == "smallest" and ft.numel() * dtype.itemsize > budget:
                 why.append(f"a {kind} delta would be larger than the fine-tune")
                 continue
             if reconstructs(base, delta, ft, dtype):
