@@ -69,6 +69,10 @@ class UnsupportedOnTheFlyError(InvalidArgumentError):
     loaded materialised with `DeltaModel.from_pretrained` or ``swap_delta``."""
 
 
+class MissingDependencyError(DeltaFormatError, ImportError):
+    """An optional package a feature needs is not installed (the message names the extra)."""
+
+
 class ResolutionError(DeltaFormatError):
     """A delta or base could not be found locally or on the Hub."""
 
@@ -85,5 +89,6 @@ __all__ = [
     "OutputExistsError",
     "InvalidArgumentError",
     "UnsupportedOnTheFlyError",
+    "MissingDependencyError",
     "ResolutionError",
 ]

@@ -1,8 +1,10 @@
 """A second implementation of the format, written from `spec/SPEC.md` alone, for the tests.
 
 It imports nothing from `delta_format` and no torch: Python integers for the seeded-mask generator
-(§6), hashlib and json for fingerprints (§7), a hand-written safetensors parser, and numpy float32
-/ float64 arithmetic for decoding (§5) and reconstruction (§9). Where it and the library agree on
+(§6), hashlib and json for fingerprints (§7), a hand-written safetensors parser, numpy float32
+/ float64 arithmetic for decoding (§5) and reconstruction (§9), and for ``bitdiff`` (§5.6) a
+hand-written zstd frame-header parser (RFC 8878), numpy unsigned integers and, to decompress
+a checked frame, the ``zstandard`` package. Where it and the library agree on
 the test vectors, the spec is implementable as written and the library follows it.
 """
 
@@ -123,12 +125,15 @@ def bit_of(packed: np.ndarray, i: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode(entry: dict, stored: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """δ of SPEC §5 in the compute dtype (float64 for float64 parameters, else float32)."""
+def decode(entry: dict, stored: dict[str, np.ndarray], name: str, base: np.ndarray | None = None) -> np.ndarray:
+    """δ of SPEC §5 (a value for replace and bitdiff) in the compute dtype (float64 for float64
+    parameters, else float32); ``base`` (as `to_array` reads it) is needed by bitdiff only."""
     shape, config = entry["shape"], entry.get("config", {})
     c = np.float64 if entry["dtype"] == "float64" else np.float32
     numel = math.prod(shape)
     encoding = entry["encoding"]
+    if encoding == "bitdiff":
+        return decode_bitdiff(entry, stored, base)
     if encoding == "dense":
         return stored["delta"].astype(c)
     if encoding == "replace":
@@ -163,7 +168,7 @@ def decode(entry: dict, stored: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.ndarray:
     """§9 for one delta part, no user multiplier; result rounded to the entry's dtype."""
-    if entry["encoding"] == "replace":
+    if entry["encoding"] in ("replace", "bitdiff"):
         return round_to(delta, entry["dtype"])
     c = np.float64 if entry["dtype"] == "float64" else np.float32
     acc = base.astype(c)
@@ -171,6 +176,81 @@ def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.n
     if alpha != 1.0:
         delta = (c(alpha) * delta).astype(c)
     return round_to((acc + delta).astype(c), entry["dtype"])
+
+
+# ---------------------------------------------------------------------------------------------
+# §5.6 bitdiff: frame headers parsed by hand, residuals in numpy unsigned integers.
+# ---------------------------------------------------------------------------------------------
+
+WIDTH = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class Refused(ValueError):
+    """What a reader MUST refuse (§5.6)."""
+
+
+def zstd_frame_header(frame: bytes) -> tuple[int | None, int, int]:
+    """(content size or None, window size, dictionary id) from a frame header (RFC 8878 §3.1.1)."""
+    if frame[:4] != bytes.fromhex("28b52ffd") or len(frame) < 6:
+        raise Refused("not a zstd frame")
+    fhd = frame[4]
+    fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos, window = 5, None
+    if not single:
+        exponent, mantissa = frame[pos] >> 3, frame[pos] & 7
+        window = (1 << (10 + exponent)) + ((1 << (10 + exponent)) >> 3) * mantissa
+        pos += 1
+    did_size = (0, 1, 2, 4)[did_flag]
+    dict_id = int.from_bytes(frame[pos : pos + did_size], "little")
+    pos += did_size
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    size = int.from_bytes(frame[pos : pos + fcs_size], "little") + (256 if fcs_size == 2 else 0) if fcs_size else None
+    return size, size if single else window, dict_id
+
+
+def decode_bitdiff(entry: dict, stored: dict[str, np.ndarray], base: np.ndarray) -> np.ndarray:
+    import zstandard
+
+    config, dtype, shape = entry["config"], entry["dtype"], entry["shape"]
+    assert set(config) == {"codec", "chunk_elements"} and config["codec"] == "zstd"
+    n, k, chunk = math.prod(shape), WIDTH[dtype], config["chunk_elements"]
+    planes, frames = stored["planes"], stored["frames"]
+    chunks = -(-n // chunk)
+    if planes.dtype != np.uint8 or planes.ndim != 1 or frames.dtype != np.int64 or frames.shape != (chunks, k):
+        raise Refused("planes/frames of the wrong dtype or shape")
+    sizes = [int(x) for x in frames.reshape(-1)]
+    if any(x <= 0 for x in sizes) or sum(sizes) != len(planes):
+        raise Refused("frame sizes")
+    raw, offset = planes.tobytes(), 0
+    u = UNSIGNED[k]
+    r = np.zeros(n, dtype=u)
+    for c in range(chunks):
+        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        for p in range(k):
+            frame = raw[offset : offset + sizes[c * k + p]]
+            offset += sizes[c * k + p]
+            size, window, dict_id = zstd_frame_header(frame)
+            if size != hi - lo or dict_id != 0 or window > max(hi - lo, 1 << 23):
+                raise Refused("frame header")
+            try:
+                out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=hi - lo, allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                raise Refused(str(exc)) from None
+            if len(out) != hi - lo:
+                raise Refused("frame length")
+            r[lo:hi] |= np.frombuffer(out, dtype=np.uint8).astype(u) << u(8 * p)
+    s = (r >> u(1)) ^ (u(0) - (r & u(1)))  # unzigzag, mod 2^w
+    bd = round_to(base.reshape(-1), dtype)  # round_dtype(B), held in float32 (float64 for float64)
+    if dtype == "bfloat16":
+        bits = (bd.view(np.uint32) >> np.uint32(16)).astype(u)
+    else:
+        bits = bd.astype({2: np.float16, 4: np.float32, 8: np.float64}[k]).view(u)
+    value = bits + s  # mod 2^w
+    if dtype == "bfloat16":
+        return (value.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(shape)
+    as_float = value.view({2: np.float16, 4: np.float32, 8: np.float64}[k])
+    return as_float.astype(np.float64 if k == 8 else np.float32).reshape(shape)
 
 
 def read_delta(directory: Path) -> tuple[dict, dict[str, tuple[str, list[int], bytes]]]:

@@ -293,7 +293,7 @@ def test_rules_pick_methods_by_name_and_the_first_match_wins(trained, tmp_path):
     assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {"scale": "row"}
     assert tensors["model.layers.0.mlp.up_proj.weight"].encoding.to_dict() == {"scale": "tensor"}
     assert tensors["lm_head.weight"].encoding.name == "sparse"
-    assert delta.manifest.method_params["rules"][0] == ["*embed_tokens*", "dense", {}]
+    assert delta.manifest.method_params["rules"][0] == ["*embed_tokens*", "dense", {"form": "smallest"}]
 
 
 def test_include_and_exclude_leave_other_tensors_at_the_base(trained, tmp_path):

@@ -82,7 +82,7 @@ def test_dense_stores_a_bf16_delta_when_it_reconstructs_the_finetune_exactly():
     base = torch.randn(64, 64).to(torch.bfloat16)
     ft = (base.float() * 1.01).to(torch.bfloat16)
     delta = ft.float() - base.float()
-    edit = get_method("dense").edit("w", delta, ctx(base=base, finetune=ft, value_dtype=torch.bfloat16))
+    edit = get_method("dense", form="delta").edit("w", delta, ctx(base=base, finetune=ft, value_dtype=torch.bfloat16))
     assert edit.encoding.name == "dense" and edit.lossless
     assert edit.stored["delta"].dtype == torch.bfloat16
     assert same_bits(reconstruct("w", _entry(edit, ft), decode(edit, ft.shape), base), ft)
@@ -92,7 +92,7 @@ def test_dense_widens_to_float32_when_the_bf16_delta_would_round():
     base = torch.tensor([1.0, 3.0]).to(torch.bfloat16)
     ft = torch.tensor([1.0 + 2**-7, 3.0e-3]).to(torch.bfloat16)  # second delta needs more than 8 bits
     delta = ft.float() - base.float()
-    edit = get_method("dense").edit("w", delta, ctx(base=base, finetune=ft, value_dtype=torch.bfloat16))
+    edit = get_method("dense", form="delta").edit("w", delta, ctx(base=base, finetune=ft, value_dtype=torch.bfloat16))
     assert edit.stored["delta"].dtype == torch.float32
     assert same_bits(reconstruct("w", _entry(edit, ft), decode(edit, ft.shape), base), ft)
 

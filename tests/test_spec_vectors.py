@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from delta_format.core import seeded_mask
 from delta_format.core.fingerprint import fingerprint_safetensors
 from delta_format.core.manifest import Manifest
-from delta_format.core.reconstruct import reconstruct
-from delta_format.errors import DeltaFormatError
+from delta_format.core.reconstruct import reconstruct_stored
+from delta_format.errors import CorruptDeltaError, DeltaFormatError
 from delta_format.io.reader import DeltaReader
 from tests import spec_reference as ref
 
@@ -58,6 +58,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "lowrank",
             "replace",
             "sharded",
+            "bitdiff",
         ]
     )
 
@@ -76,7 +77,9 @@ def test_library_reconstructs_expected_bit_for_bit(name):
         assert set(reader.manifest.tensors) <= set(expected)
         for param, want in expected.items():
             if param in reader.manifest.tensors:
-                got = reconstruct(param, reader.entry(param), reader.decode(param), base.get(param))
+                got = reconstruct_stored(
+                    param, [(reader.entry(param), reader.stored(param), 1.0)], base.get(param), dtype=want.dtype
+                )
             else:
                 got = base[param]  # SPEC §9: absent parameters are the base's
             assert got.dtype == want.dtype and got.shape == want.shape, param
@@ -98,7 +101,7 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
             got = base[param]
         else:
             mine = {key.split(":")[-1]: ref.to_array(*v) for key, v in stored.items() if key.rsplit(":", 1)[0] == param}
-            got = ref.reconstruct(entry, ref.decode(entry, mine, param), base.get(param))
+            got = ref.reconstruct(entry, ref.decode(entry, mine, param, base.get(param)), base.get(param))
         assert got.shape == want.shape, param
         assert np.array_equal(
             got.view(np.uint32 if got.dtype == np.float32 else np.uint64),
@@ -111,7 +114,13 @@ def roles(entry: dict) -> list[str]:
     encoding, config = entry["encoding"], entry.get("config", {})
     if encoding == "sparse":
         return ["values"] + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
-    return {"dense": ["delta"], "sign": ["bits", "scale"], "lowrank": ["u", "v"], "replace": ["value"]}[encoding]
+    return {
+        "dense": ["delta"],
+        "sign": ["bits", "scale"],
+        "lowrank": ["u", "v"],
+        "replace": ["value"],
+        "bitdiff": ["planes", "frames"],
+    }[encoding]
 
 
 @pytest.mark.parametrize("name", VECTOR_NAMES)
@@ -129,6 +138,34 @@ def test_sharded_vector_has_several_shards_an_index_and_no_single_file():
     assert shards == [f"delta-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
     assert not (directory / "delta.safetensors").exists()
     assert sorted(manifest_of("sharded")["files"]) == shards
+
+
+MUST_REFUSE = json.loads((VECTORS / "bitdiff_must_refuse.json").read_text(encoding="utf-8"))["cases"]
+
+
+def _refused_stored(case: dict) -> dict[str, np.ndarray]:
+    return {
+        "planes": np.frombuffer(bytes.fromhex(case["planes_hex"]), dtype=np.uint8),
+        "frames": np.array(case["frames"], dtype=np.int64).reshape(-1, 2),
+    }
+
+
+@pytest.mark.parametrize("case", MUST_REFUSE, ids=[c["why"] for c in MUST_REFUSE])
+def test_library_refuses_the_bitdiff_corruptions(case):
+    with DeltaReader(VECTORS / "bitdiff") as reader:
+        entry = reader.entry("bf16-10")
+    base = load_file(VECTORS / "bitdiff" / "base.safetensors")["bf16-10"]
+    stored = {role: torch.from_numpy(a.copy()) for role, a in _refused_stored(case).items()}
+    with pytest.raises(CorruptDeltaError):
+        reconstruct_stored("bf16-10", [(entry, stored, 1.0)], base, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", MUST_REFUSE, ids=[c["why"] for c in MUST_REFUSE])
+def test_reference_decoder_refuses_the_bitdiff_corruptions(case):
+    entry = manifest_of("bitdiff")["tensors"]["bf16-10"]
+    base = ref.to_array(*ref.read_safetensors(VECTORS / "bitdiff" / "base.safetensors")["bf16-10"])
+    with pytest.raises(ref.Refused):
+        ref.decode(entry, _refused_stored(case), "bf16-10", base)
 
 
 def test_vectors_regenerate_to_the_same_bytes(tmp_path):

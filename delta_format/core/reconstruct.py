@@ -41,7 +41,7 @@ def reconstruct(
     Args:
         name: parameter name (for messages).
         entry: the manifest entry (encoding, shape, stored alpha).
-        decoded: the decoded delta (or, for ``replace``, the value) on the base's device.
+        decoded: the decoded delta (or, for a value encoding, the value) on the base's device.
         base: the base tensor (any dtype), or None where the encoding is ``replace``.
         alpha_scale: multiplies the stored alpha (load-time EXPO / interpolation knob).
         dtype: result dtype; the manifest's dtype by default.
@@ -52,7 +52,8 @@ def reconstruct(
     if entry.encoding.is_delta:  # a decoded delta is a dense one: same arithmetic, same bits
         entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha)
         stored = {DenseEncoding.DELTA: decoded}
-    else:
+    else:  # and a decoded value (replace, bitdiff) a replace one
+        entry = TensorEntry(ReplaceEncoding(), entry.shape, entry.dtype, entry.alpha)
         stored = {ReplaceEncoding.VALUE: decoded}
     return reconstruct_stored(name, [(entry, stored, alpha_scale)], base, dtype=dtype or TORCH_DTYPES[entry.dtype])
 
@@ -66,7 +67,7 @@ def reconstruct_stored(
     name: str, parts: Sequence[Part], base: torch.Tensor | None, *, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The parameter from its base and one or more deltas' stored tensors (task arithmetic when
-    several). A ``replace`` part must be the only part for its parameter.
+    several). A value part (``replace``, ``bitdiff``) must be the only part for its parameter.
 
     The sum is formed a block of rows at a time in a small float32 buffer and cast into the result
     (``out`` if given, a new tensor on the base's device otherwise), so the only full-size memory is
@@ -118,7 +119,8 @@ def reconstruct_stored(
 
 
 def _replaced(name: str, parts: Sequence[Part], base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A ``replace`` part: the stored value (SPEC §5.5), or base + alpha (value - base) when alpha != 1."""
+    """A value part (``replace``, ``bitdiff``): the value (SPEC §5.5, §5.6), or
+    base + alpha (value - base) when alpha != 1."""
     if len(parts) > 1:
         raise BaseMismatchError(
             f"{name!r} is replaced by one delta and changed by another",
@@ -129,15 +131,33 @@ def _replaced(name: str, parts: Sequence[Part], base: torch.Tensor | None, dtype
     entry, stored, alpha_scale = parts[0]
     alpha = entry.alpha * alpha_scale
     if alpha == 1.0 or base is None or tuple(base.shape) != tuple(entry.shape):
-        value = entry.encoding.decode(stored, entry.shape, name, dtype)
-        _check_finite(name, value, None, dtype)
+        value = _value(name, entry, stored, base, dtype)
+        _check_finite(name, value, base if entry.encoding.needs_base else None, dtype)
         return value
     # alpha != 1 on a whole value: it stands for the delta value - base (SPEC §5.5, §9).
     acc = base.to(compute_dtype(dtype), copy=True)
-    delta = entry.encoding.decode(stored, entry.shape, name, acc.dtype) - acc
+    delta = _value(name, entry, stored, base, acc.dtype) - acc
     value = acc.add_(delta.mul_(alpha)).to(dtype)
     _check_finite(name, value, base, dtype)
     return value
+
+
+def _value(
+    name: str, entry: TensorEntry, stored: Mapping[str, torch.Tensor], base: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """A value part decoded in ``dtype``; one stored relative to the base (``needs_base``) gets the
+    base rounded to the parameter's dtype (SPEC §5.6's Bd), which must exist with its shape."""
+    if not entry.encoding.needs_base:
+        return entry.encoding.decode(stored, entry.shape, name, dtype)
+    if base is None or tuple(base.shape) != tuple(entry.shape):
+        raise BaseMismatchError(
+            f"the base has no tensor {name!r} of the delta's shape, which its {entry.encoding.name} value needs",
+            expected=f"shape {list(entry.shape)}",
+            found="nothing" if base is None else list(base.shape),
+            fix="load the base the delta was made against",
+        )
+    rounded = base.to(TORCH_DTYPES[entry.dtype])
+    return entry.encoding.decode(stored, entry.shape, name, dtype, base=rounded)
 
 
 def _check_finite(name: str, out: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> None:

@@ -1,7 +1,7 @@
 """Turning a delta back into a full checkpoint (``apply``), and checking a delta end to end (``verify``).
 
 `apply_delta` streams the base tensor by tensor, reconstructs every parameter the delta changes
-(`DeltaReader.decode` + `reconstruct`, the loader's own arithmetic), and writes an ordinary
+(`reconstruct_stored`, the loader's own arithmetic), and writes an ordinary
 safetensors checkpoint with the fine-tune's config and tokenizer files, which
 ``from_pretrained`` loads like any model. The output is staged in a hidden sibling directory and
 published in one rename. `verify_delta` opens a delta (checksums), decodes every parameter and,
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
-from ..core.dtypes import parse_dtype
-from ..core.reconstruct import reconstruct
+from ..core.dtypes import TORCH_DTYPES, parse_dtype
+from ..core.reconstruct import reconstruct_stored
 from ..errors import DeltaFormatError
 from ..io.checkpoint import CHECKPOINT_LAYOUT, Checkpoint
 from ..io.reader import DeltaReader
@@ -115,8 +115,9 @@ def _write_checkpoint(
             if target is not None and value.is_floating_point():
                 value = value.to(target)
         else:
-            base_tensor = checkpoint.get_tensor(name) if entry.encoding.is_delta and name in checkpoint else None
-            value = reconstruct(name, entry, reader.decode(name), base_tensor, alpha_scale=alpha, dtype=target)
+            base_tensor = checkpoint.get_tensor(name) if entry.encoding.needs_base and name in checkpoint else None
+            parts = [(entry, reader.stored(name), alpha)]
+            value = reconstruct_stored(name, parts, base_tensor, dtype=target or TORCH_DTYPES[entry.dtype])
         writer.add({name: value})
         del value
     writer.close()
@@ -189,8 +190,13 @@ def verify_delta(
 def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
     bad = 0
     for name in reader:
+        entry = reader.entry(name)
         try:
-            reader.decode(name)
+            if entry.encoding.needs_base and not entry.encoding.is_delta:  # bitdiff: a value relative to the base
+                zeros = torch.zeros(entry.shape, dtype=TORCH_DTYPES[entry.dtype])  # every frame checked, none kept
+                entry.encoding.decode(reader.stored(name), entry.shape, name, zeros.dtype, base=zeros)
+            else:
+                reader.decode(name)
         except DeltaFormatError as exc:
             bad += 1
             if bad <= shown:

@@ -97,8 +97,8 @@ def check_base(
         _warn(f"the delta{where} records no base fingerprint; its base cannot be verified")
     else:
         check_fingerprint(expected, base.fingerprint() if isinstance(base, Checkpoint) else base(expected), label)
-    if isinstance(base, Checkpoint):  # a delta (not a replacement) is added to a base tensor of its shape
-        edits = {n: e for n, e in manifest.tensors.items() if e.encoding.is_delta}
+    if isinstance(base, Checkpoint):  # a delta (or a bitdiff value) needs a base tensor of its shape
+        edits = {n: e for n, e in manifest.tensors.items() if e.encoding.needs_base}
         _check_shapes(
             edits,
             _checkpoint_shapes(base, edits),

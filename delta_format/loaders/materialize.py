@@ -67,7 +67,7 @@ def materialize(
                 )
         else:
             parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
-            needs_base = any(e.encoding.is_delta or e.alpha * s != 1.0 for e, _, s in parts)
+            needs_base = any(e.encoding.needs_base or e.alpha * s != 1.0 for e, _, s in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
             value = reconstruct_stored(name, parts, base_tensor, dtype=target)
             del parts, base_tensor

@@ -7,6 +7,7 @@ below (see `delta_format.core.encodings.base` for the contract).
 from __future__ import annotations
 
 from .base import ENCODING_CLASSES, Encoding, Expected, encoding_from_dict, on_the_fly_encodings
+from .bitdiff import BitdiffEncoding
 from .dense import DenseEncoding
 from .factor import MERGE_MIN_TOKENS, Factor
 from .index_codings import index_coding_bytes
@@ -28,5 +29,6 @@ __all__ = [
     "SignEncoding",
     "LowRankEncoding",
     "ReplaceEncoding",
+    "BitdiffEncoding",
     "index_coding_bytes",
 ]

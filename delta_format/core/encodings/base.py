@@ -20,7 +20,8 @@ The contract, closed on both sides (writers call the first two, readers the rest
 * ``from_dict``/``to_dict``: the manifest's ``config`` object, validated field by field.
 * ``expected(shape)``: the stored tensors a parameter of ``shape`` must have (`Expected`), so a
   reader validates a file before decoding anything.
-* ``decode``: the delta in a given dtype; ``rows``: the delta times alpha, added into an
+* ``decode``: the delta in a given dtype (for a value encoding, the value; ``bitdiff`` also takes
+  the base, see `Encoding.needs_base`); ``rows``: the delta times alpha, added into an
   accumulator a block of rows at a time (`RowDelta`, what loading uses).
 * ``factor``: the delta of a matrix kept in stored form for a forward pass (on-the-fly
   adapters, `Factor`). The base method refuses (`UnsupportedOnTheFlyError`), so whether an
@@ -132,7 +133,12 @@ class Encoding(Registered):
 
     registry = ENCODING_CLASSES
     is_delta: ClassVar[bool] = True
-    """False for encodings that store the value itself (``replace``): the base is not added."""
+    """False for encodings whose decode gives the value itself (``replace``, ``bitdiff``): the
+    base is not added, and alpha != 1 follows ``replace``'s rule (SPEC §5.5, §9)."""
+    needs_base: ClassVar[bool] = True
+    """Whether rebuilding the parameter reads the base tensor: every delta encoding, and value
+    encodings stored relative to the base (``bitdiff``), whose ``decode`` then takes the base,
+    rounded to the parameter's dtype, as the keyword ``base``. False for ``replace`` alone."""
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> Encoding:
@@ -157,8 +163,9 @@ class Encoding(Registered):
     def decode(
         self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Rebuild the delta (or, for ``replace``, the value) of ``shape`` in ``dtype`` on the
-        stored tensors' device."""
+        """Rebuild the delta (or, for a value encoding, the value) of ``shape`` in ``dtype`` on
+        the stored tensors' device. Value encodings that need the base (``needs_base``) also take
+        ``base=``, the base tensor in the parameter's dtype, and decode on its device."""
         raise NotImplementedError
 
     def rows(

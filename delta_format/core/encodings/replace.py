@@ -20,6 +20,7 @@ from .base import Encoding, Expected, check_config_keys, require_finite
 class ReplaceEncoding(Encoding, name=REPLACE):
     VALUE = "value"
     is_delta = False
+    needs_base = False
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ReplaceEncoding:
