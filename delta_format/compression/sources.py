@@ -9,6 +9,8 @@ files, and a LoRA adapter computes a target's fine-tuned value only when it is r
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -20,11 +22,20 @@ from ..core.dtypes import CHECKPOINT_DTYPES
 from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
 from ..io.checkpoint import Checkpoint
-from ..io.model_class import model_class_for
+from ..io.model_class import architecture_names, architecture_names_from_config, model_class_for
+from ..io.resolve import OTHER_WEIGHT_FOLDERS, OTHER_WEIGHT_SUFFIXES, PICKLE_SUFFIXES
 
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+logger = logging.getLogger(__name__)
+
+REPLACED_WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?")
+"""The top-level weight files the delta stands for (``model.safetensors``, its shards, its index,
+variants such as ``model.fp16.safetensors``). Safetensors in subfolders (a sentence-transformers
+``2_Dense/`` head) are modules the delta does not cover: carried."""
+
+TRAINER_FOLDERS = re.compile(r"checkpoint-\d+")
+"""A Trainer's intermediate checkpoints: whole models of their own, not part of the fine-tune."""
+
+TOKENIZER_SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -39,10 +50,42 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-"""The fine-tune's files copied into the delta: its config and everything its tokenizer needs."""
+"""What a tokenizer (and its chat template) may need: a LoRA adapter carries these of its own."""
 
-CONFIG_FILES = ("config.json", "generation_config.json")
-"""Side files that describe the model itself: a LoRA adapter's base supplies them, not the adapter."""
+
+def carried_file(relative: str) -> bool:
+    """Whether the fine-tune's file at ``relative`` (a POSIX path inside its directory) is copied
+    into the delta: every file except the weights the delta replaces, pickles, other formats'
+    copies of the weights, the fine-tune's own card (the delta gets its own) and hidden files.
+
+    Carrying everything else (sentence-transformers' ``modules.json`` and ``1_Pooling/``, chat
+    templates, generation config, a ``2_Dense/model.safetensors`` head the delta does not cover)
+    is what makes `apply`'s output load in every library exactly like the fine-tune.
+    """
+    parts = relative.split("/")
+    name = parts[-1]
+    if any(part.startswith(".") for part in parts) or relative == "README.md":
+        return False
+    if len(parts) == 1 and (REPLACED_WEIGHTS.fullmatch(name) or name.startswith("adapter_")):
+        return False
+    if any(part in OTHER_WEIGHT_FOLDERS or TRAINER_FOLDERS.fullmatch(part) for part in parts[:-1]):
+        return False
+    return not name.lower().endswith(PICKLE_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
+
+
+def carried_files(directory: Path) -> dict[str, Path]:
+    """The fine-tune's files `carried_file` keeps, by POSIX path relative to ``directory``
+    (subfolders included; symlinked folders are not followed, so a link cannot loop or escape)."""
+    found: dict[str, Path] = {}
+    for root, folders, files in os.walk(directory):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            relative = path.relative_to(directory).as_posix()
+            if path.is_file() and carried_file(relative):
+                found[relative] = path
+    return found
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """Either one in a directory means a tokenizer can be loaded from it."""
@@ -90,6 +133,12 @@ class TensorSource(Protocol):
     def adapter_params(self) -> dict[str, Any] | None:
         """What the manifest records about the adapter the fine-tune came from, None for full weights."""
 
+    def architecture_names(self) -> set[str] | None:
+        """The tensor names this model's architecture loads from a checkpoint (its state dict:
+        parameters and persistent buffers), None where it cannot be told. A base tensor outside
+        it (an int64 ``position_ids`` buffer an older transformers saved) is one the fine-tune
+        would ignore on loading, as transformers ignores unexpected keys."""
+
     def fingerprint(self) -> dict:
         """The base fingerprint of these tensors (SPEC §7)."""
 
@@ -97,13 +146,18 @@ class TensorSource(Protocol):
         """How a loader finds this model again when it is the base (repo + commit, or local path)."""
 
     def side_files(self) -> dict[str, Path | bytes]:
-        """Files to copy beside the delta (config, tokenizer), by name: a path or the bytes."""
+        """Files to copy beside the delta (config, tokenizer, a library's module configs), by POSIX
+        path relative to the delta directory (``1_Pooling/config.json``): a path or the bytes."""
 
     def load_model(self) -> torch.nn.Module:
         """The whole model in float32, for calibration (a private copy: the caller edits it)."""
 
     def tokenizer(self) -> Any:
         """The model's tokenizer, None if it has none. May raise OSError/ValueError from transformers."""
+
+    def card_data(self) -> dict[str, Any]:
+        """What the fine-tune's own model card says that the delta's card carries over (`CARRIED_CARD_KEYS`:
+        license, language, datasets, pipeline tag, tags, library), {} without a card."""
 
 
 class WholeValueSource:
@@ -158,7 +212,15 @@ class CheckpointSource(WholeValueSource):
         return BaseReference(local_path=str(self.directory.resolve()), fingerprint=self.fingerprint())
 
     def side_files(self) -> dict[str, Path | bytes]:
-        return {name: self.directory / name for name in SIDE_FILES if (self.directory / name).is_file()}
+        return dict(carried_files(self.directory))
+
+    def architecture_names(self) -> set[str] | None:
+        if not hasattr(self, "_architecture_names"):
+            self._architecture_names = architecture_names_from_config(self.directory)
+        return self._architecture_names
+
+    def card_data(self) -> dict[str, Any]:
+        return card_data_of(self.directory)
 
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoConfig
@@ -170,6 +232,36 @@ class CheckpointSource(WholeValueSource):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.directory)
+
+
+CARRIED_CARD_KEYS = (
+    "license",
+    "license_name",
+    "license_link",
+    "language",
+    "datasets",
+    "pipeline_tag",
+    "tags",
+    "library_name",
+)
+"""The fine-tune card's metadata a delta's card repeats, so the Hub's filters and widgets treat the
+delta as the model it is (SPEC §10.1)."""
+
+
+def card_data_of(directory: Path | None) -> dict[str, Any]:
+    """`CARRIED_CARD_KEYS` from ``directory/README.md`` (huggingface_hub's `ModelCard` parses it);
+    {} without a readable card: a card is informative, never a reason to fail."""
+    path = directory / "README.md" if directory is not None else None
+    if path is None or not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:  # a hand-written card may be broken
+        logger.warning("ignoring the fine-tune's model card %s: %s", path, str(exc)[:200])
+        return {}
+    return {key: data[key] for key in CARRIED_CARD_KEYS if data.get(key) not in (None, "", [])}
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -249,6 +341,19 @@ class ModelSource(WholeValueSource):
         if generation is not None and can_generate():
             files["generation_config.json"] = generation.to_json_string().encode()
         return files
+
+    def architecture_names(self) -> set[str] | None:
+        """The state dict of an empty model of this model's class and config; None for a model
+        that is not a transformers model (its own state dict cannot tell what it would load)."""
+        from transformers import PreTrainedModel
+
+        if not isinstance(self.model, PreTrainedModel):
+            return None
+        return architecture_names(type(self.model), self.model.config)
+
+    def card_data(self) -> dict[str, Any]:
+        origin = getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        return card_data_of(Path(origin)) if origin and Path(origin).is_dir() else {}
 
     def load_model(self) -> torch.nn.Module:
         return copy.deepcopy(self.model)

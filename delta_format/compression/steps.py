@@ -194,6 +194,7 @@ class TensorCompressor:
                 output_error=self.session.output_mse(),
                 calibration_texts=len(self.session.batches),
                 calibration_tokens=self.session.tokens,
+                **self.session.output_agreement(),
             )
             if self.session.loss is not None:
                 stats.update(calibration_loss=self.session.loss, loss_change_estimate=self.totals.loss_change)
