@@ -264,6 +264,7 @@ def tiny_sentence_transformer(directory: str | Path, seed: int = 0, *, hidden: i
     model card sentence-transformers writes), ``card`` merged into that card's metadata."""
     from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer
+
     try:
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     except ImportError:  # sentence-transformers < 6

@@ -156,6 +156,27 @@ def run_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_lora(args: argparse.Namespace) -> int:
+    from ..loaders.export_lora import export_lora
+
+    report = export_lora(
+        args.delta,
+        args.out,
+        rank=args.rank,
+        dtype=args.dtype,
+        base_model=args.base,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        token=args.token,
+    )
+    print(report.summary())
+    for name, error in sorted(report.fitted.items(), key=lambda item: -item[1])[:10]:
+        print(f"  fitted {name}: relative error {error:.4g}")
+    print(f"wrote {report.directory}")
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from ..loaders.apply import verify_delta
 

@@ -281,6 +281,8 @@ def source_stats(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -
         logger.info("ignoring %d base tensor(s) the fine-tune does not load: %s", len(ignored), ignored[:5])
         out["ignored_base_tensors"] = ignored
     card = finetune.card_data()
+    if "modules.json" in finetune.side_files():  # a sentence-transformers model, card or not
+        card.setdefault("library_name", "sentence-transformers")
     if card:
         out["finetune_card"] = card
     return out
