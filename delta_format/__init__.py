@@ -16,6 +16,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the library logs; the application shows
+
 from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _error_names  # noqa: E402
 

@@ -11,8 +11,18 @@ from transformers import AutoModelForCausalLM
 import delta_format
 from delta_format import DeltaModel, InvalidArgumentError
 from delta_format.cli import main
+from delta_format.loaders.apply import apply_delta
 from delta_format.loaders.export_lora import export_lora
-from tests.models import CALIBRATION_TEXTS, encode, save, structured_perturbation, tiny_bert, tiny_gpt2, tiny_llama
+from tests.models import (
+    CALIBRATION_TEXTS,
+    byte_tokenizer,
+    encode,
+    save,
+    structured_perturbation,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 peft = pytest.importorskip("peft", reason="the peft extra is not installed")
 
@@ -98,3 +108,20 @@ def test_conv1d_layers_are_refused_with_a_way_out(tmp_path):
     with pytest.raises(InvalidArgumentError, match="Conv1D"):
         export_lora(delta.directory, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_apply_writes_what_serving_engines_read(tmp_path):
+    """vLLM and TGI load a directory with config.json, the tokenizer, generation_config.json and
+    safetensors shards listed in model.safetensors.index.json: apply writes each of them."""
+    base = tiny_llama()
+    save(base, tmp_path / "base")
+    ft = structured_perturbation(base, 0.05)
+    ft.generation_config.max_new_tokens = 7
+    save(ft, tmp_path / "ft", tokenizer=byte_tokenizer())
+    delta = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", method="sign", progress=False)
+    out = apply_delta(delta.directory, tmp_path / "full", max_shard_size=100_000)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json"} <= names
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1 and all((out / f).is_file() for f in index.values())
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 7

@@ -151,6 +151,7 @@ def run_apply(args: argparse.Namespace) -> int:
         token=args.token,
         verify_base=not args.no_verify_base,
         max_shard_size=args.max_shard_size,
+        progress=True,  # huggingface_hub's bar: HF_HUB_DISABLE_PROGRESS_BARS=1 hides it
     )
     print(f"wrote {out}")
     return 0

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..io.progress import progress_bar
 from ..methods.activations import ActivationStats
 
 MAX_ACTIVATION_ROWS = 2048
@@ -123,7 +124,7 @@ class Calibration:
             param.requires_grad_(True)
         reference, total_loss, with_loss = [], 0.0, True
         try:
-            for ids in self.batches:
+            for ids in progress_bar(self.batches, desc="calibrating", unit="text"):
                 try:
                     output = self.model(input_ids=ids, labels=ids)
                 except (TypeError, ValueError):  # a model without a language-modelling loss

@@ -229,6 +229,7 @@ def compress(
         writer.manifest.stats = stats
         writer.add_file("README.md", render_model_card(writer.manifest, name=writer.out_dir.name).encode("utf-8"))
         writer.close(stats=stats)
+    logger.info("wrote %s delta of %d tensors to %s", options.plan.default.name, len(actions), writer.out_dir)
     # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
     # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
     return Delta(writer.out_dir, verify_checksums=False)

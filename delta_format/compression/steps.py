@@ -66,11 +66,11 @@ class TensorCompressor:
 
     def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
         """Every tensor in schedule order, with a progress bar in bytes of the fine-tune."""
-        from huggingface_hub.utils import tqdm
+        from ..io.progress import progress_bar
 
         release = FreedMemory()
         sizes = [self.finetune_nbytes(name) for name, _ in actions]
-        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", disable=not progress) as bar:
+        with progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", enabled=progress) as bar:
             for (name, action), nbytes in zip(actions, sizes):
                 self.totals.finetune_bytes += nbytes
                 self.step(name, action)

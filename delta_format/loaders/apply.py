@@ -24,6 +24,7 @@ from ..core.reconstruct import reconstruct
 from ..errors import DeltaFormatError
 from ..io.checkpoint import CHECKPOINT_LAYOUT, Checkpoint
 from ..io.model_class import architecture_names_from_config
+from ..io.progress import progress_bar
 from ..io.reader import DeltaReader
 from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
@@ -104,13 +105,11 @@ def _write_checkpoint(
 ) -> None:
     """Every tensor of the fine-tune (base order, then tensors only the delta has) into shards,
     then the fine-tune's side files (config, tokenizer), with ``target`` recorded in config.json."""
-    from huggingface_hub.utils import tqdm
-
     manifest = reader.manifest
     writer = ShardedSafetensorsWriter(directory, CHECKPOINT_LAYOUT, max_shard_size)
     ignored = _ignored_base_tensors(reader)
     names = [*(n for n in checkpoint if n not in ignored), *(n for n in manifest.tensors if n not in checkpoint)]
-    for name in tqdm(names, desc="applying", unit="tensor", disable=not progress):
+    for name in progress_bar(names, desc="applying", unit="tensor", enabled=progress):
         entry = manifest.tensors.get(name)
         if entry is None:
             value = checkpoint.get_tensor(name)
@@ -213,7 +212,7 @@ def verify_delta(
 
 def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
     bad = 0
-    for name in reader:
+    for name in progress_bar(list(reader), desc="verifying", unit="tensor"):
         try:
             reader.decode(name)
         except DeltaFormatError as exc:
