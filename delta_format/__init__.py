@@ -9,7 +9,8 @@ Layers, each a folder, imports pointing one way (see ``delta_format/README.md``)
 * ``methods``: the edit methods (DARE, BitDelta, low rank, ...); they know nothing about files.
 * ``compression``: the streaming compressor (sources, plan, pipeline, measurement, calibration).
 * ``loaders``: a delta on a base as a transformers model (materialised, swapped, on the fly),
-  apply and verify; imports transformers and accelerate lazily.
+  apply, verify and export as a PEFT LoRA adapter; imports transformers and accelerate lazily.
+* ``integrations``: a loaded delta as another library's model (sentence-transformers).
 """
 
 from __future__ import annotations
