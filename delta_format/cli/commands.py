@@ -160,16 +160,9 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_export_lora(args: argparse.Namespace) -> int:
     from ..loaders.export_lora import export_lora
 
+    where = {"base_model": args.base, "revision": args.revision, "base_revision": args.base_revision}
     report = export_lora(
-        args.delta,
-        args.out,
-        rank=args.rank,
-        dtype=args.dtype,
-        base_model=args.base,
-        overwrite=args.overwrite,
-        revision=args.revision,
-        base_revision=args.base_revision,
-        token=args.token,
+        args.delta, args.out, rank=args.rank, dtype=args.dtype, overwrite=args.overwrite, token=args.token, **where
     )
     print(report.summary())
     for name, error in sorted(report.fitted.items(), key=lambda item: -item[1])[:10]:

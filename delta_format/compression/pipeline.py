@@ -273,7 +273,7 @@ def _tokenizer(source: TensorSource) -> Any:
 
 
 def source_stats(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> dict[str, Any]:
-    """What the manifest's ``stats`` records about the pair rather than the edit (SPEC §3): the base
+    """What the manifest's ``stats`` records about the pair rather than the edit (SPEC §3.6): the base
     tensors the fine-tune's architecture does not load (ignored, as transformers ignores
     unexpected keys), and the fine-tune card's metadata that the delta's card carries over."""
     out: dict[str, Any] = {}

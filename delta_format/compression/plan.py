@@ -214,7 +214,7 @@ def ignored_base_tensors(plan: MethodPlan, base: TensorSource, finetune: TensorS
     """Base tensors the fine-tune lacks and its architecture does not load: what transformers calls
     unexpected keys (e.g. an int64 ``embeddings.position_ids`` buffer an older transformers saved,
     persistent then, non-persistent now). Loading the fine-tune ignores them, so the delta does
-    too; the compressor reports them in the manifest's ``stats`` (SPEC §3)."""
+    too; the compressor reports them in the manifest's ``stats`` (SPEC §3.6)."""
     ft_names = set(finetune.names())
     orphans = [n for n in base.names() if n not in ft_names and plan.included(n)]
     if not orphans:

@@ -88,16 +88,9 @@ def load_sentence_transformer(
     hub = HubOptions(revision, token, cache_dir, local_files_only)
     opened = open_delta(delta, hub)
     _check_modules(opened.directory)
-    model = DeltaModel.from_pretrained(
-        opened,
-        base_model=base_model,
-        base_revision=base_revision,
-        dtype=dtype,
-        verify_base=verify_base,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-    )
+    base = {"base_model": base_model, "base_revision": base_revision, "verify_base": verify_base}
+    hub_options = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+    model = DeltaModel.from_pretrained(opened, dtype=dtype, **base, **hub_options)
     with _handing_over(Transformer, opened.directory, _bare_model(model)):
         return SentenceTransformer(
             str(opened.directory), device=device, local_files_only=True, **sentence_transformer_kwargs

@@ -29,7 +29,7 @@ def _method_tags(method: str) -> tuple[str, ...]:
 
 
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets", "pipeline_tag")
-"""Keys of the fine-tune's card (``stats.finetune_card``, SPEC §3) repeated in the delta's card, so
+"""Keys of the fine-tune's card (``stats.finetune_card``, SPEC §3.6) repeated in the delta's card, so
 the Hub's license, language, dataset and task filters find the delta as they find the fine-tune.
 Its ``tags`` are merged with the delta's own; its ``library_name`` picks the "How to load" snippet
 (the delta's own ``library_name`` stays ``delta-format``: only this package can load it)."""

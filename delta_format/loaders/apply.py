@@ -128,7 +128,7 @@ def _write_checkpoint(
 
 def _ignored_base_tensors(reader: DeltaReader) -> set[str]:
     """Base tensors the fine-tune does not have and does not load (``stats.ignored_base_tensors``,
-    SPEC §3), left out of the checkpoint as they were out of the fine-tune. The list is only
+    SPEC §3.6), left out of the checkpoint as they were out of the fine-tune. The list is only
     informative, so a name is left out only if the fine-tune's architecture (built empty from the
     delta's config) indeed does not load it: a wrong list can never drop a weight."""
     listed = reader.manifest.stats.get("ignored_base_tensors")
