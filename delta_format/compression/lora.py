@@ -31,7 +31,8 @@ from ..core.dtypes import CHECKPOINT_DTYPES, compute_dtype
 from ..core.manifest import BaseReference
 from ..errors import CorruptDeltaError, InvalidArgumentError
 from ..io.checkpoint import SAFE_WEIGHTS_NAME
-from .sources import TOKENIZER_FILES, TOKENIZER_SIDE_FILES, Factors, TensorSource, card_data_of
+from .carried_files import TOKENIZER_SIDE_FILES, card_data_of
+from .sources import TOKENIZER_FILES, Factors, TensorSource
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
