@@ -149,6 +149,7 @@ def _plot(rows, unit: str, path: Path, embedding: bool) -> None:
         axes.annotate(label, (bits, 1 - fidelity if embedding else fidelity), fontsize=8)
     axes.set_xscale("log")
     axes.set_yscale("symlog", linthresh=1e-6)
+    axes.set_ylim(bottom=0)  # a lossless delta sits at 0
     axes.set_xlabel("bits per weight")
     axes.set_ylabel(f"1 - {unit}" if embedding else unit)
     axes.set_title("size vs fidelity to the fine-tune (lower is better)")

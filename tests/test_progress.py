@@ -59,11 +59,11 @@ def test_hf_hub_disable_progress_bars_silences_every_bar(pair, tmp_path):
 def test_this_packages_bars_can_be_silenced_alone(pair, tmp_path, capsys):
     disable_progress_bars("delta_format")
     try:
-        run_every_long_step(pair, tmp_path)
+        delta = delta_format.compress(pair / "base", pair / "ft", tmp_path / "d", method="sign")
+        apply_delta(delta.directory, tmp_path / "full", progress=True)
     finally:
         enable_progress_bars("delta_format")
-    err = capsys.readouterr().err
-    assert not any(step in err for step in ("compressing", "calibrating", "loading", "applying", "verifying"))
+    assert capsys.readouterr() == ("", "")
 
 
 def test_the_library_reports_through_logging(pair, tmp_path, caplog):
