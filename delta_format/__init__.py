@@ -9,12 +9,17 @@ Layers, each a folder, imports pointing one way (see ``delta_format/README.md``)
 * ``methods``: the edit methods (DARE, BitDelta, low rank, ...); they know nothing about files.
 * ``compression``: the streaming compressor (sources, plan, pipeline, measurement, calibration).
 * ``loaders``: a delta on a base as a transformers model (materialised, swapped, on the fly),
-  apply and verify; imports transformers and accelerate lazily.
+  apply, verify and export as a PEFT LoRA adapter; imports transformers and accelerate lazily.
+* ``integrations``: a loaded delta as another library's model (sentence-transformers).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+import logging  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the library logs; the application shows
 
 from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _error_names  # noqa: E402

@@ -255,3 +255,53 @@ def fresh_memory(model):
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
     return model
+
+
+def tiny_sentence_transformer(directory: str | Path, seed: int = 0, *, hidden: int = 32, card: dict | None = None):
+    """A sentence-transformers model saved as its users publish one: a 2-layer `BertModel` with the
+    byte tokenizer, mean pooling and L2 normalisation (``modules.json``, ``1_Pooling/``,
+    ``2_Normalize/``, ``sentence_bert_config.json``, ``config_sentence_transformers.json``, and the
+    model card sentence-transformers writes), ``card`` merged into that card's metadata."""
+    from huggingface_hub import ModelCard
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        pad_token_id=256,
+    )
+    directory = Path(directory)
+    save(_seeded(lambda: BertModel(config), seed), directory / "transformer", tokenizer=byte_tokenizer())
+    modules = [Transformer(str(directory / "transformer"), max_seq_length=64), Pooling(hidden, "mean"), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(directory / "model"))
+    if card:
+        readme = ModelCard.load(directory / "model" / "README.md")
+        for key, value in card.items():
+            setattr(readme.data, key, value)
+        readme.save(directory / "model" / "README.md")
+    return directory / "model"
+
+
+def perturb_checkpoint(directory: str | Path, rel: float = 0.05, seed: int = 1) -> None:
+    """Move every floating tensor of ``directory/model.safetensors`` by ``rel`` of its scale, in
+    place: a fine-tune of a saved model that keeps every other file of its directory."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            noise = torch.randn(tensor.shape, generator=g) * rel * (tensor.abs().mean() + 1e-3)
+            tensors[name] = tensor + noise.to(tensor.dtype)
+    save_file(tensors, path, metadata={"format": "pt"})

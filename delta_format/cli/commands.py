@@ -151,8 +151,23 @@ def run_apply(args: argparse.Namespace) -> int:
         token=args.token,
         verify_base=not args.no_verify_base,
         max_shard_size=args.max_shard_size,
+        progress=True,  # huggingface_hub's bar: HF_HUB_DISABLE_PROGRESS_BARS=1 hides it
     )
     print(f"wrote {out}")
+    return 0
+
+
+def run_export_lora(args: argparse.Namespace) -> int:
+    from ..loaders.export_lora import export_lora
+
+    where = {"base_model": args.base, "revision": args.revision, "base_revision": args.base_revision}
+    report = export_lora(
+        args.delta, args.out, rank=args.rank, dtype=args.dtype, overwrite=args.overwrite, token=args.token, **where
+    )
+    print(report.summary())
+    for name, error in sorted(report.fitted.items(), key=lambda item: -item[1])[:10]:
+        print(f"  fitted {name}: relative error {error:.4g}")
+    print(f"wrote {report.directory}")
     return 0
 
 

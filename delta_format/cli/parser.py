@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .commands import run_apply, run_compress, run_inspect, run_push, run_verify
+from .commands import run_apply, run_compress, run_export_lora, run_inspect, run_push, run_verify
 
 
 def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -193,4 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.set_defaults(run=run_push)
+    _add_export_lora(commands)
     return parser
+
+
+def _add_export_lora(commands) -> None:
+    e = commands.add_parser(
+        "export-lora",
+        help="write a delta as a PEFT LoRA adapter (for vLLM, TGI, LoRAX, PeftModel)",
+        description="Write DELTA as a PEFT LoRA adapter in OUT: exact for a lowrank delta of rank <= R, "
+        "a truncated SVD of each delta otherwise (its relative error is printed). Biases of LoRA layers "
+        "become lora_B biases and other changed tensors modules_to_save, both exact.",
+    )
+    _delta_and_base(e, "base model for modules_to_save values (default: the one the delta names)")
+    e.add_argument("out", metavar="OUT", help="adapter directory (published atomically)")
+    e.add_argument("--rank", type=int, default=16, metavar="R", help="LoRA rank of every pair")
+    e.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="adapter dtype")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(run=run_export_lora)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..io.progress import progress_bar
 from ..methods.activations import ActivationStats
 
 MAX_ACTIVATION_ROWS = 2048
@@ -123,7 +124,7 @@ class Calibration:
             param.requires_grad_(True)
         reference, total_loss, with_loss = [], 0.0, True
         try:
-            for ids in self.batches:
+            for ids in progress_bar(self.batches, desc="calibrating", unit="text"):
                 try:
                     output = self.model(input_ids=ids, labels=ids)
                 except (TypeError, ValueError):  # a model without a language-modelling loss
@@ -190,6 +191,28 @@ class Calibration:
         if grad is None or grad.shape != change.shape:
             return None
         return float((grad.double() * change.double()).sum())
+
+    def output_agreement(self) -> dict[str, float]:
+        """How close the session model's outputs (as edited so far) are to the fine-tune's, in the
+        unit users of that model read: ``output_kl``, the mean per-token KL divergence
+        KL(fine-tune ‖ edited) in nats, for a model with logits; ``output_cosine``, the mean cosine
+        similarity of mean-pooled last hidden states (a sentence embedding), for a bare encoder."""
+        with_logits = getattr(self.model(input_ids=self.batches[0][:, :1]), "logits", None) is not None
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, reference in zip(self.batches, self.reference):
+                edited = _logits(self.model(input_ids=ids))
+                if with_logits:
+                    want, got = reference.log_softmax(-1).double(), edited.log_softmax(-1).double()
+                    total += float((want.exp() * (want - got)).sum())
+                    count += reference[..., 0].numel()
+                else:
+                    cosine = torch.nn.functional.cosine_similarity(reference.mean(-2), edited.mean(-2), dim=-1)
+                    total += float(cosine.double().sum())
+                    count += cosine.numel()
+        if with_logits:  # a sum of non-negative terms, but rounding can leave -1e-17
+            return {"output_kl": max(total / max(count, 1), 0.0)}
+        return {"output_cosine": total / max(count, 1)}
 
     def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
         """Mean squared logit difference to the fine-tune over all calibration tokens, for the

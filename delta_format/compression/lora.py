@@ -31,7 +31,8 @@ from ..core.dtypes import CHECKPOINT_DTYPES, compute_dtype
 from ..core.manifest import BaseReference
 from ..errors import CorruptDeltaError, InvalidArgumentError
 from ..io.checkpoint import SAFE_WEIGHTS_NAME
-from .sources import CONFIG_FILES, SIDE_FILES, TOKENIZER_FILES, Factors, TensorSource
+from .carried_files import TOKENIZER_SIDE_FILES, card_data_of
+from .sources import TOKENIZER_FILES, Factors, TensorSource
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -253,6 +254,16 @@ class LoraSource:
             "lora_alpha": self.adapter.config.get("lora_alpha"),
         }
 
+    def architecture_names(self) -> set[str] | None:
+        return self.base.architecture_names()
+
+    def card_data(self) -> dict[str, Any]:
+        """The adapter's card (its license and tags), without PEFT's own library name."""
+        data = card_data_of(self.directory)
+        if data.get("library_name") == "peft":
+            del data["library_name"]
+        return data
+
     def fingerprint(self) -> dict:
         raise NotImplementedError("a LoRA adapter is only ever a fine-tune; the base is fingerprinted")
 
@@ -260,13 +271,11 @@ class LoraSource:
         raise NotImplementedError("a LoRA adapter is only ever a fine-tune; the base is referenced")
 
     def side_files(self) -> dict[str, Path | bytes]:
+        """The base's files (the adapted model is the base's model), with the adapter's own
+        tokenizer files over them (an adapter trained with added tokens saves its tokenizer)."""
         files = dict(self.base.side_files())
         files.update(
-            {
-                name: self.directory / name
-                for name in SIDE_FILES
-                if name not in CONFIG_FILES and (self.directory / name).is_file()
-            }
+            {name: self.directory / name for name in TOKENIZER_SIDE_FILES if (self.directory / name).is_file()}
         )
         return files
 

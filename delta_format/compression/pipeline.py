@@ -25,6 +25,7 @@ the delta so it loads as the fine-tune it is.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -42,12 +43,14 @@ from ..io.resolve import HubOptions, resolve_repo
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
 from .lora import LoraSource, is_lora_adapter
-from .plan import Action, MethodPlan, Rule, schedule
+from .plan import Action, MethodPlan, Rule, ignored_base_tensors, schedule
 from .sources import CheckpointSource, ModelSource, TensorSource
 from .steps import TensorCompressor
 
 if TYPE_CHECKING:
     from .calibration import Calibration
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -221,10 +224,12 @@ def compress(
         tensors.run(actions, progress)
         stats = tensors.stats(prepared)
         stats["seconds"] = round(time.perf_counter() - started, 3)
+        stats.update(source_stats(options.plan, base_src, ft_src))
         write_side_files(writer, ft_src, tokenizer)
         writer.manifest.stats = stats
-        writer.add_file("README.md", render_model_card(writer.manifest).encode("utf-8"))
+        writer.add_file("README.md", render_model_card(writer.manifest, name=writer.out_dir.name).encode("utf-8"))
         writer.close(stats=stats)
+    logger.info("wrote %s delta of %d tensors to %s", options.plan.default.name, len(actions), writer.out_dir)
     # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
     # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
     return Delta(writer.out_dir, verify_checksums=False)
@@ -241,7 +246,7 @@ def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource |
             expected="a directory, a Hub repo id or a torch model",
             found=type(source).__name__,
         )
-    directory, sha = resolve_repo(source, hub, what=what)
+    directory, sha = resolve_repo(source, hub, whole_repo=base is not None, what=what)  # a fine-tune: all its files
     if base is not None and is_lora_adapter(directory):
         return LoraSource(directory, base)
     return CheckpointSource(directory, repo_id=None if sha is None else str(source), commit_sha=sha)
@@ -265,6 +270,23 @@ def _tokenizer(source: TensorSource) -> Any:
             fix="pass tokenizer= (the fine-tune has no tokenizer files)",
         )
     return found
+
+
+def source_stats(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> dict[str, Any]:
+    """What the manifest's ``stats`` records about the pair rather than the edit (SPEC §3.6): the base
+    tensors the fine-tune's architecture does not load (ignored, as transformers ignores
+    unexpected keys), and the fine-tune card's metadata that the delta's card carries over."""
+    out: dict[str, Any] = {}
+    ignored = ignored_base_tensors(plan, base, finetune)
+    if ignored:
+        logger.info("ignoring %d base tensor(s) the fine-tune does not load: %s", len(ignored), ignored[:5])
+        out["ignored_base_tensors"] = ignored
+    card = finetune.card_data()
+    if "modules.json" in finetune.side_files():  # a sentence-transformers model, card or not
+        card.setdefault("library_name", "sentence-transformers")
+    if card:
+        out["finetune_card"] = card
+    return out
 
 
 def write_side_files(writer: DeltaWriter, finetune: TensorSource, tokenizer: Any) -> None:

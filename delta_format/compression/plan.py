@@ -191,20 +191,36 @@ class Action(str, enum.Enum):
 def schedule(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> list[tuple[str, Action]]:
     """``(name, action)`` for every fine-tune tensor, in the fine-tune's order.
 
-    Refuses base tensors the fine-tune lacks (a delta cannot delete a parameter) unless excluded,
-    and non-float tensors that changed (no encoding stores them)."""
+    Refuses base tensors the fine-tune lacks but its architecture loads (a delta cannot delete a
+    parameter) unless excluded, and non-float tensors that changed (no encoding stores them).
+    Base tensors the architecture does not load are `ignored_base_tensors`, not an error."""
     out = [(name, _action(name, plan, base, finetune)) for name in finetune.names()]
+    ignored = set(ignored_base_tensors(plan, base, finetune))
     ft_names = set(finetune.names())
-    orphans = [n for n in base.names() if n not in ft_names and plan.included(n)]
+    orphans = [n for n in base.names() if n not in ft_names and n not in ignored and plan.included(n)]
     if orphans:
         raise InvalidArgumentError(
-            "the base has tensors the fine-tune lacks, and a delta cannot delete a parameter",
-            expected="every base tensor in the fine-tune",
+            "the base has tensors the fine-tune lacks but its architecture loads, and a delta cannot "
+            "delete a parameter",
+            expected="every base tensor the fine-tune's architecture loads, in the fine-tune",
             found=orphans[:5],
-            fix="if the fine-tune's architecture drops them, pass exclude=[...] with their names: the loader "
-            "builds the fine-tune's architecture and ignores base tensors it does not have",
+            fix="check the pair (a base of another architecture?); to keep the base's value anyway, pass "
+            "exclude=[...] with their names",
         )
     return out
+
+
+def ignored_base_tensors(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> list[str]:
+    """Base tensors the fine-tune lacks and its architecture does not load: what transformers calls
+    unexpected keys (e.g. an int64 ``embeddings.position_ids`` buffer an older transformers saved,
+    persistent then, non-persistent now). Loading the fine-tune ignores them, so the delta does
+    too; the compressor reports them in the manifest's ``stats`` (SPEC §3.6)."""
+    ft_names = set(finetune.names())
+    orphans = [n for n in base.names() if n not in ft_names and plan.included(n)]
+    if not orphans:
+        return []
+    loaded = finetune.architecture_names()
+    return [] if loaded is None else [n for n in orphans if n not in loaded]
 
 
 def _action(name: str, plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> Action:

@@ -20,29 +20,8 @@ from ..core.dtypes import CHECKPOINT_DTYPES
 from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
 from ..io.checkpoint import Checkpoint
-from ..io.model_class import model_class_for
-
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tiktoken.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""The fine-tune's files copied into the delta: its config and everything its tokenizer needs."""
-
-CONFIG_FILES = ("config.json", "generation_config.json")
-"""Side files that describe the model itself: a LoRA adapter's base supplies them, not the adapter."""
+from ..io.model_class import architecture_names, architecture_names_from_config, model_class_for
+from .carried_files import card_data_of, carried_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """Either one in a directory means a tokenizer can be loaded from it."""
@@ -90,6 +69,12 @@ class TensorSource(Protocol):
     def adapter_params(self) -> dict[str, Any] | None:
         """What the manifest records about the adapter the fine-tune came from, None for full weights."""
 
+    def architecture_names(self) -> set[str] | None:
+        """The tensor names this model's architecture loads from a checkpoint (its state dict:
+        parameters and persistent buffers), None where it cannot be told. A base tensor outside
+        it (an int64 ``position_ids`` buffer an older transformers saved) is one the fine-tune
+        would ignore on loading, as transformers ignores unexpected keys."""
+
     def fingerprint(self) -> dict:
         """The base fingerprint of these tensors (SPEC §7)."""
 
@@ -97,13 +82,18 @@ class TensorSource(Protocol):
         """How a loader finds this model again when it is the base (repo + commit, or local path)."""
 
     def side_files(self) -> dict[str, Path | bytes]:
-        """Files to copy beside the delta (config, tokenizer), by name: a path or the bytes."""
+        """Files to copy beside the delta (config, tokenizer, a library's module configs), by POSIX
+        path relative to the delta directory (``1_Pooling/config.json``): a path or the bytes."""
 
     def load_model(self) -> torch.nn.Module:
         """The whole model in float32, for calibration (a private copy: the caller edits it)."""
 
     def tokenizer(self) -> Any:
         """The model's tokenizer, None if it has none. May raise OSError/ValueError from transformers."""
+
+    def card_data(self) -> dict[str, Any]:
+        """What the fine-tune's own model card says that the delta's card carries over (`CARRIED_CARD_KEYS`:
+        license, language, datasets, pipeline tag, tags, library), {} without a card."""
 
 
 class WholeValueSource:
@@ -158,7 +148,15 @@ class CheckpointSource(WholeValueSource):
         return BaseReference(local_path=str(self.directory.resolve()), fingerprint=self.fingerprint())
 
     def side_files(self) -> dict[str, Path | bytes]:
-        return {name: self.directory / name for name in SIDE_FILES if (self.directory / name).is_file()}
+        return dict(carried_files(self.directory))
+
+    def architecture_names(self) -> set[str] | None:
+        if not hasattr(self, "_architecture_names"):
+            self._architecture_names = architecture_names_from_config(self.directory)
+        return self._architecture_names
+
+    def card_data(self) -> dict[str, Any]:
+        return card_data_of(self.directory)
 
     def load_model(self) -> torch.nn.Module:
         from transformers import AutoConfig
@@ -249,6 +247,19 @@ class ModelSource(WholeValueSource):
         if generation is not None and can_generate():
             files["generation_config.json"] = generation.to_json_string().encode()
         return files
+
+    def architecture_names(self) -> set[str] | None:
+        """The state dict of an empty model of this model's class and config; None for a model
+        that is not a transformers model (its own state dict cannot tell what it would load)."""
+        from transformers import PreTrainedModel
+
+        if not isinstance(self.model, PreTrainedModel):
+            return None
+        return architecture_names(type(self.model), self.model.config)
+
+    def card_data(self) -> dict[str, Any]:
+        origin = getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        return card_data_of(Path(origin)) if origin and Path(origin).is_dir() else {}
 
     def load_model(self) -> torch.nn.Module:
         return copy.deepcopy(self.model)

@@ -66,11 +66,11 @@ class TensorCompressor:
 
     def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
         """Every tensor in schedule order, with a progress bar in bytes of the fine-tune."""
-        from huggingface_hub.utils import tqdm
+        from ..io.progress import progress_bar
 
         release = FreedMemory()
         sizes = [self.finetune_nbytes(name) for name, _ in actions]
-        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", disable=not progress) as bar:
+        with progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc="compressing", enabled=progress) as bar:
             for (name, action), nbytes in zip(actions, sizes):
                 self.totals.finetune_bytes += nbytes
                 self.step(name, action)
@@ -194,6 +194,7 @@ class TensorCompressor:
                 output_error=self.session.output_mse(),
                 calibration_texts=len(self.session.batches),
                 calibration_tokens=self.session.tokens,
+                **self.session.output_agreement(),
             )
             if self.session.loss is not None:
                 stats.update(calibration_loss=self.session.loss, loss_change_estimate=self.totals.loss_change)

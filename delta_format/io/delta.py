@@ -42,20 +42,29 @@ class Delta:
         return self.reader.manifest
 
     def files(self) -> list[Path]:
-        """Every file of the delta (manifest, shards, index, config/tokenizer files, card)."""
-        return sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
+        """Every file of the delta (manifest, shards, index, config/tokenizer files, card), subfolders
+        included (``1_Pooling/config.json``); hidden files and folders are not part of it."""
+        return sorted(
+            p
+            for p in self.directory.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.directory).parts)
+        )
 
-    def model_card(self, repo_id: str | None = None) -> str:
-        """The README.md text for publishing under ``repo_id``."""
-        return render_model_card(self.manifest, repo_id=repo_id)
+    def model_card(self, repo_id: str | None = None, name: str | None = None) -> str:
+        """The README.md text for publishing under ``repo_id`` (titled ``name``, default the
+        directory's name, when there is no repo)."""
+        return render_model_card(self.manifest, repo_id=repo_id or self.repo_id, name=name or self.directory.name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Delta:
         """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
         staging = StagingDirectory(save_directory, overwrite=overwrite)
         try:
             for path in self.files():
-                shutil.copyfile(path, staging.path / path.name)
-            (staging.path / MODEL_CARD_NAME).write_text(self.model_card(), encoding="utf-8")
+                target = staging.path / path.relative_to(self.directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            card = self.model_card(name=Path(save_directory).name)
+            (staging.path / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
             out = staging.publish()
         except BaseException:
             staging.discard()
@@ -84,9 +93,9 @@ class Delta:
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [
-            CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+            CommitOperationAdd(path_in_repo=p.relative_to(self.directory).as_posix(), path_or_fileobj=str(p))
             for p in self.files()
-            if p.name != MODEL_CARD_NAME
+            if p.relative_to(self.directory).as_posix() != MODEL_CARD_NAME
         ]
         operations.append(
             CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=self.model_card(repo_id).encode("utf-8"))

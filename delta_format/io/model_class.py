@@ -3,7 +3,9 @@ skeleton, the compressor's calibration model and on-the-fly bases."""
 
 from __future__ import annotations
 
-from ..errors import InvalidArgumentError
+from pathlib import Path
+
+from ..errors import DeltaFormatError, InvalidArgumentError
 
 
 def model_class_for(config, trust_remote_code: bool = False):
@@ -27,3 +29,28 @@ def model_class_for(config, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     return AutoModel._model_mapping[type(config)]
+
+
+def architecture_names_from_config(directory: Path) -> set[str] | None:
+    """The state-dict names of the model ``directory/config.json`` describes, built empty (no
+    memory for weights); None without a config transformers can build without remote code."""
+    if not (directory / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(directory)
+        return architecture_names(model_class_for(config), config)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, DeltaFormatError):
+        return None  # an architecture this install cannot build: every orphan stays an error
+
+
+def architecture_names(cls, config) -> set[str] | None:
+    """The state-dict names (parameters and persistent buffers: what loading reads from a
+    checkpoint) of ``cls`` built empty from ``config``; None if ``cls`` is None."""
+    if cls is None:
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return set(cls._from_config(config).state_dict())

@@ -18,8 +18,28 @@ from ..errors import InvalidArgumentError, ResolutionError
 from .delta import Delta
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.md"]
-"""Files fetched from the Hub for a checkpoint or a delta (a delta repo holds the same kinds:
-configs, safetensors, tokenizer files, card). Never pickles."""
+"""Files fetched from the Hub for a base checkpoint: its weights, config and tokenizer. Never pickles."""
+
+PICKLE_SUFFIXES = (
+    *(".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"),
+    *(".h5", ".msgpack", ".ot"),  # TensorFlow, Flax and Rust weights: read by other frameworks, never here
+)
+"""Files that may run code when read (pickles), or hold weights in a framework this package never
+reads: never fetched for a whole repo, never carried into a delta."""
+
+OTHER_WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".gguf", ".tflite", ".mlmodel", ".engine", ".plan")
+OTHER_WEIGHT_FOLDERS = ("onnx", "openvino", "coreml", "runs")
+"""Copies of a model's weights in other runtimes' formats (and training logs): a delta replaces
+the weights, so a stale full copy beside it would defeat it."""
+
+WHOLE_REPO_IGNORED = [
+    *(f"*{suffix}" for suffix in PICKLE_SUFFIXES + OTHER_WEIGHT_SUFFIXES),
+    *(f"{folder}/*" for folder in OTHER_WEIGHT_FOLDERS),
+    "checkpoint-*/*",
+]
+"""What fetching a whole repo leaves out (``ignore_patterns``), for a fine-tune whose every other
+file the delta carries (sentence-transformers' ``1_Pooling/config.json``, chat templates, ...),
+and for a delta, which holds only such files."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ def resolve_repo(
     hub: HubOptions | None = None,
     *,
     allow_patterns: list[str] | None = None,
+    whole_repo: bool = False,
     what: str = "model",
     **hub_options: object,
 ) -> tuple[Path, str | None]:
@@ -60,6 +81,7 @@ def resolve_repo(
         name_or_path: a local directory, or a Hub repo id (``user/name``).
         hub: the Hub options; ``**hub_options`` (``revision=``, ``token=``, ...) override them.
         allow_patterns: the files to download (default `CHECKPOINT_PATTERNS`).
+        whole_repo: download every file but `WHOLE_REPO_IGNORED` instead (a fine-tune or a delta).
         what: what is resolved, for error messages ("delta", "base model").
     """
     hub = (hub or HubOptions()).updated(**hub_options)
@@ -90,7 +112,8 @@ def resolve_repo(
             token=hub.token,
             cache_dir=hub.cache_dir,
             local_files_only=hub.local_files_only,
-            allow_patterns=allow_patterns or CHECKPOINT_PATTERNS,
+            allow_patterns=None if whole_repo else allow_patterns or CHECKPOINT_PATTERNS,
+            ignore_patterns=WHOLE_REPO_IGNORED if whole_repo else None,
         )
     except RevisionNotFoundError:
         raise ResolutionError(
@@ -141,7 +164,7 @@ def open_delta(
     """
     if isinstance(source, Delta):
         return source
-    directory, sha = resolve_repo(source, hub, what="delta")
+    directory, sha = resolve_repo(source, hub, whole_repo=True, what="delta")
     return Delta(
         directory, repo_id=None if sha is None else str(source), revision=sha, verify_checksums=verify_checksums
     )

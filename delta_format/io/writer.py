@@ -111,12 +111,17 @@ class DeltaWriter:
         self.manifest.tensors[name] = entry
 
     def add_file(self, name: str, content: bytes | str | os.PathLike) -> None:
-        """Copy a side file (config.json, tokenizer files, README.md) into the delta directory."""
-        if Path(name).name != name or name in ("", ".", ".."):
+        """Copy a side file (config.json, tokenizer files, README.md, ``1_Pooling/config.json``)
+        into the delta directory; ``name`` is a relative POSIX path that stays inside it."""
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
             raise InvalidArgumentError(
-                "side file names must be plain file names", expected="e.g. config.json", found=repr(name)
+                "side file names must be relative POSIX paths inside the delta",
+                expected="e.g. config.json or 1_Pooling/config.json",
+                found=repr(name),
             )
-        target = self._staging.path / name
+        target = self._staging.path.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             target.write_bytes(content)
         else:

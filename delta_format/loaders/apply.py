@@ -23,6 +23,8 @@ from ..core.dtypes import TORCH_DTYPES, parse_dtype
 from ..core.reconstruct import reconstruct_stored
 from ..errors import DeltaFormatError
 from ..io.checkpoint import CHECKPOINT_LAYOUT, Checkpoint
+from ..io.model_class import architecture_names_from_config
+from ..io.progress import progress_bar
 from ..io.reader import DeltaReader
 from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
@@ -103,12 +105,11 @@ def _write_checkpoint(
 ) -> None:
     """Every tensor of the fine-tune (base order, then tensors only the delta has) into shards,
     then the fine-tune's side files (config, tokenizer), with ``target`` recorded in config.json."""
-    from huggingface_hub.utils import tqdm
-
     manifest = reader.manifest
     writer = ShardedSafetensorsWriter(directory, CHECKPOINT_LAYOUT, max_shard_size)
-    names = [*checkpoint, *(n for n in manifest.tensors if n not in checkpoint)]
-    for name in tqdm(names, desc="applying", unit="tensor", disable=not progress):
+    ignored = _ignored_base_tensors(reader)
+    names = [*(n for n in checkpoint if n not in ignored), *(n for n in manifest.tensors if n not in checkpoint)]
+    for name in progress_bar(names, desc="applying", unit="tensor", enabled=progress):
         entry = manifest.tensors.get(name)
         if entry is None:
             value = checkpoint.get_tensor(name)
@@ -121,11 +122,34 @@ def _write_checkpoint(
         writer.add({name: value})
         del value
     writer.close()
-    for path in sorted(reader.directory.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not _is_delta_file(path.name):
-            shutil.copyfile(path, directory / path.name)
+    _copy_side_files(reader.directory, directory)
     if target is not None and (directory / "config.json").is_file():
         _set_config_dtype(directory / "config.json", target)
+
+
+def _ignored_base_tensors(reader: DeltaReader) -> set[str]:
+    """Base tensors the fine-tune does not have and does not load (``stats.ignored_base_tensors``,
+    SPEC §3.6), left out of the checkpoint as they were out of the fine-tune. The list is only
+    informative, so a name is left out only if the fine-tune's architecture (built empty from the
+    delta's config) indeed does not load it: a wrong list can never drop a weight."""
+    listed = reader.manifest.stats.get("ignored_base_tensors")
+    if not listed or not isinstance(listed, list):
+        return set()
+    loaded = architecture_names_from_config(reader.directory)
+    return set() if loaded is None else {n for n in listed if isinstance(n, str) and n not in loaded}
+
+
+def _copy_side_files(delta_dir: Path, out: Path) -> None:
+    """The fine-tune's own files carried by the delta (config, tokenizer, generation config, a
+    library's module configs in subfolders such as ``1_Pooling/``), at their relative paths."""
+    for path in sorted(delta_dir.rglob("*")):
+        relative = path.relative_to(delta_dir)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if len(relative.parts) == 1 and _is_delta_file(path.name):
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / relative)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
@@ -189,7 +213,7 @@ def verify_delta(
 
 def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
     bad = 0
-    for name in reader:
+    for name in progress_bar(list(reader), desc="verifying", unit="tensor"):
         entry = reader.entry(name)
         try:
             if entry.encoding.needs_base and not entry.encoding.is_delta:  # bitdiff: a value relative to the base

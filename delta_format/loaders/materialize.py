@@ -16,6 +16,7 @@ import torch
 from ..core.reconstruct import reconstruct_stored
 from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
+from ..io.progress import progress_bar
 from ..io.reader import DeltaReader
 from .model_state import tied_parameter_names
 
@@ -41,7 +42,7 @@ def materialize(
 
     state = model.state_dict(keep_vars=True)
     tied = tied_parameter_names(model)
-    for name, current in state.items():
+    for name, current in progress_bar(state.items(), desc="loading", unit="tensor", total=len(state)):
         parts_src = [(reader, scale) for reader, scale in deltas if name in reader.manifest.tensors]
         if not parts_src and name in tied and name not in base:
             continue  # tied to a parameter filled elsewhere; tie_weights() restores it
