@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..core.constants import MODEL_CARD_NAME
 from .card import render_model_card
+from .delta_files import safe_member
 from .reader import DeltaReader
 from .staging import StagingDirectory
 
@@ -42,8 +43,17 @@ class Delta:
         return self.reader.manifest
 
     def files(self) -> list[Path]:
-        """Every file of the delta (manifest, shards, index, config/tokenizer files, card)."""
-        return sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
+        """Every file of the delta, subfolders included: the manifest, tensor files, index, the
+        side files its manifest lists (config, tokenizer, ``1_Pooling/config.json``, ...) and the
+        model card. Files the manifest does not vouch for are not part of the delta (SPEC §3.5):
+        they are never copied or uploaded. Each is a regular file inside the directory."""
+        members = self.reader.member_files()
+        card = safe_member(self.directory, MODEL_CARD_NAME, "the model card", missing_ok=True)
+        return sorted([*members.values(), *([card] if card is not None else [])])
+
+    def relative_files(self) -> dict[str, Path]:
+        """`files` by relative POSIX path (what ``save_pretrained`` and ``push_to_hub`` write)."""
+        return {path.relative_to(self.directory).as_posix(): path for path in self.files()}
 
     def model_card(self, repo_id: str | None = None) -> str:
         """The README.md text for publishing under ``repo_id``."""
@@ -53,8 +63,10 @@ class Delta:
         """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
         staging = StagingDirectory(save_directory, overwrite=overwrite)
         try:
-            for path in self.files():
-                shutil.copyfile(path, staging.path / path.name)
+            for name, path in self.relative_files().items():
+                target = staging.path / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
             (staging.path / MODEL_CARD_NAME).write_text(self.model_card(), encoding="utf-8")
             out = staging.publish()
         except BaseException:
@@ -84,9 +96,9 @@ class Delta:
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [
-            CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-            for p in self.files()
-            if p.name != MODEL_CARD_NAME
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+            for name, path in self.relative_files().items()
+            if name != MODEL_CARD_NAME
         ]
         operations.append(
             CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=self.model_card(repo_id).encode("utf-8"))

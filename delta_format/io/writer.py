@@ -9,7 +9,6 @@ file's SHA-256 computed while it is written), then publishes the directory in on
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..core.constants import MANIFEST_NAME
+from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
 from ..core.dtypes import dtype_name
+from ..core.files_table import is_member_name
 from ..core.manifest import BaseReference, Manifest, TensorEntry, stored_key
 from ..errors import CorruptDeltaError, InvalidArgumentError, NumericalError
 from .checksums import file_sha256
+from .delta_files import is_reserved_name, regular_source
 from .shards import DELTA_LAYOUT, ShardedSafetensorsWriter
 from .staging import StagingDirectory
 
@@ -77,6 +78,7 @@ class DeltaWriter:
             self._staging.discard()
             raise
         self._closed = False
+        self._side_files: set[str] = set()
 
     @property
     def max_shard_size(self) -> int:
@@ -111,16 +113,28 @@ class DeltaWriter:
         self.manifest.tensors[name] = entry
 
     def add_file(self, name: str, content: bytes | str | os.PathLike) -> None:
-        """Copy a side file (config.json, tokenizer files, README.md) into the delta directory."""
-        if Path(name).name != name or name in ("", ".", ".."):
+        """Add a side file (config.json, tokenizer files, ``1_Pooling/config.json``, README.md):
+        ``content`` is its bytes or the path of a regular file to copy. ``name`` is a relative
+        POSIX path inside the delta (folders are created). Every side file but README.md is
+        listed in the manifest's ``files`` with its size and SHA-256 (SPEC §3.5)."""
+        if not is_member_name(name) or is_reserved_name(name):
             raise InvalidArgumentError(
-                "side file names must be plain file names", expected="e.g. config.json", found=repr(name)
+                "side file names must be relative POSIX paths inside the delta",
+                expected="e.g. config.json or 1_Pooling/config.json, without '..', empty or hidden parts, "
+                "and not a name the writer uses itself",
+                found=repr(name)[:200],
             )
         target = self._staging.path / name
-        if isinstance(content, bytes):
+        try:
+            if not isinstance(content, bytes):
+                content = regular_source(content, f"the side file {name}").read_bytes()
+            target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
-        else:
-            shutil.copyfile(content, target)
+        except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+            raise InvalidArgumentError(
+                f"side file {name!r} collides with another", expected="distinct paths", found=str(exc)[:200]
+            ) from None
+        self._side_files.add(name)
 
     def close(self, stats: Mapping[str, Any] | None = None) -> Manifest:
         """Write the remaining shard, the index and the manifest, then publish the directory."""
@@ -130,9 +144,13 @@ class DeltaWriter:
         known = self._shards.close()  # file name -> its hash, when computed while writing
         if stats:
             self.manifest.stats = dict(stats)
+        listed = {p.name for p in staging.glob("*.safetensors")} | {WEIGHTS_INDEX_NAME} & {
+            p.name for p in staging.iterdir()
+        }
+        listed |= self._side_files - {MODEL_CARD_NAME}
         self.manifest.files = {
-            p.name: {"size": p.stat().st_size, "sha256": known.get(p.name) or file_sha256(p)}
-            for p in sorted(staging.glob("*.safetensors"))
+            name: {"size": (staging / name).stat().st_size, "sha256": known.get(name) or file_sha256(staging / name)}
+            for name in sorted(listed)
         }
         (staging / MANIFEST_NAME).write_text(self.manifest.to_json())
         self._staging.publish()

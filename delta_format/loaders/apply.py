@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
 from ..core.dtypes import parse_dtype
 from ..core.reconstruct import reconstruct
 from ..errors import DeltaFormatError
@@ -28,12 +27,6 @@ from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
 from ..io.staging import StagingDirectory
 from .base_model import check_base, resolve_base
-
-
-def _is_delta_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, WEIGHTS_INDEX_NAME, MODEL_CARD_NAME) or (
-        name.startswith("delta") and name.endswith(".safetensors")
-    )
 
 
 def apply_delta(
@@ -120,9 +113,9 @@ def _write_checkpoint(
         writer.add({name: value})
         del value
     writer.close()
-    for path in sorted(reader.directory.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not _is_delta_file(path.name):
-            shutil.copyfile(path, directory / path.name)
+    for name, path in reader.side_files.items():  # vouched for by the manifest (SPEC §3.5)
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, directory / name)
     if target is not None and (directory / "config.json").is_file():
         _set_config_dtype(directory / "config.json", target)
 
