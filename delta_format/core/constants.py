@@ -64,3 +64,8 @@ MAX_TENSOR_ELEMENTS = 2**40
 MAX_RANK_DIMS = 8
 MAX_SEEDED_GAP_TABLE = 1 << 18
 """Longest seeded gap table (p up to ~0.99992): bounds the work a hostile manifest can ask for."""
+
+MAX_ELEMENTS_WITHOUT_BASE = 1 << 28
+"""Largest parameter (elements) a reader decodes when no base has vouched for its shape (SPEC §8.7):
+1 GiB in float32. A declared shape costs nothing to write, so without a base to compare it with, a
+few bytes of sparse or low-rank data could otherwise ask for terabytes."""

@@ -8,6 +8,7 @@ onto the requested device (safetensors loads onto CUDA without a CPU copy).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..core.constants import (
+    MANIFEST_NAME,
+    MAX_ELEMENTS_WITHOUT_BASE,
+    MAX_INDEX_BYTES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from ..core.dtypes import TORCH_DTYPES, compute_dtype
 from ..core.manifest import Manifest, TensorEntry, stored_key
 from ..core.strict_json import loads_strict
@@ -183,10 +190,28 @@ class DeltaReader:
                 ) from None
         return out
 
-    def decode(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        max_elements: int | None = MAX_ELEMENTS_WITHOUT_BASE,
+    ) -> torch.Tensor:
         """The parameter's decoded delta (or replacement value) on ``device``, in the arithmetic
-        dtype of SPEC §9 (float32, or float64 for float64 parameters) unless ``dtype`` is given."""
+        dtype of SPEC §9 (float32, or float64 for float64 parameters) unless ``dtype`` is given.
+
+        A declared shape is refused before anything is allocated when it holds more than
+        ``max_elements`` (SPEC §8.7); pass ``None`` once the shape was checked against the base."""
         entry = self.manifest.tensors[name]
+        numel = math.prod(entry.shape)
+        if max_elements is not None and numel > max_elements:
+            raise CorruptDeltaError(
+                f"{name!r} declares more elements than a reader decodes without a base",
+                expected=f"at most {max_elements} elements, or a base to check the shape against",
+                found=f"shape {list(entry.shape)} ({numel} elements)",
+                fix="give the base (base_model= / --base) so the shape can be checked first",
+            )
         dtype = dtype or compute_dtype(TORCH_DTYPES[entry.dtype])
         return entry.encoding.decode(self.stored(name, device), entry.shape, name, dtype)
 

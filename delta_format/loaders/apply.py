@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.constants import MAX_ELEMENTS_WITHOUT_BASE
 from ..core.dtypes import parse_dtype
 from ..core.reconstruct import reconstruct
 from ..errors import DeltaFormatError
@@ -109,7 +110,8 @@ def _write_checkpoint(
                 value = value.to(target)
         else:
             base_tensor = checkpoint.get_tensor(name) if entry.encoding.is_delta and name in checkpoint else None
-            value = reconstruct(name, entry, reader.decode(name), base_tensor, alpha_scale=alpha, dtype=target)
+            decoded = reader.decode(name, max_elements=None)  # its shape passed check_base
+            value = reconstruct(name, entry, decoded, base_tensor, alpha_scale=alpha, dtype=target)
         writer.add({name: value})
         del value
     writer.close()
@@ -171,19 +173,22 @@ def verify_delta(
         report.failed(f"open: {exc}")
         return report
     try:
-        report.passed(f"files: {len(reader.manifest.files)} tensor file(s) match their size and SHA-256")
-        _verify_decoding(reader, report)
-        _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+        report.passed(f"files: {len(reader.manifest.files)} file(s) match their size and SHA-256")
+        shapes_checked = _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+        if shapes_checked is False:  # a shape that misfits the base is never decoded (SPEC §8.7)
+            report.skipped("decode: not attempted, the base check failed")
+        else:
+            _verify_decoding(reader, report, max_elements=None if shapes_checked else MAX_ELEMENTS_WITHOUT_BASE)
     finally:
         reader.close()
     return report
 
 
-def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
+def _verify_decoding(reader: DeltaReader, report: VerifyReport, *, max_elements: int | None, shown: int = 5) -> None:
     bad = 0
     for name in reader:
         try:
-            reader.decode(name)
+            reader.decode(name, max_elements=max_elements)
         except DeltaFormatError as exc:
             bad += 1
             if bad <= shown:
@@ -194,12 +199,13 @@ def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) 
         report.failed(f"decode: {bad} parameters fail in all")
 
 
-def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> None:
+def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> bool | None:
+    """Fingerprint and shapes against the base: True if they pass, False if not, None without a base."""
     try:
         checkpoint = resolve_base(manifest, base_model, hub)
     except DeltaFormatError as exc:
         (report.failed if base_model is not None else report.skipped)(f"base: {exc}")
-        return
+        return None
     try:
         check_base(manifest, checkpoint)
         report.passed(
@@ -208,8 +214,10 @@ def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) ->
             else f"base: {checkpoint.directory} (the delta records no fingerprint)"
         )
         report.passed("shapes: every edited parameter exists in the base with its shape")
+        return True
     except DeltaFormatError as exc:
         report.failed(f"base: {exc}")
+        return False
     finally:
         checkpoint.close()
 
