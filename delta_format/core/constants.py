@@ -63,7 +63,10 @@ MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_RANK_DIMS = 8
 MAX_SEEDED_GAP_TABLE = 1 << 18
-"""Longest seeded gap table (p up to ~0.99992): bounds the work a hostile manifest can ask for."""
+"""Longest seeded gap table (p up to ~0.99995): bounds the work a hostile manifest can ask for."""
+MAX_SEEDED_DROP_THRESHOLD = 4294757041
+"""The largest ``P = round(p * 2**32)`` whose gap table has at most `MAX_SEEDED_GAP_TABLE` entries
+(p ~ 0.999951): tables grow with ``P``, so comparing ``P`` with it decides the limit in O(1)."""
 
 MAX_ELEMENTS_WITHOUT_BASE = 1 << 28
 """Largest parameter (elements) a reader decodes when no base has vouched for its shape (SPEC §8.7):

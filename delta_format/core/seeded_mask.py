@@ -21,14 +21,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 
 from ..errors import InvalidArgumentError
-from .constants import MASK_PROB_BITS, MAX_SEEDED_GAP_TABLE
+from .constants import MASK_PROB_BITS, MAX_SEEDED_DROP_THRESHOLD, MAX_SEEDED_GAP_TABLE
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
@@ -128,52 +127,21 @@ def gap_table(p: float) -> tuple[int, ...]:
             )
 
 
-_TABLE_LENGTHS: dict[int, int] = {}
-"""Exact gap-table lengths already computed, by ``P`` (integers only: a few bytes each)."""
+def check_gap_table(p: float) -> None:
+    """Refuse (`InvalidArgumentError`) a p whose gap table would exceed the limit, in O(1).
 
-
-def _surely_short(big_p: int) -> bool:
-    """Whether the table of ``P`` is certainly within the limit without computing it: every
-    ``T_g <= 2**32 (P / 2**32)**g``, so ``len(T) <= 32 ln 2 / -ln(P / 2**32)`` (with a margin for
-    rounding). True for every p up to about 0.99992, i.e. every table a writer would use."""
-    if big_p == 0:
-        return True
-    bound = 32 * math.log(2) / -math.log1p(-((1 << MASK_PROB_BITS) - big_p) / (1 << MASK_PROB_BITS))
-    return bound < MAX_SEEDED_GAP_TABLE - 8
-
-
-def _table_lengths(big_ps: list[int]) -> list[int]:
-    """Exact gap-table lengths of several ``P`` at once (capped at the limit + 1): one vectorised
-    pass of at most 2**18 steps, whatever the number of ``P``, so a manifest with thousands of
-    distinct p costs about as much as one (SPEC §8: opening is linear in the manifest's bytes)."""
-    t = torch.full((len(big_ps),), 1 << MASK_PROB_BITS, dtype=torch.int64)
-    high = torch.tensor(big_ps, dtype=torch.int64) >> 16
-    low = torch.tensor(big_ps, dtype=torch.int64) & 0xFFFF
-    lengths = torch.zeros_like(t)
-    for _ in range(MAX_SEEDED_GAP_TABLE + 1):
-        t = (t * high + ((t * low) >> 16)) >> 16  # (t * P) >> 32 with every product below 2**49
-        alive = t > 0
-        if not bool(alive.any()):
-            break
-        lengths += alive
-    return lengths.tolist()
-
-
-def check_gap_tables(ps: list[float]) -> None:
-    """Refuse (`InvalidArgumentError`) any p whose gap table would exceed the limit, in time that
-    does not grow with the number of distinct p: obvious cases in O(1), the rest in one pass."""
-    thresholds = {drop_threshold(p): p for p in ps}
-    unknown = [big for big in thresholds if not _surely_short(big) and big not in _TABLE_LENGTHS]
-    if unknown:
-        _TABLE_LENGTHS.update(zip(unknown, _table_lengths(unknown)))
-    for big, p in thresholds.items():
-        if not _surely_short(big) and _TABLE_LENGTHS[big] > MAX_SEEDED_GAP_TABLE:
-            raise InvalidArgumentError(
-                "drop rate too close to 1 for a seeded mask",
-                expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries",
-                found=f"p={p}",
-                fix="use a smaller p or an explicit index coding",
-            )
+    Each ``T_g`` is non-decreasing in ``P`` (induction: ``(t * P) >> 32`` grows with both), so the
+    table's length is too: it is within the limit exactly when ``P <= MAX_SEEDED_DROP_THRESHOLD``.
+    Computing the table to find out costs up to 2**18 steps (~30 ms), which a manifest of
+    thousands of seeded entries with distinct p would turn into minutes (SPEC §8.10).
+    """
+    if drop_threshold(p) > MAX_SEEDED_DROP_THRESHOLD:
+        raise InvalidArgumentError(
+            "drop rate too close to 1 for a seeded mask",
+            expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries (p <= about 0.99995)",
+            found=f"p={p}",
+            fix="use a smaller p or an explicit index coding",
+        )
 
 
 _BUCKET_SHIFT = 20

@@ -30,23 +30,31 @@ from ..errors import DeltaFormatError, ManifestError
 MAX_DEPTH = 64
 """Deepest nesting of arrays and objects accepted (a manifest needs 6)."""
 MAX_INTEGER_DIGITS = 40
-"""Longest integer literal accepted (a seed below 2**64 has 20 digits)."""
-MAX_NUMBER_CHARS = 100
-"""Longest non-integer number literal accepted (shortest round-trip floats take at most 24)."""
+"""Longest run of digits in a number accepted (a seed below 2**64 has 20; a float as Python
+writes it at most 17)."""
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_INTEGER_DIGITS + 1))
+_BIG_EXPONENT = re.compile(rb"[eE][+-]?[0-9]{3,}")
+_NUMBER_HEAD = re.compile(rb"-?[0-9.]+$")
 _ESCAPE = re.compile(
     rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
 )
-_OPEN = {ord("["), ord("{")}
 
 
-def _max_depth(raw: bytes) -> int:
-    """Deepest bracket nesting outside strings, in a few passes at C speed (no recursion)."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
-        return 0
-    brackets = re.sub(rb"[^\[\]{}]+", b"", _STRING.sub(b"", raw))
-    if not brackets:
+def _outside_strings(raw: bytes) -> bytes:
+    """The bytes of ``raw`` outside JSON strings, at C speed: escaped characters removed first so
+    every remaining quote delimits a string. (Garbage in, garbage out: malformed JSON is refused
+    by the parser afterwards whatever this returns.)"""
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(raw.split(b'"')[::2])
+
+
+def _max_depth(outside: bytes) -> int:
+    """Deepest bracket nesting (no recursion: a running sum over the brackets)."""
+    brackets = outside.translate(None, _BRACKETS_ONLY)
+    if len(brackets) <= MAX_DEPTH:
         return 0
     codes = torch.frombuffer(bytearray(brackets), dtype=torch.uint8)
     steps = torch.where((codes == ord("[")) | (codes == ord("{")), 1, -1).to(torch.int32)
@@ -55,9 +63,27 @@ def _max_depth(raw: bytes) -> int:
 
 def _lone_surrogate(raw: bytes) -> bool:
     """Whether an escape ``\\uD800``-``\\uDFFF`` appears outside a high+low pair."""
-    if b"\\u" not in raw and b"\\U" not in raw:
+    if b"\\u" not in raw:
         return False
     return any(match.group(1) for match in _ESCAPE.finditer(raw))
+
+
+def _number_problem(outside: bytes) -> str | None:
+    """An integer too long, or a number that overflows binary64 (``1e400``), outside strings.
+    Checked on the text so the parser keeps its C fast path for numbers."""
+    long = _LONG_DIGITS.search(outside)
+    if long:
+        return f"a number of more than {MAX_INTEGER_DIGITS} digits"
+    for match in _BIG_EXPONENT.finditer(outside):  # rare: then find the literal's start
+        head = _NUMBER_HEAD.search(outside, max(0, match.start() - 2 * MAX_INTEGER_DIGITS - 2), match.start())
+        literal = (head.group() if head else b"") + match.group()
+        try:
+            finite = math.isfinite(float(literal))
+        except ValueError:
+            continue  # not a number after all: the parser will say so
+        if not finite:
+            return f"{literal[:40].decode('ascii', 'replace')} (not finite)"
+    return None
 
 
 def loads_strict(raw: bytes, source: str, error: type[DeltaFormatError] = ManifestError) -> Any:
@@ -65,17 +91,6 @@ def loads_strict(raw: bytes, source: str, error: type[DeltaFormatError] = Manife
 
     def refuse(what: str, found: object) -> DeltaFormatError:
         return error(f"{source} {what}", expected="strict JSON (SPEC §3)", found=str(found)[:120])
-
-    def parse_int(text: str) -> int:
-        if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-            raise refuse("holds an integer too long to be a size or seed", f"{len(text)} digits")
-        return int(text)
-
-    def parse_float(text: str) -> float:
-        value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
-        if not math.isfinite(value):
-            raise refuse("holds a number that is not finite", text[:40])
-        return value
 
     def parse_constant(name: str) -> float:
         raise refuse("holds a non-JSON number", name)
@@ -88,16 +103,18 @@ def loads_strict(raw: bytes, source: str, error: type[DeltaFormatError] = Manife
             raise refuse("repeats a key", repr(duplicate))
         return out
 
-    depth = _max_depth(raw)
+    outside = _outside_strings(raw)
+    depth = _max_depth(outside)
     if depth > MAX_DEPTH:
         raise refuse("is nested too deeply", f"{depth} levels (at most {MAX_DEPTH})")
+    problem = _number_problem(outside)
+    if problem:
+        raise refuse("holds a number outside the spec's range", problem)
     if _lone_surrogate(raw):
         raise refuse("holds an unpaired UTF-16 surrogate escape", "\\uD800-\\uDFFF alone")
     try:
         text = raw.decode("utf-8")
-        return json.loads(
-            text, object_pairs_hook=pairs, parse_int=parse_int, parse_float=parse_float, parse_constant=parse_constant
-        )
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=parse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         if isinstance(exc, DeltaFormatError):
             raise

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.fingerprint import fingerprint_safetensors
+from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ResolutionError
 from .resolve import CHECKPOINT_PATTERNS, resolve_repo  # noqa: F401  (re-exported)
 from .shards import ShardLayout
@@ -43,12 +44,10 @@ class Checkpoint:
         index = self.directory / SAFE_WEIGHTS_INDEX_NAME
         single = self.directory / SAFE_WEIGHTS_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CorruptDeltaError(
-                    f"{index} is unreadable", expected="a weight_map", found=str(exc)[:100]
-                ) from None
+            weight_map = loads_strict(index.read_bytes(), str(index), CorruptDeltaError)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CorruptDeltaError(f"{index} is unreadable", expected="a weight_map", found=repr(weight_map)[:100])
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
         elif single.is_file():
             self.weight_map = {}

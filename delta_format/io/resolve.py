@@ -78,6 +78,7 @@ def resolve_repo(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -98,6 +99,13 @@ def resolve_repo(
             expected="an existing branch, tag or commit",
             found=hub.revision,
             fix="check the revision",
+        ) from None
+    except HFValidationError as exc:
+        raise ResolutionError(
+            f"{what} {name!r} is not a valid Hub repo id",
+            expected="user/name of letters, digits, '-', '_', '.'",
+            found=str(exc)[:200],
+            fix="check the name",
         ) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise ResolutionError(
