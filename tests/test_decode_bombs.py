@@ -61,4 +61,3 @@ def test_decode_refuses_a_declared_shape_over_the_budget(sparse_bomb):
     with DeltaReader(sparse_bomb / "bomb") as reader:
         with pytest.raises(CorruptDeltaError, match="without a base"):
             reader.decode("w")
-
