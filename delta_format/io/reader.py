@@ -30,7 +30,7 @@ from ..errors import CorruptDeltaError, ManifestError
 from .delta_files import allowed_roots, check_listed, safe_member  # noqa: F401  (allowed_roots re-exported)
 
 
-def _read_limited(path: Path, limit: int, what: str) -> bytes:
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
     size = path.stat().st_size
     if size > limit:
         raise ManifestError(
@@ -64,7 +64,7 @@ class DeltaReader:
         self.side_files: dict[str, Path] = {}
         """Files the manifest vouches for besides the tensor files and the index (config,
         tokenizer files, ...), by relative path: present and checked when the delta was opened."""
-        self.manifest = Manifest.from_json_bytes(_read_limited(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
+        self.manifest = Manifest.from_json_bytes(read_bounded(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
         self._key_to_file = self._read_weight_map()
         self._check_files(verify_checksums)
@@ -74,7 +74,7 @@ class DeltaReader:
         index_path = self.directory / WEIGHTS_INDEX_NAME
         if index_path.exists() or index_path.is_symlink():
             safe_member(self.directory, WEIGHTS_INDEX_NAME, "the index")
-            index = loads_strict(_read_limited(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME), WEIGHTS_INDEX_NAME)
+            index = loads_strict(read_bounded(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME), WEIGHTS_INDEX_NAME)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
                 raise ManifestError(

@@ -63,6 +63,12 @@ def resolve_repo(
         what: what is resolved, for error messages ("delta", "base model").
     """
     hub = (hub or HubOptions()).updated(**hub_options)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"cannot resolve the {what}",
+            expected="a local directory or a Hub repo id (user/name)",
+            found=type(name_or_path).__name__,
+        )
     path = Path(name_or_path)
     if path.is_dir():
         return path, None

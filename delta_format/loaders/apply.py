@@ -28,6 +28,7 @@ from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
 from ..io.staging import StagingDirectory
 from .base_model import check_base, resolve_base
+from .delta_checks import check_delta, scale_from
 
 
 def apply_delta(
@@ -73,7 +74,7 @@ def apply_delta(
     reader = open_delta(delta, hub).reader
     checkpoint = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision))
     try:
-        check_base(reader.manifest, checkpoint, verify_base=verify_base)
+        check_delta(reader.manifest, checkpoint, scale=scale_from(alpha), verify_base=verify_base)
         staging = StagingDirectory(out_dir, overwrite=overwrite)
         try:
             _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)

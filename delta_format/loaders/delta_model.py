@@ -18,7 +18,8 @@ from ..errors import BaseMismatchError, InvalidArgumentError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.resolve import HubOptions, open_delta
-from .base_model import check_base, resolve_base
+from .base_model import resolve_base
+from .delta_checks import check_delta, scale_from
 from .fine_tune_config import fine_tune_config, fine_tune_generation_config
 from .materialize import materialize
 from .model_state import parameter_shapes
@@ -103,8 +104,9 @@ class DeltaModel:
         _check_composable(opened, verify_base)
         model, torch_dtype = _empty_model(opened[0], base, dtype, trust_remote_code, model_kwargs)
         generation = fine_tune_generation_config(opened[0])  # refused (typed) before any weight is read
-        for d in opened:
-            check_base(d, base, verify_base=verify_base, model_shapes=parameter_shapes(model))
+        shapes = parameter_shapes(model)
+        for d, s in zip(opened, scales):
+            check_delta(d, base, scale=s, model=model, model_shapes=shapes, verify_base=verify_base)
         placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
         materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(placement))
         model = _finish(model, opened[0], placement, generation)
@@ -122,11 +124,13 @@ def _open_sources(
     sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
     if not sources:
         raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty list")
-    scales = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if weights is not None and not isinstance(weights, (list, tuple)):
+        raise InvalidArgumentError("weights must be a list", expected="one number per delta", found=repr(weights)[:80])
+    scales = [1.0] * len(sources) if weights is None else [scale_from(w, "a weight") for w in weights]
     if len(scales) != len(sources):
         raise InvalidArgumentError("weights and deltas differ in number", expected=len(sources), found=len(scales))
     if alpha is not None:
-        scales = [s * float(alpha) for s in scales]
+        scales = [s * scale_from(alpha) for s in scales]
     return [open_delta(d, hub) for d in sources], scales
 
 

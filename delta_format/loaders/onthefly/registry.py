@@ -16,8 +16,8 @@ from ...core.fingerprint import fingerprint_state_dict
 from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
-from ..base_model import check_base
-from ..model_state import parameter_shapes, tied_parameter_names
+from ..delta_checks import check_delta
+from ..model_state import tied_parameter_names
 from .modules import check_same_device
 
 
@@ -70,12 +70,13 @@ class OnTheFlyDeltas:
             state[vector].data = value
         self.active = name
 
-    def check_base(self, delta: Delta, *, verify_base: bool = True) -> None:
-        """`check_base`: ``delta`` was made against this model's base (its checkpoint's files,
-        else the model's own tensors at their base values) and fits the model's shapes."""
+    def check_delta(self, delta: Delta, scale: float, *, verify_base: bool = True) -> None:
+        """`check_delta`: ``delta`` was made against this model's base (its checkpoint's files,
+        else the model's own tensors at their base values), fits the model's shapes and tied
+        tensors, and has finite alphas: the checks every loader runs."""
         base = self.base if self.base is not None else self._model_fingerprint
         label = None if self.base is not None else "given to attach_deltas"
-        check_base(delta, base, verify_base=verify_base, model_shapes=parameter_shapes(self.model), base_label=label)
+        check_delta(delta, base, scale=scale, model=self.model, verify_base=verify_base, base_label=label)
 
     def _model_fingerprint(self, recorded: Mapping[str, Any]) -> dict:
         if self._fingerprint is None:  # computed once, from the base values even while an adapter is active
