@@ -212,14 +212,18 @@ def set_active_delta(model, name: str | None) -> None:
 
 @contextlib.contextmanager
 def using_delta(model, name: str | None) -> Iterator[None]:
-    """``with using_delta(model, "math"): ...``: that adapter inside, the previous one after."""
+    """``with using_delta(model, "math"): ...``: that adapter inside, the previous one after.
+
+    The active adapter is one per model, not per thread: while one thread is inside
+    ``using_delta``, a forward, ``set_active_delta`` or ``using_delta`` from another thread raises
+    `InvalidArgumentError` instead of silently serving the other thread's adapter. Give each
+    thread its own model (the base weights can be shared), or serialize the calls."""
     registry = _registry(model)
-    previous = registry.active
-    registry.set_active(name)
+    previous = registry.enter(name)
     try:
         yield
     finally:
-        registry.set_active(previous)
+        registry.leave(previous)
 
 
 def detach_deltas(model, names: list[str] | None = None) -> None:
