@@ -14,7 +14,7 @@ from ..core.constants import MODEL_CARD_NAME
 from .card import render_model_card
 from .delta_files import safe_member
 from .reader import DeltaReader
-from .staging import StagingDirectory
+from .staging import StagingDirectory, output_guard
 
 
 class Delta:
@@ -61,13 +61,14 @@ class Delta:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Delta:
         """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
-        staging = StagingDirectory(save_directory, overwrite=overwrite)
+        staging = StagingDirectory(save_directory, overwrite=overwrite, inputs=[self.directory])
         try:
-            for name, path in self.relative_files().items():
-                target = staging.path / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-            (staging.path / MODEL_CARD_NAME).write_text(self.model_card(), encoding="utf-8")
+            with output_guard(staging.out_dir):
+                for name, path in self.relative_files().items():
+                    target = staging.path / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                (staging.path / MODEL_CARD_NAME).write_text(self.model_card(), encoding="utf-8")
             out = staging.publish()
         except BaseException:
             staging.discard()

@@ -9,7 +9,7 @@ file's SHA-256 computed while it is written), then publishes the directory in on
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..errors import CorruptDeltaError, InvalidArgumentError, NumericalError
 from .checksums import file_sha256
 from .delta_files import is_reserved_name, regular_source
 from .shards import DELTA_LAYOUT, ShardedSafetensorsWriter
-from .staging import StagingDirectory
+from .staging import StagingDirectory, output_guard
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 
@@ -61,7 +61,10 @@ class DeltaWriter:
         method_params: Mapping[str, Any] | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
     ):
+        """``inputs``: the directories the delta is computed from; the output may not be, contain
+        or lie inside one of them (`StagingDirectory`)."""
         self.manifest = Manifest(
             base=base,
             method=method,
@@ -69,7 +72,7 @@ class DeltaWriter:
             tensors={},
             created_by=f"delta-format {__version__}",
         )
-        self._staging = StagingDirectory(out_dir, overwrite)
+        self._staging = StagingDirectory(out_dir, overwrite, inputs=inputs)
         try:
             self._shards = ShardedSafetensorsWriter(
                 self._staging.path, DELTA_LAYOUT, max_shard_size, record_sha256=True
@@ -108,7 +111,8 @@ class DeltaWriter:
                     found="non-finite values",
                     fix="check the fine-tune and base: their difference is not finite",
                 )
-        nbytes = self._shards.add({stored_key(name, role): tensor for role, tensor in stored.items()})
+        with output_guard(self.out_dir):
+            nbytes = self._shards.add({stored_key(name, role): tensor for role, tensor in stored.items()})
         entry.stats = {"stored_bytes": nbytes, **entry.stats}
         self.manifest.tensors[name] = entry
 
@@ -128,8 +132,9 @@ class DeltaWriter:
         try:
             if not isinstance(content, bytes):
                 content = regular_source(content, f"the side file {name}").read_bytes()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
+            with output_guard(self.out_dir):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
         except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
             raise InvalidArgumentError(
                 f"side file {name!r} collides with another", expected="distinct paths", found=str(exc)[:200]
@@ -137,25 +142,33 @@ class DeltaWriter:
         self._side_files.add(name)
 
     def close(self, stats: Mapping[str, Any] | None = None) -> Manifest:
-        """Write the remaining shard, the index and the manifest, then publish the directory."""
+        """Write the remaining shard, the index and the manifest, then publish the directory.
+        On any failure (a full disk: `OutputError`) everything written so far is discarded."""
         if self._closed:
             return self.manifest
+        try:
+            with output_guard(self.out_dir):
+                self._write_manifest(stats)
+                self._staging.publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.manifest
+
+    def _write_manifest(self, stats: Mapping[str, Any] | None) -> None:
         staging = self._staging.path
         known = self._shards.close()  # file name -> its hash, when computed while writing
         if stats:
             self.manifest.stats = dict(stats)
-        listed = {p.name for p in staging.glob("*.safetensors")} | {WEIGHTS_INDEX_NAME} & {
-            p.name for p in staging.iterdir()
-        }
-        listed |= self._side_files - {MODEL_CARD_NAME}
+        listed = {p.name for p in staging.glob("*.safetensors")} | (self._side_files - {MODEL_CARD_NAME})
+        if (staging / WEIGHTS_INDEX_NAME).is_file():
+            listed.add(WEIGHTS_INDEX_NAME)
         self.manifest.files = {
             name: {"size": (staging / name).stat().st_size, "sha256": known.get(name) or file_sha256(staging / name)}
             for name in sorted(listed)
         }
         (staging / MANIFEST_NAME).write_text(self.manifest.to_json())
-        self._staging.publish()
-        self._closed = True
-        return self.manifest
 
     def abort(self) -> None:
         """Discard everything written so far."""

@@ -26,7 +26,7 @@ from ..io.checkpoint import CHECKPOINT_LAYOUT, Checkpoint
 from ..io.reader import DeltaReader
 from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
-from ..io.staging import StagingDirectory
+from ..io.staging import StagingDirectory, output_guard
 from .base_model import check_base, resolve_base
 from .delta_checks import check_delta, scale_from
 
@@ -75,9 +75,10 @@ def apply_delta(
     checkpoint = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision))
     try:
         check_delta(reader.manifest, checkpoint, scale=scale_from(alpha), verify_base=verify_base)
-        staging = StagingDirectory(out_dir, overwrite=overwrite)
+        staging = StagingDirectory(out_dir, overwrite=overwrite, inputs=[reader.directory, checkpoint.directory])
         try:
-            _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)
+            with output_guard(staging.out_dir):
+                _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)
             return staging.publish()
         except BaseException:
             staging.discard()
