@@ -20,6 +20,7 @@ from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ResolutionError
 from .resolve import CHECKPOINT_PATTERNS, resolve_repo  # noqa: F401  (re-exported)
 from .shards import ShardLayout
+from .tensor_reads import read_range, tensor_ranges
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -63,6 +64,7 @@ class Checkpoint:
             )
         self.files = sorted(set(self.weight_map.values()))
         self._handles: dict[tuple[Path, str], object] = {}
+        self._ranges: dict[Path, dict] = {}
         self._fingerprint: dict | None = None
 
     @staticmethod
@@ -100,6 +102,15 @@ class Checkpoint:
     def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read straight onto ``device``."""
         return self._handle(self.weight_map[name], str(torch.device(device))).get_tensor(name)
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """`get_tensor` for repeated reads (hot swaps): through `read_range`, which keeps nothing
+        per call where safetensors' ``get_tensor`` on a kept handle leaks a few KB."""
+        path = self.weight_map[name]
+        if path not in self._ranges:
+            self._handle(path, "cpu")  # safetensors validates the header first
+            self._ranges[path] = tensor_ranges(path)
+        return read_range(path, self._ranges[path][name], device)
 
     def config(self) -> dict:
         path = self.directory / "config.json"

@@ -28,6 +28,7 @@ from ..core.manifest import Manifest, TensorEntry, stored_key
 from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ManifestError
 from .delta_files import allowed_roots, check_listed, safe_member  # noqa: F401  (allowed_roots re-exported)
+from .tensor_reads import read_range, tensor_ranges
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
@@ -66,6 +67,7 @@ class DeltaReader:
         tokenizer files, ...), by relative path: present and checked when the delta was opened."""
         self.manifest = Manifest.from_json_bytes(read_bounded(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
+        self._ranges: dict[Path, dict] = {}
         self._key_to_file = self._read_weight_map()
         self._check_files(verify_checksums)
         self._validate_stored()
@@ -182,12 +184,10 @@ class DeltaReader:
         out = {}
         for role in entry.encoding.expected(entry.shape):
             key = stored_key(name, role)
-            try:
-                out[role] = self._open(self._key_to_file[key], device).get_tensor(key)
-            except SafetensorError as exc:
-                raise CorruptDeltaError(
-                    f"cannot read {key!r}", expected="a readable tensor", found=str(exc)[:200]
-                ) from None
+            path = self._key_to_file[key]
+            if path not in self._ranges:
+                self._ranges[path] = tensor_ranges(path)
+            out[role] = read_range(path, self._ranges[path][key], device)  # no per-call leak (tensor_reads)
         return out
 
     def decode(

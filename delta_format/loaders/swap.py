@@ -108,10 +108,10 @@ class DeltaSwapper:
                     if name in d.manifest.tensors
                 ]
                 if parts:  # written straight into the parameter, a block of rows at a time
-                    base = self.base.get_tensor(name, param.device) if name in self.base else None
+                    base = self.base.read(name, param.device) if name in self.base else None
                     reconstruct_stored(name, parts, base, dtype=param.dtype, out=param)
                 else:
-                    param.copy_(self.base.get_tensor(name, param.device))
+                    param.copy_(self.base.read(name, param.device))
 
     def swap(self, delta: Delta | str | os.PathLike, *, alpha: float | None = None, **hub_options: Any) -> None:
         """Make ``delta`` (directory, repo id or `Delta`) the active fine-tune, in place.
