@@ -192,20 +192,15 @@ class BaseReference:
             _opt_str("base.local_path", data.get("local_path")),
             data.get("fingerprint"),
         )
-        if ref.repo_id is not None and not _REPO_ID.fullmatch(ref.repo_id):
-            raise ManifestError(
-                "base.repo_id is not a Hub repository id",
-                expected="name or namespace/name of letters, digits, '-', '_', '.'",
-                found=repr(ref.repo_id)[:100],
-                fix="re-create the delta, or pass base_model= explicitly",
-            )
-        if ref.revision is not None and not _SHA.fullmatch(ref.revision):
-            raise ManifestError(
-                "base.revision is not a commit",
-                expected="40 lowercase hex digits (a pinned commit)",
-                found=repr(ref.revision)[:100],
-                fix="re-create the delta against a pinned base commit",
-            )
+        for value, pattern, what, expected, fix in (
+            (ref.repo_id, _REPO_ID, "base.repo_id is not a Hub repository id",
+             "name or namespace/name of letters, digits, '-', '_', '.'",
+             "re-create the delta, or pass base_model= explicitly"),
+            (ref.revision, _SHA, "base.revision is not a commit", "40 lowercase hex digits (a pinned commit)",
+             "re-create the delta against a pinned base commit"),
+        ):  # fmt: skip
+            if value is not None and not pattern.fullmatch(value):
+                raise ManifestError(what, expected=expected, found=repr(value)[:100], fix=fix)
         if ref.fingerprint is not None:
             from .fingerprint import validate_fingerprint
 

@@ -112,19 +112,13 @@ def gap_table(p: float) -> tuple[int, ...]:
     """
     big_p = drop_threshold(p)
     table = []
+    check_gap_table(p)  # so the loop below ends within the limit
     t = 1 << MASK_PROB_BITS
     while True:
         t = (t * big_p) >> MASK_PROB_BITS
         if t == 0:
             return tuple(table)
         table.append(t)
-        if len(table) > MAX_SEEDED_GAP_TABLE:
-            raise InvalidArgumentError(
-                "drop rate too close to 1 for a seeded mask",
-                expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries",
-                found=f"p={p}",
-                fix="use a smaller p or an explicit index coding",
-            )
 
 
 def check_gap_table(p: float) -> None:
