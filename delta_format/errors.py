@@ -59,6 +59,11 @@ class OutputExistsError(DeltaFormatError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputError(DeltaFormatError):
+    """The output could not be written: no space left, a file too large, a read-only or
+    non-directory parent. Nothing partial is left at the output path."""
+
+
 class InvalidArgumentError(DeltaFormatError):
     """A function or CLI argument is out of range or inconsistent with the others."""
 
@@ -87,6 +92,7 @@ __all__ = [
     "BaseMismatchError",
     "NumericalError",
     "OutputExistsError",
+    "OutputError",
     "InvalidArgumentError",
     "UnsupportedOnTheFlyError",
     "MissingDependencyError",

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from delta_format.core.encodings import (
     DenseEncoding,
@@ -36,6 +37,7 @@ from delta_format.core.reconstruct import reconstruct
 from delta_format.errors import DeltaFormatError
 from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
+from tests.crafting import rehash
 
 JUNK_VALUES = [
     None,
@@ -156,12 +158,43 @@ def _set_path(obj, path, value):
 _DELETE = object()
 
 
-def mutate(directory: Path, rng: random.Random) -> str:
+KINDS = ["shard-header", "shard-body", "truncate", "append", "manifest", "manifest-bytes", "index", "remove", "symlink"]
+DEEP_KINDS = ["stored-values", "manifest", "manifest", "shard-body", "side-file"]
+"""Extra weight for mutations that reach decoding once the hashes are made consistent again."""
+JUNK_TENSORS = [
+    lambda t: torch.full_like(t, float("nan")) if t.is_floating_point() else t + 1,
+    lambda t: t * 1e30 if t.is_floating_point() else t * 255,
+    lambda t: t.reshape(-1)[:-1] if t.numel() else torch.ones(3, dtype=t.dtype),
+    lambda t: torch.zeros(0, dtype=t.dtype),
+    lambda t: t.to(torch.int64) if t.is_floating_point() else t.to(torch.float32),
+    lambda t: t.flip(0) if t.dim() else t,
+]
+
+
+def mutate_deep(directory: Path, rng: random.Random) -> str:
+    """A mutation meant for the consistent-hash mode: a stored tensor replaced by junk values,
+    shape or dtype, or a side file added."""
+    kind = rng.choice(["stored-values", "side-file"])
+    if kind == "side-file":
+        name = rng.choice(["config.json", "generation_config.json", "sub/tokenizer.json"])
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(rng.choice([b"{", b'{"a": 1, "a": 2}', b"[" * 5000, b'{"x": 1e400}', b"{}"]))
+        return kind
+    path = rng.choice(sorted(directory.glob("*.safetensors")))
+    tensors = load_file(str(path))
+    if tensors:
+        key = rng.choice(sorted(tensors))
+        tensors[key] = rng.choice(JUNK_TENSORS)(tensors[key]).contiguous()
+    save_file(tensors, str(path))
+    return kind
+
+
+def mutate(directory: Path, rng: random.Random, deep: bool = False) -> str:
     """Apply one random mutation in place; returns its category."""
     shards = sorted(directory.glob("*.safetensors"))
-    kind = rng.choice(
-        ["shard-header", "shard-body", "truncate", "append", "manifest", "manifest-bytes", "index", "remove", "symlink"]
-    )
+    kind = rng.choice(KINDS + (DEEP_KINDS if deep else []))
+    if kind in ("stored-values", "side-file"):
+        return mutate_deep(directory, rng)
     if kind in ("shard-header", "shard-body", "truncate", "append"):
         path = rng.choice(shards)
         data = bytearray(path.read_bytes())
@@ -217,8 +250,27 @@ def mutate(directory: Path, rng: random.Random) -> str:
     return kind
 
 
-def run_cases(workdir: Path, cases: int, seed: int = 0) -> Counter:
-    """Run ``cases`` mutations; returns outcome counts (keys starting with ``BUG`` are failures)."""
+def classify(kind: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], consistent: bool) -> str:
+    """The outcome of a load that raised nothing."""
+    if got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got):
+        return "ok"
+    if not all(torch.isfinite(t).all() for t in got.values() if t.is_floating_point()):
+        return f"BUG:{kind}:non-finite weights returned"
+    if kind.startswith("manifest"):
+        return "ok-manifest-changed"
+    if consistent:  # the manifest vouches for the new bytes: another valid delta, not corruption
+        return "ok-content-changed"
+    return f"BUG:{kind}:silently different weights"
+
+
+def run_cases(workdir: Path, cases: int, seed: int = 0, *, consistent: bool = False) -> Counter:
+    """Run ``cases`` mutations; returns outcome counts (keys starting with ``BUG`` are failures).
+
+    ``consistent``: after each mutation the manifest's sizes and hashes are recomputed
+    (`tests.crafting.rehash`), as an attacker who publishes a crafted delta would, so mutations
+    reach safetensors validation, decoding and the base checks instead of the integrity check;
+    tensors replaced by junk values, shapes or dtypes and hostile side files join the mutations.
+    (`tests.fuzz_limits` runs this mode under memory and time limits, with a model target.)"""
     base = make_base()
     valid = workdir / "valid"
     write_valid_delta(valid, base)
@@ -228,7 +280,9 @@ def run_cases(workdir: Path, cases: int, seed: int = 0) -> Counter:
     for i in range(cases):
         case = workdir / f"case-{i}"
         shutil.copytree(valid, case)
-        kind = mutate(case, rng)
+        kind = mutate(case, rng, deep=consistent)
+        if consistent:
+            rehash(case)
         try:
             got = load_all(case, base)
         except DeltaFormatError as exc:
@@ -236,13 +290,7 @@ def run_cases(workdir: Path, cases: int, seed: int = 0) -> Counter:
         except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
             outcomes[f"BUG:{kind}:{type(exc).__name__}:{str(exc)[:80]}"] += 1
         else:
-            same = got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
-            if same:
-                outcomes["ok"] += 1
-            elif kind.startswith("manifest"):
-                outcomes["ok-manifest-changed"] += 1
-            else:
-                outcomes[f"BUG:{kind}:silently different weights"] += 1
+            outcomes[classify(kind, got, expected, consistent)] += 1
         shutil.rmtree(case, ignore_errors=True)
         for stray in workdir.glob("outside-*"):
             stray.unlink()

@@ -269,6 +269,14 @@ def read_delta(directory: Path) -> tuple[dict, dict[str, tuple[str, list[int], b
         raw = (directory / file).read_bytes()
         assert manifest["files"][file] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
         tensors.update(read_safetensors(directory / file))
+    for name, recorded in manifest["files"].items():  # §3.5 (1.1): side files are vouched for too
+        parts = name.split("/")
+        assert all(part and not part.startswith(".") and "\\" not in part for part in parts), name
+        path = directory.joinpath(*parts)
+        if path.exists():
+            assert not path.is_symlink() and path.is_file(), name
+            raw = path.read_bytes()
+            assert recorded == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}, name
     return manifest, tensors
 
 

@@ -124,7 +124,7 @@ def test_published_model_card_carries_the_spec_metadata(hub, models, tmp_path):
     assert data["library_name"] == "delta-format"
     assert "delta-format" in data["tags"]
     meta = data["delta_format"]
-    assert meta["spec_version"] == "1.0" and meta["base_revision"] == base_sha
+    assert meta["spec_version"] == "1.1" and meta["base_revision"] == base_sha
     shapes = [
         AutoModelForCausalLM.from_pretrained(models / "ft0").state_dict()[n].dim()
         for n in Delta(tmp_path / "delta-ft0").manifest.tensors

@@ -199,7 +199,7 @@ def test_small_shard_size_writes_several_shards_and_an_index(tmp_path):
     assert len(shards) >= 3
     assert shards == [f"delta-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
     assert not (out / "delta.safetensors").exists()
-    assert sorted(manifest(out)["files"]) == shards
+    assert sorted(manifest(out)["files"]) == sorted([*shards, "delta.safetensors.index.json"])
     assert index["metadata"]["total_size"] == sum((out / s).stat().st_size for s in shards)
     with DeltaReader(out) as reader:
         assert set(index["weight_map"]) == {f"{n}:{r}" for n, (_, s) in content.items() for r in s}

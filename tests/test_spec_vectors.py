@@ -137,7 +137,12 @@ def test_sharded_vector_has_several_shards_an_index_and_no_single_file():
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"delta-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
     assert not (directory / "delta.safetensors").exists()
-    assert sorted(manifest_of("sharded")["files"]) == shards
+    side_files = ["1_Pooling/config.json", "config.json", "delta.safetensors.index.json"]
+    assert sorted(manifest_of("sharded")["files"]) == sorted([*shards, *side_files])
+
+
+def test_every_vector_is_written_at_the_current_spec_version():
+    assert {manifest_of(name)["spec_version"] for name in VECTOR_NAMES} == {"1.1"}
 
 
 MUST_REFUSE = json.loads((VECTORS / "bitdiff_must_refuse.json").read_text(encoding="utf-8"))["cases"]

@@ -207,6 +207,7 @@ def compress(
         method_params=options.plan.describe(),
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        inputs=[getattr(base_src, "directory", None), getattr(ft_src, "directory", None)],
     ) as writer:
         writer.manifest.method_params.update(options.recorded_params(ft_src))
         edited = [name for name, action in actions if action is Action.EDIT]

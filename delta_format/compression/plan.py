@@ -43,7 +43,7 @@ def check_patterns(what: str, patterns: Any) -> list[str | re.Pattern]:
         return []
     if isinstance(patterns, (str, re.Pattern)):
         patterns = [patterns]
-    patterns = list(patterns)
+    patterns = list(patterns) if isinstance(patterns, (list, tuple, set, frozenset)) else [patterns]
     if not all(isinstance(p, (str, re.Pattern)) for p in patterns):
         raise InvalidArgumentError(
             f"{what} must be glob patterns or compiled regular expressions",

@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 0)
+SPEC_VERSION = (1, 1)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -63,4 +63,12 @@ MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_RANK_DIMS = 8
 MAX_SEEDED_GAP_TABLE = 1 << 18
-"""Longest seeded gap table (p up to ~0.99992): bounds the work a hostile manifest can ask for."""
+"""Longest seeded gap table (p up to ~0.99995): bounds the work a hostile manifest can ask for."""
+MAX_SEEDED_DROP_THRESHOLD = 4294757041
+"""The largest ``P = round(p * 2**32)`` whose gap table has at most `MAX_SEEDED_GAP_TABLE` entries
+(p ~ 0.999951): tables grow with ``P``, so comparing ``P`` with it decides the limit in O(1)."""
+
+MAX_ELEMENTS_WITHOUT_BASE = 1 << 28
+"""Largest parameter (elements) a reader decodes when no base has vouched for its shape (SPEC §8.7):
+1 GiB in float32. A declared shape costs nothing to write, so without a base to compare it with, a
+few bytes of sparse or low-rank data could otherwise ask for terabytes."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -25,9 +26,23 @@ from .constants import (
 )
 from .dtypes import TORCH_DTYPES
 from .encodings import Encoding, encoding_from_dict
+from .files_table import parse_files
+from .strict_json import loads_strict
 
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_REPO_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"(?!.*(--|\.\.)){_REPO_PART}(?:/{_REPO_PART})?")
+NUMERIC_STATS = (
+    "stored_bytes",
+    "finetune_bytes",
+    "compression_ratio",
+    "rel_error",
+    "relative_error",
+    "output_error",
+    "loss_change_estimate",
+)
+"""Stats fields that are read as numbers (inspect, model card); others are free-form."""
 
 
 def spec_version_string(version: tuple[int, int] = SPEC_VERSION) -> str:
@@ -82,6 +97,16 @@ def parse_shape(where: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def parse_stats(where: str, value: Any) -> dict[str, Any]:
+    """A ``stats`` object: free-form, except that the fields read as numbers are numbers."""
+    stats = _obj(where, value)
+    for key in NUMERIC_STATS:
+        number = stats.get(key)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
+            raise ManifestError(f"{where}.{key} is not a number", expected="a number", found=repr(number)[:100])
+    return dict(stats)
+
+
 def stored_key(name: str, role: str) -> str:
     """The safetensors key of one stored tensor of parameter ``name``: ``<name>:<role>`` (SPEC §4)."""
     return f"{name}{STORED_KEY_SEPARATOR}{role}"
@@ -126,9 +151,9 @@ class TensorEntry:
         shape = parse_shape(where, data["shape"])
         encoding = encoding_from_dict(data["encoding"], data.get("config", {}))
         encoding.expected(shape)  # refuses encodings that cannot apply to this shape
-        stats = _obj(f"{where} stats", data.get("stats", {}))
+        stats = parse_stats(f"{where} stats", data.get("stats", {}))
         stored = stats.get("stored_bytes", 0)
-        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 0:
+        if not isinstance(stored, int) or stored < 0:
             raise ManifestError(
                 f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100]
             )
@@ -167,13 +192,15 @@ class BaseReference:
             _opt_str("base.local_path", data.get("local_path")),
             data.get("fingerprint"),
         )
-        if ref.revision is not None and not _SHA.fullmatch(ref.revision):
-            raise ManifestError(
-                "base.revision is not a commit",
-                expected="40 lowercase hex digits (a pinned commit)",
-                found=repr(ref.revision)[:100],
-                fix="re-create the delta against a pinned base commit",
-            )
+        for value, pattern, what, expected, fix in (
+            (ref.repo_id, _REPO_ID, "base.repo_id is not a Hub repository id",
+             "name or namespace/name of letters, digits, '-', '_', '.'",
+             "re-create the delta, or pass base_model= explicitly"),
+            (ref.revision, _SHA, "base.revision is not a commit", "40 lowercase hex digits (a pinned commit)",
+             "re-create the delta against a pinned base commit"),
+        ):  # fmt: skip
+            if value is not None and not pattern.fullmatch(value):
+                raise ManifestError(what, expected=expected, found=repr(value)[:100], fix=fix)
         if ref.fingerprint is not None:
             from .fingerprint import validate_fingerprint
 
@@ -241,8 +268,8 @@ class Manifest:
             method=method["name"],
             method_params=dict(params),
             tensors=entries,
-            stats=dict(_obj("stats", data.get("stats", {}))),
-            files=_parse_files(data.get("files")),
+            stats=parse_stats("stats", data.get("stats", {})),
+            files=parse_files(data.get("files")),
             spec_version=version,
             created_by=_opt_str("created_by", data.get("created_by")),
         )
@@ -256,32 +283,12 @@ class Manifest:
                 found=f"{len(raw)} bytes",
                 fix="this is not a delta manifest, or a hostile one",
             )
+        # Hundreds of thousands of small containers make the cyclic GC rescan them over and over
+        # (quadratic-looking time); none of them forms a cycle, so it is paused while parsing.
+        paused = gc.isenabled()
+        gc.disable()
         try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ManifestError(f"{source} is not valid JSON", expected="UTF-8 JSON", found=str(exc)[:200]) from None
-        return cls.from_dict(data)
-
-
-def _parse_files(value: Any) -> dict[str, dict[str, Any]]:
-    files = _obj("files", value)
-    for name, info in files.items():
-        ok = (
-            isinstance(info, Mapping)
-            and isinstance(info.get("size"), int)
-            and not isinstance(info.get("size"), bool)
-            and info["size"] >= 0
-            and isinstance(info.get("sha256"), str)
-            and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
-        )
-        if not ok:
-            raise ManifestError(
-                f"files entry {name!r} is malformed",
-                expected='{"size": bytes, "sha256": 64 hex digits}',
-                found=repr(info)[:200],
-            )
-    return {name: dict(info) for name, info in files.items()}
-
-
-def _refuse_constant(name: str) -> float:
-    raise ManifestError("manifest holds a non-JSON number", expected="finite numbers", found=name)
+            return cls.from_dict(loads_strict(raw, source))
+        finally:
+            if paused:
+                gc.enable()

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import InvalidArgumentError
-from .constants import MASK_PROB_BITS, MAX_SEEDED_GAP_TABLE
+from .constants import MASK_PROB_BITS, MAX_SEEDED_DROP_THRESHOLD, MAX_SEEDED_GAP_TABLE
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
@@ -112,19 +112,30 @@ def gap_table(p: float) -> tuple[int, ...]:
     """
     big_p = drop_threshold(p)
     table = []
+    check_gap_table(p)  # so the loop below ends within the limit
     t = 1 << MASK_PROB_BITS
     while True:
         t = (t * big_p) >> MASK_PROB_BITS
         if t == 0:
             return tuple(table)
         table.append(t)
-        if len(table) > MAX_SEEDED_GAP_TABLE:
-            raise InvalidArgumentError(
-                "drop rate too close to 1 for a seeded mask",
-                expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries",
-                found=f"p={p}",
-                fix="use a smaller p or an explicit index coding",
-            )
+
+
+def check_gap_table(p: float) -> None:
+    """Refuse (`InvalidArgumentError`) a p whose gap table would exceed the limit, in O(1).
+
+    Each ``T_g`` is non-decreasing in ``P`` (induction: ``(t * P) >> 32`` grows with both), so the
+    table's length is too: it is within the limit exactly when ``P <= MAX_SEEDED_DROP_THRESHOLD``.
+    Computing the table to find out costs up to 2**18 steps (~30 ms), which a manifest of
+    thousands of seeded entries with distinct p would turn into minutes (SPEC §8.10).
+    """
+    if drop_threshold(p) > MAX_SEEDED_DROP_THRESHOLD:
+        raise InvalidArgumentError(
+            "drop rate too close to 1 for a seeded mask",
+            expected=f"a gap table of at most {MAX_SEEDED_GAP_TABLE} entries (p <= about 0.99995)",
+            found=f"p={p}",
+            fix="use a smaller p or an explicit index coding",
+        )
 
 
 _BUCKET_SHIFT = 20

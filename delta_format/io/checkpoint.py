@@ -16,9 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.fingerprint import fingerprint_safetensors
+from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ResolutionError
 from .resolve import CHECKPOINT_PATTERNS, resolve_repo  # noqa: F401  (re-exported)
 from .shards import ShardLayout
+from .tensor_reads import read_range, tensor_ranges
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -43,12 +45,10 @@ class Checkpoint:
         index = self.directory / SAFE_WEIGHTS_INDEX_NAME
         single = self.directory / SAFE_WEIGHTS_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CorruptDeltaError(
-                    f"{index} is unreadable", expected="a weight_map", found=str(exc)[:100]
-                ) from None
+            weight_map = loads_strict(index.read_bytes(), str(index), CorruptDeltaError)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CorruptDeltaError(f"{index} is unreadable", expected="a weight_map", found=repr(weight_map)[:100])
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
         elif single.is_file():
             self.weight_map = {}
@@ -64,6 +64,7 @@ class Checkpoint:
             )
         self.files = sorted(set(self.weight_map.values()))
         self._handles: dict[tuple[Path, str], object] = {}
+        self._ranges: dict[Path, dict] = {}
         self._fingerprint: dict | None = None
 
     @staticmethod
@@ -101,6 +102,15 @@ class Checkpoint:
     def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read straight onto ``device``."""
         return self._handle(self.weight_map[name], str(torch.device(device))).get_tensor(name)
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """`get_tensor` for repeated reads (hot swaps): through `read_range`, which keeps nothing
+        per call where safetensors' ``get_tensor`` on a kept handle leaks a few KB."""
+        path = self.weight_map[name]
+        if path not in self._ranges:
+            self._handle(path, "cpu")  # safetensors validates the header first
+            self._ranges[path] = tensor_ranges(path)
+        return read_range(path, self._ranges[path][name], device)
 
     def config(self) -> dict:
         path = self.directory / "config.json"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..core.constants import MODEL_CARD_NAME
 from .card import render_model_card
+from .delta_files import safe_member
 from .reader import DeltaReader
-from .staging import StagingDirectory
+from .staging import StagingDirectory, output_guard
 
 
 class Delta:
@@ -42,13 +43,17 @@ class Delta:
         return self.reader.manifest
 
     def files(self) -> list[Path]:
-        """Every file of the delta (manifest, shards, index, config/tokenizer files, card), subfolders
-        included (``1_Pooling/config.json``); hidden files and folders are not part of it."""
-        return sorted(
-            p
-            for p in self.directory.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.directory).parts)
-        )
+        """Every file of the delta, subfolders included: the manifest, tensor files, index, the
+        side files its manifest lists (config, tokenizer, ``1_Pooling/config.json``, ...) and the
+        model card. Files the manifest does not vouch for are not part of the delta (SPEC §3.5):
+        they are never copied or uploaded. Each is a regular file inside the directory."""
+        members = self.reader.member_files()
+        card = safe_member(self.directory, MODEL_CARD_NAME, "the model card", missing_ok=True)
+        return sorted([*members.values(), *([card] if card is not None else [])])
+
+    def relative_files(self) -> dict[str, Path]:
+        """`files` by relative POSIX path (what ``save_pretrained`` and ``push_to_hub`` write)."""
+        return {path.relative_to(self.directory).as_posix(): path for path in self.files()}
 
     def model_card(self, repo_id: str | None = None, name: str | None = None) -> str:
         """The README.md text for publishing under ``repo_id`` (titled ``name``, default the
@@ -57,14 +62,15 @@ class Delta:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Delta:
         """Copy the delta to ``save_directory`` atomically, with a fresh model card."""
-        staging = StagingDirectory(save_directory, overwrite=overwrite)
+        staging = StagingDirectory(save_directory, overwrite=overwrite, inputs=[self.directory])
         try:
-            for path in self.files():
-                target = staging.path / path.relative_to(self.directory)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-            card = self.model_card(name=Path(save_directory).name)
-            (staging.path / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+            with output_guard(staging.out_dir):
+                for name, path in self.relative_files().items():
+                    target = staging.path / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                card = self.model_card(name=Path(save_directory).name)
+                (staging.path / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
             out = staging.publish()
         except BaseException:
             staging.discard()
@@ -93,9 +99,9 @@ class Delta:
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [
-            CommitOperationAdd(path_in_repo=p.relative_to(self.directory).as_posix(), path_or_fileobj=str(p))
-            for p in self.files()
-            if p.relative_to(self.directory).as_posix() != MODEL_CARD_NAME
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+            for name, path in self.relative_files().items()
+            if name != MODEL_CARD_NAME
         ]
         operations.append(
             CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=self.model_card(repo_id).encode("utf-8"))

@@ -8,7 +8,7 @@ onto the requested device (safetensors loads onto CUDA without a CPU copy).
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +16,22 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.constants import MANIFEST_NAME, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..core.constants import (
+    MANIFEST_NAME,
+    MAX_ELEMENTS_WITHOUT_BASE,
+    MAX_INDEX_BYTES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from ..core.dtypes import TORCH_DTYPES, compute_dtype
 from ..core.manifest import Manifest, TensorEntry, stored_key
-from ..errors import CorruptDeltaError, ManifestError, UnsafePathError
-from .checksums import file_sha256
+from ..core.strict_json import loads_strict
+from ..errors import CorruptDeltaError, ManifestError
+from .delta_files import allowed_roots, check_listed, safe_member  # noqa: F401  (allowed_roots re-exported)
+from .tensor_reads import read_range, tensor_ranges
 
 
-def _read_limited(path: Path, limit: int, what: str) -> bytes:
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
     size = path.stat().st_size
     if size > limit:
         raise ManifestError(
@@ -33,43 +41,6 @@ def _read_limited(path: Path, limit: int, what: str) -> bytes:
             fix="this is not a delta file, or a hostile one",
         )
     return path.read_bytes()
-
-
-def allowed_roots(directory: Path) -> list[Path]:
-    """Where a delta's files may live once symlinks are resolved: the directory itself, and for a
-    huggingface_hub cache snapshot (``.../snapshots/<sha>``) the repo's ``blobs`` directory."""
-    roots = [directory.resolve()]
-    if directory.parent.name == "snapshots":
-        roots.append((directory.parent.parent / "blobs").resolve())
-    return roots
-
-
-def safe_member(directory: Path, name: object, what: str) -> Path:
-    """``directory / name`` after checking ``name`` is a plain file name that stays inside."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
-        raise UnsafePathError(
-            f"{what} names an unsafe file",
-            expected="a plain file name inside the delta directory",
-            found=repr(name)[:200],
-            fix="do not load this delta; it may be hostile",
-        )
-    path = directory / name
-    resolved = path.resolve()
-    if not any(resolved == root or root in resolved.parents for root in allowed_roots(directory)):
-        raise UnsafePathError(
-            f"{what} points outside the delta directory",
-            expected=f"a file inside {directory}",
-            found=str(resolved),
-            fix="do not load this delta; it may be hostile",
-        )
-    if not resolved.is_file():
-        raise CorruptDeltaError(
-            f"{what} names a missing file",
-            expected=f"{name} in {directory}",
-            found="nothing",
-            fix="re-download the delta (a shard is missing)",
-        )
-    return path
 
 
 class DeltaReader:
@@ -91,22 +62,21 @@ class DeltaReader:
                 fix="point at a directory written by delta-format compress",
             )
         safe_member(self.directory, MANIFEST_NAME, "the manifest")
-        self.manifest = Manifest.from_json_bytes(_read_limited(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
+        self.side_files: dict[str, Path] = {}
+        """Files the manifest vouches for besides the tensor files and the index (config,
+        tokenizer files, ...), by relative path: present and checked when the delta was opened."""
+        self.manifest = Manifest.from_json_bytes(read_bounded(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
+        self._ranges: dict[Path, dict] = {}
         self._key_to_file = self._read_weight_map()
         self._check_files(verify_checksums)
         self._validate_stored()
 
     def _read_weight_map(self) -> dict[str, Path]:
         index_path = self.directory / WEIGHTS_INDEX_NAME
-        if index_path.exists():
+        if index_path.exists() or index_path.is_symlink():
             safe_member(self.directory, WEIGHTS_INDEX_NAME, "the index")
-            try:
-                index = json.loads(_read_limited(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ManifestError(
-                    f"{WEIGHTS_INDEX_NAME} is not valid JSON", expected="JSON", found=str(exc)[:100]
-                ) from None
+            index = loads_strict(read_bounded(index_path, MAX_INDEX_BYTES, WEIGHTS_INDEX_NAME), WEIGHTS_INDEX_NAME)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
                 raise ManifestError(
@@ -115,38 +85,31 @@ class DeltaReader:
             checked: dict[str, Path] = {}
             for key, file in weight_map.items():
                 if not isinstance(file, str) or file not in checked:
-                    checked[file] = safe_member(self.directory, file, f"index entry {key!r}")
+                    checked[file] = safe_member(self.directory, file, f"index entry {key!r}", plain=True)
             return {key: checked[file] for key, file in weight_map.items()}
-        path = safe_member(self.directory, WEIGHTS_NAME, "the delta weights")
+        path = safe_member(self.directory, WEIGHTS_NAME, "the delta weights", plain=True)
         return {key: path for key in self._keys_of(path)}
 
     def _check_files(self, verify_checksums: bool) -> None:
-        """Every tensor file is listed in the manifest with its size and SHA-256, and matches."""
+        """Every tensor file is listed in the manifest with its size and SHA-256, and matches; so
+        does every other listed file that is present (the index, config and tokenizer files).
+        A listed side file that is absent is left out (a download may have filtered it)."""
         recorded = self.manifest.files
-        for path in sorted(set(self._key_to_file.values())):
-            info = recorded.get(path.name)
-            if info is None:
-                raise CorruptDeltaError(
-                    f"{path.name} is not listed in the manifest's files",
-                    expected=sorted(recorded),
-                    found=path.name,
-                    fix="re-create the delta",
-                )
-            size = path.stat().st_size
-            if size != info["size"]:
-                raise CorruptDeltaError(
-                    f"{path.name} has the wrong size",
-                    expected=f"{info['size']} bytes",
-                    found=f"{size} bytes",
-                    fix="the file is truncated or altered; re-download the delta",
-                )
-            if verify_checksums and file_sha256(path) != info["sha256"]:
-                raise CorruptDeltaError(
-                    f"{path.name} fails its checksum",
-                    expected=f"sha256 {info['sha256'][:16]}...",
-                    found="other bytes",
-                    fix="the file is corrupt or altered; re-download the delta",
-                )
+        tensor_files = {path.name for path in self._key_to_file.values()}
+        for name in sorted(tensor_files - recorded.keys()):
+            raise CorruptDeltaError(
+                f"{name} is not listed in the manifest's files",
+                expected=sorted(recorded),
+                found=name,
+                fix="re-create the delta",
+            )
+        for name, info in sorted(recorded.items()):
+            path = safe_member(self.directory, name, f"the file {name!r}", missing_ok=name not in tensor_files)
+            if path is None:
+                continue
+            check_listed(path, name, info, verify_checksums)
+            if name not in tensor_files and name != WEIGHTS_INDEX_NAME:
+                self.side_files[name] = path
 
     def _open(self, path: Path, device: str = "cpu"):
         handle = self._handles.get((path, device))
@@ -197,6 +160,17 @@ class DeltaReader:
                 view = handle.get_slice(key)
                 expected_keys[key][2].check(key, view.get_dtype(), tuple(view.get_shape()))
 
+    def member_files(self) -> dict[str, Path]:
+        """Every file of the delta that it vouches for, by relative POSIX path: the manifest, the
+        index, the tensor files and the side files listed in ``files``; each was checked when
+        the delta was opened (SPEC §3.5). The model card is not among them (`Delta.files`)."""
+        members = {MANIFEST_NAME: self.directory / MANIFEST_NAME}
+        members.update({path.name: path for path in self._key_to_file.values()})
+        if (self.directory / WEIGHTS_INDEX_NAME).is_file():
+            members[WEIGHTS_INDEX_NAME] = self.directory / WEIGHTS_INDEX_NAME
+        members.update(self.side_files)
+        return dict(sorted(members.items()))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.manifest.tensors)
 
@@ -210,20 +184,42 @@ class DeltaReader:
         out = {}
         for role in entry.encoding.expected(entry.shape):
             key = stored_key(name, role)
-            try:
-                out[role] = self._open(self._key_to_file[key], device).get_tensor(key)
-            except SafetensorError as exc:
-                raise CorruptDeltaError(
-                    f"cannot read {key!r}", expected="a readable tensor", found=str(exc)[:200]
-                ) from None
+            path = self._key_to_file[key]
+            if path not in self._ranges:
+                self._ranges[path] = tensor_ranges(path)
+            out[role] = read_range(path, self._ranges[path][key], device)  # no per-call leak (tensor_reads)
         return out
 
-    def decode(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        max_elements: int | None = MAX_ELEMENTS_WITHOUT_BASE,
+    ) -> torch.Tensor:
         """The parameter's decoded delta (or replacement value) on ``device``, in the arithmetic
-        dtype of SPEC §9 (float32, or float64 for float64 parameters) unless ``dtype`` is given."""
-        entry = self.manifest.tensors[name]
+        dtype of SPEC §9 (float32, or float64 for float64 parameters) unless ``dtype`` is given.
+
+        A declared shape is refused before anything is allocated when it holds more than
+        ``max_elements`` (SPEC §8.7); pass ``None`` once the shape was checked against the base."""
+        entry = self.check_elements(name, max_elements)
         dtype = dtype or compute_dtype(TORCH_DTYPES[entry.dtype])
         return entry.encoding.decode(self.stored(name, device), entry.shape, name, dtype)
+
+    def check_elements(self, name: str, max_elements: int | None = MAX_ELEMENTS_WITHOUT_BASE) -> TensorEntry:
+        """``name``'s entry, refused when its declared shape holds more than ``max_elements``
+        (SPEC §8.7) — checked before anything of that size is allocated."""
+        entry = self.manifest.tensors[name]
+        numel = math.prod(entry.shape)
+        if max_elements is not None and numel > max_elements:
+            raise CorruptDeltaError(
+                f"{name!r} declares more elements than a reader decodes without a base",
+                expected=f"at most {max_elements} elements, or a base to check the shape against",
+                found=f"shape {list(entry.shape)} ({numel} elements)",
+                fix="give the base (base_model= / --base) so the shape can be checked first",
+            )
+        return entry
 
     def stored_bytes(self) -> int:
         return sum(e.stats.get("stored_bytes", 0) for e in self.manifest.tensors.values())

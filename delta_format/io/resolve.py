@@ -85,6 +85,12 @@ def resolve_repo(
         what: what is resolved, for error messages ("delta", "base model").
     """
     hub = (hub or HubOptions()).updated(**hub_options)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"cannot resolve the {what}",
+            expected="a local directory or a Hub repo id (user/name)",
+            found=type(name_or_path).__name__,
+        )
     path = Path(name_or_path)
     if path.is_dir():
         return path, None
@@ -100,6 +106,7 @@ def resolve_repo(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -121,6 +128,13 @@ def resolve_repo(
             expected="an existing branch, tag or commit",
             found=hub.revision,
             fix="check the revision",
+        ) from None
+    except HFValidationError as exc:
+        raise ResolutionError(
+            f"{what} {name!r} is not a valid Hub repo id",
+            expected="user/name of letters, digits, '-', '_', '.'",
+            found=str(exc)[:200],
+            fix="check the name",
         ) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise ResolutionError(

@@ -8,8 +8,10 @@ from ..errors import InvalidArgumentError
 
 def parse_size(value: int | str) -> int:
     """``"500MB"`` / ``"2GB"`` / ``123`` -> bytes (decimal units, as transformers uses)."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):
+        raise InvalidArgumentError("unreadable size", expected='bytes or a string like "500MB"', found=repr(value))
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     text = value.strip().upper()
     for unit, factor in units.items():

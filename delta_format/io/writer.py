@@ -9,21 +9,22 @@ file's SHA-256 computed while it is written), then publishes the directory in on
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
-from ..core.constants import MANIFEST_NAME
+from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
 from ..core.dtypes import dtype_name
+from ..core.files_table import is_member_name
 from ..core.manifest import BaseReference, Manifest, TensorEntry, stored_key
 from ..errors import CorruptDeltaError, InvalidArgumentError, NumericalError
 from .checksums import file_sha256
+from .delta_files import is_reserved_name, regular_source
 from .shards import DELTA_LAYOUT, ShardedSafetensorsWriter
-from .staging import StagingDirectory
+from .staging import StagingDirectory, output_guard
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 
@@ -60,7 +61,10 @@ class DeltaWriter:
         method_params: Mapping[str, Any] | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
     ):
+        """``inputs``: the directories the delta is computed from; the output may not be, contain
+        or lie inside one of them (`StagingDirectory`)."""
         self.manifest = Manifest(
             base=base,
             method=method,
@@ -68,7 +72,7 @@ class DeltaWriter:
             tensors={},
             created_by=f"delta-format {__version__}",
         )
-        self._staging = StagingDirectory(out_dir, overwrite)
+        self._staging = StagingDirectory(out_dir, overwrite, inputs=inputs)
         try:
             self._shards = ShardedSafetensorsWriter(
                 self._staging.path, DELTA_LAYOUT, max_shard_size, record_sha256=True
@@ -77,6 +81,7 @@ class DeltaWriter:
             self._staging.discard()
             raise
         self._closed = False
+        self._side_files: set[str] = set()
 
     @property
     def max_shard_size(self) -> int:
@@ -106,43 +111,64 @@ class DeltaWriter:
                     found="non-finite values",
                     fix="check the fine-tune and base: their difference is not finite",
                 )
-        nbytes = self._shards.add({stored_key(name, role): tensor for role, tensor in stored.items()})
+        with output_guard(self.out_dir):
+            nbytes = self._shards.add({stored_key(name, role): tensor for role, tensor in stored.items()})
         entry.stats = {"stored_bytes": nbytes, **entry.stats}
         self.manifest.tensors[name] = entry
 
     def add_file(self, name: str, content: bytes | str | os.PathLike) -> None:
-        """Copy a side file (config.json, tokenizer files, README.md, ``1_Pooling/config.json``)
-        into the delta directory; ``name`` is a relative POSIX path that stays inside it."""
-        parts = name.split("/") if isinstance(name, str) else [""]
-        if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        """Add a side file (config.json, tokenizer files, ``1_Pooling/config.json``, README.md):
+        ``content`` is its bytes or the path of a regular file to copy. ``name`` is a relative
+        POSIX path inside the delta (folders are created). Every side file but README.md is
+        listed in the manifest's ``files`` with its size and SHA-256 (SPEC §3.5)."""
+        if not is_member_name(name) or is_reserved_name(name):
             raise InvalidArgumentError(
                 "side file names must be relative POSIX paths inside the delta",
-                expected="e.g. config.json or 1_Pooling/config.json",
-                found=repr(name),
+                expected="e.g. config.json or 1_Pooling/config.json, without '..', empty or hidden parts, "
+                "and not a name the writer uses itself",
+                found=repr(name)[:200],
             )
-        target = self._staging.path.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            shutil.copyfile(content, target)
+        target = self._staging.path / name
+        try:
+            if not isinstance(content, bytes):
+                content = regular_source(content, f"the side file {name}").read_bytes()
+            with output_guard(self.out_dir):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+        except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+            raise InvalidArgumentError(
+                f"side file {name!r} collides with another", expected="distinct paths", found=str(exc)[:200]
+            ) from None
+        self._side_files.add(name)
 
     def close(self, stats: Mapping[str, Any] | None = None) -> Manifest:
-        """Write the remaining shard, the index and the manifest, then publish the directory."""
+        """Write the remaining shard, the index and the manifest, then publish the directory.
+        On any failure (a full disk: `OutputError`) everything written so far is discarded."""
         if self._closed:
             return self.manifest
+        try:
+            with output_guard(self.out_dir):
+                self._write_manifest(stats)
+                self._staging.publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.manifest
+
+    def _write_manifest(self, stats: Mapping[str, Any] | None) -> None:
         staging = self._staging.path
         known = self._shards.close()  # file name -> its hash, when computed while writing
         if stats:
             self.manifest.stats = dict(stats)
+        listed = {p.name for p in staging.glob("*.safetensors")} | (self._side_files - {MODEL_CARD_NAME})
+        if (staging / WEIGHTS_INDEX_NAME).is_file():
+            listed.add(WEIGHTS_INDEX_NAME)
         self.manifest.files = {
-            p.name: {"size": p.stat().st_size, "sha256": known.get(p.name) or file_sha256(p)}
-            for p in sorted(staging.glob("*.safetensors"))
+            name: {"size": (staging / name).stat().st_size, "sha256": known.get(name) or file_sha256(staging / name)}
+            for name in sorted(listed)
         }
         (staging / MANIFEST_NAME).write_text(self.manifest.to_json())
-        self._staging.publish()
-        self._closed = True
-        return self.manifest
 
     def abort(self) -> None:
         """Discard everything written so far."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.constants import MANIFEST_NAME, MODEL_CARD_NAME, WEIGHTS_INDEX_NAME
+from ..core.constants import MAX_ELEMENTS_WITHOUT_BASE
 from ..core.dtypes import TORCH_DTYPES, parse_dtype
 from ..core.reconstruct import reconstruct_stored
 from ..errors import DeltaFormatError
@@ -28,14 +28,9 @@ from ..io.progress import progress_bar
 from ..io.reader import DeltaReader
 from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
-from ..io.staging import StagingDirectory
+from ..io.staging import StagingDirectory, output_guard
 from .base_model import check_base, resolve_base
-
-
-def _is_delta_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, WEIGHTS_INDEX_NAME, MODEL_CARD_NAME) or (
-        name.startswith("delta") and name.endswith(".safetensors")
-    )
+from .delta_checks import check_delta, scale_from
 
 
 def apply_delta(
@@ -81,10 +76,11 @@ def apply_delta(
     reader = open_delta(delta, hub).reader
     checkpoint = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision))
     try:
-        check_base(reader.manifest, checkpoint, verify_base=verify_base)
-        staging = StagingDirectory(out_dir, overwrite=overwrite)
+        check_delta(reader.manifest, checkpoint, scale=scale_from(alpha), verify_base=verify_base)
+        staging = StagingDirectory(out_dir, overwrite=overwrite, inputs=[reader.directory, checkpoint.directory])
         try:
-            _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)
+            with output_guard(staging.out_dir):
+                _write_checkpoint(staging.path, reader, checkpoint, parse_dtype(dtype), alpha, max_shard_size, progress)
             return staging.publish()
         except BaseException:
             staging.discard()
@@ -117,12 +113,14 @@ def _write_checkpoint(
                 value = value.to(target)
         else:
             base_tensor = checkpoint.get_tensor(name) if entry.encoding.needs_base and name in checkpoint else None
-            parts = [(entry, reader.stored(name), alpha)]
+            parts = [(entry, reader.stored(name), alpha)]  # its shape passed check_base
             value = reconstruct_stored(name, parts, base_tensor, dtype=target or TORCH_DTYPES[entry.dtype])
         writer.add({name: value})
         del value
     writer.close()
-    _copy_side_files(reader.directory, directory)
+    for name, path in reader.side_files.items():  # vouched for by the manifest (SPEC §3.5)
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, directory / name)
     if target is not None and (directory / "config.json").is_file():
         _set_config_dtype(directory / "config.json", target)
 
@@ -137,19 +135,6 @@ def _ignored_base_tensors(reader: DeltaReader) -> set[str]:
         return set()
     loaded = architecture_names_from_config(reader.directory)
     return set() if loaded is None else {n for n in listed if isinstance(n, str) and n not in loaded}
-
-
-def _copy_side_files(delta_dir: Path, out: Path) -> None:
-    """The fine-tune's own files carried by the delta (config, tokenizer, generation config, a
-    library's module configs in subfolders such as ``1_Pooling/``), at their relative paths."""
-    for path in sorted(delta_dir.rglob("*")):
-        relative = path.relative_to(delta_dir)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if len(relative.parts) == 1 and _is_delta_file(path.name):
-            continue
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out / relative)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
@@ -203,24 +188,28 @@ def verify_delta(
         report.failed(f"open: {exc}")
         return report
     try:
-        report.passed(f"files: {len(reader.manifest.files)} tensor file(s) match their size and SHA-256")
-        _verify_decoding(reader, report)
-        _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+        report.passed(f"files: {len(reader.manifest.files)} file(s) match their size and SHA-256")
+        shapes_checked = _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+        if shapes_checked is False:  # a shape that misfits the base is never decoded (SPEC §8.7)
+            report.skipped("decode: not attempted, the base check failed")
+        else:
+            _verify_decoding(reader, report, max_elements=None if shapes_checked else MAX_ELEMENTS_WITHOUT_BASE)
     finally:
         reader.close()
     return report
 
 
-def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) -> None:
+def _verify_decoding(reader: DeltaReader, report: VerifyReport, *, max_elements: int | None, shown: int = 5) -> None:
     bad = 0
     for name in progress_bar(list(reader), desc="verifying", unit="tensor"):
         entry = reader.entry(name)
         try:
             if entry.encoding.needs_base and not entry.encoding.is_delta:  # bitdiff: a value relative to the base
+                reader.check_elements(name, max_elements)
                 zeros = torch.zeros(entry.shape, dtype=TORCH_DTYPES[entry.dtype])  # every frame checked, none kept
                 entry.encoding.decode(reader.stored(name), entry.shape, name, zeros.dtype, base=zeros)
             else:
-                reader.decode(name)
+                reader.decode(name, max_elements=max_elements)
         except DeltaFormatError as exc:
             bad += 1
             if bad <= shown:
@@ -231,12 +220,13 @@ def _verify_decoding(reader: DeltaReader, report: VerifyReport, shown: int = 5) 
         report.failed(f"decode: {bad} parameters fail in all")
 
 
-def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> None:
+def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> bool | None:
+    """Fingerprint and shapes against the base: True if they pass, False if not, None without a base."""
     try:
         checkpoint = resolve_base(manifest, base_model, hub)
     except DeltaFormatError as exc:
         (report.failed if base_model is not None else report.skipped)(f"base: {exc}")
-        return
+        return None
     try:
         check_base(manifest, checkpoint)
         report.passed(
@@ -245,8 +235,10 @@ def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) ->
             else f"base: {checkpoint.directory} (the delta records no fingerprint)"
         )
         report.passed("shapes: every edited parameter exists in the base with its shape")
+        return True
     except DeltaFormatError as exc:
         report.failed(f"base: {exc}")
+        return False
     finally:
         checkpoint.close()
 

@@ -18,7 +18,9 @@ from ..errors import BaseMismatchError, InvalidArgumentError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.resolve import HubOptions, open_delta
-from .base_model import check_base, resolve_base
+from .base_model import resolve_base
+from .delta_checks import check_delta, scale_from
+from .fine_tune_config import fine_tune_config, fine_tune_generation_config
 from .materialize import materialize
 from .model_state import parameter_shapes
 from .placement import DeviceMap, device_lookup, resolve_device_map
@@ -101,11 +103,13 @@ class DeltaModel:
         base = resolve_base(opened[0].manifest, base_model, hub.updated(revision=base_revision))
         _check_composable(opened, verify_base)
         model, torch_dtype = _empty_model(opened[0], base, dtype, trust_remote_code, model_kwargs)
-        for d in opened:
-            check_base(d, base, verify_base=verify_base, model_shapes=parameter_shapes(model))
+        generation = fine_tune_generation_config(opened[0])  # refused (typed) before any weight is read
+        shapes = parameter_shapes(model)
+        for d, s in zip(opened, scales):
+            check_delta(d, base, scale=s, model=model, model_shapes=shapes, verify_base=verify_base)
         placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
         materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(placement))
-        model = _finish(model, opened[0], placement)
+        model = _finish(model, opened[0], placement, generation)
         swapper = DeltaSwapper(
             model, base, list(zip(opened, scales)), hub.updated(revision=None), verify_base=verify_base
         )
@@ -120,11 +124,13 @@ def _open_sources(
     sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
     if not sources:
         raise InvalidArgumentError("no delta given", expected="at least one delta", found="an empty list")
-    scales = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if weights is not None and not isinstance(weights, (list, tuple)):
+        raise InvalidArgumentError("weights must be a list", expected="one number per delta", found=repr(weights)[:80])
+    scales = [1.0] * len(sources) if weights is None else [scale_from(w, "a weight") for w in weights]
     if len(scales) != len(sources):
         raise InvalidArgumentError("weights and deltas differ in number", expected=len(sources), found=len(scales))
     if alpha is not None:
-        scales = [s * float(alpha) for s in scales]
+        scales = [s * scale_from(alpha) for s in scales]
     return [open_delta(d, hub) for d in sources], scales
 
 
@@ -145,10 +151,7 @@ def _empty_model(
     delta: Delta, base: Checkpoint, dtype, trust_remote_code: bool, model_kwargs: dict[str, Any]
 ) -> tuple[Any, torch.dtype]:
     """The fine-tune's model built empty from its config (the delta's, else the base's), and its dtype."""
-    from transformers import AutoConfig
-
-    config_dir = delta.directory if (delta.directory / "config.json").is_file() else base.directory
-    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code, **model_kwargs)
+    config = fine_tune_config(delta, base, trust_remote_code, model_kwargs)
     torch_dtype = parse_dtype(dtype, allow_auto=True) or _config_dtype(config)
     return build_skeleton(config, torch_dtype, trust_remote_code), torch_dtype
 
@@ -162,17 +165,15 @@ def _config_dtype(config) -> torch.dtype:
         return torch.float32  # e.g. an integer-quantised config: the skeleton decides
 
 
-def _finish(model, delta: Delta, placement: dict[str, torch.device]):
+def _finish(model, delta: Delta, placement: dict[str, torch.device], generation):
     """Dispatched over several devices if the placement asks, generation config from the delta,
     eval mode, names that say where the weights came from."""
-    from transformers import GenerationConfig
-
     if len(set(placement.values())) > 1:
         from accelerate import dispatch_model
 
         model = dispatch_model(model, device_map={k: str(v) for k, v in placement.items()})
-    if (delta.directory / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
-        model.generation_config = GenerationConfig.from_pretrained(delta.directory)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        model.generation_config = generation
     model.name_or_path = delta.repo_id or str(delta.directory)
     model.config._name_or_path = model.name_or_path
     return model.eval()

@@ -19,7 +19,15 @@ def _device(value) -> torch.device:
             found="'disk'",
             fix="give the model enough cpu/cuda memory (max_memory=...)",
         )
-    return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+    try:
+        return torch.device(f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            "unreadable device in device_map",
+            expected='"cpu", "cuda", "cuda:1", an index, "auto" or a {module: device} dict',
+            found=repr(value)[:80],
+            fix=str(exc)[:120],
+        ) from None
 
 
 def resolve_device_map(model, device_map: DeviceMap, dtype: torch.dtype, max_memory=None) -> dict[str, torch.device]:

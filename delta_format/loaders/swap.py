@@ -13,22 +13,33 @@ few fine-tunes costs only decoding.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.constants import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..core.reconstruct import reconstruct_stored
 from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
-from ..io.resolve import HubOptions, open_delta
-from .base_model import check_base
-from .model_state import parameter_shapes
+from ..io.delta_files import safe_member
+from ..io.reader import read_bounded
+from ..io.resolve import HubOptions, open_delta, resolve_repo
+from .delta_checks import check_delta, scale_from
 
 DEFAULT_CACHE_BYTES = 1 << 30
+
+
+def manifest_digest(directory: Path) -> str:
+    """SHA-256 of a delta's manifest: it records the size and SHA-256 of every other file, so it
+    names the delta's content (a cache key that cannot serve a stale delta)."""
+    path = safe_member(directory, MANIFEST_NAME, "the manifest")
+    return hashlib.sha256(read_bounded(path, MAX_MANIFEST_BYTES, MANIFEST_NAME)).hexdigest()
 
 
 class DeltaCache:
@@ -82,9 +93,9 @@ class DeltaSwapper:
     def active_deltas(self) -> list[Delta]:
         return [d for d, _ in self.active]
 
-    def _check_base(self, delta: Delta) -> None:
-        """`check_base` against the loaded base and the model's shapes, before anything changes."""
-        check_base(delta, self.base, verify_base=self.verify_base, model_shapes=parameter_shapes(self.model))
+    def _check(self, delta: Delta, scale: float) -> None:
+        """`check_delta` against the loaded base and the model, before anything changes."""
+        check_delta(delta, self.base, scale=scale, model=self.model, verify_base=self.verify_base)
 
     def _write(self, names: set[str], deltas: list[tuple[Delta, float]]) -> None:
         state = self.model.state_dict(keep_vars=True)
@@ -97,10 +108,10 @@ class DeltaSwapper:
                     if name in d.manifest.tensors
                 ]
                 if parts:  # written straight into the parameter, a block of rows at a time
-                    base = self.base.get_tensor(name, param.device) if name in self.base else None
+                    base = self.base.read(name, param.device) if name in self.base else None
                     reconstruct_stored(name, parts, base, dtype=param.dtype, out=param)
                 else:
-                    param.copy_(self.base.get_tensor(name, param.device))
+                    param.copy_(self.base.read(name, param.device))
 
     def swap(self, delta: Delta | str | os.PathLike, *, alpha: float | None = None, **hub_options: Any) -> None:
         """Make ``delta`` (directory, repo id or `Delta`) the active fine-tune, in place.
@@ -108,13 +119,17 @@ class DeltaSwapper:
         ``hub_options`` (``revision=``, ``token=``, ...) override the Hub options the model was
         loaded with, for this delta.
         """
+        scale = 1.0 if alpha is None else scale_from(alpha)
         if isinstance(delta, Delta):
             new = delta
         else:
             hub = self.hub.updated(**hub_options)
-            new = self.cache.get((os.fspath(delta), hub), lambda: open_delta(delta, hub))
-        self._check_base(new)
-        self._replace([(new, 1.0 if alpha is None else float(alpha))])
+            directory, _ = resolve_repo(delta, hub, what="delta")
+            # Keyed by content: a delta published again at the same path is another delta.
+            key = (directory.resolve(), manifest_digest(directory))
+            new = self.cache.get(key, lambda: open_delta(delta, hub))
+        self._check(new, scale)
+        self._replace([(new, scale)])
 
     def remove(self) -> None:
         """Back to the plain base model."""
@@ -134,8 +149,11 @@ class DeltaSwapper:
         old = self.active
         try:
             self._write(touched, new)
-        except BaseException:
-            self._write(touched, old)  # put the previous fine-tune back before reporting
+        except BaseException as exc:
+            try:
+                self._write(touched, old)  # put the previous fine-tune back before reporting
+            except Exception as failed:  # never hide the error that matters behind this one
+                exc.add_note(f"the previous fine-tune could not be restored ({failed!r}); reload the model")
             raise
         self.active = new
         self.model.tie_weights()

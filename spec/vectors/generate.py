@@ -134,6 +134,7 @@ class Vector:
         self.base: dict[str, tuple[np.ndarray, str]] = {}
         self.expected: dict[str, tuple[np.ndarray, str]] = {}
         self.params: list[tuple[str, TensorEntry, dict[str, torch.Tensor]]] = []
+        self.side_files: dict[str, bytes] = {}
 
     def add_base(self, name: str, shape, dtype: str, salt: int, spread: float = 1.0, exact: bool = False) -> np.ndarray:
         x = rounded(dyadic(shape, salt) if exact else values(shape, salt, spread), dtype)
@@ -159,6 +160,8 @@ class Vector:
         ) as writer:
             for name, entry, stored in self.params:
                 writer.add(name, entry, stored)
+            for name, content in self.side_files.items():
+                writer.add_file(name, content)
         base_path.rename(self.dir / "base.safetensors")
         staging.rmdir()
         save_file({k: as_torch(v, d) for k, (v, d) in self.expected.items()}, str(self.dir / "expected.safetensors"))
@@ -313,6 +316,9 @@ def vector_replace(root: Path) -> None:
 
 def vector_sharded(root: Path) -> None:
     v = Vector(root, "sharded")
+    # Side files, one in a folder: listed in `files` with size and SHA-256 since 1.1 (SPEC §3.5).
+    v.side_files["config.json"] = b'{"model_type": "vector"}\n'
+    v.side_files["1_Pooling/config.json"] = b'{"pooling_mode_mean_tokens": true}\n'
     alpha = 0.3  # not a float32 value: SPEC §9 rounds it to float32 before multiplying
     base = v.add_base("layers.0.w", (16, 24), "float32", 40)
     delta = values((16, 24), 41, 0.01)

@@ -26,7 +26,7 @@ from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, Un
 from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
 from ..dtypes import FLOAT_STORED
-from ..seeded_mask import drop_threshold, gap_table, iter_kept_positions, kept_positions
+from ..seeded_mask import check_gap_table, drop_threshold, iter_kept_positions, kept_positions
 from .base import (
     Encoding,
     Expected,
@@ -83,7 +83,7 @@ class SparseEncoding(Encoding, name=SPARSE):
             if not 0.0 <= p < 1.0:
                 raise ManifestError("seeded sparse p is out of range", expected="0 <= p < 1", found=repr(p))
             try:
-                gap_table(p)
+                check_gap_table(p)
             except InvalidArgumentError as exc:
                 raise ManifestError(
                     "seeded sparse p cannot be generated",

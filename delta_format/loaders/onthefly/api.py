@@ -51,8 +51,9 @@ from ...io.delta import Delta
 from ...io.model_class import model_class_for
 from ...io.resolve import HubOptions, open_delta
 from ..base_model import resolve_base
+from ..delta_checks import scale_from
 from ..placement import DeviceMap
-from .factors import build_factor, require_on_the_fly
+from .factors import build_factor, check_finite_merge, require_on_the_fly
 from .modules import ADOPTERS, DeltaEmbedding, DeltaLinear
 from .registry import Adapter, OnTheFlyDeltas, tensor_owners
 
@@ -62,7 +63,7 @@ def _plan(
 ) -> tuple[Adapter, set[str]]:
     """An `Adapter` built from ``delta`` (factors decoded, vectors rebuilt) and the module paths to
     adopt; nothing in the model changes here, so any error leaves it as it was."""
-    deltas.check_base(delta, verify_base=verify_base)
+    deltas.check_delta(delta, alpha, verify_base=verify_base)
     state = model.state_dict(keep_vars=True)
     adapter, adopt = Adapter(delta, alpha), set()
     done: dict[int, str] = {}
@@ -97,7 +98,8 @@ def _plan(
             )
         require_on_the_fly(pname, entry)  # before reading anything
         stored = delta.reader.stored(pname, tensor.device)
-        adapter.factors[pname] = build_factor(pname, entry, stored, alpha, tensor.dtype)
+        adapter.factors[pname] = factor = build_factor(pname, entry, stored, alpha, tensor.dtype)
+        check_finite_merge(pname, factor, tensor.data)
         adopt.update(p for p, _, _ in holders)
     return adapter, adopt
 
@@ -160,6 +162,10 @@ def _alphas(
     deltas: Mapping[str, Any], alpha: float | Mapping[str, float] | None, registry: OnTheFlyDeltas | None
 ) -> dict[str, float]:
     """Each new adapter's alpha, after checking the names are new, non-empty strings."""
+    if not isinstance(deltas, Mapping):
+        raise InvalidArgumentError(
+            "on-the-fly deltas must be named", expected="a mapping {name: delta}", found=type(deltas).__name__
+        )
     clash = sorted(set(deltas) & set(registry.adapters)) if registry else []
     if clash or not deltas or not all(isinstance(n, str) and n for n in deltas):
         raise InvalidArgumentError(
@@ -169,12 +175,12 @@ def _alphas(
             fix="detach_deltas(model, [name]) first to replace one",
         )
     if not isinstance(alpha, Mapping):
-        return {n: 1.0 if alpha is None else float(alpha) for n in deltas}
+        return {n: 1.0 if alpha is None else scale_from(alpha) for n in deltas}
     if set(alpha) - set(deltas):
         raise InvalidArgumentError(
             "alpha names an unknown delta", expected=sorted(deltas), found=sorted(set(alpha) - set(deltas))
         )
-    return {n: float(alpha.get(n, 1.0)) for n in deltas}
+    return {n: scale_from(alpha.get(n, 1.0), f"alpha of {n!r}") for n in deltas}
 
 
 def _adopt_modules(model, registry: OnTheFlyDeltas, paths: set[str]) -> None:
@@ -206,14 +212,18 @@ def set_active_delta(model, name: str | None) -> None:
 
 @contextlib.contextmanager
 def using_delta(model, name: str | None) -> Iterator[None]:
-    """``with using_delta(model, "math"): ...``: that adapter inside, the previous one after."""
+    """``with using_delta(model, "math"): ...``: that adapter inside, the previous one after.
+
+    The active adapter is one per model, not per thread: while one thread is inside
+    ``using_delta``, a forward, ``set_active_delta`` or ``using_delta`` from another thread raises
+    `InvalidArgumentError` instead of silently serving the other thread's adapter. Give each
+    thread its own model (the base weights can be shared), or serialize the calls."""
     registry = _registry(model)
-    previous = registry.active
-    registry.set_active(name)
+    previous = registry.enter(name)
     try:
         yield
     finally:
-        registry.set_active(previous)
+        registry.leave(previous)
 
 
 def detach_deltas(model, names: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from ...core.dtypes import TORCH_DTYPES, compute_dtype
 from ...core.encodings import Factor
 from ...core.encodings.base import not_on_the_fly
 from ...core.manifest import TensorEntry
+from ...errors import NumericalError
 
 
 def require_on_the_fly(name: str, entry: TensorEntry) -> None:
@@ -26,3 +27,20 @@ def build_factor(
     rounded in the compute dtype of the entry's dtype."""
     compute = compute_dtype(TORCH_DTYPES[entry.dtype])
     return entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)
+
+
+def check_finite_merge(name: str, factor: Factor, weight: torch.Tensor) -> None:
+    """The merged weight ``W + alpha * decode(delta)`` is finite wherever ``W`` is, as a load
+    requires of every weight (SPEC §9): computed once here, so a delta whose alpha or values
+    overflow is refused before it is attached (`NumericalError`), not served as NaN logits."""
+    merged = factor.merged(weight)
+    bad = ~torch.isfinite(merged)
+    if weight.is_floating_point():
+        bad &= torch.isfinite(weight)
+    if bool(bad.any()):
+        raise NumericalError(
+            f"{name!r} overflows {str(weight.dtype).removeprefix('torch.')} with this delta",
+            expected="finite weights",
+            found=f"{int(bad.sum())} non-finite values after adding the delta",
+            fix="lower alpha, or load in a wider dtype",
+        )

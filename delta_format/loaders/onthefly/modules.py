@@ -17,6 +17,9 @@ class ActiveAdapter(Protocol):
 
     active: str | None
 
+    def check_caller(self) -> None:
+        """Raise if another thread holds the model inside ``using_delta``."""
+
 
 def check_same_device(held: torch.device, weight: torch.Tensor) -> None:
     if held != weight.device:
@@ -43,6 +46,7 @@ class DeltaLinear(nn.Linear):
         return module
 
     def forward(self, x):
+        self.deltas.check_caller()
         factor = self.factors.get(self.deltas.active)
         if factor is None:
             return F.linear(x, self.weight, self.bias)
@@ -78,6 +82,7 @@ class DeltaEmbedding(nn.Embedding):
         return module
 
     def forward(self, ids):
+        self.deltas.check_caller()
         out = super().forward(ids)
         factor = self.factors.get(self.deltas.active)
         if factor is None:

@@ -3,6 +3,7 @@ and the base values of the vectors it swaps."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,8 @@ from ...core.fingerprint import fingerprint_state_dict
 from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
-from ..base_model import check_base
-from ..model_state import parameter_shapes, tied_parameter_names
+from ..delta_checks import check_delta
+from ..model_state import tied_parameter_names
 from .modules import check_same_device
 
 
@@ -53,6 +54,38 @@ class OnTheFlyDeltas:
         self.replaced: dict[str, nn.Module] = {}  # module path -> the original module
         self.base_vectors: dict[str, torch.Tensor] = {}  # parameter name -> its base tensor
         self._fingerprint: dict | None = None
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread inside `using_delta`, if any
+        self._depth = 0
+
+    def check_caller(self) -> None:
+        """Refuse a forward or a switch from another thread while one thread is inside
+        `using_delta`: the active adapter is one per model, so it would run with the other
+        thread's adapter and return its logits silently."""
+        holder = self._holder
+        if holder is not None and holder != threading.get_ident():
+            raise InvalidArgumentError(
+                "the model is serving another on-the-fly delta in another thread (inside using_delta)",
+                expected="one thread at a time using a model's on-the-fly deltas",
+                found=f"adapter {self.active!r} held by thread {holder}",
+                fix="give each thread its own model, or serialize the calls (a lock around using_delta)",
+            )
+
+    def enter(self, name: str | None) -> str | None:
+        """Start a `using_delta` block in this thread; returns the adapter to restore."""
+        with self._lock:
+            self.check_caller()
+            previous = self.active
+            self.set_active(name)
+            self._holder, self._depth = threading.get_ident(), self._depth + 1
+            return previous
+
+    def leave(self, previous: str | None) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._holder = None
+            self.set_active(previous)
 
     def set_active(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
@@ -62,6 +95,7 @@ class OnTheFlyDeltas:
                 found=repr(name),
                 fix="attach it with attach_deltas first, or pass None for the base",
             )
+        self.check_caller()
         state = self.model.state_dict(keep_vars=True)
         wanted = self.adapters[name].vectors if name is not None else {}
         for vector, base in self.base_vectors.items():
@@ -70,12 +104,13 @@ class OnTheFlyDeltas:
             state[vector].data = value
         self.active = name
 
-    def check_base(self, delta: Delta, *, verify_base: bool = True) -> None:
-        """`check_base`: ``delta`` was made against this model's base (its checkpoint's files,
-        else the model's own tensors at their base values) and fits the model's shapes."""
+    def check_delta(self, delta: Delta, scale: float, *, verify_base: bool = True) -> None:
+        """`check_delta`: ``delta`` was made against this model's base (its checkpoint's files,
+        else the model's own tensors at their base values), fits the model's shapes and tied
+        tensors, and has finite alphas: the checks every loader runs."""
         base = self.base if self.base is not None else self._model_fingerprint
         label = None if self.base is not None else "given to attach_deltas"
-        check_base(delta, base, verify_base=verify_base, model_shapes=parameter_shapes(self.model), base_label=label)
+        check_delta(delta, base, scale=scale, model=self.model, verify_base=verify_base, base_label=label)
 
     def _model_fingerprint(self, recorded: Mapping[str, Any]) -> dict:
         if self._fingerprint is None:  # computed once, from the base values even while an adapter is active
