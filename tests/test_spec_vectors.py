@@ -58,6 +58,9 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "lowrank",
             "replace",
             "sharded",
+            "dense-q",
+            "sparse-q",
+            "lowrank-q",
         ]
     )
 
@@ -109,9 +112,13 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
 def roles(entry: dict) -> list[str]:
     """SPEC §4.1, from the table."""
     encoding, config = entry["encoding"], entry.get("config", {})
-    if encoding == "sparse":
-        return ["values"] + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
-    return {"dense": ["delta"], "sign": ["bits", "scale"], "lowrank": ["u", "v"], "replace": ["value"]}[encoding]
+    if encoding in ("sparse", "sparse-q"):
+        values = ["values"] if encoding == "sparse" else ["codes", "scales"]
+        return values + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
+    quantised = {"dense-q": ["codes", "scales"], "lowrank-q": ["codes", "scales"]}
+    return {"dense": ["delta"], "sign": ["bits", "scale"], "lowrank": ["u", "v"], "replace": ["value"], **quantised}[
+        encoding
+    ]
 
 
 @pytest.mark.parametrize("name", VECTOR_NAMES)

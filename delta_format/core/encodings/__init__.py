@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from .base import ENCODING_CLASSES, Encoding, Expected, encoding_from_dict, on_the_fly_encodings
 from .dense import DenseEncoding
+from .dense_q import QuantizedDenseEncoding
 from .factor import MERGE_MIN_TOKENS, Factor
 from .index_codings import index_coding_bytes
 from .lowrank import LowRankEncoding
+from .lowrank_q import QuantizedLowRankEncoding, bands_for
 from .replace import ReplaceEncoding
 from .sign import SignEncoding
 from .sparse import SparseEncoding
+from .sparse_q import QuantizedSparseEncoding
 
 __all__ = [
     "Encoding",
@@ -28,5 +31,9 @@ __all__ = [
     "SignEncoding",
     "LowRankEncoding",
     "ReplaceEncoding",
+    "QuantizedDenseEncoding",
+    "QuantizedSparseEncoding",
+    "QuantizedLowRankEncoding",
+    "bands_for",
     "index_coding_bytes",
 ]
