@@ -112,7 +112,7 @@ def compress(
     base: str | os.PathLike | torch.nn.Module,
     finetune: str | os.PathLike | torch.nn.Module,
     out_dir: str | os.PathLike,
-    method: str | EditMethod = "dare",
+    method: str | EditMethod | None = None,
     *,
     rules: Sequence[Rule] | None = None,
     include: Any = None,
@@ -143,7 +143,8 @@ def compress(
             it is complete).
         method: the edit method for parameters no rule names (see `delta_format.methods`):
             ``dense`` (lossless), ``dare``, ``darex``, ``magnitude``, ``importance``,
-            ``structural``, ``sign``, ``lowrank``, ``lora``; or an `EditMethod` instance.
+            ``structural``, ``sign``, ``lowrank``, ``lowrank-q``, ``lora``, ``budget``; or an
+            `EditMethod` instance. Default: ``budget`` when ``bits=`` is given, else ``dare``.
         rules: ``(pattern, method)`` or ``(pattern, method, params)`` pairs; the first whose glob
             pattern (or compiled regex, full match) matches a parameter name picks its method.
         include, exclude: glob patterns (or compiled regexes); parameters not included, or
@@ -164,7 +165,8 @@ def compress(
             cache (as in huggingface_hub).
         progress: show a progress bar.
         **method_params: the methods' parameters (``p``, ``k``, ``q``, ``scale``, ``rank``, ...),
-            each given to every method in use that declares it.
+            each given to every method in use that declares it; ``bits=`` (bits per weight)
+            alone makes the ``budget`` method choose each tensor's encoding for that size.
 
     Returns:
         The `delta_format.io.delta.Delta` written.
@@ -180,7 +182,7 @@ def compress(
 
     started = time.perf_counter()
     options = CompressOptions.check(
-        method,
+        default_method(method, method_params),
         method_params,
         rules=rules,
         include=include,
@@ -228,6 +230,13 @@ def compress(
     # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
     # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
     return Delta(writer.out_dir, verify_checksums=False)
+
+
+def default_method(method: str | EditMethod | None, method_params: dict[str, Any]) -> str | EditMethod:
+    """The method when none is named: a size (``bits=``) asks for ``budget``, anything else for ``dare``."""
+    if method is not None:
+        return method
+    return "budget" if "bits" in method_params else "dare"
 
 
 def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource | None = None) -> TensorSource:

@@ -56,12 +56,13 @@ class TensorCompressor:
     def prepare(self, edited: list[str]) -> dict[str, Any]:
         """Each method's whole-model choices on the calibration texts (`EditMethod.prepare`), by method name."""
         prepared = {}
-        if self.session is not None:
-            for m in self.plan.methods():
-                names = [n for n in edited if self.plan.method_for(n) is m]
-                found = m.prepare(self.stream(names), self.session)
-                if found:
-                    prepared[m.name] = found
+        for m in self.plan.methods():
+            if self.session is None and not m.plans_whole_model:
+                continue
+            names = [n for n in edited if self.plan.method_for(n) is m]
+            found = m.prepare(self.stream(names), self.session)
+            if found:
+                prepared[m.name] = found
         return prepared
 
     def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
@@ -116,6 +117,9 @@ class TensorCompressor:
             edit = Edit(encoding, stored, {"reason": "dtype change only"}, lossless=True)
         else:
             edit = method.edit(name, delta, context)
+        if edit.dropped:
+            self.dropped(name, delta, context)
+            return
         alpha = context.alpha if edit.encoding.is_delta else 1.0
         entry = TensorEntry(
             edit.encoding,
@@ -135,6 +139,13 @@ class TensorCompressor:
         self.write(name, entry, edit.stored, "edited")
         if edit.encoding.is_delta:
             self.totals.add_error(error)
+
+    def dropped(self, name: str, delta: torch.Tensor, context: TensorContext) -> None:
+        """The method stored nothing: the parameter keeps the base's value (error: all of ``Δ``)."""
+        self.totals.counts["dropped"] = self.totals.counts.get("dropped", 0) + 1
+        self.totals.add_error(edit_error(Edit.nothing({}), torch.zeros_like(delta), delta))
+        if self.session is not None:
+            self.session.set_parameter(name, context.base.float())
 
     def write(self, name: str, entry: TensorEntry, stored: dict[str, torch.Tensor], kind: str) -> None:
         self.totals.add_entry(entry, stored, kind)

@@ -15,6 +15,8 @@ structural    largest rows or columns, as sparse                      p, axis
 sign          sign bits + a scale per tensor or row (BitDelta)        scale, distill_steps, distill_lr
 lowrank       truncated SVD factors                                   rank | energy
 lora          a LoRA adapter's own factors                            —
+budget        per tensor: drop, float16, dense-q, sign, sparse-q or   bits, noise_weight
+              lowrank-q with per-vector bits, chosen for a size
 ============  ======================================================  ==========================
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from .base import METHODS, Edit, EditMethod, Param, TensorContext, method_parameters, param
+from .budget import BudgetMethod  # noqa: I001  (listed last: the CLI lists methods in import order)
 from .dare import DareMethod
 from .darex import DarexMethod
 
@@ -74,4 +77,5 @@ __all__ = [
     "SignMethod",
     "LowRankMethod",
     "LoraMethod",
+    "BudgetMethod",
 ]

@@ -68,7 +68,7 @@ class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
         }
 
     def encode(
-        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None, clip: str = "absmax"
+        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None, clip: str | None = None
     ) -> dict[str, torch.Tensor]:
         """Codes of ``delta``'s entries; scales in ``dtype`` (default: float16 where they fit)."""
         codes, scales = quantize(delta.reshape(-1), self.bits, self.group, clip, dtype)

@@ -115,7 +115,7 @@ class QuantizedLowRankEncoding(Encoding, name=LOWRANK_Q):
         dtype: torch.dtype | None = None,
         u: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
-        clip: str = "absmax",
+        clip: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Quantise ``u @ v`` (given, or ``U S`` and ``Vᵀ`` of ``delta``'s SVD at this rank) band by
         band; scales in ``dtype`` (default: float16 where every scale is a normal float16)."""

@@ -102,7 +102,7 @@ class QuantizedSparseEncoding(SparseEncoding, name=SPARSE_Q):
         positions: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
-        clip: str = "mse",
+        clip: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """``sparse``'s stored tensors with the kept values quantised; scales in ``dtype``
         (default: float16 where they fit). The config's ``count`` must be the number kept."""
