@@ -201,21 +201,39 @@ def test_mse_optimal_rescale_beats_dare_and_the_grid_around_it():
     assert at_optimum <= 1.02 * min(measured(c_star * 0.7), measured(c_star * 1.4))
 
 
-def test_darex_auto_computes_q_per_tensor_from_activations():
+def test_darex_mse_computes_q_per_tensor_from_activations():
     g = torch.Generator().manual_seed(1)
     x, delta = torch.randn(64, 96, generator=g), rows_delta()
     stats = ActivationStats("linear", x)
-    edit = get_method("darex", p=0.9, q="auto").edit("w", delta, ctx(activations=stats))
+    edit = get_method("darex", p=0.9, q="mse").edit("w", delta, ctx(activations=stats))
     assert edit.encoding.scale == pytest.approx(mse_optimal_rescale(*stats.rescale_terms(delta), 0.9))
     assert edit.stats["q"] == pytest.approx(1 / edit.encoding.scale)
 
 
-def test_darex_auto_does_not_rescale_elementwise_parameters():
+def test_darex_mse_does_not_rescale_elementwise_parameters():
     """A bias or norm scale has S² = V for every output, so c* = 1: drop without rescaling."""
-    edit = get_method("darex", p=0.9, q="auto").edit(
+    edit = get_method("darex", p=0.9, q="mse").edit(
         "b", torch.randn(64), ctx("b", activations=ActivationStats("elementwise"))
     )
     assert edit.encoding.scale == pytest.approx(1.0)
+
+
+def test_darex_auto_rescales_so_the_kept_entries_move_the_outputs_as_much_as_the_delta():
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(64, 96, generator=g), rows_delta()
+    stats = ActivationStats("linear", x)
+    edit = get_method("darex", p=0.99, q="auto").edit("w", delta, ctx(activations=stats))
+    decoded = edit.decode(tuple(delta.shape), "w", torch.float32)
+    assert stats.output_energy(decoded) == pytest.approx(stats.output_energy(delta), rel=1e-4)
+    assert edit.stats["q_source"].startswith("output norm")
+
+
+def test_darex_auto_shrinks_the_delta_far_less_than_the_layer_mse_rule_at_p_099():
+    g = torch.Generator().manual_seed(2)
+    x, delta = torch.randn(64, 96, generator=g), rows_delta()
+    stats = ActivationStats("linear", x)
+    auto, mse = (get_method("darex", p=0.99, q=q).edit("w", delta, ctx(activations=stats)) for q in ("auto", "mse"))
+    assert auto.encoding.scale > 3 * mse.encoding.scale
 
 
 def test_darex_auto_without_statistics_falls_back_to_dare_and_says_so():
@@ -224,8 +242,9 @@ def test_darex_auto_without_statistics_falls_back_to_dare_and_says_so():
     assert "no activation statistics" in edit.stats["q_source"]
 
 
-def test_darex_auto_and_output_need_calibration_but_a_number_does_not():
+def test_darex_auto_mse_and_output_need_calibration_but_a_number_does_not():
     assert get_method("darex", q="auto").needs_calibration()
+    assert get_method("darex", q="mse").needs_calibration()
     assert get_method("darex", q="output").needs_calibration()
     assert not get_method("darex", q=0.2).needs_calibration()
 

@@ -44,7 +44,7 @@ def get_method(name: str, **params: Any) -> EditMethod:
 
     Example:
         >>> get_method("dare", p=0.99)
-        DareMethod(p=0.99, k=1.0)
+        DareMethod(p=0.99, k=1.0, value_bits=16)
     """
     cls = METHODS.get(name) if isinstance(name, str) else None
     if cls is None:

@@ -39,7 +39,7 @@ from ..core.quant import dequantize, group_count, packed_bytes, quantize
 
 HEADER_BITS = 8 * 96
 """One stored tensor's share of the safetensors header (its JSON entry: ~80-110 bytes)."""
-VECTOR_BITS = (1, 2, 3, 4, 6, 8)
+VECTOR_BITS = (1, 2, 3, 4, 8)
 DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
 GROUP = 64
