@@ -334,18 +334,26 @@ def test_structural_keeps_whole_slices_with_the_largest_norm(axis):
 # -- sign ----------------------------------------------------------------------------------------
 
 
-def test_sign_tensor_scale_is_mean_abs_delta_and_signs_are_the_deltas():
+def test_sign_tensor_scale_is_mean_abs_delta_in_float16_and_signs_are_the_deltas():
     delta = rows_delta()
     edit = get_method("sign", scale="tensor").edit("w", delta, ctx())
     restored = decode(edit, delta.shape)
-    assert torch.equal(restored.abs().unique(), delta.abs().mean().reshape(1))
+    assert edit.stored["scale"].dtype == torch.float16
+    assert torch.equal(restored.abs().unique(), delta.abs().mean().reshape(1).half().float())
     assert torch.equal(restored > 0, delta >= 0)
 
 
-def test_sign_row_scales_are_each_rows_mean_abs_delta():
+def test_sign_row_scales_are_each_rows_mean_abs_delta_in_float16():
     delta = rows_delta()
     restored = decode(get_method("sign", scale="row").edit("w", delta, ctx()), delta.shape)
-    assert torch.allclose(restored.abs(), delta.abs().mean(dim=1, keepdim=True).expand_as(delta), rtol=0, atol=0)
+    want = delta.abs().mean(dim=1, keepdim=True).half().float().expand_as(delta)
+    assert torch.equal(restored.abs(), want)
+
+
+def test_sign_scales_too_small_for_float16_are_stored_in_float32():
+    delta = rows_delta() * 1e-4  # mean |delta| ~ 1e-7: a float16 subnormal
+    edit = get_method("sign", scale="row").edit("w", delta, ctx())
+    assert edit.stored["scale"].dtype == torch.float32
 
 
 def test_per_row_sign_scales_fit_rows_of_different_magnitude_better():

@@ -157,7 +157,9 @@ def compress(
             (logit) error and a first-order loss-change estimate to the stats. They need the
             fine-tune in memory.
         tokenizer: tokenizes the calibration texts (default: the fine-tune's own).
-        value_dtype: dtype of stored values (kept entries, factors); default the fine-tune's.
+        value_dtype: dtype of stored values (kept entries, factors); default 16 bits: the
+            fine-tune's own for 16-bit fine-tunes, else float16 or bfloat16 per tensor, whichever
+            rounds the delta less (`delta_format.core.quant.sixteen_bit`).
         max_shard_size: shard size of the delta files, also the writer's in-memory buffer.
         overwrite: replace an existing ``out_dir`` (only once the new delta is complete).
         token, revision, base_revision: Hub token and revisions of the fine-tune and the base.

@@ -18,6 +18,7 @@ from ..core.constants import INDEX_GAPS
 from ..core.dtypes import compute_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..core.manifest import TensorEntry
+from ..core.quant import sixteen_bit
 from ..io.writer import DeltaWriter
 from ..methods import EditMethod, TensorContext
 from ..methods.base import Edit
@@ -161,14 +162,19 @@ class TensorCompressor:
         if delta is None:  # narrower bases are widened on the fly (exactly), without a full-size copy
             delta = finetune.to(arithmetic, copy=True)
             delta.sub_(base if base.dtype.itemsize <= arithmetic.itemsize else base.to(arithmetic))
-        return delta, self.context(name, base, finetune, factors)
+        return delta, self.context(name, base, finetune, factors, delta)
 
-    def context(self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors) -> TensorContext:
+    def context(
+        self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors, delta: torch.Tensor
+    ) -> TensorContext:
         activations = self.session.activations.get(name) if self.session is not None else None
         if activations is not None and activations.kind == "linear" and not len(activations.inputs):
             activations = None  # the layer never ran on the calibration texts
         factor_dtype = self.finetune.factor_dtype(name) if factors is not None else None
-        value_dtype = self.value_dtype or factor_dtype or finetune.dtype
+        # Stored values default to 16 bits whatever the fine-tune's dtype (SPEC-wise any float):
+        # a 32-bit fine-tune's deltas gain nothing measurable from the other 16 bits.
+        value_dtype = self.value_dtype or factor_dtype or (finetune.dtype if finetune.dtype.itemsize <= 2 else None)
+        value_dtype = value_dtype or sixteen_bit(delta)
         return TensorContext(
             name,
             base=base,

@@ -114,6 +114,23 @@ def scale_dtype(scales: torch.Tensor) -> torch.dtype:
     return torch.float16 if fits else torch.float32
 
 
+def sixteen_bit(values: torch.Tensor) -> torch.dtype:
+    """The 16-bit float to store ``values`` in: float16 (11 significant bits) where every value fits
+    and its rounding error is no larger than bfloat16's (8 bits, float32's range), else bfloat16.
+    The rounding of both is measured on the values themselves, so tiny deltas that would lose
+    their precision to float16 subnormals go to bfloat16."""
+    flat = values.reshape(-1).float()
+    if not flat.numel():
+        return torch.float16
+    if float(flat.abs().max()) > _FP16_NORMAL[1]:
+        return torch.bfloat16
+    error = {
+        dtype: float((flat.to(dtype).float() - flat).double().square().sum())
+        for dtype in (torch.float16, torch.bfloat16)
+    }
+    return torch.float16 if error[torch.float16] <= error[torch.bfloat16] else torch.bfloat16
+
+
 def quantize(
     rows: torch.Tensor, bits: int, group: int, clip: str | None = None, stored: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
