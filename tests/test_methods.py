@@ -356,6 +356,17 @@ def test_sign_scales_too_small_for_float16_are_stored_in_float32():
     assert edit.stored["scale"].dtype == torch.float32
 
 
+def test_layer_fit_sign_scales_give_a_lower_layer_output_error_than_mean_abs_scales():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 96, generator=g) * torch.linspace(0.1, 3, 96)  # inputs of unequal energy
+    stats, delta = ActivationStats("linear", x), rows_delta()
+    plain, fitted = (
+        get_method("sign", scale="row", layer_fit=f).edit("w", delta, ctx(activations=stats)) for f in (False, True)
+    )
+    errors = [stats.output_sq_error(decode(e, delta.shape), delta) for e in (plain, fitted)]
+    assert errors[1] < errors[0] and fitted.stats["scale_source"] == "layer fit"  # the minimiser, per row
+
+
 def test_per_row_sign_scales_fit_rows_of_different_magnitude_better():
     delta = rows_delta()
     errors = {
