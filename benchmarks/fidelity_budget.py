@@ -234,14 +234,18 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "fidelity_budget")
     ap.add_argument("--only", nargs="*", help="run only labels containing one of these words")
     ap.add_argument("--quick", action="store_true", help="the small Llama only (a smoke test)")
+    ap.add_argument(
+        "--results", type=Path, help="results file (default: CACHE/results.json); rows are kept across runs"
+    )
+    ap.add_argument("--report", action="store_true", help="run nothing: plot and tabulate the results file")
     args = ap.parse_args()
     torch.set_num_threads(2)
     started = time.time()
     pairs = [minilm(args.cache) if p == "minilm" else llama(args.cache, args.quick) for p in args.pairs]
-    results = args.cache / "results.json"
+    results = args.results or args.cache / "results.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     work = args.cache / "deltas"
-    for pair in pairs:
+    for pair in [] if args.report else pairs:
         for label, method, params in RUNS:
             if args.only and not any(word in label for word in args.only):
                 continue

@@ -97,7 +97,7 @@ class CompressOptions:
             params["source"] = finetune.adapter_params()
         return params
 
-    def calibration(self, finetune: TensorSource, edited: list[str]) -> Calibration | None:
+    def calibration(self, finetune: TensorSource, edited: list[str], progress: bool = False) -> Calibration | None:
         """The calibration session on the fine-tuned model, None without calibration texts."""
         if self.calibration_texts is None:
             return None
@@ -105,7 +105,7 @@ class CompressOptions:
 
         model = finetune.load_model()
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
-        return Calibration(model, tokenizer, self.calibration_texts, parameters=edited)
+        return Calibration(model, tokenizer, self.calibration_texts, parameters=edited, progress=progress)
 
 
 def compress(
@@ -216,7 +216,7 @@ def compress(
             base_src,
             ft_src,
             writer,
-            options.calibration(ft_src, edited),
+            options.calibration(ft_src, edited, progress),
             alpha=options.alpha,
             seed=options.seed,
             value_dtype=options.value_dtype,
