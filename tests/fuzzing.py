@@ -25,15 +25,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from delta_format.core.dtypes import TORCH_DTYPES
 from delta_format.core.encodings import (
+    BitdiffEncoding,
     DenseEncoding,
     LowRankEncoding,
+    QuantizedDenseEncoding,
+    QuantizedLowRankEncoding,
+    QuantizedSparseEncoding,
     ReplaceEncoding,
     SignEncoding,
     SparseEncoding,
 )
 from delta_format.core.manifest import BaseReference, TensorEntry
-from delta_format.core.reconstruct import reconstruct
+from delta_format.core.reconstruct import reconstruct_stored
 from delta_format.errors import DeltaFormatError
 from delta_format.io.reader import DeltaReader
 from delta_format.io.writer import DeltaWriter
@@ -75,6 +80,10 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "sign.w": torch.randn(9, 7, generator=g),
         "lowrank.w": torch.randn(10, 8, generator=g),
         "bias": torch.randn(13, generator=g),
+        "dense_q.w": torch.randn(7, 9, generator=g),
+        "sparse_q.w": torch.randn(12, 8, generator=g).to(torch.bfloat16),
+        "lowrank_q.w": torch.randn(11, 6, generator=g),
+        "bitdiff.w": torch.randn(5, 6, generator=g).to(torch.bfloat16),
     }
 
 
@@ -116,6 +125,15 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         add("sign.w", SignEncoding("row"), SignEncoding("row").encode(torch.randn(9, 7, generator=g)), alpha=1.5)
         add("lowrank.w", LowRankEncoding(2), LowRankEncoding(2).encode(torch.randn(10, 8, generator=g)))
         add("new.head", ReplaceEncoding(), ReplaceEncoding().encode(torch.randn(3, 4, generator=g)))
+        enc = QuantizedDenseEncoding(3, 16)  # the quantised values and bitdiff of SPEC 1.1
+        add("dense_q.w", enc, enc.encode(torch.randn(7, 9, generator=g)))
+        enc = QuantizedSparseEncoding("seeded", bits=2, group=8, count=0, scale=4.0, seed=5, p=0.75)
+        enc = enc.with_count(len(enc.positions(96, "sparse_q.w")))
+        add("sparse_q.w", enc, enc.encode(torch.randn(12, 8, generator=g), name="sparse_q.w"), "bfloat16")
+        enc = QuantizedLowRankEncoding([(1, 8), (2, 3)], 4)
+        add("lowrank_q.w", enc, enc.encode(torch.randn(11, 6, generator=g)))
+        ft = (base["bitdiff.w"].float() + 0.01 * torch.randn(5, 6, generator=g)).to(torch.bfloat16)
+        add("bitdiff.w", BitdiffEncoding(8), BitdiffEncoding(8).encode(ft, base=base["bitdiff.w"]), "bfloat16")
 
 
 def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,7 +149,8 @@ def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.
                 expected=list(base[name].shape) if name in base else "a base tensor",
                 found=list(entry.shape),
             )
-        out[name] = reconstruct(name, entry, reader.decode(name), base.get(name))
+        parts = [(entry, reader.stored(name), 1.0)]
+        out[name] = reconstruct_stored(name, parts, base.get(name), dtype=TORCH_DTYPES[entry.dtype])
     reader.close()
     return out
 

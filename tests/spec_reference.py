@@ -160,10 +160,54 @@ def decode(entry: dict, stored: dict[str, np.ndarray], name: str, base: np.ndarr
         cols = numel // shape[0] if config["scale"] == "row" else max(numel, 1)
         out = np.array([(1 if bit_of(stored["bits"], i) else -1) * scale[i // cols] for i in range(numel)], dtype=c)
         return out.reshape(shape)
+    if encoding == "dense-q":
+        return quantised(stored["codes"], stored["scales"], config, numel, c).reshape(shape)
+    if encoding == "sparse-q":
+        values = quantised(stored["codes"], stored["scales"], config, config["count"], c)
+        plain = {k: v for k, v in config.items() if k not in ("bits", "group", "count")}
+        return decode({**entry, "encoding": "sparse", "config": plain}, {**stored, "values": values}, name)
+    if encoding == "lowrank-q":
+        return lowrank_q(stored, config, shape, c)
     if encoding == "lowrank":
         # The vectors' factors are exact in any order of summation, so float64 then c is exact.
         return (stored["u"].astype(np.float64) @ stored["v"].astype(np.float64)).astype(c).reshape(shape)
     raise AssertionError(f"unknown encoding {encoding}")
+
+
+def codes_of(stream: np.ndarray, bits: int, count: int, first_byte: int = 0) -> list[int]:
+    """§5.7: code j is bits [j*b, (j+1)*b) of the stream, least significant first; padding zero."""
+    codes = [sum(bit_of(stream, 8 * first_byte + j * bits + t) << t for t in range(bits)) for j in range(count)]
+    end = 8 * first_byte + count * bits
+    assert all(bit_of(stream, k) == 0 for k in range(end, 8 * ((end + 7) // 8)))
+    return codes
+
+
+def quantised(stream, scales, config, count, c) -> np.ndarray:
+    """§5.7: one sequence of ``count`` values, groups of ``config["group"]``."""
+    bits, group = config["bits"], config["group"]
+    codes, half = codes_of(stream, bits, count), (2**bits - 1) / 2
+    return np.array([c(scales[j // group]) * c(codes[j] - half) for j in range(count)], dtype=c)
+
+
+def lowrank_q(stored, config, shape, c) -> np.ndarray:
+    """§5.10: per band one byte-aligned stream of vectors u[:, i] then v[i, :]; each part has its own
+    groups. The product is summed in float64 (exact for the vector's dyadic factors), then c."""
+    rows, cols, group = shape[0], math.prod(shape[1:]), config["group"]
+    owner = [j // group for j in range(rows)] + [-(-rows // group) + j // group for j in range(cols)]
+    per_vector = -(-rows // group) + -(-cols // group)
+    us, vs, byte, scale = [], [], 0, 0
+    for count, bits in config["bands"]:
+        n, half = rows + cols, (2**bits - 1) / 2
+        codes = codes_of(stored["codes"], bits, count * n, byte)
+        for i in range(count):
+            values = [c(stored["scales"][scale + owner[j]]) * c(codes[i * n + j] - half) for j in range(n)]
+            us.append(values[:rows])
+            vs.append(values[rows:])
+            scale += per_vector
+        byte += (count * n * bits + 7) // 8
+    assert byte == len(stored["codes"]) and scale == len(stored["scales"])
+    u, v = np.array(us, dtype=np.float64).T, np.array(vs, dtype=np.float64)
+    return (u @ v).astype(c).reshape(shape)
 
 
 def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.ndarray:
@@ -187,7 +231,7 @@ UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 class Refused(ValueError):
-    """What a reader MUST refuse (§5.6)."""
+    """What a reader MUST refuse (§5.7)."""
 
 
 def zstd_frame_header(frame: bytes) -> tuple[int | None, int, int]:

@@ -98,7 +98,7 @@ def test_compress_with_a_calibration_file_chooses_q_and_measures_the_output(pair
     manifest = DeltaReader(tmp_path / "d").manifest
     assert manifest.stats["calibration_texts"] == len(CALIBRATION_TEXTS)
     assert "output_error" in manifest.stats
-    assert manifest.tensors["model.layers.0.mlp.up_proj.weight"].stats["q_source"].startswith("activations")
+    assert manifest.tensors["model.layers.0.mlp.up_proj.weight"].stats["q_source"].startswith("output norm")
 
 
 def test_inspect_prints_one_row_per_tensor_and_the_totals(pair, tmp_path, capsys):

@@ -312,5 +312,15 @@ def test_seeded_encoding_refuses_a_bad_p_when_built_in_code():
         SparseEncoding("seeded", seed=1, p=1.0)
 
 
-def test_encoding_table_has_the_six_spec_encodings():
-    assert sorted(ENCODING_CLASSES) == ["bitdiff", "dense", "lowrank", "replace", "sign", "sparse"]
+def test_encoding_table_has_the_spec_encodings():
+    assert sorted(ENCODING_CLASSES) == [
+        "bitdiff",
+        "dense",
+        "dense-q",
+        "lowrank",
+        "lowrank-q",
+        "replace",
+        "sign",
+        "sparse",
+        "sparse-q",
+    ]

@@ -201,21 +201,39 @@ def test_mse_optimal_rescale_beats_dare_and_the_grid_around_it():
     assert at_optimum <= 1.02 * min(measured(c_star * 0.7), measured(c_star * 1.4))
 
 
-def test_darex_auto_computes_q_per_tensor_from_activations():
+def test_darex_mse_computes_q_per_tensor_from_activations():
     g = torch.Generator().manual_seed(1)
     x, delta = torch.randn(64, 96, generator=g), rows_delta()
     stats = ActivationStats("linear", x)
-    edit = get_method("darex", p=0.9, q="auto").edit("w", delta, ctx(activations=stats))
+    edit = get_method("darex", p=0.9, q="mse").edit("w", delta, ctx(activations=stats))
     assert edit.encoding.scale == pytest.approx(mse_optimal_rescale(*stats.rescale_terms(delta), 0.9))
     assert edit.stats["q"] == pytest.approx(1 / edit.encoding.scale)
 
 
-def test_darex_auto_does_not_rescale_elementwise_parameters():
+def test_darex_mse_does_not_rescale_elementwise_parameters():
     """A bias or norm scale has S² = V for every output, so c* = 1: drop without rescaling."""
-    edit = get_method("darex", p=0.9, q="auto").edit(
+    edit = get_method("darex", p=0.9, q="mse").edit(
         "b", torch.randn(64), ctx("b", activations=ActivationStats("elementwise"))
     )
     assert edit.encoding.scale == pytest.approx(1.0)
+
+
+def test_darex_auto_rescales_so_the_kept_entries_move_the_outputs_as_much_as_the_delta():
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(64, 96, generator=g), rows_delta()
+    stats = ActivationStats("linear", x)
+    edit = get_method("darex", p=0.99, q="auto").edit("w", delta, ctx(activations=stats))
+    decoded = edit.decode(tuple(delta.shape), "w", torch.float32)
+    assert stats.output_energy(decoded) == pytest.approx(stats.output_energy(delta), rel=1e-4)
+    assert edit.stats["q_source"].startswith("output norm")
+
+
+def test_darex_auto_shrinks_the_delta_far_less_than_the_layer_mse_rule_at_p_099():
+    g = torch.Generator().manual_seed(2)
+    x, delta = torch.randn(64, 96, generator=g), rows_delta()
+    stats = ActivationStats("linear", x)
+    auto, mse = (get_method("darex", p=0.99, q=q).edit("w", delta, ctx(activations=stats)) for q in ("auto", "mse"))
+    assert auto.encoding.scale > 3 * mse.encoding.scale
 
 
 def test_darex_auto_without_statistics_falls_back_to_dare_and_says_so():
@@ -224,8 +242,9 @@ def test_darex_auto_without_statistics_falls_back_to_dare_and_says_so():
     assert "no activation statistics" in edit.stats["q_source"]
 
 
-def test_darex_auto_and_output_need_calibration_but_a_number_does_not():
+def test_darex_auto_mse_and_output_need_calibration_but_a_number_does_not():
     assert get_method("darex", q="auto").needs_calibration()
+    assert get_method("darex", q="mse").needs_calibration()
     assert get_method("darex", q="output").needs_calibration()
     assert not get_method("darex", q=0.2).needs_calibration()
 
@@ -315,18 +334,37 @@ def test_structural_keeps_whole_slices_with_the_largest_norm(axis):
 # -- sign ----------------------------------------------------------------------------------------
 
 
-def test_sign_tensor_scale_is_mean_abs_delta_and_signs_are_the_deltas():
+def test_sign_tensor_scale_is_mean_abs_delta_in_float16_and_signs_are_the_deltas():
     delta = rows_delta()
     edit = get_method("sign", scale="tensor").edit("w", delta, ctx())
     restored = decode(edit, delta.shape)
-    assert torch.equal(restored.abs().unique(), delta.abs().mean().reshape(1))
+    assert edit.stored["scale"].dtype == torch.float16
+    assert torch.equal(restored.abs().unique(), delta.abs().mean().reshape(1).half().float())
     assert torch.equal(restored > 0, delta >= 0)
 
 
-def test_sign_row_scales_are_each_rows_mean_abs_delta():
+def test_sign_row_scales_are_each_rows_mean_abs_delta_in_float16():
     delta = rows_delta()
     restored = decode(get_method("sign", scale="row").edit("w", delta, ctx()), delta.shape)
-    assert torch.allclose(restored.abs(), delta.abs().mean(dim=1, keepdim=True).expand_as(delta), rtol=0, atol=0)
+    want = delta.abs().mean(dim=1, keepdim=True).half().float().expand_as(delta)
+    assert torch.equal(restored.abs(), want)
+
+
+def test_sign_scales_too_small_for_float16_are_stored_in_float32():
+    delta = rows_delta() * 1e-4  # mean |delta| ~ 1e-7: a float16 subnormal
+    edit = get_method("sign", scale="row").edit("w", delta, ctx())
+    assert edit.stored["scale"].dtype == torch.float32
+
+
+def test_layer_fit_sign_scales_give_a_lower_layer_output_error_than_mean_abs_scales():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 96, generator=g) * torch.linspace(0.1, 3, 96)  # inputs of unequal energy
+    stats, delta = ActivationStats("linear", x), rows_delta()
+    plain, fitted = (
+        get_method("sign", scale="row", layer_fit=f).edit("w", delta, ctx(activations=stats)) for f in (False, True)
+    )
+    errors = [stats.output_sq_error(decode(e, delta.shape), delta) for e in (plain, fitted)]
+    assert errors[1] < errors[0] and fitted.stats["scale_source"] == "layer fit"  # the minimiser, per row
 
 
 def test_per_row_sign_scales_fit_rows_of_different_magnitude_better():

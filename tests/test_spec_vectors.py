@@ -59,6 +59,9 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "replace",
             "sharded",
             "bitdiff",
+            "dense-q",
+            "sparse-q",
+            "lowrank-q",
         ]
     )
 
@@ -112,14 +115,17 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
 def roles(entry: dict) -> list[str]:
     """SPEC §4.1, from the table."""
     encoding, config = entry["encoding"], entry.get("config", {})
-    if encoding == "sparse":
-        return ["values"] + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
+    if encoding in ("sparse", "sparse-q"):
+        values = ["values"] if encoding == "sparse" else ["codes", "scales"]
+        return values + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
     return {
         "dense": ["delta"],
         "sign": ["bits", "scale"],
         "lowrank": ["u", "v"],
         "replace": ["value"],
         "bitdiff": ["planes", "frames"],
+        "dense-q": ["codes", "scales"],
+        "lowrank-q": ["codes", "scales"],
     }[encoding]
 
 

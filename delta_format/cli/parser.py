@@ -41,7 +41,10 @@ def _add_method_options(c: argparse.ArgumentParser) -> None:
 
     described = ", ".join(f"{name} ({cls.summary})" if cls.summary else name for name, cls in METHODS.items())
     c.add_argument(
-        "--method", choices=list(METHODS), default="dare", help=f"edit method for tensors no --rule names: {described}"
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help=f"edit method for tensors no --rule names (default: budget with --bits, else dare): {described}",
     )
     m = c.add_argument_group("method parameters (each goes to every method in use that takes it)")
     for name, (spec, helps) in method_parameters().items():

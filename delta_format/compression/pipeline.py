@@ -100,7 +100,7 @@ class CompressOptions:
             params["source"] = finetune.adapter_params()
         return params
 
-    def calibration(self, finetune: TensorSource, edited: list[str]) -> Calibration | None:
+    def calibration(self, finetune: TensorSource, edited: list[str], progress: bool = False) -> Calibration | None:
         """The calibration session on the fine-tuned model, None without calibration texts."""
         if self.calibration_texts is None:
             return None
@@ -108,14 +108,14 @@ class CompressOptions:
 
         model = finetune.load_model()
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
-        return Calibration(model, tokenizer, self.calibration_texts, parameters=edited)
+        return Calibration(model, tokenizer, self.calibration_texts, parameters=edited, progress=progress)
 
 
 def compress(
     base: str | os.PathLike | torch.nn.Module,
     finetune: str | os.PathLike | torch.nn.Module,
     out_dir: str | os.PathLike,
-    method: str | EditMethod = "dare",
+    method: str | EditMethod | None = None,
     *,
     rules: Sequence[Rule] | None = None,
     include: Any = None,
@@ -146,7 +146,8 @@ def compress(
             it is complete).
         method: the edit method for parameters no rule names (see `delta_format.methods`):
             ``dense`` (lossless), ``dare``, ``darex``, ``magnitude``, ``importance``,
-            ``structural``, ``sign``, ``lowrank``, ``lora``; or an `EditMethod` instance.
+            ``structural``, ``sign``, ``lowrank``, ``lowrank-q``, ``lora``, ``budget``; or an
+            `EditMethod` instance. Default: ``budget`` when ``bits=`` is given, else ``dare``.
         rules: ``(pattern, method)`` or ``(pattern, method, params)`` pairs; the first whose glob
             pattern (or compiled regex, full match) matches a parameter name picks its method.
         include, exclude: glob patterns (or compiled regexes); parameters not included, or
@@ -159,7 +160,9 @@ def compress(
             (logit) error and a first-order loss-change estimate to the stats. They need the
             fine-tune in memory.
         tokenizer: tokenizes the calibration texts (default: the fine-tune's own).
-        value_dtype: dtype of stored values (kept entries, factors); default the fine-tune's.
+        value_dtype: dtype of stored values (kept entries, factors); default 16 bits: the
+            fine-tune's own for 16-bit fine-tunes, else float16 or bfloat16 per tensor, whichever
+            rounds the delta less (`delta_format.core.quant.sixteen_bit`).
         max_shard_size: shard size of the delta files, also the writer's in-memory buffer.
         overwrite: replace an existing ``out_dir`` (only once the new delta is complete).
         token, revision, base_revision: Hub token and revisions of the fine-tune and the base.
@@ -167,7 +170,8 @@ def compress(
             cache (as in huggingface_hub).
         progress: show a progress bar.
         **method_params: the methods' parameters (``p``, ``k``, ``q``, ``scale``, ``rank``, ...),
-            each given to every method in use that declares it.
+            each given to every method in use that declares it; ``bits=`` (bits per weight)
+            alone makes the ``budget`` method choose each tensor's encoding for that size.
 
     Returns:
         The `delta_format.io.delta.Delta` written.
@@ -183,7 +187,7 @@ def compress(
 
     started = time.perf_counter()
     options = CompressOptions.check(
-        method,
+        default_method(method, method_params),
         method_params,
         rules=rules,
         include=include,
@@ -216,7 +220,7 @@ def compress(
             base_src,
             ft_src,
             writer,
-            options.calibration(ft_src, edited),
+            options.calibration(ft_src, edited, progress),
             alpha=options.alpha,
             seed=options.seed,
             value_dtype=options.value_dtype,
@@ -234,6 +238,13 @@ def compress(
     # The writer hashed these very bytes a moment ago: re-hashing them would only compare a hash with
     # itself (a quarter of a dense compression's time). Everything else is validated as on any opening.
     return Delta(writer.out_dir, verify_checksums=False)
+
+
+def default_method(method: str | EditMethod | None, method_params: dict[str, Any]) -> str | EditMethod:
+    """The method when none is named: a size (``bits=``) asks for ``budget``, anything else for ``dare``."""
+    if method is not None:
+        return method
+    return "budget" if "bits" in method_params else "dare"
 
 
 def open_source(source: Any, hub: HubOptions, *, what: str, base: TensorSource | None = None) -> TensorSource:

@@ -18,6 +18,7 @@ from ..core.constants import INDEX_GAPS
 from ..core.dtypes import compute_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..core.manifest import TensorEntry
+from ..core.quant import sixteen_bit
 from ..io.writer import DeltaWriter
 from ..methods import EditMethod, TensorContext
 from ..methods.base import Edit
@@ -56,12 +57,13 @@ class TensorCompressor:
     def prepare(self, edited: list[str]) -> dict[str, Any]:
         """Each method's whole-model choices on the calibration texts (`EditMethod.prepare`), by method name."""
         prepared = {}
-        if self.session is not None:
-            for m in self.plan.methods():
-                names = [n for n in edited if self.plan.method_for(n) is m]
-                found = m.prepare(self.stream(names), self.session)
-                if found:
-                    prepared[m.name] = found
+        for m in self.plan.methods():
+            if self.session is None and not m.plans_whole_model:
+                continue
+            names = [n for n in edited if self.plan.method_for(n) is m]
+            found = m.prepare(self.stream(names), self.session)
+            if found:
+                prepared[m.name] = found
         return prepared
 
     def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:
@@ -116,6 +118,9 @@ class TensorCompressor:
             edit = Edit(encoding, stored, {"reason": "dtype change only"}, lossless=True)
         else:
             edit = method.edit(name, delta, context)
+        if edit.dropped:
+            self.dropped(name, delta, context)
+            return
         alpha = context.alpha if edit.encoding.is_delta else 1.0
         entry = TensorEntry(
             edit.encoding,
@@ -136,6 +141,13 @@ class TensorCompressor:
         if edit.encoding.is_delta:
             self.totals.add_error(error)
 
+    def dropped(self, name: str, delta: torch.Tensor, context: TensorContext) -> None:
+        """The method stored nothing: the parameter keeps the base's value (error: all of ``Δ``)."""
+        self.totals.counts["dropped"] = self.totals.counts.get("dropped", 0) + 1
+        self.totals.add_error(edit_error(Edit.nothing({}), torch.zeros_like(delta), delta))
+        if self.session is not None:
+            self.session.set_parameter(name, context.base.float())
+
     def write(self, name: str, entry: TensorEntry, stored: dict[str, torch.Tensor], kind: str) -> None:
         self.totals.add_entry(entry, stored, kind)
         self.writer.add(name, entry, stored)
@@ -150,14 +162,19 @@ class TensorCompressor:
         if delta is None:  # narrower bases are widened on the fly (exactly), without a full-size copy
             delta = finetune.to(arithmetic, copy=True)
             delta.sub_(base if base.dtype.itemsize <= arithmetic.itemsize else base.to(arithmetic))
-        return delta, self.context(name, base, finetune, factors)
+        return delta, self.context(name, base, finetune, factors, delta)
 
-    def context(self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors) -> TensorContext:
+    def context(
+        self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors, delta: torch.Tensor
+    ) -> TensorContext:
         activations = self.session.activations.get(name) if self.session is not None else None
         if activations is not None and activations.kind == "linear" and not len(activations.inputs):
             activations = None  # the layer never ran on the calibration texts
         factor_dtype = self.finetune.factor_dtype(name) if factors is not None else None
-        value_dtype = self.value_dtype or factor_dtype or finetune.dtype
+        # Stored values default to 16 bits whatever the fine-tune's dtype (SPEC-wise any float):
+        # a 32-bit fine-tune's deltas gain nothing measurable from the other 16 bits.
+        value_dtype = self.value_dtype or factor_dtype or (finetune.dtype if finetune.dtype.itemsize <= 2 else None)
+        value_dtype = value_dtype or sixteen_bit(delta)
         return TensorContext(
             name,
             base=base,

@@ -30,7 +30,11 @@ SPARSE = "sparse"
 SIGN = "sign"
 LOWRANK = "lowrank"
 REPLACE = "replace"
-ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE)
+# Quantised-value encodings (SPEC §5.7-§5.10, spec 1.1).
+DENSE_Q = "dense-q"
+SPARSE_Q = "sparse-q"
+LOWRANK_Q = "lowrank-q"
+ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q)
 
 # Sparse index codings (SPEC §5.2).
 INDEX_GAPS = "gaps"

@@ -15,6 +15,9 @@ structural    largest rows or columns, as sparse                      p, axis
 sign          sign bits + a scale per tensor or row (BitDelta)        scale, distill_steps, distill_lr
 lowrank       truncated SVD factors                                   rank | energy
 lora          a LoRA adapter's own factors                            —
+lowrank-q     truncated SVD, factors in 2-8 bit bands (Delta-CoMe)    rank, schedule
+budget        per tensor: drop, float16, dense-q, sign, sparse-q or   bits, noise_weight
+              lowrank-q with per-vector bits, chosen for a size
 ============  ======================================================  ==========================
 """
 
@@ -24,12 +27,14 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from .base import METHODS, Edit, EditMethod, Param, TensorContext, method_parameters, param
+from .budget import BudgetMethod
 from .dare import DareMethod
 from .darex import DarexMethod
 
 # Importing a method's module registers it; this order is the order the command line lists them.
 from .dense import DenseMethod
 from .lowrank import LoraMethod, LowRankMethod
+from .lowrank_q import QuantizedLowRankMethod
 from .magnitude import ImportanceMethod, MagnitudeMethod
 from .sign import SignMethod
 from .structural import StructuralMethod
@@ -41,7 +46,7 @@ def get_method(name: str, **params: Any) -> EditMethod:
 
     Example:
         >>> get_method("dare", p=0.99)
-        DareMethod(p=0.99, k=1.0)
+        DareMethod(p=0.99, k=1.0, value_bits=16)
     """
     cls = METHODS.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -74,4 +79,6 @@ __all__ = [
     "SignMethod",
     "LowRankMethod",
     "LoraMethod",
+    "BudgetMethod",
+    "QuantizedLowRankMethod",
 ]

@@ -58,6 +58,13 @@ class ActivationStats:
         v = float(self.inputs.double().square().sum(0) @ d.square().sum(0))
         return s2, v
 
+    def output_energy(self, delta: torch.Tensor) -> float:
+        """``Σ_tokens ||x deltaᵀ||²`` (``||delta||²`` for elementwise parameters): how much the
+        layer's outputs move on the calibration tokens."""
+        if self.kind == "elementwise":
+            return float(delta.double().square().sum())
+        return float(self.outputs(delta).double().square().sum())
+
     def output_sq_error(self, approx: torch.Tensor, exact: torch.Tensor) -> float:
         """``Σ_tokens ||x (approx - exact)^T||²``: the layer-output error an edit causes."""
         if self.kind == "elementwise":

@@ -48,6 +48,16 @@ class Edit:
     can do it more cheaply than the encoding: a sparse edit knows where its values go, which
     `SparseEncoding.decode` re-derives from the index coding (regenerating a seeded mask,
     walking gaps or bits)."""
+    dropped: bool = False
+    """True when the method chose to store nothing: the parameter keeps the base's value (a
+    budget that gives a tensor no bits). ``encoding`` and ``stored`` are then unused."""
+
+    @classmethod
+    def nothing(cls, stats: dict[str, Any]) -> Edit:
+        """An edit that stores nothing (`dropped`)."""
+        from ..core.encodings import DenseEncoding
+
+        return cls(DenseEncoding(), {}, stats, dropped=True)
 
     def decode(self, shape: tuple[int, ...], name: str, dtype: torch.dtype) -> torch.Tensor:
         """The edited delta as a reader decodes it from ``stored`` (what the compressor measures)."""
@@ -187,6 +197,9 @@ class EditMethod(Registered):
     """True if the method draws seeded masks: the compressor then records its seed."""
     needs_adapter_factors: ClassVar[bool] = False
     """True if the method stores a LoRA adapter's own factors, so the fine-tune must be one."""
+    plans_whole_model: ClassVar[bool] = False
+    """True if `prepare` must run even without calibration texts (then with ``calibration=None``):
+    a method that allocates a budget across tensors sees them all before editing any."""
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64
@@ -197,9 +210,10 @@ class EditMethod(Registered):
         """True if the method cannot run without calibration texts with these parameters."""
         return False
 
-    def prepare(self, tensors: TensorStream, calibration: CalibrationSession) -> dict[str, Any]:
+    def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         """Whole-model choices made on calibration texts before streaming; returns statistics
-        for the manifest. Called only when there are calibration texts."""
+        for the manifest. Called only when there are calibration texts, or always (with
+        ``calibration=None`` when there are none) for methods that `plans_whole_model`."""
         return {}
 
     def params(self) -> dict[str, Any]:

@@ -5,33 +5,65 @@ Each delta entry is kept with probability ``1 - p`` and the kept ones are rescal
 edited delta equals the delta in expectation. The mask is random, so it is not stored: it is the
 seeded mask of SPEC §6, regenerated from ``(seed, p, name)`` on any device, and only the kept
 values go to disk, raw, with the rescale in the encoding's ``scale`` (a reader can change the
-rescale without touching the tensors).
+rescale without touching the tensors). With ``value_bits`` of 1-8 the kept values are stored as
+codes (``sparse-q``): at 2 bits with clipped scales DARE keeps as much as with 16-bit values
+(research15), for a seventh of the size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..core.constants import INDEX_SEEDED
-from ..core.encodings import SparseEncoding
+from ..core.encodings import QuantizedSparseEncoding, SparseEncoding
+from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positive, drop_rate, param, scattered
 
 
-def seeded_edit(name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float) -> Edit:
-    """Keep the seeded mask's entries of ``delta`` (values stored raw) with rescale ``scale``."""
+def seeded_edit(
+    name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float, value_bits: int = 16
+) -> Edit:
+    """Keep the seeded mask's entries of ``delta`` with rescale ``scale``: values stored raw in
+    ``context.value_dtype``, or, with ``value_bits`` below 16, as codes of that many bits with a
+    16-bit scale per `VALUE_GROUP` values (``sparse-q``)."""
     encoding = SparseEncoding(INDEX_SEEDED, scale=scale, seed=context.seed, p=p)
     # The positions are generated once: encode stores their values, the decoder scatters them back.
     positions = encoding.positions(delta.numel(), name, delta.device)
+    stats = {"kept": int(positions.numel()), "rescale": scale}
+    if value_bits < 16:
+        quantized = QuantizedSparseEncoding(
+            INDEX_SEEDED,
+            bits=value_bits,
+            group=VALUE_GROUP,
+            count=int(positions.numel()),
+            scale=scale,
+            seed=context.seed,
+            p=p,
+        )
+        stored = quantized.encode(delta, name=name, positions=positions)
+        values = quantized.kept_values(stored, name, torch.float32)
+        return Edit(quantized, stored, stats, decoder=scattered(encoding, values, (delta.numel(),), positions))
     stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions)
     return Edit(
-        encoding,
-        stored,
-        {"kept": int(positions.numel()), "rescale": scale},
-        decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions),
+        encoding, stored, stats, decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions)
     )
+
+
+VALUE_GROUP = 64
+"""Kept values per 16-bit scale when they are stored as codes: 0.25 bit of scale per value."""
+
+
+def value_bits_param() -> Any:
+    return param(16, help="bits per kept value: 16 stores floats, 1-8 codes with a 16-bit scale per 64 values")
+
+
+def check_value_bits(method: str, bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == 16):
+        raise InvalidArgumentError(f"{method}: value_bits must be 1 to 8, or 16", expected="e.g. 2", found=repr(bits))
+    return bits
 
 
 @dataclass
@@ -50,10 +82,12 @@ class DareMethod(EditMethod, name="dare"):
     uses_seed: ClassVar[bool] = True
     p: float = drop_rate(0.9)
     k: float = param(1.0, help="DARE rescale factor k: kept entries are scaled by k/(1-p)")
+    value_bits: int = value_bits_param()
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
         self.k = check_positive(self.name, "k", self.k)
+        self.value_bits = check_value_bits(self.name, self.value_bits)
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
-        return seeded_edit(name, delta, context, self.p, self.k / (1.0 - self.p))
+        return seeded_edit(name, delta, context, self.p, self.k / (1.0 - self.p), self.value_bits)

@@ -1,11 +1,18 @@
 """``sign``: BitDelta, one sign bit per entry and a scale per tensor or per row.
 
 ``Δ̂ = s * sign(Δ)`` with ``s`` initialised to ``mean |Δ|`` over the tensor or over each row, the
-L2-optimal scale for fixed signs. Per-row scales cost 4 bytes per row and follow the rows'
-different magnitudes, which fine-tuning produces.
+L2-optimal scale for fixed signs. Per-row scales follow the rows' different magnitudes, which
+fine-tuning produces; they are stored in float16 where every scale is a normal float16 number
+(else float32), so they cost 16 / cols bits per weight (research15: float16 row scales lose
+nothing measurable against float32 ones).
 
-With calibration texts the scales can be distilled as BitDelta does: the signs stay fixed and a
-few Adam steps minimise the logit MSE between the edited model and the fine-tune. Adam runs on
+With calibration texts the scales can be fitted layer by layer (``layer_fit=True``): for fixed
+signs, the per-row scales minimising the layer's output error on the cached inputs ``X`` have a
+closed form, ``s_r = <Δ_r H, σ_r> / <σ_r H, σ_r>`` with ``H = XᵀX`` and ``σ_r`` the row's signs:
+one small matrix product per layer instead of many forward and backward passes through the model
+(BitDelta's end-to-end distillation took over 20 minutes on a 22 M-parameter encoder on 2 cores;
+the layer fit takes seconds). They can also be distilled as BitDelta does: the signs stay fixed
+and a few Adam steps minimise the logit MSE between the edited model and the fine-tune. Adam runs on
 relative corrections (``s = s_init * (1 + r)``, ``r`` starting at 0), so one learning rate suits
 every model whatever its delta magnitudes, and the scales with the lowest calibration MSE seen
 are kept: distillation never makes the calibration error worse.
@@ -19,15 +26,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..core.encodings import SignEncoding
+from ..core.quant import scale_dtype
 from ..errors import InvalidArgumentError
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
-    from .activations import CalibrationSession
+    from .activations import ActivationStats, CalibrationSession
 
 GRANULARITIES = ("tensor", "row")
-SCALE_DTYPE = torch.float32
-"""Scales are few (one per tensor or row): stored in float32 whatever the values' dtype."""
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (any case) from the command line."""
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 @dataclass
@@ -48,6 +61,12 @@ class SignMethod(EditMethod, name="sign"):
     scale: str = param("tensor", help="sign scale per tensor or per row", choices=GRANULARITIES)
     distill_steps: int = param(0, help="Adam steps distilling the sign scales on the calibration texts")
     distill_lr: float = param(0.02, help="Adam learning rate of the scale distillation (relative corrections)")
+    layer_fit: bool = param(
+        False,
+        parse=parse_bool,
+        help="fit each row's sign scale to the layer's outputs on the calibration texts (closed form)",
+        metavar="true|false",
+    )
     _scales: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -65,7 +84,7 @@ class SignMethod(EditMethod, name="sign"):
         return SignEncoding(self.scale if delta.dim() >= 2 else "tensor")
 
     def needs_calibration(self) -> bool:
-        return self.distill_steps > 0
+        return self.distill_steps > 0 or self.layer_fit
 
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession) -> dict[str, Any]:
         if not self.distill_steps:
@@ -113,9 +132,29 @@ class SignMethod(EditMethod, name="sign"):
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         encoding = self.encoding_for(delta)
-        scale = self._scales.get(name)
-        stored = encoding.encode(delta, dtype=SCALE_DTYPE, scale=scale)
-        stats: dict[str, Any] = {"scale_source": "distilled" if scale is not None else "mean |delta|"}
+        distilled = self._scales.get(name)
+        fitted = layer_fit_scale(delta, context.activations) if self.layer_fit and distilled is None else None
+        scale = distilled if distilled is not None else fitted if fitted is not None else encoding.initial_scale(delta)
+        stored = encoding.encode(delta, dtype=scale_dtype(scale), scale=scale)
+        source = "distilled" if distilled is not None else "layer fit" if fitted is not None else "mean |delta|"
+        stats: dict[str, Any] = {"scale_source": source}
         if encoding.granularity != self.scale:
             stats["scale"] = encoding.granularity
         return Edit(encoding, stored, stats)
+
+
+def layer_fit_scale(delta: torch.Tensor, activations: ActivationStats | None) -> torch.Tensor | None:
+    """Per-row scales minimising ``||X (s ⊙ sign(Δ) - Δ)ᵀ||²`` on the layer's calibration inputs
+    (None for parameters that are not a linear layer's weight, or rows without signal)."""
+    if activations is None or activations.kind != "linear" or not len(activations.inputs) or delta.dim() < 2:
+        return None
+    if activations.input_axis != 1:
+        return None  # a Conv1D's rows meet the inputs: its per-row scales are per input feature
+    matrix = activations._as_out_in(delta).double()
+    x = activations.inputs.double()
+    gram = x.T @ x
+    signs = torch.where(matrix >= 0, 1.0, -1.0).double()
+    numerator = ((matrix @ gram) * signs).sum(1)
+    denominator = ((signs @ gram) * signs).sum(1)
+    scale = torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), matrix.abs().mean(1))
+    return scale.float()

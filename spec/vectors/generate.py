@@ -35,12 +35,16 @@ from delta_format.core.encodings import (  # noqa: E402
     BitdiffEncoding,
     DenseEncoding,
     LowRankEncoding,
+    QuantizedDenseEncoding,
+    QuantizedLowRankEncoding,
+    QuantizedSparseEncoding,
     ReplaceEncoding,
     SignEncoding,
     SparseEncoding,
 )
 from delta_format.core.fingerprint import fingerprint_safetensors  # noqa: E402
 from delta_format.core.manifest import BaseReference, TensorEntry  # noqa: E402
+from delta_format.core.quant import pack_codes, quantize  # noqa: E402
 from delta_format.io.writer import DeltaWriter  # noqa: E402
 
 VECTORS = (
@@ -54,6 +58,9 @@ VECTORS = (
     "replace",
     "sharded",
     "bitdiff",
+    "dense-q",
+    "sparse-q",
+    "lowrank-q",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -454,6 +461,100 @@ def bitdiff_must_refuse(planes: bytes) -> list[dict]:
     return [{"why": c["why"], "planes_hex": c["planes"].hex(), "frames": c["frames"]} for c in cases]
 
 
+def dequantised(codes: np.ndarray, scales: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """SPEC §5.7 in numpy: float32(scale[j // G]) * (code[j] - (2^b - 1) / 2), one float32 rounding."""
+    owner = np.arange(codes.size) // group
+    return (scales.astype(np.float32)[owner] * (codes.astype(np.float32) - np.float32((2**bits - 1) / 2))).astype(
+        np.float32
+    )
+
+
+def vector_dense_q(root: Path) -> None:
+    v = Vector(root, "dense-q")
+    # 65 entries at 3 bits: 195 bits, 5 zero padding bits; the last of 5 groups of 16 holds 1 value.
+    for name, shape, dtype, bits, group, salt in (
+        ("w", (5, 13), "float32", 3, 16, 60),
+        ("h", (4, 8), "bfloat16", 2, 8, 62),
+        ("b", (7,), "float16", 1, 4, 64),
+    ):
+        base = v.add_base(name, shape, dtype, salt)
+        delta = values(shape, salt + 1, 0.01)
+        codes, scales = quantize(torch.from_numpy(delta).reshape(-1), bits, group, "absmax", torch.float16)
+        enc = QuantizedDenseEncoding(bits, group)
+        stored = {"codes": pack_codes(codes, bits), "scales": scales.reshape(-1)}
+        decoded = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), bits, group)
+        v.add(name, entry(enc, shape, dtype), stored, reconstruct(base, decoded.reshape(shape), 1.0, dtype))
+    v.write("dense-q", {})
+
+
+def vector_sparse_q(root: Path) -> None:
+    v = Vector(root, "sparse-q")
+    shape, scale = (16, 32), 1 / (1 - SEEDED_P)
+    base = v.add_base("w", shape, "bfloat16", 70)
+    delta = values(shape, 71, 0.01)
+    positions = seeded_mask.kept_positions(512, SEEDED_P, SEEDED_SEED, "w").numpy()
+    codes, scales = quantize(torch.from_numpy(delta.reshape(-1)[positions]), 2, 8, "mse", torch.float16)
+    enc = QuantizedSparseEncoding(
+        "seeded", bits=2, group=8, count=len(positions), scale=scale, seed=SEEDED_SEED, p=SEEDED_P
+    )
+    stored = {"codes": pack_codes(codes, 2), "scales": scales.reshape(-1)}
+    kept = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), 2, 8)
+    v.add(
+        "w",
+        entry(enc, shape, "bfloat16"),
+        stored,
+        reconstruct(base, scatter(512, positions, kept, scale, shape), 1.0, "bfloat16"),
+    )
+    base = v.add_base("g", (6, 9), "float32", 72)
+    positions = np.array([0, 3, 4, 20, 41, 53])
+    kept_raw = values((6,), 73, 0.01)
+    codes, scales = quantize(torch.from_numpy(kept_raw), 4, 4, "absmax", torch.float16)
+    enc = QuantizedSparseEncoding("gaps", bits=4, group=4, count=6, scale=1.5)
+    full = torch.zeros(54).index_put_((torch.from_numpy(positions),), torch.from_numpy(kept_raw))
+    stored = enc.encode(full, name="g", positions=torch.from_numpy(positions), dtype=torch.float16, clip="absmax")
+    kept = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), 4, 4)
+    v.add(
+        "g",
+        entry(enc, (6, 9), "float32"),
+        stored,
+        reconstruct(base, scatter(54, positions, kept, 1.5, (6, 9)), 1.0, "float32"),
+    )
+    v.write("dare", {"p": SEEDED_P, "seed": SEEDED_SEED, "value_bits": 2})
+
+
+def vector_lowrank_q(root: Path) -> None:
+    v = Vector(root, "lowrank-q")
+    # Codes from a hash and power-of-two scales: every factor is a small dyadic number, so the
+    # product is exact in any summation order (SPEC §5.10 leaves the order open).
+    for name, shape, dtype, bands, group, salt in (
+        ("w", (12, 10), "float32", [(1, 8), (2, 3)], 4, 80),
+        ("conv", (4, 3, 5), "bfloat16", [(2, 2)], 64, 83),
+    ):
+        base = v.add_base(name, shape, dtype, salt, exact=True)
+        rows, cols = shape[0], int(np.prod(shape[1:]))
+        per_vector = -(-rows // group) + -(-cols // group)
+        streams, all_scales, us, vs, i = [], [], [], [], 0
+        for count, bits in bands:
+            n = count * (rows + cols)
+            codes = np.array([splitmix64(salt * 131 + i * 1000 + j) % (2**bits) for j in range(n)], dtype=np.int64)
+            scales = np.array([2.0 ** -(3 + (splitmix64(salt + i * 7 + j) % 3)) for j in range(count * per_vector)])
+            owner = np.concatenate([np.arange(rows) // group, -(-rows // group) + np.arange(cols) // group])
+            for k in range(count):
+                vec = scales[k * per_vector + owner] * (
+                    codes[k * (rows + cols) : (k + 1) * (rows + cols)] - (2**bits - 1) / 2
+                )
+                us.append(vec[:rows])
+                vs.append(vec[rows:])
+            streams.append(pack_codes(torch.from_numpy(codes), bits))
+            all_scales.append(torch.from_numpy(scales).to(torch.float16))
+            i += count
+        enc = QuantizedLowRankEncoding(bands, group)
+        product = (np.array(us).T @ np.array(vs)).astype(np.float32).reshape(shape)
+        stored = {"codes": torch.cat(streams), "scales": torch.cat(all_scales)}
+        v.add(name, entry(enc, shape, dtype), stored, reconstruct(base, product, 1.0, dtype))
+    v.write("lowrank-q", {"bits": "per tensor"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeded-mask known answers.
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +616,9 @@ def main(root: Path) -> None:
         vector_replace,
         vector_sharded,
         vector_bitdiff,
+        vector_dense_q,
+        vector_sparse_q,
+        vector_lowrank_q,
     ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)

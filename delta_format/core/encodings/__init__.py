@@ -9,12 +9,15 @@ from __future__ import annotations
 from .base import ENCODING_CLASSES, Encoding, Expected, encoding_from_dict, on_the_fly_encodings
 from .bitdiff import BitdiffEncoding
 from .dense import DenseEncoding
+from .dense_q import QuantizedDenseEncoding
 from .factor import MERGE_MIN_TOKENS, Factor
 from .index_codings import index_coding_bytes
 from .lowrank import LowRankEncoding
+from .lowrank_q import QuantizedLowRankEncoding, bands_for
 from .replace import ReplaceEncoding
 from .sign import SignEncoding
 from .sparse import SparseEncoding
+from .sparse_q import QuantizedSparseEncoding
 
 __all__ = [
     "Encoding",
@@ -30,5 +33,9 @@ __all__ = [
     "LowRankEncoding",
     "ReplaceEncoding",
     "BitdiffEncoding",
+    "QuantizedDenseEncoding",
+    "QuantizedSparseEncoding",
+    "QuantizedLowRankEncoding",
+    "bands_for",
     "index_coding_bytes",
 ]

