@@ -33,7 +33,25 @@ def test_bits_meets_the_budget_on_disk(pair, tmp_path, bits):
     delta = delta_format.compress(pair["base"], pair["ft"], tmp_path / "d", bits=bits, progress=False)
     assert delta.manifest.method == "budget"
     on_disk = 8 * tensor_bytes(tmp_path / "d") / pair["numel"]
-    assert bits * 0.7 < on_disk <= bits * 1.02  # the header share is an estimate; the payload fits
+    assert bits * 0.7 < on_disk <= bits  # headers included: an upper bound is planned for each entry
+
+
+def test_header_bits_bound_the_written_header_entries(pair, tmp_path):
+    import json
+    import struct
+
+    from delta_format.methods.allocation import FILE_BITS, header_bits
+
+    delta_format.compress(pair["base"], pair["ft"], tmp_path / "d", bits=0.5, progress=False)
+    for path in (tmp_path / "d").glob("*.safetensors"):
+        raw = path.read_bytes()
+        length = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + length])
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        planned = sum(header_bits(k.split(":")[0]) for k in entries) + FILE_BITS
+        assert 8 * (8 + length) <= planned
+        for key, value in entries.items():
+            assert 8 * (len(json.dumps({key: value}, separators=(",", ":"))) - 1) <= header_bits(key.split(":")[0])
 
 
 def test_a_bigger_budget_gives_a_smaller_error(pair, tmp_path):

@@ -15,9 +15,10 @@ same weight error moves the outputs most, get more bits. The manifest's ``stats.
 records the plan (bits planned, the price per bit, how many tensors chose what, the dropped
 ones), and each entry's stats its choice.
 
-The budget counts every stored byte of the edited parameters (codes, scales, factors, a
-safetensors header share per stored tensor): ``bits`` is the size of the delta's tensor files
-divided by the number of parameters the delta edits, to within the header estimate.
+The budget counts every stored byte of the edited parameters (codes, scales, factors, an upper
+bound on each stored tensor's safetensors header entry and on the file's fixed header): the size
+of the delta's tensor files divided by the number of parameters the delta edits is at most
+``bits`` (a delta sharded into several files adds ~50 bytes a file).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..core.encodings import (
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import GROUP, Menu, Option, allocate, menu_for, truncated_svd
+from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, truncated_svd
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class BudgetMethod(EditMethod, name="budget"):
             weight = input_energy(context.activations)
             menus.append(menu_for(name, delta, weight=weight, seed=context.seed, noise_weight=self.noise_weight)[0])
         numel = sum(m.numel for m in menus)
-        self._choices, price = allocate(menus, self.bits * numel)
+        self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS, 0.0))
         planned = sum(o.bits for o in self._choices.values())
         families = Counter(o.label.split(" ")[0] for o in self._choices.values())
         return {
