@@ -19,28 +19,22 @@ from ..io.checkpoint import Checkpoint
 from ..io.reader import DeltaReader
 from .model_state import tied_parameter_names
 
+Fill = tuple[str, torch.Tensor, list[tuple[DeltaReader, float]]]
+"""One tensor a load places: its state-dict name, the model's current (meta) tensor, the deltas
+that edit it with their scales (none: the base's tensor as it is)."""
 
-def materialize(
-    model,
-    base: Checkpoint,
-    deltas: Sequence[tuple[DeltaReader, float]],
-    device_of: Callable[[str], torch.device],
-) -> None:
-    """Fill ``model`` (built empty) with ``base + sum(weight * alpha * delta)`` for each parameter.
 
-    Each delta must have passed `check_base` against ``base`` and ``model``'s shapes (every
-    parameter it edits exists with its shape): a misfit is a `BaseMismatchError` raised there.
+def fills(model, base: Checkpoint, deltas: Sequence[tuple[DeltaReader, float]]) -> list[Fill]:
+    """What `materialize` places, in state-dict order: every tensor of the model that the base or
+    a delta provides, except tied copies (`tie_weights` restores them) and buffers the model
+    computed itself.
 
-    Args:
-        model: a transformers model from `build_skeleton`.
-        base: the base checkpoint.
-        deltas: (reader, alpha scale) pairs; the scale multiplies each entry's stored alpha.
-        device_of: target device of each parameter name.
+    Raises:
+        BaseMismatchError: a parameter neither the base nor a delta provides.
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     state = model.state_dict(keep_vars=True)
     tied = tied_parameter_names(model)
+    out = []
     for name, current in state.items():
         parts_src = [(reader, scale) for reader, scale in deltas if name in reader.manifest.tensors]
         if not parts_src and name in tied and name not in base:
@@ -54,8 +48,37 @@ def materialize(
                 found="missing",
                 fix="load the base the delta was made against",
             )
+        out.append((name, current, parts_src))
+    return out
+
+
+def materialize(
+    model,
+    base: Checkpoint,
+    deltas: Sequence[tuple[DeltaReader, float]],
+    device_of: Callable[[str], torch.device],
+    *,
+    storage: Callable[[str], torch.Tensor | None] | None = None,
+) -> None:
+    """Fill ``model`` (built empty) with ``base + sum(weight * alpha * delta)`` for each parameter.
+
+    Each delta must have passed `check_base` against ``base`` and ``model``'s shapes (every
+    parameter it edits exists with its shape): a misfit is a `BaseMismatchError` raised there.
+
+    Args:
+        model: a transformers model from `build_skeleton`.
+        base: the base checkpoint (or a materialised-cache entry, with no deltas).
+        deltas: (reader, alpha scale) pairs; the scale multiplies each entry's stored alpha.
+        device_of: target device of each parameter name.
+        storage: where a tensor is written (a view of the right shape, dtype and device, e.g.
+            from `ModelStorage`), or None for a tensor of its own; by default every tensor is new.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, current, parts_src in fills(model, base, deltas):
         device = device_of(name)
         target = current.dtype
+        out = storage(name) if storage is not None else None
         if not parts_src:
             value = base.get_tensor(name, device)
             if tuple(value.shape) != tuple(current.shape):
@@ -65,16 +88,18 @@ def materialize(
                     found=list(value.shape),
                     fix="load the base the delta was made against",
                 )
+            if out is not None:
+                value = out.copy_(value)
         else:
             parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
             needs_base = any(e.encoding.is_delta or e.alpha * s != 1.0 for e, _, s in parts)
             base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
-            value = reconstruct_stored(name, parts, base_tensor, dtype=target)
+            value = reconstruct_stored(name, parts, base_tensor, dtype=target, out=out)
             del parts, base_tensor
         set_module_tensor_to_device(
             model, name, device, value=value, dtype=target if value.is_floating_point() else None
         )
-        del value
+        del value, out
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
