@@ -64,7 +64,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from .materialize import fills
 from .model_state import tied_parameter_names
-from .model_storage import ModelStorage
+from .model_storage import TRIM_EVERY, ModelStorage, return_freed_heap
 
 CACHE_ENV = "DELTA_FORMAT_MATERIALIZED_CACHE"
 """``0``/``false``/``off``/``no``: no cache; a path: the cache's directory; unset: on, by HF_HOME."""
@@ -115,17 +115,27 @@ class LoadTarget:
 
     def __init__(self, hit: Checkpoint | None = None, writer: EntryWriter | None = None, block=None):
         self.hit, self.writer, self.block = hit, writer, block
+        self.untrimmed = 0
 
     def storage(self, name: str) -> torch.Tensor | None:
         if self.writer is not None:
-            return self.writer.view(name)
-        return self.block.view(name) if self.block is not None and name in self.block.layout else None
+            view = self.writer.view(name)
+        else:
+            view = self.block.view(name) if self.block is not None and name in self.block.layout else None
+        if view is not None:
+            self.untrimmed += view.numel() * view.element_size()
+            if self.untrimmed >= TRIM_EVERY:
+                return_freed_heap()
+                self.untrimmed = 0
+        return view
 
     def finish(self, model) -> None:
         if self.writer is not None:
             self.writer.publish(model)
         if self.block is not None:
             self.block.release()
+        if self.writer is not None or self.block is not None:
+            return_freed_heap()
 
 
 def prepare_load(
