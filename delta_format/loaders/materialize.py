@@ -17,6 +17,7 @@ from ..core.reconstruct import reconstruct_stored
 from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.reader import DeltaReader
+from .device_prefetch import prefetched
 from .model_state import tied_parameter_names
 
 Fill = tuple[str, torch.Tensor, list[tuple[DeltaReader, float]]]
@@ -75,12 +76,24 @@ def materialize(
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    for name, current, parts_src in fills(model, base, deltas):
+    def inputs(fill: Fill, device: torch.device) -> dict:
+        """What the fill reads: each delta's stored tensors and, where needed, the base tensor."""
+        name, _, parts_src = fill
+        if not parts_src:
+            return {"base": base.get_tensor(name, device), "stored": []}
+        stored = [reader.stored(name, device) for reader, _ in parts_src]
+        needs_base = any(
+            reader.manifest.tensors[name].encoding.is_delta or reader.manifest.tensors[name].alpha * s != 1.0
+            for reader, s in parts_src
+        )
+        return {"base": base.get_tensor(name, device) if needs_base and name in base else None, "stored": stored}
+
+    for (name, current, parts_src), read in prefetched(fills(model, base, deltas), inputs, lambda f: device_of(f[0])):
         device = device_of(name)
         target = current.dtype
         out = storage(name) if storage is not None else None
         if not parts_src:
-            value = base.get_tensor(name, device)
+            value = read["base"]
             if tuple(value.shape) != tuple(current.shape):
                 raise BaseMismatchError(
                     f"the base's {name!r} has another shape",
@@ -91,11 +104,13 @@ def materialize(
             if out is not None:
                 value = out.copy_(value)
         else:
-            parts = [(reader.manifest.tensors[name], reader.stored(name, device), scale) for reader, scale in parts_src]
-            needs_base = any(e.encoding.is_delta or e.alpha * s != 1.0 for e, _, s in parts)
-            base_tensor = base.get_tensor(name, device) if needs_base and name in base else None
-            value = reconstruct_stored(name, parts, base_tensor, dtype=target, out=out)
-            del parts, base_tensor
+            parts = [
+                (reader.manifest.tensors[name], stored, scale)
+                for (reader, scale), stored in zip(parts_src, read["stored"])
+            ]
+            value = reconstruct_stored(name, parts, read["base"], dtype=target, out=out)
+            del parts
+        del read
         set_module_tensor_to_device(
             model, name, device, value=value, dtype=target if value.is_floating_point() else None
         )
