@@ -32,6 +32,14 @@ def llama_config(scale: str = "0.5B"):
             num_key_value_heads=8,
             vocab_size=32000,
         ),
+        "220M": dict(  # a 32k vocabulary and an untied head: embedding and head are 30 % of the model
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=13,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
         "0.5B": dict(
             hidden_size=1536,
             intermediate_size=4096,

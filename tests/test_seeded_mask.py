@@ -114,6 +114,37 @@ def test_int64_mix_equals_the_integer_definition_on_edge_inputs():
     assert got == [seeded_mask._mix32_int(x) for x in xs]
 
 
+COUNTER_STARTS = [0, 2**31 - 1000, 2**32 - 1000, 2**40 + 7]
+"""Counter ranges that cross the int32 sign bit and the 32-bit boundary."""
+
+
+def int64_stream(key: int, start: int, count: int) -> torch.Tensor:
+    """The stream computed as SPEC §6 words it, every product below 2**63."""
+    k = torch.arange(start, start + count, dtype=torch.int64)
+    tmp = torch.empty_like(k)
+    x = seeded_mask._mix32_((k & 0xFFFFFFFF) ^ key, tmp)
+    return seeded_mask._mix32_(x ^ (k >> 32), tmp)
+
+
+@pytest.mark.parametrize("start", COUNTER_STARTS)
+def test_the_int32_stream_equals_the_int64_definition(start):
+    key = seeded_mask.stream_key(9, "w")
+    assert torch.equal(seeded_mask.uniform_stream(key, start, 5000), int64_stream(key, start, 5000))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_stream_equals_the_int64_definition_across_counter_widths():
+    key = seeded_mask.stream_key(9, "w")
+    for start in COUNTER_STARTS:
+        assert torch.equal(
+            seeded_mask.uniform_stream(key, start, 5000, device="cuda").cpu(), int64_stream(key, start, 5000)
+        )
+        assert torch.equal(
+            seeded_mask.gaps(0.9, key, start, 5000, "cuda").cpu(), seeded_mask.gaps(0.9, key, start, 5000)
+        )
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_gives_the_same_positions_as_cpu():

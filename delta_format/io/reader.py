@@ -107,7 +107,7 @@ class DeltaReader:
             path = safe_member(self.directory, name, f"the file {name!r}", missing_ok=name not in tensor_files)
             if path is None:
                 continue
-            check_listed(path, name, info, verify_checksums)
+            check_listed(path, name, info, verify_checksums or name not in tensor_files)  # side files: always
             if name not in tensor_files and name != WEIGHTS_INDEX_NAME:
                 self.side_files[name] = path
 

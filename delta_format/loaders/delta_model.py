@@ -22,6 +22,7 @@ from .base_model import resolve_base
 from .delta_checks import check_delta, scale_from
 from .fine_tune_config import fine_tune_config, fine_tune_generation_config
 from .materialize import materialize
+from .materialized_cache import cache_directory, prepare_load
 from .model_state import parameter_shapes
 from .placement import DeviceMap, device_lookup, resolve_device_map
 from .skeleton import build_skeleton
@@ -68,6 +69,7 @@ class DeltaModel:
         local_files_only: bool = False,
         trust_remote_code: bool = False,
         max_memory: dict | None = None,
+        cache_materialized: bool | None = None,
         **model_kwargs: Any,
     ):
         """Load the fine-tune a delta describes, as a ready transformers model.
@@ -87,6 +89,9 @@ class DeltaModel:
             token, cache_dir, local_files_only: as in huggingface_hub.
             trust_remote_code: allow a model class defined in the repository's own code.
             max_memory: per-device limits for ``device_map="auto"``.
+            cache_materialized: keep the computed weights in the materialised cache and map them
+                from there on later loads (`materialized_cache`); ``False`` opts out, as does
+                ``DELTA_FORMAT_MATERIALIZED_CACHE=0``; default on.
             **model_kwargs: set on the config (e.g. ``attn_implementation="sdpa"``).
 
         Returns:
@@ -99,7 +104,8 @@ class DeltaModel:
             DeltaFormatError: any other problem with the files or the arguments.
         """
         hub = HubOptions(revision, token, cache_dir, local_files_only)
-        opened, scales = _open_sources(delta, hub, alpha, weights)
+        cached = cache_directory(cache_materialized) is not None  # a hit reads no delta bytes: check them on a miss
+        opened, scales = _open_sources(delta, hub, alpha, weights, verify_checksums=not cached)
         base = resolve_base(opened[0].manifest, base_model, hub.updated(revision=base_revision))
         _check_composable(opened, verify_base)
         model, torch_dtype = _empty_model(opened[0], base, dtype, trust_remote_code, model_kwargs)
@@ -108,7 +114,16 @@ class DeltaModel:
         for d, s in zip(opened, scales):
             check_delta(d, base, scale=s, model=model, model_shapes=shapes, verify_base=verify_base)
         placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
-        materialize(model, base, [(d.reader, s) for d, s in zip(opened, scales)], device_lookup(placement))
+        device_of = device_lookup(placement)
+        target = prepare_load(
+            cache_materialized, list(zip(opened, scales)), base, model, torch_dtype, device_of, verified=not cached
+        )
+        if target.hit is not None:
+            materialize(model, target.hit, [], device_of)
+        else:
+            readers = [(d.reader, s) for d, s in zip(opened, scales)]
+            materialize(model, base, readers, device_of, storage=target.storage)
+        target.finish(model)
         model = _finish(model, opened[0], placement, generation)
         swapper = DeltaSwapper(
             model, base, list(zip(opened, scales)), hub.updated(revision=None), verify_base=verify_base
@@ -118,7 +133,7 @@ class DeltaModel:
 
 
 def _open_sources(
-    delta, hub: HubOptions, alpha: float | None, weights: Sequence[float] | None
+    delta, hub: HubOptions, alpha: float | None, weights: Sequence[float] | None, *, verify_checksums: bool = True
 ) -> tuple[list[Delta], list[float]]:
     """The deltas to load, opened, and the scale of each (its weight times ``alpha``)."""
     sources = list(delta) if isinstance(delta, (list, tuple)) else [delta]
@@ -131,7 +146,7 @@ def _open_sources(
         raise InvalidArgumentError("weights and deltas differ in number", expected=len(sources), found=len(scales))
     if alpha is not None:
         scales = [s * scale_from(alpha) for s in scales]
-    return [open_delta(d, hub) for d in sources], scales
+    return [open_delta(d, hub, verify_checksums=verify_checksums) for d in sources], scales
 
 
 def _check_composable(opened: Sequence[Delta], verify_base: bool) -> None:

@@ -20,6 +20,10 @@ class Factor:
 
     rows: int
     cols: int
+    cache_merged = True
+    """Whether on-the-fly serving may keep ``merged(weight)`` across calls while this factor's
+    adapter is active (`MergedWeightCache`): worth it where each call would otherwise decode the
+    whole matrix again."""
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ (alpha * delta).T`` for ``x`` of shape ``[..., cols]`` (called where `apart`)."""

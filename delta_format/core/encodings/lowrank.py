@@ -114,6 +114,8 @@ class LowRankEncoding(Encoding, name=LOWRANK):
 class LowRankFactor(Factor):
     """``delta = u @ v`` (alpha folded into ``u``): always two thin products, ``x @ v.T @ u.T``."""
 
+    cache_merged = False  # the thin products cost little next to a full merged copy
+
     def __init__(self, u: torch.Tensor, v: torch.Tensor):
         self.u, self.v = u, v
         self.rows, self.cols = u.shape[0], v.shape[1]

@@ -4,6 +4,7 @@
 from ...core.encodings import MERGE_MIN_TOKENS
 from ...errors import UnsupportedOnTheFlyError
 from .api import attach_deltas, detach_deltas, load_on_the_fly, set_active_delta, using_delta
+from .merged_cache import MergedWeightCache
 from .modules import DeltaEmbedding, DeltaLinear
 from .registry import OnTheFlyDeltas
 
@@ -14,6 +15,7 @@ __all__ = [
     "detach_deltas",
     "load_on_the_fly",
     "OnTheFlyDeltas",
+    "MergedWeightCache",
     "DeltaLinear",
     "DeltaEmbedding",
     "UnsupportedOnTheFlyError",

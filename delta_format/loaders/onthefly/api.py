@@ -14,6 +14,10 @@ where the delta's product is cheaper than touching the whole matrix), or as one 
 ``dense`` on larger batches, where it is cheaper than a second full matmul; ``sparse`` always,
 see `SparseFactor`). The merged weight is formed as SPEC §9 forms it, so in float32 such a call
 gives the same logits as the materialised fine-tune; the two-product form differs by rounding.
+While an adapter stays active, the merged weights of ``sign``, ``dense`` and ``sparse`` matrices
+are kept for later calls up to a byte budget (`MergedWeightCache`, ``merged_cache_bytes``), so a
+decoding step does not decode them again; those modules then run the merged form at every batch
+size.
 
 Vectors (norm scales, biases: every edited parameter of one dimension or none) are small: each
 adapter keeps its own copy, rebuilt exactly as `DeltaModel.from_pretrained` does, and
@@ -54,6 +58,7 @@ from ..base_model import resolve_base
 from ..delta_checks import scale_from
 from ..placement import DeviceMap
 from .factors import build_factor, check_finite_merge, require_on_the_fly
+from .merged_cache import check_budget
 from .modules import ADOPTERS, DeltaEmbedding, DeltaLinear
 from .registry import Adapter, OnTheFlyDeltas, tensor_owners
 
@@ -111,6 +116,7 @@ def attach_deltas(
     alpha: float | Mapping[str, float] | None = None,
     base_model: Checkpoint | str | os.PathLike | None = None,
     verify_base: bool = True,
+    merged_cache_bytes: int | None = None,
     **hub_options: Any,
 ) -> OnTheFlyDeltas:
     """Attach named deltas to a base model, kept encoded and applied in the forward.
@@ -123,6 +129,15 @@ def attach_deltas(
             files are fingerprinted instead of the model's tensors (needed when the model was
             loaded in a narrower dtype than stored).
         verify_base: check each delta's base fingerprint (on by default).
+        merged_cache_bytes: bytes the active adapter's merged weights may take
+            (`MergedWeightCache`): while one adapter stays active, the edited ``nn.Linear``
+            weights that fit are merged once and reused by every call (the speed of the
+            materialised model at small batches, the same logits as a merged call). ``None``
+            (default): a quarter of the model's parameter bytes on the first attach, unchanged
+            on later ones; ``0`` turns the cache off. Emptied whenever the active adapter changes
+            or adapters are attached or detached; counted in ``OnTheFlyDeltas.nbytes``; not used
+            by calls that may need the weights' gradients (run inference under
+            ``torch.no_grad()``/``inference_mode()``, as ``generate`` does).
         **hub_options: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (`HubOptions`).
 
     Returns:
@@ -136,11 +151,13 @@ def attach_deltas(
     """
     registry: OnTheFlyDeltas | None = getattr(model, "on_the_fly_deltas", None)
     alphas = _alphas(deltas, alpha, registry)
+    if merged_cache_bytes is not None:
+        check_budget(merged_cache_bytes)
     hub = HubOptions().updated(**hub_options)
     opened = {n: open_delta(d, hub) for n, d in deltas.items()}
     if registry is None:
         base = base_model if base_model is None or isinstance(base_model, Checkpoint) else Checkpoint(base_model)
-        registry = OnTheFlyDeltas(model, base)
+        registry = OnTheFlyDeltas(model, base, merged_cache_bytes)
     owners = tensor_owners(model)
     plans = {n: _plan(model, registry, d, alphas[n], owners, verify_base) for n, d in opened.items()}
     # Nothing has changed so far; from here on nothing can fail on the deltas' account.
@@ -154,6 +171,9 @@ def attach_deltas(
         for pname in adapter.vectors:
             registry.base_vectors.setdefault(pname, state[pname].data)
         registry.adapters[name] = adapter
+    if merged_cache_bytes is not None:
+        registry.merged_weights.resize(merged_cache_bytes)
+    registry.merged_weights.clear()
     model.on_the_fly_deltas = registry
     return registry
 
@@ -235,6 +255,7 @@ def detach_deltas(model, names: list[str] | None = None) -> None:
         raise InvalidArgumentError("no such on-the-fly delta", expected=sorted(registry.adapters), found=unknown)
     if registry.active in names:
         registry.set_active(None)
+    registry.merged_weights.clear()
     for name in names:
         del registry.adapters[name]
         for module in model.modules():
@@ -273,9 +294,12 @@ def load_on_the_fly(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     revision: str | None = None,
+    merged_cache_bytes: int | None = None,
 ):
     """The base the deltas name (or ``base_model``), loaded by transformers, with the deltas
-    attached on the fly; no adapter active. The base's files are fingerprinted (`attach_deltas`).
+    attached on the fly; no adapter active. The base's files are fingerprinted (`attach_deltas`,
+    which also describes ``merged_cache_bytes``: the budget of the active adapter's merged
+    weights, ``0`` for none).
 
     ``device_map`` is handed to transformers' ``from_pretrained``: ``None``/``"cpu"``,
     ``"cuda"``, ``"cuda:1"``, an index, a ``torch.device``, ``"auto"`` or a ``{module: device}``
@@ -292,5 +316,12 @@ def load_on_the_fly(
     model = cls.from_pretrained(
         checkpoint.directory, dtype=parse_dtype(dtype, allow_auto=True) or "auto", device_map=device_map
     )
-    attach_deltas(model.eval(), opened, alpha=alpha, base_model=checkpoint, verify_base=verify_base)
+    attach_deltas(
+        model.eval(),
+        opened,
+        alpha=alpha,
+        base_model=checkpoint,
+        verify_base=verify_base,
+        merged_cache_bytes=merged_cache_bytes,
+    )
     return model

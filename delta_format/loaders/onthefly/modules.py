@@ -10,12 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InvalidArgumentError
+from .merged_cache import MergedWeightCache
 
 
 class ActiveAdapter(Protocol):
-    """Who says which adapter a forward applies (`OnTheFlyDeltas`): None for the base itself."""
+    """Who says which adapter a forward applies (`OnTheFlyDeltas`): None for the base itself;
+    and where the active adapter's merged weights are kept (`MergedWeightCache`)."""
 
     active: str | None
+    merged_weights: MergedWeightCache
 
     def check_caller(self) -> None:
         """Raise if another thread holds the model inside ``using_delta``."""
@@ -51,6 +54,10 @@ class DeltaLinear(nn.Linear):
         if factor is None:
             return F.linear(x, self.weight, self.bias)
         check_same_device(factor.device, self.weight)
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):  # cached weights carry no gradient
+            merged = self.deltas.merged_weights.merged(self, factor)
+            if merged is not None:
+                return F.linear(x, merged, self.bias)
         if factor.apart(x.numel() // max(x.shape[-1], 1)):
             return F.linear(x, self.weight, self.bias).add_(factor.product(x))
         return F.linear(x, factor.merged(self.weight), self.bias)

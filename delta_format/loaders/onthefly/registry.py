@@ -19,6 +19,7 @@ from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
 from ..delta_checks import check_delta
 from ..model_state import tied_parameter_names
+from .merged_cache import DEFAULT_BUDGET_FRACTION, MergedWeightCache, check_budget
 from .modules import check_same_device
 
 
@@ -44,8 +45,10 @@ class OnTheFlyDeltas:
     """What `attach_deltas` keeps on ``model.on_the_fly_deltas``: adapters by name, the active
     one, the modules it replaced, and the base values of the vectors it swaps."""
 
-    def __init__(self, model, base: Checkpoint | None = None):
+    def __init__(self, model, base: Checkpoint | None = None, merged_cache_bytes: int | None = None):
         self.model = model
+        self.merged_weights = MergedWeightCache(default_merged_budget(model, merged_cache_bytes))
+        """The active adapter's merged weights of some modules (small batches run on them)."""
         self.base = base
         """The checkpoint the model was loaded from, when given; else the model's tensors are
         fingerprinted."""
@@ -96,6 +99,8 @@ class OnTheFlyDeltas:
                 fix="attach it with attach_deltas first, or pass None for the base",
             )
         self.check_caller()
+        if name != self.active:
+            self.merged_weights.clear()
         state = self.model.state_dict(keep_vars=True)
         wanted = self.adapters[name].vectors if name is not None else {}
         for vector, base in self.base_vectors.items():
@@ -119,11 +124,18 @@ class OnTheFlyDeltas:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensors the adapters hold (besides the shared base)."""
-        return sum(a.nbytes for a in self.adapters.values())
+        """Bytes of tensors the adapters and the merged-weight cache hold (besides the shared base)."""
+        return sum(a.nbytes for a in self.adapters.values()) + self.merged_weights.nbytes
 
     def __repr__(self) -> str:
         return f"OnTheFlyDeltas(adapters={sorted(self.adapters)}, active={self.active!r})"
+
+
+def default_merged_budget(model, merged_cache_bytes: int | None) -> int:
+    """``merged_cache_bytes``, or by default `DEFAULT_BUDGET_FRACTION` of the model's parameter bytes."""
+    if merged_cache_bytes is not None:
+        return check_budget(merged_cache_bytes)
+    return int(DEFAULT_BUDGET_FRACTION * sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping[str, torch.Tensor]) -> dict:

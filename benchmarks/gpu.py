@@ -1,0 +1,212 @@
+"""The GPU path in one command: load time, decode throughput and on-the-fly speed on a CUDA device.
+
+Prints, with every baseline measured in the same run on the same device:
+
+* the device's memory bandwidth, measured with a device-to-device copy of 1 GiB (bytes read +
+  written per second, best of 5);
+* load + first forward with ``device_map="cuda"`` (fresh subprocesses, warm page cache, one
+  unmeasured run first) for transformers' own load of the full fine-tune, and for delta loads
+  (cache off: decoded on the device from the encoded bytes; and a materialised-cache hit);
+* decode throughput: every edited parameter rebuilt on the device from inputs already there
+  (base + encoded delta read, result written), in GB/s of those bytes and as a fraction of the
+  measured bandwidth (goal >= 50 %);
+* on-the-fly forward throughput (sign and DARE attached to the base) against the materialised
+  fine-tune, at 8 x 1 and 8 x 128 tokens.
+
+Finishes in under 5 minutes on one GPU (0.5B). Without a CUDA device it says why and exits 0.
+
+Run:  python benchmarks/gpu.py [--scale 0.5B] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+VARIANTS = {"sign (row)": ("sign", {"scale": "row"}), "dare p=0.9": ("dare", {"p": 0.9})}
+
+
+def child(kind: str, path: str) -> None:
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from delta_format import DeltaModel
+
+    torch.zeros(1, device="cuda")  # CUDA initialised before the clock, for every variant alike
+    start = time.perf_counter()
+    if kind == "hf":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    else:
+        model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    with torch.no_grad():
+        model(input_ids=torch.arange(8, device="cuda").unsqueeze(0))
+    torch.cuda.synchronize()
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def load_seconds(kind: str, path: Path, repeats: int, cache: str) -> float:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DELTA_FORMAT_MATERIALIZED_CACHE": cache,
+        "PYTHONPATH": str(HERE.parent),
+    }
+    runs = []
+    for _ in range(repeats + 1):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True, check=True, env=env
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+    return min(runs[1:])
+
+
+def bandwidth() -> float:
+    """Device memory bandwidth, GB/s of bytes read + written by a 1 GiB device-to-device copy."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _cuda_best(lambda: dst.copy_(src), 5) / 1e9
+
+
+def _cuda_best(fn, repeats: int) -> float:
+    import torch
+
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def decode_throughput(base: Path, delta: Path, repeats: int) -> tuple[float, int]:
+    """(GB/s, bytes) of rebuilding every edited parameter on the device from device-resident inputs."""
+    import torch
+
+    from delta_format.core.reconstruct import reconstruct_stored
+    from delta_format.io.checkpoint import Checkpoint
+    from delta_format.io.reader import DeltaReader
+
+    checkpoint, reader = Checkpoint(base), DeltaReader(delta)
+    work, moved = [], 0
+    for name in reader:
+        entry, stored = reader.entry(name), reader.stored(name, "cuda")
+        base_tensor = checkpoint.get_tensor(name, "cuda")
+        out = torch.empty_like(base_tensor)
+        moved += 2 * base_tensor.numel() * base_tensor.element_size()
+        moved += sum(t.numel() * t.element_size() for t in stored.values())
+        work.append((name, entry, stored, base_tensor, out))
+
+    def run():
+        for name, entry, stored, base_tensor, out in work:
+            reconstruct_stored(name, [(entry, stored, 1.0)], base_tensor, dtype=torch.bfloat16, out=out)
+
+    return moved / _cuda_best(run, repeats) / 1e9, moved
+
+
+def on_the_fly(base: Path, deltas: dict[str, Path], repeats: int) -> list[tuple[str, float, float]]:
+    """(label, tokens/s at 8 x 1, tokens/s at 8 x 128) for each delta materialised and on the fly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from delta_format import DeltaModel, attach_deltas, set_active_delta
+
+    shapes = [(8, 1), (8, 128)]
+
+    def speeds(model):
+        out = []
+        for b, s in shapes:
+            ids = torch.arange(b * s, device="cuda").remainder(1000).view(b, s)
+            with torch.no_grad():
+                out.append(ids.numel() / _cuda_best(lambda: model(input_ids=ids), repeats + 3))
+        return out
+
+    rows = []
+    shared = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map="cuda").eval()
+    attach_deltas(shared, {label: path for label, path in deltas.items()})
+    for label, path in deltas.items():
+        materialised = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+        rows.append((f"{label}: materialised", *speeds(materialised)))
+        del materialised
+        torch.cuda.empty_cache()
+        set_active_delta(shared, label)
+        rows.append((f"{label}: on the fly", *speeds(shared)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="0.5B")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"))
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    import torch
+
+    print("# GPU: load, decode and on-the-fly throughput\n")
+    if not torch.cuda.is_available():
+        print(f"Skipped: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False).")
+        return
+    import delta_format
+    from benchmarks.synthetic import build_pair
+
+    started = time.perf_counter()
+    root = HERE / "work" / f"llama-{args.scale}"
+    base, ft = build_pair(root, args.scale)
+    deltas = {}
+    for label, (method, params) in VARIANTS.items():
+        deltas[label] = root / f"delta-{method}"
+        if not (deltas[label] / "delta_config.json").is_file():
+            delta_format.compress(base, ft, deltas[label], method=method, progress=False, **params)
+    device = torch.cuda.get_device_name()
+    print(f"Command: `python benchmarks/gpu.py --scale {args.scale} --repeats {args.repeats}` on {device}\n")
+    peak = bandwidth()
+    print(f"Device-to-device copy: {peak:.0f} GB/s (bytes read + written).\n")
+
+    reference = load_seconds("hf", ft, args.repeats, "0")
+    print('| load + first forward, device_map="cuda" | seconds | ÷ transformers |')
+    print("|---|---|---|")
+    print(f"| transformers, full fine-tune | {reference:.2f} | 1.00x |")
+    for label, path in deltas.items():
+        first = load_seconds("delta", path, args.repeats, "0")
+        print(f"| {label}: decoded on the device (cache off) | {first:.2f} | {first / reference:.2f}x |")
+        with tempfile.TemporaryDirectory(dir=root) as cache:
+            env = {**os.environ, "DELTA_FORMAT_MATERIALIZED_CACHE": cache, "PYTHONPATH": str(HERE.parent)}
+            fill = "import sys; from delta_format import DeltaModel; DeltaModel.from_pretrained(sys.argv[1])"
+            subprocess.run([sys.executable, "-c", fill, str(path)], check=True, env=env, cwd=HERE.parent)
+            hit = load_seconds("delta", path, args.repeats, cache)
+        print(f"| {label}: materialised-cache hit | {hit:.2f} | {hit / reference:.2f}x |")
+
+    print("\n| decode on the device (inputs resident) | GB moved | GB/s | ÷ copy bandwidth |")
+    print("|---|---|---|---|")
+    for label, path in deltas.items():
+        speed, moved = decode_throughput(base, path, args.repeats)
+        print(f"| {label} | {moved / 1e9:.2f} | {speed:.1f} | {speed / peak:.0%} (goal 50 %) |")
+
+    print("\n| forward | tokens/s 8 x 1 | ÷ materialised | tokens/s 8 x 128 | ÷ materialised |")
+    print("|---|---|---|---|---|")
+    rows = on_the_fly(base, deltas, args.repeats)
+    for (label, step, batch), reference_row in zip(rows, [None, rows[0], None, rows[2]]):
+        ratio = (f"{step / reference_row[1]:.2f}", f"{batch / reference_row[2]:.2f}") if reference_row else ("—", "—")
+        print(f"| {label} | {step:.0f} | {ratio[0]} | {batch:.0f} | {ratio[1]} |")
+    print(f"\nTotal {time.perf_counter() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

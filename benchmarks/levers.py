@@ -1,0 +1,125 @@
+"""The levers of a first load, each measured alone (in-process, min of the repeats), for
+benchmarks/load_time.py:
+
+* the arithmetic: decode + add + cast of every edited parameter into memory already touched;
+* the seeded-mask generator: the int32 stream the loader uses against the same counters computed
+  as SPEC §6 words it (int64, every product below 2**63); same bits, tested;
+* first touch of fresh memory (the resident floor's cost): from the heap, from one private
+  anonymous block (`ModelStorage`), from a block populated up front (``MAP_POPULATE``), with
+  transparent huge pages (``MADV_HUGEPAGE``), and from a shared file mapping (a cache entry).
+"""
+
+from __future__ import annotations
+
+import mmap
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
+    from delta_format.core.reconstruct import reconstruct_stored
+    from delta_format.io.checkpoint import Checkpoint
+    from delta_format.io.reader import DeltaReader
+
+    checkpoint, reader = Checkpoint(base), DeltaReader(delta)
+    parts = {name: (reader.manifest.tensors[name], reader.stored(name, "cpu")) for name in reader}
+    outs = {name: torch.zeros(tuple(entry.shape), dtype=torch.bfloat16) for name, (entry, _) in parts.items()}
+
+    def run():
+        for name, (entry, stored) in parts.items():
+            reconstruct_stored(
+                name, [(entry, stored, 1.0)], checkpoint.get_tensor(name), dtype=torch.bfloat16, out=outs[name]
+            )
+
+    return _best(run, repeats)
+
+
+def generator_seconds(delta: Path, repeats: int) -> tuple[float, float, int]:
+    """(int32 stream s, int64 spec-literal stream s, counters) for the kept elements of a seeded delta."""
+    from delta_format.core import seeded_mask
+    from delta_format.io.reader import DeltaReader
+
+    reader = DeltaReader(delta)
+    counts = [reader.stored(n)["values"].numel() for n in reader if "seeded" in str(reader.entry(n).encoding)]
+    key, block = seeded_mask.stream_key(0, "w"), 1 << 16
+
+    def literal(key: int, start: int, count: int) -> torch.Tensor:
+        k = torch.arange(start, start + count, dtype=torch.int64)
+        tmp = torch.empty_like(k)
+        return seeded_mask._mix32_(seeded_mask._mix32_((k & 0xFFFFFFFF) ^ key, tmp) ^ (k >> 32), tmp)
+
+    def walk(stream):
+        for count in counts:
+            for start in range(0, count, block):
+                stream(key, start, min(block, count - start))
+
+    return _best(lambda: walk(seeded_mask.uniform_stream), repeats), _best(lambda: walk(literal), repeats), sum(counts)
+
+
+def first_touch_seconds(nbytes: int, repeats: int) -> dict[str, float]:
+    from delta_format.loaders.model_storage import ModelStorage
+
+    source = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+
+    def block(flags=0, advice=None):
+        def run():
+            m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | flags)
+            if advice is not None:
+                m.madvise(advice)
+            torch.frombuffer(m, dtype=torch.bfloat16).copy_(source)
+
+        return run
+
+    def shared_file():
+        with tempfile.TemporaryDirectory() as d:
+            storage = ModelStorage({"w": (torch.bfloat16, (nbytes // 2,))}, Path(d) / "w.safetensors")
+            storage.view("w").copy_(source)
+            storage.release()
+
+    cases = {
+        "heap (torch.empty)": lambda: torch.empty_like(source).copy_(source),
+        "one private anonymous block (ModelStorage)": lambda: (
+            ModelStorage({"w": (torch.bfloat16, (nbytes // 2,))}).view("w").copy_(source)
+        ),
+        "block populated up front (MAP_POPULATE)": block(getattr(mmap, "MAP_POPULATE", 0)),
+        "transparent huge pages (MADV_HUGEPAGE)": block(0, getattr(mmap, "MADV_HUGEPAGE", None)),
+        "shared file mapping (a cache entry being filled)": shared_file,
+    }
+    return {label: _best(run, repeats) for label, run in cases.items()}
+
+
+def lever_section(base: Path, deltas: dict[str, Path], model_bytes: int, repeats: int) -> None:
+    gb = model_bytes / 1e9
+    print(
+        f"Levers of a first load, each alone (in one process, {torch.get_num_threads()} threads, min of {repeats}):\n"
+    )
+    print("| lever | seconds | per GB of model |")
+    print("|---|---|---|")
+    for label, path in deltas.items():
+        seconds = reconstruct_seconds(base, path, repeats)
+        print(f"| {label}: decode + add + cast into touched memory | {seconds:.2f} | {seconds / gb:.2f} s/GB |")
+    for label, path in deltas.items():
+        fast, literal, counters = generator_seconds(path, repeats)
+        if counters:
+            print(
+                f"| {label}: seeded-mask stream, {counters / 1e6:.0f} M counters: int32 (used) / int64 as "
+                f"SPEC §6 words it | {fast:.2f} / {literal:.2f} ({literal / max(fast, 1e-9):.1f}x) | "
+                f"{fast / gb:.2f} / {literal / gb:.2f} s/GB |"
+            )
+    touch_bytes = min(model_bytes, 512 << 20)
+    for label, seconds in first_touch_seconds(touch_bytes, repeats).items():
+        print(
+            f"| first touch of {touch_bytes >> 20} MB: {label} | {seconds:.2f} | {seconds / (touch_bytes / 1e9):.2f} s/GB |"
+        )
