@@ -3,16 +3,24 @@
 (`DeltaModel.from_pretrained`), measured in one run.
 
 Throughput: tokens/s of one forward over a batch (default 8 x 128 tokens, where sign deltas are
-merged into each weight per call) and over 8 x 1 tokens (a decoding step's shape, where sign deltas
-are multiplied separately), bf16, best of ``--repeats``. Agreement: the share of the merged
-weights that differ from the materialised fine-tune's (bf16 rounds the delta's scale or values
-before the add; float32 merges are bit-identical, tests/test_onthefly.py).
+merged into each weight per call) and over 8 x 1 tokens (a decoding step's shape, where without the
+merged-weight cache sign deltas are multiplied separately), bf16, best of ``--repeats`` rounds in
+which every variant of a delta (materialised, on the fly under each cache budget) runs once, so
+that other load on the machine falls on all alike; the base alone is timed in the first delta's
+rounds (÷ that delta's materialised model). Agreement: the share of the merged weights that differ
+from the materialised fine-tune's (bf16 rounds the delta's scale or values before the add; float32
+merges are bit-identical, tests/test_onthefly.py).
+Merged-weight cache: while one adapter is active its merged weights are kept up to a budget;
+each delta is timed under every budget of ``--merged-cache`` (fractions of the model's bytes; by
+default the library's default and 0, the cache off: every call decodes again).
 Memory: bytes of tensors held by the base plus N attached fine-tunes (``--copies`` of each delta)
-against N materialised copies (counted exactly), and the anonymous RSS that attaching them grew by
+plus the merged-weight cache at its fullest under each budget, against N materialised copies
+(counted exactly), and the anonymous RSS that attaching them grew by
 (measured; resident-set totals say little here, since transformers maps the base checkpoint and the
 reader maps the delta files, so their pages count only once touched).
 
 Run:  python benchmarks/onthefly.py [--scale 160M] [--batch 8] [--seq 128] [--repeats 3] [--copies 2]
+                                    [--merged-cache FRACTION [FRACTION ...]]
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--copies", type=int, default=2, help="copies of each delta attached at once (as distinct fine-tunes)"
+    )
+    parser.add_argument(
+        "--merged-cache",
+        type=float,
+        nargs="+",
+        default=None,
+        help="merged-weight cache budgets, fractions of the model's bytes (default: the library's, and 0)",
     )
     parser.add_argument("--work", type=Path, default=HERE / "work")
     args = parser.parse_args()
@@ -67,9 +82,20 @@ def main() -> None:
         with torch.no_grad():
             return model(input_ids=ids).logits
 
-    def tokens_per_s(model, ids):
-        forward(model, ids)  # warm-up: first-call allocations and kernel selection
-        return ids.numel() / timed(lambda: forward(model, ids), args.repeats)[0]
+    def interleaved(variants: dict) -> dict:
+        """``{name: {shape: tokens/s}}`` for ``{name: (model, setup)}``, timed round by round
+        (each round runs every variant once, after its ``setup`` and a warm-up call; a decoding
+        step is the best of 5 calls), so that load from other work on the machine falls on every
+        variant alike; the best of ``--repeats`` rounds."""
+        best = {name: dict.fromkeys(inputs, float("inf")) for name in variants}
+        for _ in range(args.repeats):
+            for name, (model, setup) in variants.items():
+                setup()
+                for key, ids in inputs.items():
+                    forward(model, ids)
+                    calls = 5 if key == "step" else 1
+                    best[name][key] = min(best[name][key], timed(lambda: forward(model, ids), calls)[0])
+        return {name: {k: inputs[k].numel() / t for k, t in times.items()} for name, times in best.items()}
 
     def merged_weights_off(model, materialised) -> tuple[float, int]:
         """Fraction of the edited matrices' weights, merged for a call, that differ from the
@@ -97,21 +123,41 @@ def main() -> None:
     names = {f"{label}-{i}": path for i in range(args.copies) for label, path in paths.items()}
     count = len(names)
     registry = attach_deltas(base, names)
+    fractions = args.merged_cache or [registry.merged_weights.budget / model_bytes, 0.0]
+    budgets = {f: int(f * model_bytes) for f in fractions}
     trim(0)
     attached_anon = (status_kib("RssAnon") - anon) * 1024
 
-    rows = []
-    base_speed = {k: tokens_per_s(base, ids) for k, ids in inputs.items()}
-    rows.append(("base alone (no delta active)", base_speed, None, "—"))
+    rows, cached = [], dict.fromkeys(budgets, 0)
     for label, path in paths.items():
         materialised = DeltaModel.from_pretrained(path, dtype=torch.bfloat16)
-        mat = {k: tokens_per_s(materialised, ids) for k, ids in inputs.items()}
         set_active_delta(base, f"{label}-0")
         off, ulps = merged_weights_off(base, materialised)
-        del materialised
-        otf = {k: tokens_per_s(base, ids) for k, ids in inputs.items()}
+
+        def on_the_fly(budget, name=f"{label}-0"):
+            def setup():
+                set_active_delta(base, name)
+                registry.merged_weights.resize(budget)  # emptied: the warm-up call fills it
+
+            return base, setup
+
+        variants = {"materialised": (materialised, lambda: None)}
+        if not rows:
+            variants["base"] = (base, lambda: set_active_delta(base, None))
+        variants.update({fraction: on_the_fly(budget) for fraction, budget in budgets.items()})
+        speeds = interleaved(variants)
+        for fraction in budgets:  # the cache after a step, one variant at a time
+            variants[fraction][1]()
+            forward(base, inputs["step"])
+            cached[fraction] = max(cached[fraction], registry.merged_weights.nbytes)
+        del materialised, variants
+        mat = speeds["materialised"]
+        if "base" in speeds:
+            rows.append(("base alone (no delta active)", speeds["base"], mat, "—"))
         rows.append((f"{label}: materialised", mat, None, "—"))
-        rows.append((f"{label}: on the fly", otf, mat, f"{off:.3%}, at most {ulps:.0f} ulp"))
+        for fraction in budgets:
+            gap = f"{off:.3%}, at most {ulps:.0f} ulp"
+            rows.append((f"{label}: on the fly, merged cache {fraction:.2f} of the model", speeds[fraction], mat, gap))
     set_active_delta(base, None)
 
     b, s = shapes["batch"]
@@ -121,7 +167,9 @@ def main() -> None:
     )
     print(
         f"Command: `python benchmarks/onthefly.py --scale {args.scale} --batch {args.batch} --seq {args.seq} "
-        f"--repeats {args.repeats} --copies {args.copies}`\n"
+        f"--repeats {args.repeats} --copies {args.copies}"
+        + ("" if args.merged_cache is None else f" --merged-cache {' '.join(map(str, args.merged_cache))}")
+        + "`\n"
     )
     print(
         f"| model | tokens/s, {b} x {s} | ÷ materialised | tokens/s, {b} x 1 | ÷ materialised | "
@@ -140,6 +188,13 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| {count} materialised copies ({count} x {model_bytes / 1e6:.0f} MB) | {copies / 1e6:.0f} MB | 1.00 |")
     print(f"| base + {count} on the fly (counted tensors) | {on_the_fly / 1e6:.0f} MB | {on_the_fly / copies:.3f} |")
+    for fraction, budget in budgets.items():
+        total = on_the_fly + cached[fraction]
+        print(
+            f"| base + {count} on the fly + merged-weight cache {fraction:.2f} of the model (budget "
+            f"{budget / 1e6:.0f} MB, held at most {cached[fraction] / 1e6:.0f} MB) | {total / 1e6:.0f} MB "
+            f"| {total / copies:.3f} |"
+        )
     print(
         f"| of which per adapter: {', '.join(f'{k} {v / 1e6:.1f} MB ({v / model_bytes:.3f} of the model)' for k, v in per_label.items())} | | |"
     )
