@@ -52,6 +52,8 @@ def header_bits(name: str) -> int:
     return 8 * (len(name.encode()) + 80)
 
 
+FP16_NORMAL = (2.0**-14, 65504.0)
+"""float16's normal range: scales outside it are stored in float32."""
 VECTOR_BITS = (1, 2, 3, 4, 8)
 DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
@@ -84,6 +86,11 @@ class Menu:
     """Error of the singular directions past the tables (never kept): ``||Δ||² - Σ σ_i²``."""
     header: int = HEADER_BITS
     """One stored tensor's header entry (`header_bits` of the name)."""
+    vector_wide: torch.Tensor | None = None
+    """``[r, len(VECTOR_BITS) + 1]`` bool: that vector at that width may have a scale outside
+    float16's normal range, which makes the encoder store every scale of the tensor in float32."""
+    vector_scales: int = 0
+    """Scales per kept vector (16 more bits each when they are float32)."""
 
     def best(self, price: float) -> Option:
         """The option minimising ``error + price * bits``."""
@@ -96,6 +103,8 @@ class Menu:
         if not bool(kept.any()):
             return best
         bits = int(self.vector_cost.gather(1, pick[:, None]).sum(dtype=torch.float64)) + 2 * self.header
+        if self.vector_wide is not None and bool(self.vector_wide.gather(1, pick[:, None]).any()):
+            bits += 16 * self.vector_scales * int(kept.sum())  # float32 scales, all of them
         error = float(self.vector_error.gather(1, pick[:, None]).sum()) + self.vector_tail
         if error + price * bits >= best.error + price * best.bits:
             return best
@@ -147,21 +156,35 @@ def menu_rank(delta: torch.Tensor) -> int:
 def vector_tables(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Per singular vector, cost (bits) and error of storing it at each of `VECTOR_BITS` (column 0:
     not stored, error ``σ²``), and the SVD they were measured on."""
+    cost, error, _, svd = _vector_tables(delta)
+    return cost, error, svd
+
+
+def _vector_tables(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """`vector_tables` and `Menu.vector_wide`."""
     rows, cols = delta.shape[0], delta.numel() // delta.shape[0]
     rank = menu_rank(delta)
     u, s, vh = truncated_svd(delta, rank)
     a, b = (u * s).T.contiguous(), vh  # [r, rows], [r, cols]: vector i is a[i] b[i]ᵀ
     cost = torch.zeros(rank, len(VECTOR_BITS) + 1)
+    wide = torch.zeros(rank, len(VECTOR_BITS) + 1, dtype=torch.bool)
     error = torch.zeros(rank, len(VECTOR_BITS) + 1, dtype=torch.float64)
     sigma2 = s.double().square()
     error[:, 0] = sigma2
     scales = 16 * (group_count(rows, GROUP) + group_count(cols, GROUP))
     for j, bits in enumerate(VECTOR_BITS, start=1):
-        qa2, qaa = _quantized_terms(a, bits)
-        qb2, qbb = _quantized_terms(b, bits)
+        qa2, qaa, wide_a = _quantized_terms(a, bits)
+        qb2, qbb, wide_b = _quantized_terms(b, bits)
         error[:, j] = (qa2 * qb2 - 2 * qaa * qbb + sigma2).clamp(min=0)
         cost[:, j] = bits * (rows + cols) + scales
-    return cost, error, (u, s, vh)
+        wide[:, j] = wide_a | wide_b
+    return cost, error, wide, (u, s, vh)
+
+
+def _wide_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per row of float32 ``scales``, whether one is outside float16's normal range (nonzero), which
+    makes `delta_format.core.quant.scale_dtype` store float32."""
+    return (((scales < FP16_NORMAL[0]) & (scales > 0)) | (scales > FP16_NORMAL[1])).any(1)
 
 
 SAMPLE_VECTOR_GROUPS = 64
@@ -169,11 +192,13 @@ SAMPLE_VECTOR_GROUPS = 64
 that (the vectors of a vocabulary-sized side: 768 groups of a 49152-long one)."""
 
 
-def _quantized_terms(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized_terms(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``x``, ``||q(x)||²`` and ``q(x)·x`` (float64) with ``q`` the ``bits``-bit
-    quantisation in groups of `GROUP`. Long rows are measured on every ``step``-th group: the
-    rounding error ``e = q(x) - x`` enters as ``||e||²`` and ``e·x``, each scaled from the sample by
-    the row's energy over the sample's, then ``||q(x)||² = ||x||² + 2 e·x + ||e||²``."""
+    quantisation in groups of `GROUP`, and whether its scales need float32 (`_wide_scales`). Long
+    rows are measured on every ``step``-th group: the rounding error ``e = q(x) - x`` enters as
+    ``||e||²`` and ``e·x``, each scaled from the sample by the row's energy over the sample's, then
+    ``||q(x)||² = ||x||² + 2 e·x + ||e||²``; their scales' range is bounded from every group's
+    absmax (exact for absmax scales, 16x margins for the MSE-clipped and 1-bit ones)."""
     energy = x.square().sum(1, dtype=torch.float64)
     groups = x.shape[1] // GROUP
     sample, ratio = x, torch.ones_like(energy)
@@ -181,10 +206,19 @@ def _quantized_terms(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
         sample = x[:, : groups * GROUP].reshape(x.shape[0], groups, GROUP)[:, :: groups // SAMPLE_VECTOR_GROUPS]
         sample = sample.reshape(x.shape[0], -1)
         ratio = energy / sample.square().sum(1, dtype=torch.float64).clamp(min=1e-300)
-    rounding = dequantize(*quantize(sample, bits, GROUP, clip_for(bits)), bits, GROUP) - sample
+    codes, scales = quantize(sample, bits, GROUP, clip_for(bits), torch.float32)
+    rounding = dequantize(codes, scales, bits, GROUP) - sample
+    wide = _wide_scales(scales)
+    if sample is not x:
+        amax = torch.nn.functional.pad(x, (0, -x.shape[1] % GROUP)).view(x.shape[0], -1, GROUP).abs().amax(2)
+        amax = amax / half_range(bits)
+        if bits == 1 or clip_for(bits) != "absmax":
+            wide |= _wide_scales(amax / 16) | _wide_scales(amax * 4)
+        else:
+            wide |= _wide_scales(amax)
     e2 = rounding.square().sum(1, dtype=torch.float64) * ratio
     ex = (rounding * sample).sum(1, dtype=torch.float64) * ratio
-    return energy + 2 * ex + e2, energy + ex
+    return energy + 2 * ex + e2, energy + ex, wide
 
 
 SAMPLE_GROUPS = 1 << 15
@@ -285,8 +319,9 @@ def menu_for(
     if noise_weight is not None:
         for p in DARE_RATES:
             menu.options.append(_weighted(dare_option(name, delta, p, 2, seed, noise_weight), weight))
-    cost, error, svd = vector_tables(delta)
-    menu.vector_cost, menu.vector_error = cost, error * weight
+    cost, error, wide, svd = _vector_tables(delta)
+    menu.vector_cost, menu.vector_error, menu.vector_wide = cost, error * weight, wide
+    menu.vector_scales = group_count(delta.shape[0], GROUP) + group_count(delta.numel() // delta.shape[0], GROUP)
     menu.vector_tail = max(energy - float(error[:, 0].sum()), 0.0) * weight
     return menu, svd
 
