@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from ..core.encodings import LowRankEncoding, SparseEncoding
+from ..core.encodings import SparseEncoding
 from ..core.quant import default_clip as clip_for
-from ..core.quant import dequantize, group_count, packed_bytes, quantize
+from ..core.quant import dequantize, group_count, half_range, packed_bytes, quantize, scale_dtype
 
 HEADER_BITS = 8 * 96
 """One stored tensor's share of the safetensors header when its name is unknown."""
@@ -52,6 +52,8 @@ def header_bits(name: str) -> int:
     return 8 * (len(name.encode()) + 80)
 
 
+FP16_NORMAL = (2.0**-14, 65504.0)
+"""float16's normal range: scales outside it are stored in float32."""
 VECTOR_BITS = (1, 2, 3, 4, 8)
 DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
@@ -84,6 +86,11 @@ class Menu:
     """Error of the singular directions past the tables (never kept): ``||Δ||² - Σ σ_i²``."""
     header: int = HEADER_BITS
     """One stored tensor's header entry (`header_bits` of the name)."""
+    vector_wide: torch.Tensor | None = None
+    """``[r, len(VECTOR_BITS) + 1]`` bool: that vector at that width may have a scale outside
+    float16's normal range, which makes the encoder store every scale of the tensor in float32."""
+    vector_scales: int = 0
+    """Scales per kept vector (16 more bits each when they are float32)."""
 
     def best(self, price: float) -> Option:
         """The option minimising ``error + price * bits``."""
@@ -95,70 +102,182 @@ class Menu:
         kept = pick > 0
         if not bool(kept.any()):
             return best
-        bits = int(self.vector_cost.gather(1, pick[:, None]).sum()) + 2 * self.header
+        bits = int(self.vector_cost.gather(1, pick[:, None]).sum(dtype=torch.float64)) + 2 * self.header
+        if self.vector_wide is not None and bool(self.vector_wide.gather(1, pick[:, None]).any()):
+            bits += 16 * self.vector_scales * int(kept.sum())  # float32 scales, all of them
         error = float(self.vector_error.gather(1, pick[:, None]).sum()) + self.vector_tail
         if error + price * bits >= best.error + price * best.bits:
             return best
         widths = torch.tensor((0, *VECTOR_BITS))[pick]
-        order = sorted(range(widths.numel()), key=lambda i: (-int(widths[i]), i))
-        order = [i for i in order if widths[i] > 0]
-        bands: list[list[int]] = []
-        for i in order:
-            if bands and bands[-1][1] == int(widths[i]):
-                bands[-1][0] += 1
-            else:
-                bands.append([1, int(widths[i])])
+        ranked = torch.argsort(-widths, stable=True)  # widest first, then by singular value
+        ranked = ranked[widths[ranked] > 0]
+        order = ranked.tolist()
+        values, counts = torch.unique_consecutive(widths[ranked], return_counts=True)
+        bands = [[c, b] for c, b in zip(counts.tolist(), values.tolist())]
         label = f"lowrank-q r={len(order)} " + "+".join(f"{c}x{b}b" for c, b in bands)
         return Option(label, bits, error, ("lowrank-q", tuple(order), tuple(map(tuple, bands))))
 
 
 def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(u, s, vh)`` of the top ``rank`` singular triplets of ``delta`` as a matrix (float32):
-    the full SVD up to ``4 * MAX_RANK`` columns, a randomised one (seeded: reproducible) above."""
+    """``(u, s, vh)`` of the top ``rank`` singular triplets of ``delta`` as a matrix (float32).
+
+    Up to ``4 * MAX_RANK`` columns (or rows) it is the eigendecomposition (float64) of the Gram
+    matrix of the smaller side (2-4x faster than ``torch.linalg.svd`` on two cores); the other
+    side is then ``Δ v`` (``uᵀ Δ``) itself, so the triplets are an exact orthogonal split of
+    ``Δ``'s projection whatever the rounding: ``s_i² = ||Δ v_i||²`` and the truncated rest is
+    ``||Δ||² - Σ s_i²``. Above, a randomised SVD (seeded: reproducible)."""
     matrix = delta.float().reshape(delta.shape[0], -1)
-    if min(matrix.shape) <= 4 * MAX_RANK:
-        u, s, vh = LowRankEncoding.svd(matrix)
-    else:
+    rows, cols = matrix.shape
+    if min(rows, cols) > 4 * MAX_RANK:
         torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(matrix, q=rank + 16, niter=4)
-        vh = v.T
-    return u[:, :rank], s[:rank], vh[:rank]
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 16, rows, cols), niter=4)
+        return u[:, :rank], s[:rank], v.T[:rank]
+    tall = rows >= cols
+    peak = float(matrix.abs().max())
+    unit = matrix / peak if peak > 0 else matrix  # no float32 underflow in the Gram of tiny deltas
+    _, basis = torch.linalg.eigh((unit.T @ unit if tall else unit @ unit.T).double())  # ascending
+    basis = basis.flip(1)[:, :rank].float()
+    other = unit @ basis if tall else basis.T @ unit  # [rows, r] or [r, cols]: Δ v_i or u_iᵀ Δ
+    norm = other.double().norm(dim=0 if tall else 1)
+    order = torch.argsort(norm, descending=True, stable=True)
+    norm, basis = norm[order], basis[:, order]
+    other = (other[:, order] if tall else other[order]) / norm.float().clamp(min=1e-30).unsqueeze(0 if tall else 1)
+    u, vh = (other, basis.T) if tall else (basis, other)
+    s = (norm * (peak if peak > 0 else 1.0)).float()
+    return u.contiguous(), s, vh.contiguous()
+
+
+def menu_rank(delta: torch.Tensor) -> int:
+    """How many singular vectors a matrix's menu offers; `truncated_svd` at this rank is what
+    `vector_tables` measured, so an edit recomputes exactly the planned vectors."""
+    return min(delta.shape[0], delta.numel() // delta.shape[0], MAX_RANK)
 
 
 def vector_tables(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Per singular vector, cost (bits) and error of storing it at each of `VECTOR_BITS` (column 0:
     not stored, error ``σ²``), and the SVD they were measured on."""
+    cost, error, _, svd = _vector_tables(delta)
+    return cost, error, svd
+
+
+def _vector_tables(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """`vector_tables` and `Menu.vector_wide`."""
     rows, cols = delta.shape[0], delta.numel() // delta.shape[0]
-    rank = min(rows, cols, MAX_RANK)
+    rank = menu_rank(delta)
     u, s, vh = truncated_svd(delta, rank)
     a, b = (u * s).T.contiguous(), vh  # [r, rows], [r, cols]: vector i is a[i] b[i]ᵀ
     cost = torch.zeros(rank, len(VECTOR_BITS) + 1)
+    wide = torch.zeros(rank, len(VECTOR_BITS) + 1, dtype=torch.bool)
     error = torch.zeros(rank, len(VECTOR_BITS) + 1, dtype=torch.float64)
     sigma2 = s.double().square()
     error[:, 0] = sigma2
     scales = 16 * (group_count(rows, GROUP) + group_count(cols, GROUP))
     for j, bits in enumerate(VECTOR_BITS, start=1):
-        qa = dequantize(*quantize(a, bits, GROUP, clip_for(bits)), bits, GROUP).double()
-        qb = dequantize(*quantize(b, bits, GROUP, clip_for(bits)), bits, GROUP).double()
-        cross = (qa * a.double()).sum(1) * (qb * b.double()).sum(1)
-        error[:, j] = (qa.square().sum(1) * qb.square().sum(1) - 2 * cross + sigma2).clamp(min=0)
+        qa2, qaa, wide_a = _quantized_terms(a, bits)
+        qb2, qbb, wide_b = _quantized_terms(b, bits)
+        error[:, j] = (qa2 * qb2 - 2 * qaa * qbb + sigma2).clamp(min=0)
         cost[:, j] = bits * (rows + cols) + scales
-    return cost, error, (u, s, vh)
+        wide[:, j] = wide_a | wide_b
+    return cost, error, wide, (u, s, vh)
 
 
-def dense_q_option(delta: torch.Tensor, bits: int, header: int = HEADER_BITS) -> Option:
+def _wide_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per row of float32 ``scales``, whether one is outside float16's normal range (nonzero), which
+    makes `delta_format.core.quant.scale_dtype` store float32."""
+    return (((scales < FP16_NORMAL[0]) & (scales > 0)) | (scales > FP16_NORMAL[1])).any(1)
+
+
+SAMPLE_VECTOR_GROUPS = 64
+"""Groups of a singular vector over which its rounding is measured when it is longer than twice
+that (the vectors of a vocabulary-sized side: 768 groups of a 49152-long one)."""
+
+
+def _quantized_terms(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``x``, ``||q(x)||²`` and ``q(x)·x`` (float64) with ``q`` the ``bits``-bit
+    quantisation in groups of `GROUP`, and whether its scales need float32 (`_wide_scales`). Long
+    rows are measured on every ``step``-th group: the rounding error ``e = q(x) - x`` enters as
+    ``||e||²`` and ``e·x``, each scaled from the sample by the row's energy over the sample's, then
+    ``||q(x)||² = ||x||² + 2 e·x + ||e||²``; their scales' range is bounded from every group's
+    absmax (exact for absmax scales, 16x margins for the MSE-clipped and 1-bit ones)."""
+    energy = x.square().sum(1, dtype=torch.float64)
+    groups = x.shape[1] // GROUP
+    sample, ratio = x, torch.ones_like(energy)
+    if groups > 2 * SAMPLE_VECTOR_GROUPS:
+        sample = x[:, : groups * GROUP].reshape(x.shape[0], groups, GROUP)[:, :: groups // SAMPLE_VECTOR_GROUPS]
+        sample = sample.reshape(x.shape[0], -1)
+        ratio = energy / sample.square().sum(1, dtype=torch.float64).clamp(min=1e-300)
+    codes, scales = quantize(sample, bits, GROUP, clip_for(bits), torch.float32)
+    rounding = dequantize(codes, scales, bits, GROUP) - sample
+    wide = _wide_scales(scales)
+    if sample is not x:
+        amax = torch.nn.functional.pad(x, (0, -x.shape[1] % GROUP)).view(x.shape[0], -1, GROUP).abs().amax(2)
+        amax = amax / half_range(bits)
+        if bits == 1 or clip_for(bits) != "absmax":
+            wide |= _wide_scales(amax / 16) | _wide_scales(amax * 4)
+        else:
+            wide |= _wide_scales(amax)
+    e2 = rounding.square().sum(1, dtype=torch.float64) * ratio
+    ex = (rounding * sample).sum(1, dtype=torch.float64) * ratio
+    return energy + 2 * ex + e2, energy + ex, wide
+
+
+SAMPLE_GROUPS = 1 << 15
+"""Groups over which ``dense-q``'s error is measured on a large tensor (2M values; a stride through
+all of them, the measured relative error scaled to the tensor's energy)."""
+
+
+def sampled_groups(flat: torch.Tensor, cols: int) -> tuple[torch.Tensor, float]:
+    """Every ``step``-th quantisation group of ``flat`` (all of them up to 2 ``SAMPLE_GROUPS``) and
+    the tensor's energy over theirs: each group is quantised on its own, so the sample's relative
+    error, times the tensor's energy, estimates the error (rows of different magnitudes cancel).
+    The step is prime to the groups of a row, so every column position is sampled."""
+    groups = flat.numel() // GROUP
+    if groups <= 2 * SAMPLE_GROUPS:
+        return flat, 1.0
+    step, per_row = groups // SAMPLE_GROUPS, max(cols // GROUP, 1)
+    while math.gcd(step, per_row) != 1:
+        step += 1
+    sample = flat[: groups * GROUP].view(groups, GROUP)[::step].reshape(-1)
+    energy = float(flat.square().sum(dtype=torch.float64))
+    sample_energy = float(sample.square().sum(dtype=torch.float64))
+    return sample, energy / sample_energy if sample_energy > 0 else 1.0
+
+
+def dense_q_options(delta: torch.Tensor, header: int = HEADER_BITS) -> list[Option]:
+    """``dense-q`` at each of `DENSE_BITS`: codes in groups of `GROUP`, the error measured on
+    `sampled_groups`. The size is exact or an upper bound: the scales' dtype (float16 or float32,
+    `delta_format.core.quant.scale_dtype`) is that of the whole tensor's absmax scales, and
+    float32 for the MSE-clipped ones when the sample's need it or the whole tensor's could (a
+    clipped scale within 64x of float16's limits)."""
     flat = delta.reshape(-1).float()
-    codes, scales = quantize(flat, bits, GROUP, clip_for(bits))
-    error = float((dequantize(codes, scales, bits, GROUP) - flat).double().square().sum())
-    size = 8 * packed_bytes(flat.numel(), bits) + scales.numel() * 8 * scales.element_size()
-    return Option(f"dense-q {bits}b", size + 2 * header, error, ("dense-q", bits))
+    sample, factor = sampled_groups(flat, delta.numel() // max(delta.shape[0], 1))
+    amax = None
+    if sample is not flat:  # every group's absmax: the whole tensor's scales, at one cheap pass
+        amax = torch.nn.functional.pad(flat, (0, -flat.numel() % GROUP)).view(-1, GROUP).abs().amax(1)
+    options = []
+    for bits in DENSE_BITS:
+        codes, scales = quantize(sample, bits, GROUP, clip_for(bits))
+        error = float((dequantize(codes, scales, bits, GROUP) - sample).square().sum(dtype=torch.float64)) * factor
+        dtype = scales.dtype
+        if amax is not None:
+            full = amax / half_range(bits)
+            if clip_for(bits) == "absmax":
+                dtype = scale_dtype(full)
+            elif torch.float32 in (dtype, scale_dtype(full), scale_dtype(full / 64)):
+                dtype = torch.float32
+        size = 8 * packed_bytes(flat.numel(), bits) + group_count(flat.numel(), GROUP) * 8 * dtype.itemsize
+        options.append(Option(f"dense-q {bits}b", size + 2 * header, error, ("dense-q", bits)))
+    return options
 
 
 def sign_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
-    """Sign bits with a float16 scale per row (mean |Δ| of the row: ``err = Σx² - cols·s²``)."""
-    matrix = delta.reshape(delta.shape[0], -1).double()
-    scale = matrix.abs().mean(1).to(torch.float16).double()
-    error = float((matrix - torch.where(matrix >= 0, 1.0, -1.0) * scale[:, None]).square().sum())
+    """Sign bits with a float16 scale per row (mean |Δ| of the row ``s``, rounded to float16:
+    ``err = Σx² - 2 s Σ|x| + cols·s²`` per row, in one pass)."""
+    matrix = delta.reshape(delta.shape[0], -1).float()
+    absolute = matrix.abs().sum(1, dtype=torch.float64)
+    scale = (absolute / matrix.shape[1]).to(torch.float16).double()
+    squares = matrix.square().sum(1, dtype=torch.float64)
+    error = float((squares - 2 * scale * absolute + matrix.shape[1] * scale.square()).clamp(min=0).sum())
     size = 8 * packed_bytes(matrix.numel(), 1) + 16 * matrix.shape[0]
     return Option("sign row", size + 2 * header, error, ("sign",))
 
@@ -194,14 +313,15 @@ def menu_for(
     if delta.dim() < 2 or min(delta.shape[0], delta.numel() // max(delta.shape[0], 1)) < 2:
         menu.options.append(_weighted(float16_option(delta, header), weight))
         return menu, None
-    for bits in DENSE_BITS:
-        menu.options.append(_weighted(dense_q_option(delta, bits, header), weight))
+    for option in dense_q_options(delta, header):
+        menu.options.append(_weighted(option, weight))
     menu.options.append(_weighted(sign_option(delta, header), weight))
     if noise_weight is not None:
         for p in DARE_RATES:
             menu.options.append(_weighted(dare_option(name, delta, p, 2, seed, noise_weight), weight))
-    cost, error, svd = vector_tables(delta)
-    menu.vector_cost, menu.vector_error = cost, error * weight
+    cost, error, wide, svd = _vector_tables(delta)
+    menu.vector_cost, menu.vector_error, menu.vector_wide = cost, error * weight, wide
+    menu.vector_scales = group_count(delta.shape[0], GROUP) + group_count(delta.numel() // delta.shape[0], GROUP)
     menu.vector_tail = max(energy - float(error[:, 0].sum()), 0.0) * weight
     return menu, svd
 

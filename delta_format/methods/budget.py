@@ -37,7 +37,7 @@ from ..core.encodings import (
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, truncated_svd
+from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class BudgetMethod(EditMethod, name="budget"):
         if kind == "sparse-q":
             return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)
         order, bands = option.spec[1], option.spec[2]
-        u, s, vh = truncated_svd(delta, max(order) + 1)
+        u, s, vh = truncated_svd(delta, menu_rank(delta))  # the vectors prepare() measured
         index = torch.tensor(order)
         encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
         return Edit(encoding, encoding.encode(delta, u=(u * s)[:, index], v=vh[index]), stats)
