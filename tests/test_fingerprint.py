@@ -150,3 +150,17 @@ def test_malformed_fingerprints_are_refused(mutate):
     mutate(fp)
     with pytest.raises(ManifestError):
         validate_fingerprint(fp)
+
+
+@pytest.mark.parametrize("offsets", [["0", 16], [16, 8], [-8, 8], [0.0, 16]])
+def test_a_file_with_impossible_data_offsets_is_refused_typed(tmp_path, offsets):
+    import json
+    import struct
+
+    from delta_format.errors import CorruptDeltaError
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": offsets}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(CorruptDeltaError, match="impossible data offsets"):
+        fingerprint_safetensors([path])

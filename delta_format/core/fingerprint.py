@@ -96,6 +96,12 @@ def fingerprint_safetensors(files: Iterable[str | os.PathLike]) -> dict[str, Any
                         expected="dtype, shape, data_offsets",
                         found=repr(info)[:100],
                     ) from None
+                if not (type(begin) is int and type(end) is int and 0 <= begin <= end):
+                    raise CorruptDeltaError(
+                        f"{path.name}: entry {name!r} has impossible data offsets",
+                        expected="two integers 0 <= begin <= end",
+                        found=repr(info.get("data_offsets"))[:100],
+                    )
                 parts = []
                 for offset, length in sample_ranges(end - begin):
                     f.seek(start + begin + offset)
