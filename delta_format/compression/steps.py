@@ -19,11 +19,11 @@ from ..core.dtypes import compute_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..core.manifest import TensorEntry
 from ..core.quant import sixteen_bit
+from ..heap import FreedMemory
 from ..io.writer import DeltaWriter
 from ..methods import EditMethod, TensorContext
 from ..methods.base import Edit
 from ..methods.dense import same_bits
-from .heap import FreedMemory
 from .measure import Totals, edit_error, measure_on_model
 from .plan import Action, MethodPlan
 from .sources import TensorSource

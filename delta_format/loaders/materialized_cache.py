@@ -60,11 +60,12 @@ from .. import __version__
 from ..core.constants import MANIFEST_NAME
 from ..core.fingerprint import fingerprint_safetensors
 from ..errors import DeltaFormatError, InvalidArgumentError
+from ..heap import FreedMemory
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from .materialize import fills
 from .model_state import tied_parameter_names
-from .model_storage import TRIM_EVERY, ModelStorage, return_freed_heap
+from .model_storage import ModelStorage
 
 CACHE_ENV = "DELTA_FORMAT_MATERIALIZED_CACHE"
 """``0``/``false``/``off``/``no``: no cache; a path: the cache's directory; unset: on, by HF_HOME."""
@@ -115,7 +116,7 @@ class LoadTarget:
 
     def __init__(self, hit: Checkpoint | None = None, writer: EntryWriter | None = None, block=None):
         self.hit, self.writer, self.block = hit, writer, block
-        self.untrimmed = 0
+        self.freed = FreedMemory(every=32 << 20)  # a load's row-block buffers, trimmed every 32 MB of weights
 
     def storage(self, name: str) -> torch.Tensor | None:
         if self.writer is not None:
@@ -123,10 +124,7 @@ class LoadTarget:
         else:
             view = self.block.view(name) if self.block is not None and name in self.block.layout else None
         if view is not None:
-            self.untrimmed += view.numel() * view.element_size()
-            if self.untrimmed >= TRIM_EVERY:
-                return_freed_heap()
-                self.untrimmed = 0
+            self.freed(view.numel() * view.element_size())
         return view
 
     def finish(self, model) -> None:
@@ -135,7 +133,7 @@ class LoadTarget:
         if self.block is not None:
             self.block.release()
         if self.writer is not None or self.block is not None:
-            return_freed_heap()
+            self.freed.trim()
 
 
 def prepare_load(

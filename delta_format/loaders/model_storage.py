@@ -19,8 +19,6 @@ CPU each); transparent huge pages were 2.5-5x slower (compaction), so neither is
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import mmap
@@ -115,31 +113,6 @@ class ModelStorage:
     def release(self) -> None:
         """Drop this object's reference to the block; the views keep it mapped while they live."""
         self._map = None
-
-
-TRIM_EVERY = 32 << 20
-"""Bytes of tensors handed out between two `return_freed_heap` calls of a load."""
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def return_freed_heap() -> None:
-    """Give the heap's freed pages back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    A load's short-lived buffers (row blocks, expanded signs, positions) come from the heap, and
-    small objects that outlive them (parameters, their metadata) keep the heap from shrinking, so
-    freed pages stay resident: 70-100 MB (0.2x the model) by the end of a 220 M-parameter load
-    measured here. Trimming every `TRIM_EVERY` bytes of weights bounds that; each call costs
-    about a millisecond."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _reserve(fd: int, size: int) -> None:
