@@ -139,3 +139,128 @@ def test_dare_value_bits_decode_as_a_reader_does(pair, tmp_path):
     assert 2.5 < delta.manifest.stats["rel_error"] < 3.6  # DARE's sqrt(p / (1 - p)) = 3, plus rounding
     with DeltaReader(tmp_path / "d") as reader:
         assert {e.encoding.name for e in reader.manifest.tensors.values()} == {"sparse-q"}
+
+
+# --- priors: lookup tables and DARE's noise ------------------------------------------------------
+
+
+def plan_of(method, tensors):
+    """Run ``method.prepare`` on ``(name, delta, context)`` triples; the chosen options by name."""
+    method.prepare(lambda: iter(tensors), None)
+    return method._choices
+
+
+def test_lookup_tables_get_fewer_bits_than_linear_layers_with_the_same_error():
+    from delta_format.methods.allocation import LOOKUP_MIN_ROWS, LOOKUP_WEIGHT
+
+    torch.manual_seed(0)
+    delta = torch.randn(LOOKUP_MIN_ROWS, 8) @ torch.randn(8, 48) * 1e-3
+    tensors = [(name, delta.clone(), TensorContext(name, lookup=name == "embed")) for name in ("embed", "linear")]
+    choices = plan_of(get_method("budget", bits=1.0, noise_weight="off"), tensors)
+    assert 0 < LOOKUP_WEIGHT < 1
+    assert choices["linear"].bits > choices["embed"].bits
+    # without the flag the two identical tensors get the same option
+    same = plan_of(
+        get_method("budget", bits=1.0, noise_weight="off"), [(n, delta.clone(), TensorContext(n)) for n in "ab"]
+    )
+    assert same["a"].label == same["b"].label
+    # a small table (a character set, positions) is not discounted
+    small = delta[:256].clone()
+    tensors = [(name, small.clone(), TensorContext(name, lookup=name == "embed")) for name in ("embed", "linear")]
+    choices = plan_of(get_method("budget", bits=1.0, noise_weight="off"), tensors)
+    assert choices["embed"].label == choices["linear"].label
+
+
+def test_lookup_names_are_embeddings_and_heads_tied_or_not():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from delta_format.io.model_class import lookup_names
+    from tests.models import tiny_llama
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    assert lookup_names(gpt2) == {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    assert lookup_names(bert) == {f"embeddings.{k}_embeddings.weight" for k in ("word", "position", "token_type")}
+    assert lookup_names(tiny_llama()) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert lookup_names(torch.nn.Sequential(torch.nn.Linear(4, 4))) == set()
+
+
+def test_a_compression_marks_the_lookup_tables_of_its_model(pair, tmp_path):
+    from delta_format.compression.sources import CheckpointSource
+
+    source = CheckpointSource(pair["ft"])
+    assert source.lookup_names() == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert "model.layers.0.mlp.up_proj.weight" in source.architecture_names()
+    delta = delta_format.compress(pair["base"], pair["ft"], tmp_path / "d", bits=0.5, progress=False)
+    assert "lookup tables x0.1" in delta.manifest.stats["prepare"]["budget"]["weighting"]
+
+
+def test_noise_price_grows_with_the_delta_beside_its_base():
+    from delta_format.methods.allocation import NOISE_SLOPE, noise_price
+
+    base = torch.randn(64, 64)
+    small, large = base * 1e-3, base * 0.7
+    assert noise_price(small, base) == pytest.approx(NOISE_SLOPE * 1e-3, rel=1e-6)
+    assert noise_price(large, base) == 1.0
+    assert noise_price(small, None) is None and noise_price(small, torch.zeros(64, 64)) == 1.0
+
+
+def test_dare_sampling_noise_is_priced_apart_from_the_rounding_of_kept_values():
+    from delta_format.methods.allocation import DARE_BITS, DARE_RATES, dare_options
+    from delta_format.methods.budget import dare_q
+
+    torch.manual_seed(0)
+    delta = torch.randn(128, 96) * 1e-3
+    options = {o.label: o for o in dare_options("w", delta, seed=3, noise_weight=1.0)}
+    assert len(options) == len(DARE_RATES) * len(DARE_BITS)
+    cheap = {o.label: o for o in dare_options("w", delta, seed=3, noise_weight=0.01)}
+    for p in DARE_RATES:
+        encoding, stored = dare_q("w", delta, 3, p, 8)
+        measured = float((encoding.decode(stored, (128, 96), "w", torch.float32) - delta).double().square().sum())
+        label = f"dare p={p:g} 8b"
+        assert options[label].error == pytest.approx(measured, rel=0.01)  # 8-bit rounding: all noise
+        assert options[label].bits >= 8 * sum(t.numel() * t.element_size() for t in stored.values())
+        # the noise is priced at 1 %, the rounding in full: 2-bit codes lose more than 8-bit ones
+        assert cheap[label].error < 0.02 * measured
+        assert cheap[f"dare p={p:g} 2b"].error > cheap[label].error
+
+
+def test_a_small_full_rank_delta_is_stored_as_dare_and_not_when_dare_is_off():
+    torch.manual_seed(0)
+    base = torch.randn(384, 384)
+    delta = torch.randn(384, 384) * 2e-3  # full rank, 0.2 % of the base: DARE's noise is cheap here
+    context = TensorContext("w", base=base)
+    auto = plan_of(get_method("budget", bits=0.5), [("w", delta, context)])
+    assert auto["w"].spec[0] == "sparse-q"
+    off = plan_of(get_method("budget", bits=0.5, noise_weight="off"), [("w", delta, context)])
+    assert off["w"].spec[0] != "sparse-q"
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "sometimes", -0.1, True, float("nan")])
+def test_noise_weight_must_be_auto_off_or_a_fraction(value):
+    with pytest.raises(delta_format.InvalidArgumentError):
+        get_method("budget", bits=1.0, noise_weight=value)
+
+
+def test_calibrated_weights_are_relative_to_the_mean_linear_layer():
+    from delta_format.methods.activations import ActivationStats
+
+    torch.manual_seed(0)
+    deltas = {n: torch.randn(128, 32) @ torch.randn(32, 96) * 1e-3 for n in ("quiet", "loud", "embed")}
+    deltas["norm"] = torch.randn(96) * 1e-3
+    inputs = torch.randn(64, 96)
+
+    def plan(scales: dict[str, float]):
+        def context(name):
+            stats = ActivationStats("linear", inputs * scales[name]) if name in scales else None
+            return TensorContext(name, lookup=name == "embed", activations=stats)
+
+        tensors = [(n, d, context(n)) for n, d in deltas.items()]
+        return plan_of(get_method("budget", bits=1.0, noise_weight="off"), tensors)
+
+    labels = {n: o.label for n, o in plan({"quiet": 1, "loud": 10}).items()}
+    # inputs 100x larger or smaller everywhere: the same plan, the lookup table included
+    for factor in (100, 0.01):
+        assert labels == {n: o.label for n, o in plan({"quiet": factor, "loud": 10 * factor}).items()}
+    choices = plan({"quiet": 1, "loud": 10})
+    assert choices["loud"].bits > choices["quiet"].bits

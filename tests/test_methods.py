@@ -236,6 +236,21 @@ def test_darex_auto_shrinks_the_delta_far_less_than_the_layer_mse_rule_at_p_099(
     assert auto.encoding.scale > 3 * mse.encoding.scale
 
 
+def test_darex_auto_keeps_dares_rescale_where_its_noise_is_small_beside_the_base():
+    from delta_format.methods.darex import noise_tolerated
+
+    g = torch.Generator().manual_seed(3)
+    x, delta = torch.randn(64, 96, generator=g), rows_delta()
+    stats = ActivationStats("linear", x)
+    near = delta.norm() / 0.002 * torch.randn(64, 96, generator=g) / 96**0.5 / 64**0.5  # ||Δ|| = 0.2 % of ||W||
+    far = delta * 10  # ||Δ|| = 10 % of ||W||
+    assert noise_tolerated(delta, near, 0.99) and not noise_tolerated(delta, far, 0.99)
+    small = get_method("darex", p=0.99, q="auto").edit("w", delta, ctx(activations=stats, base=near))
+    assert small.encoding.scale == pytest.approx(100.0) and small.stats["q_source"].startswith("DARE's 1-p")
+    large = get_method("darex", p=0.99, q="auto").edit("w", delta, ctx(activations=stats, base=far))
+    assert large.stats["q_source"].startswith("output norm") and large.encoding.scale < 50
+
+
 def test_darex_auto_without_statistics_falls_back_to_dare_and_says_so():
     edit = get_method("darex", p=0.9, q="auto").edit("w", rows_delta(), ctx())
     assert edit.encoding.scale == pytest.approx(10.0)

@@ -257,6 +257,9 @@ class LoraSource:
     def architecture_names(self) -> set[str] | None:
         return self.base.architecture_names()
 
+    def lookup_names(self) -> set[str]:
+        return self.base.lookup_names()
+
     def card_data(self) -> dict[str, Any]:
         """The adapter's card (its license and tags), without PEFT's own library name."""
         data = card_data_of(self.directory)

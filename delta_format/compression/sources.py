@@ -20,7 +20,12 @@ from ..core.dtypes import CHECKPOINT_DTYPES
 from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
 from ..io.checkpoint import Checkpoint
-from ..io.model_class import architecture_names, architecture_names_from_config, model_class_for
+from ..io.model_class import (
+    architecture_names,
+    layout_from_config,
+    lookup_names,
+    model_class_for,
+)
 from .carried_files import card_data_of, carried_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -74,6 +79,10 @@ class TensorSource(Protocol):
         parameters and persistent buffers), None where it cannot be told. A base tensor outside
         it (an int64 ``position_ids`` buffer an older transformers saved) is one the fine-tune
         would ignore on loading, as transformers ignores unexpected keys."""
+
+    def lookup_names(self) -> set[str]:
+        """The tensors the model reads as lookup tables (`delta_format.io.model_class.lookup_names`:
+        embeddings, output embeddings); empty where it cannot be told."""
 
     def fingerprint(self) -> dict:
         """The base fingerprint of these tensors (SPEC §7)."""
@@ -151,9 +160,15 @@ class CheckpointSource(WholeValueSource):
         return dict(carried_files(self.directory))
 
     def architecture_names(self) -> set[str] | None:
-        if not hasattr(self, "_architecture_names"):
-            self._architecture_names = architecture_names_from_config(self.directory)
-        return self._architecture_names
+        return self._layout()[0]
+
+    def lookup_names(self) -> set[str]:
+        return self._layout()[1]
+
+    def _layout(self) -> tuple[set[str] | None, set[str]]:
+        if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers both
+            self._layout_found = layout_from_config(self.directory) or (None, set())
+        return self._layout_found
 
     def card_data(self) -> dict[str, Any]:
         return card_data_of(self.directory)
@@ -256,6 +271,9 @@ class ModelSource(WholeValueSource):
         if not isinstance(self.model, PreTrainedModel):
             return None
         return architecture_names(type(self.model), self.model.config)
+
+    def lookup_names(self) -> set[str]:
+        return lookup_names(self.model)
 
     def card_data(self) -> dict[str, Any]:
         origin = getattr(getattr(self.model, "config", None), "_name_or_path", "")

@@ -53,6 +53,7 @@ class TensorCompressor:
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
         self.alpha, self.seed, self.value_dtype = alpha, seed, value_dtype
         self.totals = Totals()
+        self.lookups = finetune.lookup_names()
 
     def prepare(self, edited: list[str]) -> dict[str, Any]:
         """Each method's whole-model choices on the calibration texts (`EditMethod.prepare`), by method name."""
@@ -184,6 +185,7 @@ class TensorCompressor:
             alpha=self.alpha,
             activations=activations,
             factors=factors,
+            lookup=name in self.lookups,
         )
 
     def stream(self, names: list[str]) -> Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]:

@@ -34,15 +34,53 @@ def model_class_for(config, trust_remote_code: bool = False):
 def architecture_names_from_config(directory: Path) -> set[str] | None:
     """The state-dict names of the model ``directory/config.json`` describes, built empty (no
     memory for weights); None without a config transformers can build without remote code."""
+    return _from_config(directory, architecture_names)
+
+
+def layout_from_config(directory: Path) -> tuple[set[str], set[str]] | None:
+    """``(architecture_names, lookup_names)`` of the model ``directory/config.json`` describes,
+    from one empty build; None as `architecture_names_from_config`."""
+
+    def layout(cls, config):
+        if cls is None:
+            return None
+        model = _empty(cls, config)
+        return set(model.state_dict()), lookup_names(model)
+
+    return _from_config(directory, layout)
+
+
+def _from_config(directory: Path, query):
     if not (directory / "config.json").is_file():
         return None
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(directory)
-        return architecture_names(model_class_for(config), config)
+        return query(model_class_for(config), config)
     except (OSError, ValueError, KeyError, TypeError, ImportError, DeltaFormatError):
         return None  # an architecture this install cannot build: every orphan stays an error
+
+
+def _empty(cls, config):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls._from_config(config)
+
+
+def lookup_names(model) -> set[str]:
+    """The parameters ``model`` reads as lookup tables: every `torch.nn.Embedding`'s weight, the
+    output embeddings (a language model's head, whose rows weigh in by each token's probability)
+    and every name tied to one of them. A token reads one row of a table, so an error spread over
+    a table moves a token's output far less than the same error in a linear layer's weight."""
+    from torch import nn
+
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(getattr(head, "weight", None), nn.Parameter):
+        tables.add(id(head.weight))
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in tables}
 
 
 def architecture_names(cls, config) -> set[str] | None:
@@ -50,7 +88,4 @@ def architecture_names(cls, config) -> set[str] | None:
     checkpoint) of ``cls`` built empty from ``config``; None if ``cls`` is None."""
     if cls is None:
         return None
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        return set(cls._from_config(config).state_dict())
+    return set(_empty(cls, config).state_dict())

@@ -104,6 +104,9 @@ class TensorContext:
     """What this parameter's layer saw on the calibration texts, when there are any."""
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     """``(u, v)`` with ``u @ v`` equal to the delta (as a matrix), when the source is a LoRA adapter."""
+    lookup: bool = False
+    """The model reads the parameter as a lookup table (an embedding, or a language model's head):
+    a token uses one row of it, not all of it."""
 
 
 TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]

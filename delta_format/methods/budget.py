@@ -6,14 +6,22 @@ tables move little per token, norms and biases are tiny, attention and MLP matri
 spectra). The method first streams every tensor once, builds its menu of options with their sizes
 and errors (`delta_format.methods.allocation`), allocates the budget across all of them
 (Lagrangian rate-distortion, the standard remedy in codec design), then edits each tensor as
-chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE with 2-bit
-values) or ``lowrank-q`` with a bit width per singular vector (Delta-CoMe's bands, chosen by data).
+chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE's seeded
+mask with 2-, 4- or 8-bit values) or ``lowrank-q`` with a bit width per singular vector
+(Delta-CoMe's bands, chosen by data).
 
-Errors are weight errors ``||Δ̂ - Δ||²`` (data-free); with calibration texts each linear layer's
-error is weighted by the mean energy of its inputs, so the layers whose inputs are large, where the
-same weight error moves the outputs most, get more bits. The manifest's ``stats.prepare.budget``
-records the plan (bits planned, the price per bit, how many tensors chose what, the dropped
-ones), and each entry's stats its choice.
+Errors are weight errors ``||Δ̂ - Δ||²`` (data-free), with two priors measured on real pairs:
+vocabulary-sized lookup tables (embeddings, a language model's head) weigh `LOOKUP_WEIGHT` of a
+linear layer, and
+DARE's sampling noise weighs `noise_price` of a coherent error (small where the delta is small
+beside its base, as in a causal LM's fine-tune; nothing gained where it is not, as in a heavily
+trained encoder). With calibration texts each linear layer's error is further weighted by the
+mean energy of its inputs over that of the typical linear layer (geometric mean), to the power
+`ENERGY_POWER`, so the layers whose inputs are large, where the same weight error moves the
+outputs most, get more bits (relative, so that lookup tables, norms and biases keep their
+data-free weight beside the linear layers). The
+manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per bit, how many
+tensors chose what, the dropped ones), and each entry's stats its choice.
 
 The budget counts every stored byte of the edited parameters (codes, scales, factors, an upper
 bound on each stored tensor's safetensors header entry and on the file's fixed header): the size
@@ -23,6 +31,7 @@ of the delta's tensor files divided by the number of parameters the delta edits 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,19 +46,32 @@ from ..core.encodings import (
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd
+from .allocation import (
+    ENERGY_POWER,
+    FILE_BITS,
+    GROUP,
+    LOOKUP_WEIGHT,
+    Menu,
+    Option,
+    allocate,
+    lookup_weight,
+    menu_for,
+    menu_rank,
+    noise_price,
+    truncated_svd,
+)
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
 
 
-def input_energy(activations: ActivationStats | None) -> float:
-    """Mean squared input per feature of a linear layer on the calibration tokens (1 without):
-    the factor by which a weight error of that layer becomes an output error, for inputs without
-    a preferred direction."""
+def input_energy(activations: ActivationStats | None) -> float | None:
+    """Mean squared input per feature of a linear layer on the calibration tokens (None for other
+    parameters or without calibration): the factor by which a weight error of that layer becomes
+    an output error, for inputs without a preferred direction."""
     if activations is None or activations.kind != "linear" or not len(activations.inputs):
-        return 1.0
+        return None
     return float(activations.inputs.double().square().mean())
 
 
@@ -67,23 +89,43 @@ class BudgetMethod(EditMethod, name="budget"):
     uses_seed: ClassVar[bool] = True
     plans_whole_model: ClassVar[bool] = True
     bits: float = param(1.0, help="size of the delta in bits per edited weight (budget)")
-    noise_weight: float | None = param(
-        None,
-        parse=float,
-        help="also offer DARE with 2-bit values, its error counted at this fraction (budget; e.g. 0.05)",
+    noise_weight: float | str | None = param(
+        "auto",
+        parse=lambda text: text if text in ("auto", "off") else float(text),
+        help="price of DARE's sampling noise beside a coherent error: 'auto' (from each delta's size "
+        "relative to its base), a number in (0, 1], or 'off' (DARE not offered)",
     )
     _choices: dict[str, Option] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.bits = check_positive(self.name, "bits", self.bits)
-        if self.noise_weight is not None:
-            self.noise_weight = check_positive(self.name, "noise_weight", self.noise_weight)
+        if self.noise_weight is None:
+            self.noise_weight = "off"
+        if self.noise_weight not in ("auto", "off"):
+            if isinstance(self.noise_weight, (str, bool)) or not 0 < self.noise_weight <= 1:
+                raise InvalidArgumentError(
+                    f"budget's noise_weight is {self.noise_weight!r}",
+                    expected="'auto', 'off' or a number in (0, 1]",
+                    found=repr(self.noise_weight),
+                    fix="pass noise_weight='auto' (the default), 'off', or e.g. 0.05",
+                )
 
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
+        energies: dict[str, float] = {}
         for name, delta, context in tensors():
-            weight = input_energy(context.activations)
-            menus.append(menu_for(name, delta, weight=weight, seed=context.seed, noise_weight=self.noise_weight)[0])
+            weight = lookup_weight(delta, context.lookup)
+            noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
+            noise = None if noise == "off" else noise
+            menus.append(menu_for(name, delta, weight=weight, seed=context.seed, noise_weight=noise)[0])
+            energy = input_energy(context.activations)
+            if energy is not None and energy > 0:
+                energies[name] = energy
+        if energies:  # relative to the typical linear layer: the other tensors keep their data-free weights
+            typical = math.exp(sum(math.log(e) for e in energies.values()) / len(energies))
+            for menu in menus:
+                if menu.name in energies:
+                    menu.scale((energies[menu.name] / typical) ** ENERGY_POWER)
         numel = sum(m.numel for m in menus)
         self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS, 0.0))
         planned = sum(o.bits for o in self._choices.values())
@@ -92,7 +134,11 @@ class BudgetMethod(EditMethod, name="budget"):
             "bits_per_weight_target": self.bits,
             "bits_per_weight_planned": planned / numel if numel else 0.0,
             "price_per_bit": price,
-            "weighting": "input energy" if calibration is not None else "weight error",
+            "weighting": (
+                f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energies else "weight error"
+            )
+            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}",
+            "noise_weight": self.noise_weight,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
         }
