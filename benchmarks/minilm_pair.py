@@ -15,56 +15,15 @@ model under test and of the fine-tune (sentence-transformers' pooling for this m
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import random
 import re
-import sysconfig
-import time
-from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SKIP = ("test", "idlelib", "site-packages", "lib2to3", "tkinter", "ensurepip", "turtledemo")
-
-
-def _group(path: Path) -> str:
-    h = int(hashlib.sha1(str(path.relative_to(STDLIB)).encode()).hexdigest(), 16) % 10
-    return "eval" if h == 0 else "calib" if h == 1 else "train"
-
-
-def _paragraphs(path: Path):
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            for para in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
-                text = " ".join(para.split())
-                if 40 <= len(text) <= 1000 and not text.startswith((">>>", "...")):
-                    yield text
-
-
-@cache
-def corpus() -> dict[str, list[str]]:
-    """Docstring paragraphs of the standard library by group (deduplicated, in file order)."""
-    groups: dict[str, list[str]] = {"train": [], "calib": [], "eval": []}
-    for path in sorted(STDLIB.rglob("*.py")):
-        rel = str(path.relative_to(STDLIB))
-        if any(part in rel.split("/")[0] for part in SKIP) or "/test" in rel:
-            continue
-        groups[_group(path)].extend(_paragraphs(path))
-    return {g: list(dict.fromkeys(texts)) for g, texts in groups.items()}
-
-
-def texts(group: str, n: int, seed: int) -> list[str]:
-    out = list(corpus()[group])
-    random.Random(seed).shuffle(out)
-    return out[:n]
+from benchmarks.stdlib_text import corpus, texts
+from benchmarks.training import fine_tune
 
 
 def eval_texts() -> list[str]:
@@ -109,26 +68,15 @@ def build(out: Path, steps: int = 200, lr: float = 3e-4, batch: int = 16) -> tup
     tok.save_pretrained(out / "base")
     model = AutoModel.from_pretrained(package_dir(), dtype=torch.float32)
     pairs = train_pairs()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
-    )
-    model.train()
-    started = time.time()
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         i = (step * batch) % (len(pairs) - batch)
         a, b = zip(*pairs[i : i + batch])
-        loss = F.cross_entropy(
+        return F.cross_entropy(
             20.0 * embed(model, tok, list(a), 32) @ embed(model, tok, list(b), 32).T, torch.arange(batch)
         )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 25 == 0:
-            print(f"  minilm fine-tune step {step} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+
+    fine_tune(model, steps, lr, 0.01, loss_at, "minilm")
     model.save_pretrained(out / "ft")
     tok.save_pretrained(out / "ft")
     return out / "base", out / "ft"

@@ -16,12 +16,12 @@ Metric: share of the fine-tune's perplexity gain kept on 64 held-out code chunks
 from __future__ import annotations
 
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.stdlib_text import code_chunks
+from benchmarks.training import fine_tune
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -81,25 +81,13 @@ def build(out: Path, steps: int = 200, lr: float = 5e-5, batch: int = 4, seq: in
     model.float()  # float32 master weights from the bf16 base
     tok = tokenizer(out / "base")
     texts = code_chunks("train", steps * batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
-    )
-    model.train()
-    started = time.time()
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         chunk = tok(texts[step * batch : (step + 1) * batch], padding=True, truncation=True, max_length=seq,
                     return_tensors="pt")  # fmt: skip
-        labels = chunk["input_ids"].masked_fill(chunk["attention_mask"] == 0, -100)
-        loss = model(**chunk, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 25 == 0:
-            print(f"  smollm fine-tune step {step} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+        return model(**chunk, labels=chunk["input_ids"].masked_fill(chunk["attention_mask"] == 0, -100)).loss
+
+    fine_tune(model, steps, lr, 0.0, loss_at, "smollm")
     model.to(torch.bfloat16).save_pretrained(out / "ft")
     tok.save_pretrained(out / "ft")
     return out / "base", out / "ft"
