@@ -151,7 +151,7 @@ def plan_of(method, tensors):
 
 
 def test_lookup_tables_get_fewer_bits_than_linear_layers_with_the_same_error():
-    from delta_format.methods.allocation import LOOKUP_MIN_ROWS, LOOKUP_WEIGHT
+    from delta_format.methods.priors import LOOKUP_MIN_ROWS, LOOKUP_WEIGHT
 
     torch.manual_seed(0)
     delta = torch.randn(LOOKUP_MIN_ROWS, 8) @ torch.randn(8, 48) * 1e-3
@@ -196,7 +196,7 @@ def test_a_compression_marks_the_lookup_tables_of_its_model(pair, tmp_path):
 
 
 def test_noise_price_grows_with_the_delta_beside_its_base():
-    from delta_format.methods.allocation import NOISE_SLOPE, noise_price
+    from delta_format.methods.priors import NOISE_SLOPE, noise_price
 
     base = torch.randn(64, 64)
     small, large = base * 1e-3, base * 0.7

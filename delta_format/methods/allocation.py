@@ -13,14 +13,15 @@ Every tensor gets a *menu* of ways to store it, each with its size in bits and i
   uncorrelated). Vectors then sort into bands by bit width: Delta-CoMe's schedule, chosen by the
   data instead of fixed.
 
-The error of every option is multiplied by the tensor's ``weight`` (`lookup_weight`: less for a
-vocabulary-sized lookup table, 1 for the rest; with calibration texts the budget also scales a
-linear layer's by its input energy relative to the typical layer's, to the power `ENERGY_POWER`).
+The error of every option is multiplied by the tensor's ``weight`` (`priors.lookup_weight`: less
+for a vocabulary-sized lookup table, 1 for the rest; with calibration texts the budget also
+scales a linear layer's by its input energy relative to the typical layer's, to the power
+`priors.ENERGY_POWER`).
 DARE's error has two parts, priced apart (`dare_options`): the rounding of the kept values,
 amplified by the rescale, counts in full; the sampling noise (zero-mean: every dropped entry is
 paid back, on average, by the rescaled kept ones) counts at ``noise_weight``, because networks
 tolerate random noise far better than the same squared error as a coherent loss of the delta, as
-long as the noise is small beside the weights themselves (`noise_price`).
+long as the noise is small beside the weights themselves (`priors.noise_price`).
 
 `allocate` minimises the summed error under the total size by Lagrangian relaxation: for a
 price ``λ`` per bit, each tensor (and inside low rank, each vector) independently picks the option
@@ -61,36 +62,6 @@ VECTOR_BITS = (1, 2, 3, 4, 8)
 DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
 DARE_BITS = (2, 4, 8)
-NOISE_SLOPE = 2.0
-"""`noise_price` of a tensor whose delta is a fraction ``r`` of its base's norm: ``NOISE_SLOPE · r``.
-Measured on two real pairs (benchmarks/RESULTS.md, "Fidelity at a bit budget"): a causal LM's bf16
-fine-tune (r ≈ 0.002-0.01 per matrix) tolerates DARE's noise about 400x better than a coherent
-error of the same energy, and slopes of 0.5 to 4 all keep most of that; a sentence encoder's
-fine-tune (r ≈ 0.03) tolerates it only ~50x better, where a slope of 0.5 already over-buys DARE
-(cosine 0.976 instead of 0.995 at 1 bit per weight) and 2 buys none."""
-LOOKUP_WEIGHT = 0.1
-"""Error weight of a vocabulary-sized lookup table (`delta_format.methods.base.TensorContext.lookup`,
-at least `LOOKUP_MIN_ROWS` rows) beside a linear layer's: a token reads one row of an embedding
-(and weighs a head's rows by their probability), so an error spread over the table reaches each
-token diluted. Measured: a tied 49152-row table holding 75 % of a fine-tune's delta energy but
-5 % of its gain took half the bits at weight 1 (benchmarks/RESULTS.md)."""
-ENERGY_POWER = 0.25
-"""Power of a linear layer's relative input energy in its error weight with calibration texts.
-The full energy (power 1) over-spends on the few layers with outlier inputs: on the causal LM
-pair it kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
-calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three pairs
-(benchmarks/RESULTS.md)."""
-LOOKUP_MIN_ROWS = 4096
-"""Rows from which a lookup table is diluted enough for `LOOKUP_WEIGHT`: a vocabulary, not a
-character set (a character-level model's head lost 7 % of its gain at the discount) nor a
-position or token-type table."""
-
-
-def lookup_weight(delta: torch.Tensor, lookup: bool) -> float:
-    """`LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows, 1 otherwise."""
-    return LOOKUP_WEIGHT if lookup and delta.dim() == 2 and delta.shape[0] >= LOOKUP_MIN_ROWS else 1.0
-
-
 GROUP = 64
 MAX_RANK = 512
 """Singular vectors considered per matrix (a randomised SVD beyond ``4 * MAX_RANK`` columns)."""
@@ -324,19 +295,6 @@ def sign_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
     return Option("sign row", size + 2 * header, error, ("sign",))
 
 
-def noise_price(delta: torch.Tensor, base: torch.Tensor | None, slope: float = NOISE_SLOPE) -> float | None:
-    """How much a unit of DARE's sampling noise costs beside a unit of coherent error for this
-    tensor: ``min(1, slope · ||Δ|| / ||W_base||)`` (None without a base: DARE not offered).
-    Noise that is small beside the weights stays in the range where the loss is quadratic and
-    random directions are nearly flat; noise comparable to the weights is not tolerated."""
-    if base is None:
-        return None
-    base_norm = float(base.double().norm())
-    if base_norm == 0.0:
-        return 1.0
-    return min(1.0, slope * float(delta.double().norm()) / base_norm)
-
-
 def dare_options(name: str, delta: torch.Tensor, seed: int, noise_weight: float) -> list[Option]:
     """DARE at each of `DARE_RATES` with kept values at each of `DARE_BITS`: the sampling noise
     ``||M⊙Δ/(1-p) - Δ||²`` priced at ``noise_weight``, the kept values' rounding
@@ -371,7 +329,7 @@ def menu_for(
     name: str, delta: torch.Tensor, *, weight: float = 1.0, seed: int = 0, noise_weight: float | None = None
 ) -> tuple[Menu, Any]:
     """The menu of one tensor (errors times ``weight``) and what its low-rank option needs later
-    (the SVD), or None. DARE options are offered only with a ``noise_weight`` (`noise_price`)."""
+    (the SVD), or None. DARE options are offered only with a ``noise_weight`` (`priors.noise_price`)."""
     energy = float(delta.double().square().sum())
     header = header_bits(name)
     menu = Menu(name, delta.numel(), [Option("drop", 0, energy * weight, ("drop",))], header=header)

@@ -46,21 +46,9 @@ from ..core.encodings import (
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import (
-    ENERGY_POWER,
-    FILE_BITS,
-    GROUP,
-    LOOKUP_WEIGHT,
-    Menu,
-    Option,
-    allocate,
-    lookup_weight,
-    menu_for,
-    menu_rank,
-    noise_price,
-    truncated_svd,
-)
+from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
+from .priors import ENERGY_POWER, LOOKUP_WEIGHT, lookup_weight, noise_price
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession

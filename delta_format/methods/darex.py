@@ -11,7 +11,7 @@ output unit ``y = Σ_j δ_j x_j`` with ``S = Σ_j δ_j x_j`` and ``V = Σ_j δ_j
 
 * a number: by hand (``q = 1 - p`` is DARE);
 * ``"auto"`` (the default): per tensor, DARE's ``1/(1-p)`` where DARE's noise is tolerated (the
-  budget's prior, `delta_format.methods.allocation.noise_price`: a delta small beside its base,
+  budget's prior, `delta_format.methods.priors.noise_price`: a delta small beside its base,
   as in a causal LM's fine-tune, where shrinking only loses the delta: research pair SmolLM2-135M
   kept 49 % of its gain shrunk, 75 % with DARE's rescale), else the rescale under which the kept
   entries move the layer's outputs on the calibration tokens by as much as the whole delta does,
@@ -45,7 +45,6 @@ import torch
 from ..core.constants import INDEX_SEEDED
 from ..core.encodings import SparseEncoding
 from ..errors import InvalidArgumentError
-from .allocation import noise_price
 from .base import (
     Edit,
     EditMethod,
@@ -58,6 +57,7 @@ from .base import (
     param,
 )
 from .dare import check_value_bits, seeded_edit, value_bits_param
+from .priors import noise_price
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession

@@ -1,0 +1,52 @@
+"""What the ``budget`` method assumes about a network where it cannot measure: how much less a
+lookup table's error and DARE's sampling noise cost than a linear layer's coherent error, and how
+strongly calibration statistics may move the plan. Each is a number measured on real pairs
+(benchmarks/RESULTS.md, "Fidelity at a bit budget"); the budget turns them into the weights and
+noise prices it hands to `delta_format.methods.allocation`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NOISE_SLOPE = 2.0
+"""`noise_price` of a tensor whose delta is a fraction ``r`` of its base's norm: ``NOISE_SLOPE · r``.
+Measured on two real pairs (benchmarks/RESULTS.md, "Fidelity at a bit budget"): a causal LM's bf16
+fine-tune (r ≈ 0.002-0.01 per matrix) tolerates DARE's noise about 400x better than a coherent
+error of the same energy, and slopes of 0.5 to 4 all keep most of that; a sentence encoder's
+fine-tune (r ≈ 0.03) tolerates it only ~50x better, where a slope of 0.5 already over-buys DARE
+(cosine 0.976 instead of 0.995 at 1 bit per weight) and 2 buys none."""
+LOOKUP_WEIGHT = 0.1
+"""Error weight of a vocabulary-sized lookup table (`delta_format.methods.base.TensorContext.lookup`,
+at least `LOOKUP_MIN_ROWS` rows) beside a linear layer's: a token reads one row of an embedding
+(and weighs a head's rows by their probability), so an error spread over the table reaches each
+token diluted. Measured: a tied 49152-row table holding 75 % of a fine-tune's delta energy but
+5 % of its gain took half the bits at weight 1 (benchmarks/RESULTS.md)."""
+ENERGY_POWER = 0.25
+"""Power of a linear layer's relative input energy in its error weight with calibration texts.
+The full energy (power 1) over-spends on the few layers with outlier inputs: on the causal LM
+pair it kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
+calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three pairs
+(benchmarks/RESULTS.md)."""
+LOOKUP_MIN_ROWS = 4096
+"""Rows from which a lookup table is diluted enough for `LOOKUP_WEIGHT`: a vocabulary, not a
+character set (a character-level model's head lost 7 % of its gain at the discount) nor a
+position or token-type table."""
+
+
+def lookup_weight(delta: torch.Tensor, lookup: bool) -> float:
+    """`LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows, 1 otherwise."""
+    return LOOKUP_WEIGHT if lookup and delta.dim() == 2 and delta.shape[0] >= LOOKUP_MIN_ROWS else 1.0
+
+
+def noise_price(delta: torch.Tensor, base: torch.Tensor | None, slope: float = NOISE_SLOPE) -> float | None:
+    """How much a unit of DARE's sampling noise costs beside a unit of coherent error for this
+    tensor: ``min(1, slope · ||Δ|| / ||W_base||)`` (None without a base: DARE not offered).
+    Noise that is small beside the weights stays in the range where the loss is quadratic and
+    random directions are nearly flat; noise comparable to the weights is not tolerated."""
+    if base is None:
+        return None
+    base_norm = float(base.double().norm())
+    if base_norm == 0.0:
+        return 1.0
+    return min(1.0, slope * float(delta.double().norm()) / base_norm)
