@@ -16,6 +16,8 @@ Prints, with every baseline measured in the same run on the same device:
 Finishes in under 5 minutes on one GPU (0.5B). Without a CUDA device it says why and exits 0.
 
 Run:  python benchmarks/gpu.py [--scale 0.5B] [--repeats 1]
+Dry run of the same code on the CPU (checks the script, says nothing of a GPU):
+      python benchmarks/gpu.py --device cpu --scale tiny
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+DEVICE = "cuda"  # --device; "cpu" only to dry-run the script
 VARIANTS = {"sign (row)": ("sign", {"scale": "row"}), "dare p=0.9": ("dare", {"p": 0.9})}
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def child(kind: str, path: str) -> None:
@@ -42,15 +52,15 @@ def child(kind: str, path: str) -> None:
 
     from delta_format import DeltaModel
 
-    torch.zeros(1, device="cuda")  # CUDA initialised before the clock, for every variant alike
+    torch.zeros(1, device=DEVICE)  # CUDA initialised before the clock, for every variant alike
     start = time.perf_counter()
     if kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=DEVICE)
     else:
-        model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+        model = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map=DEVICE)
     with torch.no_grad():
-        model(input_ids=torch.arange(8, device="cuda").unsqueeze(0))
-    torch.cuda.synchronize()
+        model(input_ids=torch.arange(8, device=DEVICE).unsqueeze(0))
+    sync()
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
@@ -64,7 +74,11 @@ def load_seconds(kind: str, path: Path, repeats: int, cache: str) -> float:
     runs = []
     for _ in range(repeats + 1):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True, check=True, env=env
+            [sys.executable, __file__, "--device", DEVICE, "--child", kind, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
     return min(runs[1:])
@@ -74,21 +88,20 @@ def bandwidth() -> float:
     """Device memory bandwidth, GB/s of bytes read + written by a 1 GiB device-to-device copy."""
     import torch
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / _cuda_best(lambda: dst.copy_(src), 5) / 1e9
+    return 2 * src.numel() / _best(lambda: dst.copy_(src), 5) / 1e9
 
 
-def _cuda_best(fn, repeats: int) -> float:
-    import torch
+def _best(fn, repeats: int) -> float:
 
     fn()
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -104,8 +117,8 @@ def decode_throughput(base: Path, delta: Path, repeats: int) -> tuple[float, int
     checkpoint, reader = Checkpoint(base), DeltaReader(delta)
     work, moved = [], 0
     for name in reader:
-        entry, stored = reader.entry(name), reader.stored(name, "cuda")
-        base_tensor = checkpoint.get_tensor(name, "cuda")
+        entry, stored = reader.entry(name), reader.stored(name, DEVICE)
+        base_tensor = checkpoint.get_tensor(name, DEVICE)
         out = torch.empty_like(base_tensor)
         moved += 2 * base_tensor.numel() * base_tensor.element_size()
         moved += sum(t.numel() * t.element_size() for t in stored.values())
@@ -115,7 +128,7 @@ def decode_throughput(base: Path, delta: Path, repeats: int) -> tuple[float, int
         for name, entry, stored, base_tensor, out in work:
             reconstruct_stored(name, [(entry, stored, 1.0)], base_tensor, dtype=torch.bfloat16, out=out)
 
-    return moved / _cuda_best(run, repeats) / 1e9, moved
+    return moved / _best(run, repeats) / 1e9, moved
 
 
 def on_the_fly(base: Path, deltas: dict[str, Path], repeats: int) -> list[tuple[str, float, float]]:
@@ -130,20 +143,21 @@ def on_the_fly(base: Path, deltas: dict[str, Path], repeats: int) -> list[tuple[
     def speeds(model):
         out = []
         for b, s in shapes:
-            ids = torch.arange(b * s, device="cuda").remainder(1000).view(b, s)
+            ids = torch.arange(b * s, device=DEVICE).remainder(1000).view(b, s)
             with torch.no_grad():
-                out.append(ids.numel() / _cuda_best(lambda: model(input_ids=ids), repeats + 3))
+                out.append(ids.numel() / _best(lambda: model(input_ids=ids), repeats + 3))
         return out
 
     rows = []
-    shared = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map="cuda").eval()
+    shared = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=DEVICE).eval()
     cache = attach_deltas(shared, {label: path for label, path in deltas.items()}).merged_weights
     budget = cache.budget  # the library's default
     for label, path in deltas.items():
-        materialised = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+        materialised = DeltaModel.from_pretrained(path, dtype=torch.bfloat16, device_map=DEVICE)
         rows.append((f"{label}: materialised", *speeds(materialised)))
         del materialised
-        torch.cuda.empty_cache()
+        if DEVICE.startswith("cuda"):
+            torch.cuda.empty_cache()
         set_active_delta(shared, label)
         rows.append((f"{label}: on the fly", *speeds(shared)))
         cache.resize(0)
@@ -156,15 +170,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="0.5B")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu dry-runs the script")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.child:
         return child(*args.child)
 
     import torch
 
     print("# GPU: load, decode and on-the-fly throughput\n")
-    if not torch.cuda.is_available():
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print(f"Skipped: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False).")
         return
     import delta_format
@@ -178,13 +195,13 @@ def main() -> None:
         deltas[label] = root / f"delta-{method}"
         if not (deltas[label] / "delta_config.json").is_file():
             delta_format.compress(base, ft, deltas[label], method=method, progress=False, **params)
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "the CPU (dry run, not a GPU figure)"
     print(f"Command: `python benchmarks/gpu.py --scale {args.scale} --repeats {args.repeats}` on {device}\n")
     peak = bandwidth()
     print(f"Device-to-device copy: {peak:.0f} GB/s (bytes read + written).\n")
 
     reference = load_seconds("hf", ft, args.repeats, "0")
-    print('| load + first forward, device_map="cuda" | seconds | ÷ transformers |')
+    print(f'| load + first forward, device_map="{DEVICE}" | seconds | ÷ transformers |')
     print("|---|---|---|")
     print(f"| transformers, full fine-tune | {reference:.2f} | 1.00x |")
     for label, path in deltas.items():

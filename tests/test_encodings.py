@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from delta_format.core.bits import count_bits, pack_bits, packed_length, unpack_bits
+from delta_format.core.bits import _select_signs, count_bits, pack_bits, packed_length, sign_table, unpack_bits
 from delta_format.core.encodings import (
     ENCODING_CLASSES,
     DenseEncoding,
@@ -230,6 +230,15 @@ def test_bit_order_puts_element_zero_in_the_least_significant_bit():
         1,
         2,
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_accelerator_sign_expansion_gives_the_gather_s_bits(dtype):
+    # expand_signs selects per bit off the CPU; run that path here against the CPU's table gather.
+    packed = torch.randint(0, 256, (4099,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for table in (sign_table(dtype, "cpu"), sign_table(dtype, "cpu") * torch.tensor([-0.0123], dtype=dtype)):
+        selected = _select_signs(packed, table)  # no zeros among the values: equal means the same bits
+        assert selected.dtype == dtype and torch.equal(selected, torch.index_select(table, 0, packed.to(torch.int32)))
 
 
 def test_unpack_refuses_nonzero_padding():

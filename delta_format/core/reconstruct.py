@@ -12,7 +12,6 @@ would otherwise be a silent wrong weight.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -164,9 +163,8 @@ def _check_finite(name: str, out: torch.Tensor, base: torch.Tensor | None, dtype
     """Refuse non-finite results where the base was finite (an overflowing cast, SPEC §9)."""
     if not out.numel():
         return
-    low, high = torch.aminmax(out.reshape(-1))
-    if math.isfinite(low.item()) and math.isfinite(high.item()):  # NaN propagates into both
-        return
+    if bool(torch.isfinite(torch.stack(torch.aminmax(out.reshape(-1)))).all()):  # NaN propagates into both
+        return  # one read of the result and one wait for the device
     bad_mask = ~torch.isfinite(out)
     if base is not None and base.is_floating_point():
         bad_mask &= torch.isfinite(base)  # non-finite where the base already was is not the delta's doing
