@@ -36,6 +36,7 @@ from delta_format.core.encodings import (
     ReplaceEncoding,
     SignEncoding,
     SparseEncoding,
+    SumEncoding,
 )
 from delta_format.core.manifest import BaseReference, TensorEntry
 from delta_format.core.reconstruct import reconstruct_stored
@@ -84,6 +85,7 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "sparse_q.w": torch.randn(12, 8, generator=g).to(torch.bfloat16),
         "lowrank_q.w": torch.randn(11, 6, generator=g),
         "bitdiff.w": torch.randn(5, 6, generator=g).to(torch.bfloat16),
+        "sum.w": torch.randn(10, 12, generator=g),
     }
 
 
@@ -134,6 +136,15 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         add("lowrank_q.w", enc, enc.encode(torch.randn(11, 6, generator=g)))
         ft = (base["bitdiff.w"].float() + 0.01 * torch.randn(5, 6, generator=g)).to(torch.bfloat16)
         add("bitdiff.w", BitdiffEncoding(8), BitdiffEncoding(8).encode(ft, base=base["bitdiff.w"]), "bfloat16")
+        low = QuantizedLowRankEncoding([(1, 4)], 8)  # SPEC 1.2's sum: low rank + seeded DARE codes
+        dare = QuantizedSparseEncoding("seeded", bits=4, group=8, count=0, scale=2.0, seed=9, p=0.5)
+        dare = dare.with_count(len(dare.positions(120, "sum.w")))
+        parts = [
+            low.encode(torch.randn(10, 12, generator=g)),
+            dare.encode(torch.randn(10, 12, generator=g), name="sum.w"),
+        ]
+        enc = SumEncoding([low, dare])
+        add("sum.w", enc, enc.encode(torch.zeros(10, 12), parts=parts), alpha=0.5)
 
 
 def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -168,6 +168,13 @@ def decode(entry: dict, stored: dict[str, np.ndarray], name: str, base: np.ndarr
         return decode({**entry, "encoding": "sparse", "config": plain}, {**stored, "values": values}, name)
     if encoding == "lowrank-q":
         return lowrank_q(stored, config, shape, c)
+    if encoding == "sum":  # §5.11: each part decoded as alone, added in order, one rounding each
+        total = None
+        for i, part in enumerate(config["parts"]):
+            own = {key.split(".", 1)[1]: t for key, t in stored.items() if key.split(".", 1)[0] == str(i)}
+            delta = decode({**entry, "encoding": part["encoding"], "config": part.get("config", {})}, own, name)
+            total = delta if total is None else (total + delta).astype(c)
+        return total
     if encoding == "lowrank":
         # The vectors' factors are exact in any order of summation, so float64 then c is exact.
         return (stored["u"].astype(np.float64) @ stored["v"].astype(np.float64)).astype(c).reshape(shape)

@@ -332,4 +332,5 @@ def test_encoding_table_has_the_spec_encodings():
         "sign",
         "sparse",
         "sparse-q",
+        "sum",
     ]

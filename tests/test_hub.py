@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from delta_format import BaseMismatchError, DeltaModel, ResolutionError
+from delta_format.core.manifest import spec_version_string
 from delta_format.io.delta import Delta
 from tests.test_loader import LLAMA, dense, perturbed, sign_or_dense, write_delta
 
@@ -124,7 +125,7 @@ def test_published_model_card_carries_the_spec_metadata(hub, models, tmp_path):
     assert data["library_name"] == "delta-format"
     assert "delta-format" in data["tags"]
     meta = data["delta_format"]
-    assert meta["spec_version"] == "1.1" and meta["base_revision"] == base_sha
+    assert meta["spec_version"] == spec_version_string() and meta["base_revision"] == base_sha
     shapes = [
         AutoModelForCausalLM.from_pretrained(models / "ft0").state_dict()[n].dim()
         for n in Delta(tmp_path / "delta-ft0").manifest.tensors

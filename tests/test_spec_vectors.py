@@ -62,6 +62,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "dense-q",
             "sparse-q",
             "lowrank-q",
+            "sum",
         ]
     )
 
@@ -115,6 +116,8 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
 def roles(entry: dict) -> list[str]:
     """SPEC §4.1, from the table."""
     encoding, config = entry["encoding"], entry.get("config", {})
+    if encoding == "sum":
+        return [f"{i}.{role}" for i, part in enumerate(config["parts"]) for role in roles(part)]
     if encoding in ("sparse", "sparse-q"):
         values = ["values"] if encoding == "sparse" else ["codes", "scales"]
         return values + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
@@ -148,7 +151,7 @@ def test_sharded_vector_has_several_shards_an_index_and_no_single_file():
 
 
 def test_every_vector_is_written_at_the_current_spec_version():
-    assert {manifest_of(name)["spec_version"] for name in VECTOR_NAMES} == {"1.1"}
+    assert {manifest_of(name)["spec_version"] for name in VECTOR_NAMES} == {"1.2"}
 
 
 MUST_REFUSE = json.loads((VECTORS / "bitdiff_must_refuse.json").read_text(encoding="utf-8"))["cases"]

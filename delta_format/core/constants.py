@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 1)
+SPEC_VERSION = (1, 2)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -34,7 +34,9 @@ REPLACE = "replace"
 DENSE_Q = "dense-q"
 SPARSE_Q = "sparse-q"
 LOWRANK_Q = "lowrank-q"
-ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q)
+# Parts of other encodings added up (SPEC §5.11, spec 1.2).
+SUM = "sum"
+ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q, SUM)
 
 # Sparse index codings (SPEC §5.2).
 INDEX_GAPS = "gaps"

@@ -41,6 +41,7 @@ from delta_format.core.encodings import (  # noqa: E402
     ReplaceEncoding,
     SignEncoding,
     SparseEncoding,
+    SumEncoding,
 )
 from delta_format.core.fingerprint import fingerprint_safetensors  # noqa: E402
 from delta_format.core.manifest import BaseReference, TensorEntry  # noqa: E402
@@ -61,6 +62,7 @@ VECTORS = (
     "dense-q",
     "sparse-q",
     "lowrank-q",
+    "sum",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -555,6 +557,63 @@ def vector_lowrank_q(root: Path) -> None:
     v.write("lowrank-q", {"bits": "per tensor"})
 
 
+def vector_sum(root: Path) -> None:
+    v = Vector(root, "sum")
+    # "w": the budget's hybrid, dyadic rank-1 lowrank-q (exact in any order) + DARE of 2-bit values;
+    # delta = round32(low + sparse), then SPEC §9 with alpha 0.75.
+    shape, scale = (16, 32), 1 / (1 - SEEDED_P)
+    base = v.add_base("w", shape, "bfloat16", 90)
+    codes = np.array([splitmix64(9100 + j) % 16 for j in range(48)], dtype=np.int64)
+    low_scales = np.array([2.0**-7, 2.0**-9])  # one group of u (16 values), one of v (32)
+    vec = np.concatenate([low_scales[0] * (codes[:16] - 7.5), low_scales[1] * (codes[16:] - 7.5)])
+    low = np.outer(vec[:16], vec[16:]).astype(np.float32)
+    low_enc = QuantizedLowRankEncoding([(1, 4)], 32)
+    low_stored = {
+        "codes": pack_codes(torch.from_numpy(codes), 4),
+        "scales": torch.tensor(low_scales, dtype=torch.float16),
+    }
+    positions = seeded_mask.kept_positions(512, SEEDED_P, SEEDED_SEED, "w").numpy()
+    rest = values(shape, 91, 0.01).reshape(-1)[positions]
+    sparse_codes, sparse_scales = quantize(torch.from_numpy(rest), 2, 8, "mse", torch.float16)
+    sparse_enc = QuantizedSparseEncoding(
+        "seeded", bits=2, group=8, count=len(positions), scale=scale, seed=SEEDED_SEED, p=SEEDED_P
+    )
+    sparse_stored = {"codes": pack_codes(sparse_codes, 2), "scales": sparse_scales.reshape(-1)}
+    kept = dequantised(sparse_codes.numpy().reshape(-1), sparse_scales.float().numpy().reshape(-1), 2, 8)
+    delta = (low + scatter(512, positions, kept, scale, shape)).astype(np.float32)
+    enc = SumEncoding([low_enc, sparse_enc])
+    v.add(
+        "w",
+        entry(enc, shape, "bfloat16", 0.75),
+        enc.join([low_stored, sparse_stored]),
+        reconstruct(base, delta, 0.75, "bfloat16"),
+    )
+    # "h": three parts, sign per tensor + dense + sign per row, float32.
+    shape = (5, 7)
+    base = v.add_base("h", shape, "float32", 92)
+    bits = (values(shape, 93) >= 0).reshape(-1)
+    tensor_scale, row_scale = np.float32(0.01), values((5,), 94, 0.001).astype(np.float32)
+    signs = np.where(bits, np.float32(1), np.float32(-1)).astype(np.float32)
+    dense = values(shape, 95, 0.003).astype(np.float32)
+    row_bits = (values(shape, 96) >= 0).reshape(-1)
+    row_part = (np.where(row_bits, np.float32(1), np.float32(-1)).reshape(shape) * row_scale[:, None]).astype(
+        np.float32
+    )
+    delta = ((signs.reshape(shape) * tensor_scale + dense).astype(np.float32) + row_part).astype(np.float32)
+    enc = SumEncoding([SignEncoding("tensor"), DenseEncoding(), SignEncoding("row")])
+    parts = [
+        {"bits": pack_bits_np(bits), "scale": torch.tensor([tensor_scale])},
+        {"delta": torch.from_numpy(dense)},
+        {"bits": pack_bits_np(row_bits), "scale": torch.from_numpy(row_scale)},
+    ]
+    v.add("h", entry(enc, shape, "float32"), enc.join(parts), reconstruct(base, delta, 1.0, "float32"))
+    v.write("budget", {"bits": 0.5})
+
+
+def pack_bits_np(flags: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(flags.astype(bool), bitorder="little"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeded-mask known answers.
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +678,7 @@ def main(root: Path) -> None:
         vector_dense_q,
         vector_sparse_q,
         vector_lowrank_q,
+        vector_sum,
     ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)

@@ -18,6 +18,7 @@ from .replace import ReplaceEncoding
 from .sign import SignEncoding
 from .sparse import SparseEncoding
 from .sparse_q import QuantizedSparseEncoding
+from .sum import SumEncoding
 
 __all__ = [
     "Encoding",
@@ -36,6 +37,7 @@ __all__ = [
     "QuantizedDenseEncoding",
     "QuantizedSparseEncoding",
     "QuantizedLowRankEncoding",
+    "SumEncoding",
     "bands_for",
     "index_coding_bytes",
 ]
