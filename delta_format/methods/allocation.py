@@ -41,6 +41,7 @@ import torch
 from ..core.encodings import SparseEncoding
 from ..core.quant import default_clip as clip_for
 from ..core.quant import dequantize, group_count, half_range, packed_bytes, quantize, scale_dtype
+from .svd import MAX_RANK, truncated_svd
 
 HEADER_BITS = 8 * 96
 """One stored tensor's share of the safetensors header when its name is unknown."""
@@ -63,8 +64,6 @@ DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
 DARE_BITS = (2, 4, 8)
 GROUP = 64
-MAX_RANK = 512
-"""Singular vectors considered per matrix (a randomised SVD beyond ``4 * MAX_RANK`` columns)."""
 
 
 @dataclass
@@ -129,35 +128,6 @@ class Menu:
         bands = [[c, b] for c, b in zip(counts.tolist(), values.tolist())]
         label = f"lowrank-q r={len(order)} " + "+".join(f"{c}x{b}b" for c, b in bands)
         return Option(label, bits, error, ("lowrank-q", tuple(order), tuple(map(tuple, bands))))
-
-
-def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(u, s, vh)`` of the top ``rank`` singular triplets of ``delta`` as a matrix (float32).
-
-    Up to ``4 * MAX_RANK`` columns (or rows) it is the eigendecomposition (float64) of the Gram
-    matrix of the smaller side (2-4x faster than ``torch.linalg.svd`` on two cores); the other
-    side is then ``Δ v`` (``uᵀ Δ``) itself, so the triplets are an exact orthogonal split of
-    ``Δ``'s projection whatever the rounding: ``s_i² = ||Δ v_i||²`` and the truncated rest is
-    ``||Δ||² - Σ s_i²``. Above, a randomised SVD (seeded: reproducible)."""
-    matrix = delta.float().reshape(delta.shape[0], -1)
-    rows, cols = matrix.shape
-    if min(rows, cols) > 4 * MAX_RANK:
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 16, rows, cols), niter=4)
-        return u[:, :rank], s[:rank], v.T[:rank]
-    tall = rows >= cols
-    peak = float(matrix.abs().max())
-    unit = matrix / peak if peak > 0 else matrix  # no float32 underflow in the Gram of tiny deltas
-    _, basis = torch.linalg.eigh((unit.T @ unit if tall else unit @ unit.T).double())  # ascending
-    basis = basis.flip(1)[:, :rank].float()
-    other = unit @ basis if tall else basis.T @ unit  # [rows, r] or [r, cols]: Δ v_i or u_iᵀ Δ
-    norm = other.double().norm(dim=0 if tall else 1)
-    order = torch.argsort(norm, descending=True, stable=True)
-    norm, basis = norm[order], basis[:, order]
-    other = (other[:, order] if tall else other[order]) / norm.float().clamp(min=1e-30).unsqueeze(0 if tall else 1)
-    u, vh = (other, basis.T) if tall else (basis, other)
-    s = (norm * (peak if peak > 0 else 1.0)).float()
-    return u.contiguous(), s, vh.contiguous()
 
 
 def menu_rank(delta: torch.Tensor) -> int:
@@ -283,6 +253,16 @@ def dense_q_options(delta: torch.Tensor, header: int = HEADER_BITS) -> list[Opti
     return options
 
 
+def rounding_error(error: torch.Tensor, value: torch.Tensor, noise_weight: float) -> float:
+    """A rounding ``error`` of ``value``, priced: its part along ``value`` (a shrinkage or growth of
+    the delta, coherent) in full, the rest (independent per element, like DARE's sampling noise)
+    at ``noise_weight``."""
+    error, value = error.reshape(-1).double(), value.reshape(-1).double()
+    total = float(error.square().sum())
+    along = float(error @ value) ** 2 / max(float(value.square().sum()), 1e-300)
+    return along + (total - along) * noise_weight
+
+
 def sign_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
     """Sign bits with a float16 scale per row (mean |Δ| of the row ``s``, rounded to float16:
     ``err = Σx² - 2 s Σ|x| + cols·s²`` per row, in one pass)."""
@@ -295,23 +275,41 @@ def sign_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
     return Option("sign row", size + 2 * header, error, ("sign",))
 
 
-def dare_options(name: str, delta: torch.Tensor, seed: int, noise_weight: float) -> list[Option]:
+def dare_options(
+    name: str,
+    delta: torch.Tensor,
+    seed: int,
+    noise_weight: float,
+    positions: dict[float, torch.Tensor] | None = None,
+    columns: torch.Tensor | None = None,
+    split_rounding: bool = False,
+) -> list[Option]:
     """DARE at each of `DARE_RATES` with kept values at each of `DARE_BITS`: the sampling noise
     ``||M⊙Δ/(1-p) - Δ||²`` priced at ``noise_weight``, the kept values' rounding
     ``||M⊙(q(Δ) - Δ)||² / (1-p)²`` in full (clipped low-bit codes shrink exactly the entries that
-    carry the delta: a coherent error)."""
+    carry the delta: a coherent error), or with ``split_rounding`` only its part along the kept
+    values in full and the rest at ``noise_weight`` (`rounding_error`). ``columns`` weighs each
+    element's noise by its column's weight (`priors.column_weights`). ``positions`` caches the
+    seeded masks by rate (one tensor's masks serve every delta of that tensor: its own and the
+    residuals of `delta_format.methods.hybrid`)."""
+    rounding_price = noise_weight if split_rounding else 1.0
     flat = delta.reshape(-1).float()
-    energy = float(flat.double().square().sum())
+    squares = flat.double().square()
+    if columns is not None:  # each element's squared error weighs its column's weight
+        squares = squares.view(-1, columns.numel()).mul_(columns.double()).view(-1)
+    energy = float(squares.sum())
     options = []
+    positions = {} if positions is None else positions
     for p in DARE_RATES:
-        positions = SparseEncoding("seeded", seed=seed, p=p).positions(flat.numel(), name)
-        kept = flat[positions]
-        kept_energy = float(kept.double().square().sum())
+        if p not in positions:
+            positions[p] = SparseEncoding("seeded", seed=seed, p=p).positions(flat.numel(), name)
+        kept = flat[positions[p]]
+        kept_energy = float(squares[positions[p]].sum())
         # ||M⊙Δ/(1-p) - Δ||² = Σ_kept (Δ p/(1-p))² + Σ_dropped Δ²
         noise = kept_energy * (p / (1 - p)) ** 2 + (energy - kept_energy)
         for bits in DARE_BITS:
             codes, scales = quantize(kept, bits, GROUP, clip_for(bits))
-            rounding = float((dequantize(codes, scales, bits, GROUP).view(-1) - kept).double().square().sum())
+            rounding = rounding_error(dequantize(codes, scales, bits, GROUP).view(-1) - kept, kept, rounding_price)
             error = noise * noise_weight + rounding / (1 - p) ** 2
             size = 8 * packed_bytes(kept.numel(), bits) + scales.numel() * 8 * scales.element_size()
             options.append(Option(f"dare p={p:g} {bits}b", size + 2 * header_bits(name), error, ("sparse-q", p, bits)))
@@ -326,22 +324,31 @@ def float16_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
 
 
 def menu_for(
-    name: str, delta: torch.Tensor, *, weight: float = 1.0, seed: int = 0, noise_weight: float | None = None
+    name: str,
+    delta: torch.Tensor,
+    *,
+    weight: float = 1.0,
+    seed: int = 0,
+    noise_weight: float | None = None,
+    masks: dict[float, torch.Tensor] | None = None,
+    columns: torch.Tensor | None = None,
+    split_rounding: bool = False,
 ) -> tuple[Menu, Any]:
     """The menu of one tensor (errors times ``weight``) and what its low-rank option needs later
-    (the SVD), or None. DARE options are offered only with a ``noise_weight`` (`priors.noise_price`)."""
+    (the SVD), or None. DARE options are offered only with a ``noise_weight`` (`priors.noise_price`);
+    their seeded masks are left in ``masks``, and ``columns``/``split_rounding`` go to `dare_options`."""
     energy = float(delta.double().square().sum())
     header = header_bits(name)
     menu = Menu(name, delta.numel(), [Option("drop", 0, energy * weight, ("drop",))], header=header)
     if delta.dim() < 2 or min(delta.shape[0], delta.numel() // max(delta.shape[0], 1)) < 2:
-        menu.options.append(_weighted(float16_option(delta, header), weight))
+        menu.options.append(weighted(float16_option(delta, header), weight))
         return menu, None
     for option in dense_q_options(delta, header):
-        menu.options.append(_weighted(option, weight))
-    menu.options.append(_weighted(sign_option(delta, header), weight))
+        menu.options.append(weighted(option, weight))
+    menu.options.append(weighted(sign_option(delta, header), weight))
     if noise_weight is not None:
-        for option in dare_options(name, delta, seed, noise_weight):
-            menu.options.append(_weighted(option, weight))
+        for option in dare_options(name, delta, seed, noise_weight, masks, columns, split_rounding):
+            menu.options.append(weighted(option, weight))
     cost, error, wide, svd = _vector_tables(delta)
     menu.vector_cost, menu.vector_error, menu.vector_wide = cost, error * weight, wide
     menu.vector_scales = group_count(delta.shape[0], GROUP) + group_count(delta.numel() // delta.shape[0], GROUP)
@@ -349,7 +356,7 @@ def menu_for(
     return menu, svd
 
 
-def _weighted(option: Option, weight: float) -> Option:
+def weighted(option: Option, weight: float) -> Option:
     option.error *= weight
     return option
 

@@ -7,8 +7,10 @@ spectra). The method first streams every tensor once, builds its menu of options
 and errors (`delta_format.methods.allocation`), allocates the budget across all of them
 (Lagrangian rate-distortion, the standard remedy in codec design), then edits each tensor as
 chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE's seeded
-mask with 2-, 4- or 8-bit values) or ``lowrank-q`` with a bit width per singular vector
-(Delta-CoMe's bands, chosen by data).
+mask with 2-, 4- or 8-bit values), ``lowrank-q`` with a bit width per singular vector
+(Delta-CoMe's bands, chosen by data), or, at budgets up to `priors.HYBRID_MAX_BITS`, the hybrid
+of `delta_format.methods.hybrid` (a few singular directions plus DARE of the rest, one ``sum``
+entry).
 
 Errors are weight errors ``||Δ̂ - Δ||²`` (data-free), with two priors measured on real pairs:
 vocabulary-sized lookup tables (embeddings, a language model's head) weigh `LOOKUP_WEIGHT` of a
@@ -42,13 +44,13 @@ from ..core.encodings import (
     DenseEncoding,
     QuantizedDenseEncoding,
     QuantizedLowRankEncoding,
-    QuantizedSparseEncoding,
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd
+from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd, weighted
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
-from .priors import ENERGY_POWER, LOOKUP_WEIGHT, lookup_weight, noise_price
+from .hybrid import dare_q, hybrid_encode, hybrid_options
+from .priors import ENERGY_POWER, HYBRID_MAX_BITS, LOOKUP_WEIGHT, column_weights, lookup_weight, noise_price
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
@@ -101,11 +103,27 @@ class BudgetMethod(EditMethod, name="budget"):
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
         energies: dict[str, float] = {}
+        hybrid = self.bits <= HYBRID_MAX_BITS  # DARE's regime: see priors.HYBRID_MAX_BITS
         for name, delta, context in tensors():
             weight = lookup_weight(delta, context.lookup)
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
-            noise = None if noise == "off" else noise
-            menus.append(menu_for(name, delta, weight=weight, seed=context.seed, noise_weight=noise)[0])
+            noise = None if noise == "off" or (hybrid and weight < 1) else noise
+            masks: dict[float, torch.Tensor] = {}
+            columns = column_weights(delta) if hybrid else None
+            menu, svd = menu_for(
+                name,
+                delta,
+                weight=weight,
+                seed=context.seed,
+                noise_weight=noise,
+                masks=masks,
+                columns=columns,
+                split_rounding=hybrid,
+            )
+            if hybrid and noise is not None and svd is not None:  # top singular directions + DARE on the rest
+                for option in hybrid_options(name, delta, svd, context.seed, noise, masks, columns):
+                    menu.options.append(weighted(option, weight))
+            menus.append(menu)
             energy = input_energy(context.activations)
             if energy is not None and energy > 0:
                 energies[name] = energy
@@ -127,6 +145,7 @@ class BudgetMethod(EditMethod, name="budget"):
             )
             + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}",
             "noise_weight": self.noise_weight,
+            "hybrid": hybrid,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
         }
@@ -155,16 +174,10 @@ class BudgetMethod(EditMethod, name="budget"):
             return Edit(encoding, encoding.encode(delta, dtype=torch.float16), stats)
         if kind == "sparse-q":
             return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)
-        order, bands = option.spec[1], option.spec[2]
         u, s, vh = truncated_svd(delta, menu_rank(delta))  # the vectors prepare() measured
+        if kind == "sum":
+            return Edit(*hybrid_encode(name, delta, (u, s, vh), context.seed, *option.spec[1:]), stats)
+        order, bands = option.spec[1], option.spec[2]
         index = torch.tensor(order)
         encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
         return Edit(encoding, encoding.encode(delta, u=(u * s)[:, index], v=vh[index]), stats)
-
-
-def dare_q(name: str, delta: torch.Tensor, seed: int, p: float, bits: int):
-    """DARE's seeded mask at drop rate ``p``, kept values as ``bits``-bit codes, rescale ``1/(1-p)``."""
-    encoding = QuantizedSparseEncoding("seeded", bits=bits, group=GROUP, count=0, scale=1 / (1 - p), seed=seed, p=p)
-    positions = encoding.positions(delta.numel(), name, delta.device)
-    encoding = encoding.with_count(int(positions.numel()))
-    return encoding, encoding.encode(delta, name=name, positions=positions)
