@@ -217,3 +217,11 @@ def test_a_compressed_hybrid_loads_as_the_plan_says(tmp_path):
         moved = float((want - base.state_dict()[name]).norm())
         error = float((want - ft.state_dict()[name]).norm())
         assert error < moved  # closer to the fine-tune than the base is
+
+
+def test_decoding_leaves_the_stored_tensors_untouched():
+    encoding = SumEncoding([DenseEncoding(), DenseEncoding()])
+    first, second = torch.ones(3, 2), torch.full((3, 2), 0.5)
+    stored = encoding.join([{"delta": first}, {"delta": second}])
+    assert torch.equal(encoding.decode(stored, (3, 2), "w", torch.float32), torch.full((3, 2), 1.5))
+    assert torch.equal(first, torch.ones(3, 2))  # a dense part decodes to its own stored tensor

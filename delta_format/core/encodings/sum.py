@@ -137,7 +137,7 @@ class SumEncoding(Encoding, name=SUM):
         total = None
         for part, own in zip(self.parts, self.split(stored)):
             delta = part.decode(own, shape, name, dtype)
-            total = delta if total is None else total.add_(delta)
+            total = delta if total is None else total + delta  # not in place: a part may return its stored tensor
         return total
 
     def rows(self, stored, shape, name, dtype, alpha=1.0):
