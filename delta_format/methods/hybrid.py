@@ -48,9 +48,10 @@ def hybrid_options(
     masks: dict[float, torch.Tensor] | None = None,
     columns: torch.Tensor | None = None,
 ) -> list[Option]:
-    """Top ``r`` of `HYBRID_RANKS` as ``lowrank-q`` plus each DARE option on the residual. Offered
-    where ``r`` is at most an eighth of the smaller side (below that the low rank is most of the
-    matrix, and plain ``lowrank-q`` covers it)."""
+    """Top ``r`` of `HYBRID_RANKS` as ``lowrank-q`` plus each DARE option on the residual, its
+    rounding split as `allocation.rounding_error` prices it. Offered where ``r`` is at most an
+    eighth of the smaller side (in a smaller matrix those directions are most of it, which plain
+    ``lowrank-q`` covers)."""
     rows, cols = matrix_shape(tuple(delta.shape))
     options = []
     for rank in HYBRID_RANKS:
