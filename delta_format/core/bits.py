@@ -95,10 +95,15 @@ def expand_signs(bits: torch.Tensor, first: int, last: int, table: torch.Tensor)
     return signs.view(-1)[first % 8 : first % 8 + last - first]
 
 
+_BIT_MASKS: dict[torch.device, torch.Tensor] = {}
+
+
 def _select_signs(chunk: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``table[chunk]`` for a sign table (every ``+`` entry equal, every ``-`` entry equal), elementwise."""
-    weights = torch.tensor(_WEIGHTS, dtype=torch.uint8, device=chunk.device)
-    return torch.where(chunk.unsqueeze(1).bitwise_and(weights).bool(), table[255, 0], table[0, 0])
+    masks = _BIT_MASKS.get(chunk.device)
+    if masks is None:  # once per device, as `sign_table`: no host-to-device copy per row block
+        masks = _BIT_MASKS[chunk.device] = torch.tensor(_WEIGHTS, dtype=torch.uint8, device=chunk.device)
+    return torch.where(chunk.unsqueeze(1).bitwise_and(masks).bool(), table[255, 0], table[0, 0])
 
 
 def signs_at(bits: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
