@@ -17,6 +17,8 @@ would alone.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -187,10 +189,7 @@ class SumFactor(Factor):
         self.cache_merged = any(part.cache_merged for part in parts)
 
     def product(self, x):
-        out = self.parts[0].product(x)
-        for part in self.parts[1:]:
-            out = out + part.product(x)
-        return out
+        return functools.reduce(operator.add, (part.product(x) for part in self.parts))
 
     def merged(self, weight):
         for part in self.parts:
@@ -198,10 +197,7 @@ class SumFactor(Factor):
         return weight
 
     def gather(self, ids):
-        out = self.parts[0].gather(ids)
-        for part in self.parts[1:]:
-            out = out + part.gather(ids)
-        return out
+        return functools.reduce(operator.add, (part.gather(ids) for part in self.parts))
 
     def apart(self, tokens):
         return all(part.apart(tokens) for part in self.parts)
