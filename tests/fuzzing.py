@@ -95,12 +95,11 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
     ref = BaseReference(local_path="in-memory")
     with DeltaWriter(out, base=ref, method="mixed", max_shard_size=400) as w:
 
-        def add(name, enc, stored, dtype="float32", alpha=1.0):
+        def add(name, enc, stored, dtype="float32", alpha=1.0, rounding="nearest"):
+            shape = tuple(base[name].shape) if name in base else tuple(stored["value"].shape)
             w.add(
                 name,
-                TensorEntry(
-                    enc, tuple(base[name].shape) if name in base else tuple(stored["value"].shape), dtype, alpha
-                ),
+                TensorEntry(enc, shape, dtype, alpha, rounding=rounding),
                 stored,
             )
 
@@ -131,7 +130,8 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         add("dense_q.w", enc, enc.encode(torch.randn(7, 9, generator=g)))
         enc = QuantizedSparseEncoding("seeded", bits=2, group=8, count=0, scale=4.0, seed=5, p=0.75)
         enc = enc.with_count(len(enc.positions(96, "sparse_q.w")))
-        add("sparse_q.w", enc, enc.encode(torch.randn(12, 8, generator=g), name="sparse_q.w"), "bfloat16")
+        stored = enc.encode(torch.randn(12, 8, generator=g), name="sparse_q.w")
+        add("sparse_q.w", enc, stored, "bfloat16", rounding="stochastic")  # SPEC 1.3's rounding
         enc = QuantizedLowRankEncoding([(1, 8), (2, 3)], 4)
         add("lowrank_q.w", enc, enc.encode(torch.randn(11, 6, generator=g)))
         ft = (base["bitdiff.w"].float() + 0.01 * torch.randn(5, 6, generator=g)).to(torch.bfloat16)

@@ -217,8 +217,9 @@ def lowrank_q(stored, config, shape, c) -> np.ndarray:
     return (u @ v).astype(c).reshape(shape)
 
 
-def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.ndarray:
-    """§9 for one delta part, no user multiplier; result rounded to the entry's dtype."""
+def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None, name: str = "") -> np.ndarray:
+    """§9 for one delta part, no user multiplier; result rounded to the entry's dtype (§9.1:
+    stochastically when the config says so and the dtype is half precision)."""
     if entry["encoding"] in ("replace", "bitdiff"):
         return round_to(delta, entry["dtype"])
     c = np.float64 if entry["dtype"] == "float64" else np.float32
@@ -226,7 +227,50 @@ def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None) -> np.n
     alpha = entry.get("alpha", 1.0)
     if alpha != 1.0:
         delta = (c(alpha) * delta).astype(c)
-    return round_to((acc + delta).astype(c), entry["dtype"])
+    acc = (acc + delta).astype(c)
+    if entry.get("config", {}).get("rounding") == "stochastic" and entry["dtype"] in ("float16", "bfloat16"):
+        return stochastic_round(acc, entry["dtype"], name)
+    return round_to(acc, entry["dtype"])
+
+
+ROUNDING_SEED = int.from_bytes(b"round", "big")
+
+
+def toward_and_away(x: float, dtype: str) -> tuple[float, float]:
+    """The ``dtype`` value toward zero from ``x`` (``x`` when it holds it) and the next one away
+    from zero, found by search over 16-bit patterns (low 15 bits: the magnitude, bit 15: sign)."""
+    sign = 0x8000 if math.copysign(1.0, x) < 0 else 0
+
+    def value(magnitude: int) -> float:
+        if dtype == "float16":
+            return float(np.array([sign | magnitude], dtype=np.uint16).view(np.float16)[0])
+        return float(np.array([(sign | magnitude) << 16], dtype=np.uint32).view(np.float32)[0])
+
+    low, high = 0, 0x7F80 if dtype == "bfloat16" else 0x7C00  # 0 .. the infinity's magnitude
+    while high - low > 1:  # the largest magnitude whose value is at most |x|
+        mid = (low + high) // 2
+        low, high = (mid, high) if abs(value(mid)) <= abs(x) else (low, mid)
+    if abs(value(high)) <= abs(x):
+        low = high
+    return value(low), value(low + 1)
+
+
+def stochastic_round(acc: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """§9.1, one element at a time in Python floats (binary64: every step exact)."""
+    flat = acc.reshape(-1)
+    near = round_to(flat, dtype)
+    key = stream_key(ROUNDING_SEED, name)
+    out = near.copy()
+    for i in range(flat.size):
+        x = float(flat[i])
+        if not math.isfinite(x):
+            continue
+        t, a = toward_and_away(x, dtype)
+        if not math.isfinite(a):
+            continue  # t is the largest finite magnitude: nearest, as without the rule
+        f = (abs(x) - abs(t)) / (abs(a) - abs(t))
+        out[i] = a if (u(key, i) >> 16) < f * 2**16 else t
+    return out.reshape(acc.shape)
 
 
 # ---------------------------------------------------------------------------------------------

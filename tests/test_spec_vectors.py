@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from delta_format.core import seeded_mask
 from delta_format.core.fingerprint import fingerprint_safetensors
-from delta_format.core.manifest import Manifest
+from delta_format.core.manifest import Manifest, spec_version_string
 from delta_format.core.reconstruct import reconstruct_stored
 from delta_format.errors import CorruptDeltaError, DeltaFormatError
 from delta_format.io.reader import DeltaReader
@@ -63,6 +63,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "sparse-q",
             "lowrank-q",
             "sum",
+            "rounding",
         ]
     )
 
@@ -105,7 +106,7 @@ def test_reference_decoder_reconstructs_expected_bit_for_bit(name):
             got = base[param]
         else:
             mine = {key.split(":")[-1]: ref.to_array(*v) for key, v in stored.items() if key.rsplit(":", 1)[0] == param}
-            got = ref.reconstruct(entry, ref.decode(entry, mine, param, base.get(param)), base.get(param))
+            got = ref.reconstruct(entry, ref.decode(entry, mine, param, base.get(param)), base.get(param), param)
         assert got.shape == want.shape, param
         assert np.array_equal(
             got.view(np.uint32 if got.dtype == np.float32 else np.uint64),
@@ -151,7 +152,7 @@ def test_sharded_vector_has_several_shards_an_index_and_no_single_file():
 
 
 def test_every_vector_is_written_at_the_current_spec_version():
-    assert {manifest_of(name)["spec_version"] for name in VECTOR_NAMES} == {"1.2"}
+    assert {manifest_of(name)["spec_version"] for name in VECTOR_NAMES} == {spec_version_string()}
 
 
 MUST_REFUSE = json.loads((VECTORS / "bitdiff_must_refuse.json").read_text(encoding="utf-8"))["cases"]

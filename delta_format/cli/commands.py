@@ -60,6 +60,7 @@ def run_compress(args: argparse.Namespace) -> int:
         calibration_texts=texts,
         tokenizer=tokenizer,
         value_dtype=args.value_dtype,
+        rounding=args.rounding,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         token=args.token,

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16", "float64"),
         help="dtype of stored values (default: the fine-tune's)",
     )
+    c.add_argument(
+        "--rounding",
+        choices=("auto", "nearest", "stochastic"),
+        default="auto",
+        help="how readers round a lossy float16/bfloat16 parameter (SPEC §9.1): 'auto' (stochastic "
+        "for lossy half-precision entries), 'nearest' (a file readers before spec 1.3 accept)",
+    )
     c.add_argument("--max-shard-size", default="2GB", help="largest delta shard (also the in-memory write buffer)")
     c.add_argument("--revision", help="revision of the fine-tune on the Hub")
     c.add_argument("--base-revision", help="revision of the base on the Hub (pinned to its commit in the manifest)")

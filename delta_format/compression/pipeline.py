@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.constants import ROUNDINGS
 from ..core.dtypes import parse_dtype
 from ..errors import InvalidArgumentError
 from ..io.resolve import HubOptions, resolve_repo
@@ -63,6 +64,7 @@ class CompressOptions:
     value_dtype: torch.dtype | None
     calibration_texts: Sequence[str] | None
     tokenizer: Any
+    rounding: str = "auto"
 
     @classmethod
     def check(
@@ -78,6 +80,7 @@ class CompressOptions:
         value_dtype: str | torch.dtype | None,
         calibration_texts: Sequence[str] | None,
         tokenizer: Any,
+        rounding: str = "auto",
     ) -> CompressOptions:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise InvalidArgumentError(
@@ -85,10 +88,17 @@ class CompressOptions:
             )
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise InvalidArgumentError("seed must be an integer in [0, 2**64)", expected="e.g. 0", found=repr(seed))
+        if not isinstance(rounding, str) or rounding not in ("auto", *ROUNDINGS):
+            raise InvalidArgumentError(
+                f"rounding is {rounding!r}",
+                expected=f"'auto' or one of {list(ROUNDINGS)}",
+                found=repr(rounding),
+                fix="pass rounding='auto' (stochastic for lossy half-precision entries) or 'nearest'",
+            )
         stored_dtype = parse_dtype(value_dtype, what="value_dtype")
         plan = MethodPlan(method, method_params, rules, include, exclude)
         plan.check_calibration(calibration_texts is not None)
-        return cls(plan, float(alpha), seed, stored_dtype, calibration_texts, tokenizer)
+        return cls(plan, float(alpha), seed, stored_dtype, calibration_texts, tokenizer, rounding)
 
     def recorded_params(self, finetune: TensorSource) -> dict[str, Any]:
         """What the manifest records beside the plan: α, the seed if a method draws masks, and
@@ -125,6 +135,7 @@ def compress(
     calibration_texts: Sequence[str] | None = None,
     tokenizer: Any = None,
     value_dtype: str | torch.dtype | None = None,
+    rounding: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     token: str | bool | None = None,
@@ -163,6 +174,11 @@ def compress(
         value_dtype: dtype of stored values (kept entries, factors); default 16 bits: the
             fine-tune's own for 16-bit fine-tunes, else float16 or bfloat16 per tensor, whichever
             rounds the delta less (`delta_format.core.quant.sixteen_bit`).
+        rounding: how a reader rounds a lossy half-precision parameter (SPEC §9.1): ``"auto"``
+            (default) marks every lossy delta entry of a float16/bfloat16 parameter
+            ``"stochastic"`` (seeded, unbiased: a delta below the weights' spacing is kept in
+            expectation instead of rounded away) and the rest ``"nearest"``; ``"nearest"``
+            writes a file readers before spec 1.3 accept; ``"stochastic"`` marks every delta entry.
         max_shard_size: shard size of the delta files, also the writer's in-memory buffer.
         overwrite: replace an existing ``out_dir`` (only once the new delta is complete).
         token, revision, base_revision: Hub token and revisions of the fine-tune and the base.
@@ -197,6 +213,7 @@ def compress(
         value_dtype=value_dtype,
         calibration_texts=calibration_texts,
         tokenizer=tokenizer,
+        rounding=rounding,
     )
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_src = open_source(base, hub.updated(revision=base_revision), what="base model")
@@ -224,6 +241,7 @@ def compress(
             alpha=options.alpha,
             seed=options.seed,
             value_dtype=options.value_dtype,
+            rounding=options.rounding,
         )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.constants import INDEX_GAPS
+from ..core.constants import INDEX_GAPS, ROUNDING_NEAREST, ROUNDING_STOCHASTIC
 from ..core.dtypes import compute_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..core.manifest import TensorEntry
@@ -49,9 +49,10 @@ class TensorCompressor:
         alpha: float,
         seed: int,
         value_dtype: torch.dtype | None,
+        rounding: str = "auto",
     ):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
-        self.alpha, self.seed, self.value_dtype = alpha, seed, value_dtype
+        self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()
         self.lookups = finetune.lookup_names()
 
@@ -129,6 +130,7 @@ class TensorCompressor:
             torch_dtype_name(context.finetune.dtype),
             alpha,
             {"method": method.name, **edit.stats},
+            rounding=self.entry_rounding(edit, context.finetune.dtype),
         )
         decoded = None
         if self.session is not None or not edit.lossless:  # measured on what was stored: decoded as a reader will
@@ -141,6 +143,18 @@ class TensorCompressor:
         self.write(name, entry, edit.stored, "edited")
         if edit.encoding.is_delta:
             self.totals.add_error(error)
+
+    def entry_rounding(self, edit: Edit, dtype: torch.dtype) -> str:
+        """SPEC §9.1's rounding for this entry: with ``"auto"``, stochastic where a lossy delta meets
+        a half-precision parameter (its corrections under the weights' spacing would round away),
+        nearest elsewhere (a lossless entry's sum is exact: both give the same bits, and nearest
+        keeps the file readable before spec 1.3)."""
+        if not edit.encoding.is_delta:
+            return ROUNDING_NEAREST
+        if self.rounding != "auto":
+            return self.rounding
+        half = dtype in (torch.float16, torch.bfloat16)
+        return ROUNDING_STOCHASTIC if half and not edit.lossless else ROUNDING_NEAREST
 
     def dropped(self, name: str, delta: torch.Tensor, context: TensorContext) -> None:
         """The method stored nothing: the parameter keeps the base's value (error: all of ``Δ``)."""

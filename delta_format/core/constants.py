@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 2)
+SPEC_VERSION = (1, 3)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -37,6 +37,13 @@ LOWRANK_Q = "lowrank-q"
 # Parts of other encodings added up (SPEC §5.11, spec 1.2).
 SUM = "sum"
 ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q, SUM)
+
+# Rounding of the reconstructed parameter to a half-precision dtype (SPEC §9.1, spec 1.3).
+ROUNDING_NEAREST = "nearest"
+ROUNDING_STOCHASTIC = "stochastic"
+ROUNDINGS = (ROUNDING_NEAREST, ROUNDING_STOCHASTIC)
+ROUNDING_SEED = 0x726F756E64
+"""Seed of the stochastic rounding's dither stream (``b"round"`` read big-endian, SPEC §9.1)."""
 
 # Sparse index codings (SPEC §5.2).
 INDEX_GAPS = "gaps"

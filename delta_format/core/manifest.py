@@ -20,6 +20,8 @@ from .constants import (
     MAX_MANIFEST_BYTES,
     MAX_RANK_DIMS,
     MAX_TENSOR_ELEMENTS,
+    ROUNDING_NEAREST,
+    ROUNDINGS,
     SPEC_VERSION,
     STORED_KEY_SEPARATOR,
     SUPPORTED_MAJOR_VERSIONS,
@@ -121,11 +123,17 @@ class TensorEntry:
     dtype: str
     alpha: float = 1.0
     stats: dict[str, Any] = field(default_factory=dict)
+    rounding: str = ROUNDING_NEAREST
+    """How the sum is rounded to a half-precision result (SPEC §9.1): stored as the ``rounding``
+    key of a delta encoding's config, which readers before 1.3 refuse as unknown."""
 
     def to_dict(self) -> dict[str, Any]:
+        config = self.encoding.to_dict()
+        if self.rounding != ROUNDING_NEAREST:
+            config = {**config, "rounding": self.rounding}
         out: dict[str, Any] = {
             "encoding": self.encoding.name,
-            "config": self.encoding.to_dict(),
+            "config": config,
             "shape": list(self.shape),
             "dtype": self.dtype,
             "alpha": self.alpha,
@@ -149,7 +157,21 @@ class TensorEntry:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ManifestError(f"{where} alpha is not a finite number", expected="a number", found=repr(alpha))
         shape = parse_shape(where, data["shape"])
-        encoding = encoding_from_dict(data["encoding"], data.get("config", {}))
+        config = data.get("config", {})
+        rounding = ROUNDING_NEAREST
+        if isinstance(config, dict) and "rounding" in config:
+            config = dict(config)
+            rounding = config.pop("rounding")
+        encoding = encoding_from_dict(data["encoding"], config)
+        if rounding not in ROUNDINGS or (rounding != ROUNDING_NEAREST and not encoding.is_delta):
+            raise ManifestError(
+                f"{where} has an invalid rounding",
+                expected=f"one of {list(ROUNDINGS)}, on a delta encoding (not {data['encoding']!r})"
+                if encoding.is_delta
+                else f"no rounding on a {data['encoding']} value",
+                found=repr(rounding)[:100],
+                fix="check the delta was written for this spec version",
+            )
         encoding.expected(shape)  # refuses encodings that cannot apply to this shape
         stats = parse_stats(f"{where} stats", data.get("stats", {}))
         stored = stats.get("stored_bytes", 0)
@@ -157,7 +179,7 @@ class TensorEntry:
             raise ManifestError(
                 f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100]
             )
-        return cls(encoding, shape, data["dtype"], float(alpha), dict(stats))
+        return cls(encoding, shape, data["dtype"], float(alpha), dict(stats), rounding)
 
 
 @dataclass

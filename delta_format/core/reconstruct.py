@@ -5,7 +5,9 @@
 added, and cast once, so half-precision models do not accumulate rounding and every device gets
 the same bits. The sum is formed a block of rows at a time (each element's arithmetic is the
 same, so the bits are too): encodings add their rows into a cache-sized float32 accumulator
-(`Encoding.rows`), and a sparse delta touches only its kept positions. A result
+(`Encoding.rows`), and a sparse delta touches only its kept positions. An entry whose config says
+``"rounding": "stochastic"`` (spec 1.3) is cast to half precision by `rounding.stochastic_cast`,
+seeded by the parameter's name and each element's flat index (SPEC §9.1). A result
 that is not finite where the base was is reported, never returned: an overflow in the cast
 would otherwise be a silent wrong weight.
 """
@@ -17,10 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import BaseMismatchError, NumericalError
+from .constants import ROUNDING_STOCHASTIC
 from .dtypes import TORCH_DTYPES, compute_dtype
 from .encodings import DenseEncoding, ReplaceEncoding
 from .encodings.base import matrix_shape
 from .manifest import TensorEntry
+from .rounding import rounding_key, stochastic_cast
 
 Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]
 """One delta's contribution to a parameter: its entry, its stored tensors, an alpha multiplier."""
@@ -49,7 +53,7 @@ def reconstruct(
         A tensor of ``entry.shape`` in ``dtype``; the same bits as `reconstruct_stored`.
     """
     if entry.encoding.is_delta:  # a decoded delta is a dense one: same arithmetic, same bits
-        entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha)
+        entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha, rounding=entry.rounding)
         stored = {DenseEncoding.DELTA: decoded}
     else:  # and a decoded value (replace, bitdiff) a replace one
         entry = TensorEntry(ReplaceEncoding(), entry.shape, entry.dtype, entry.alpha)
@@ -92,6 +96,8 @@ def reconstruct_stored(
                 fix="load the base the delta was made against",
             )
     compute = compute_dtype(dtype)
+    stochastic = dtype != compute and any(entry.rounding == ROUNDING_STOCHASTIC for entry, _, _ in parts)
+    key = rounding_key(name) if stochastic else 0
     deltas = [
         entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
         for entry, stored, alpha_scale in parts
@@ -109,7 +115,9 @@ def reconstruct_stored(
         acc.copy_(source[start:stop])
         for delta in deltas:
             delta.add_rows(acc, start, stop)
-        if buffer is not None:
+        if stochastic:
+            target.copy_(stochastic_cast(acc, dtype, key, start * cols))
+        elif buffer is not None:
             target.copy_(acc)
         _check_finite(name, target, source[start:stop], dtype)
     for delta in deltas:

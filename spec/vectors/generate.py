@@ -18,6 +18,7 @@ named here are replaced.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from delta_format.core import seeded_mask  # noqa: E402
+from delta_format.core.constants import ROUNDING_SEED  # noqa: E402
 from delta_format.core.encodings import (  # noqa: E402
     BitdiffEncoding,
     DenseEncoding,
@@ -63,6 +65,7 @@ VECTORS = (
     "sparse-q",
     "lowrank-q",
     "sum",
+    "rounding",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -610,6 +613,78 @@ def vector_sum(root: Path) -> None:
     v.write("budget", {"bits": 0.5})
 
 
+def stochastic_rounded(acc: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """SPEC §9.1 element by element, in Python integers and binary64 (exact here); float32 out."""
+    acc = np.ascontiguousarray(acc, dtype=np.float32).reshape(-1)
+    near = rounded(acc, dtype)
+    key = seeded_mask.stream_key(ROUNDING_SEED, name)
+    out = near.copy()
+    for i, x in enumerate(acc.tolist()):
+        toward, away = neighbours_of(x, dtype)
+        if not math.isfinite(away):
+            continue  # t is the largest finite magnitude (or acc is not finite): nearest
+        d = seeded_mask._mix32_int(seeded_mask._mix32_int(key ^ (i % 2**32)) ^ (i >> 32)) >> 16
+        f = (abs(x) - abs(toward)) / (abs(away) - abs(toward))
+        out[i] = away if d < f * 2**16 else toward
+    return out
+
+
+def neighbours_of(x: float, dtype: str) -> tuple[float, float]:
+    """The ``dtype`` values toward zero from ``x`` (``x`` itself when it holds it) and the next one
+    away from zero, through the 16-bit patterns: a pattern's low 15 bits are the magnitude."""
+    if dtype == "float16":
+        half = np.float16(x)
+        pattern = int(np.array([half]).view(np.uint16)[0])
+        if abs(float(half)) > abs(x):
+            pattern -= 1  # nearest rounded away: step the magnitude in
+        as_float = lambda p: float(np.array([p], dtype=np.uint16).view(np.float16)[0])  # noqa: E731
+    else:
+        pattern = int(np.array([x], dtype=np.float32).view(np.uint32)[0]) >> 16  # truncation is toward zero
+        as_float = lambda p: float(np.array([p << 16], dtype=np.uint32).view(np.float32)[0])  # noqa: E731
+    return as_float(pattern), as_float(pattern + 1)
+
+
+def vector_rounding(root: Path) -> None:
+    v = Vector(root, "rounding")
+    # "w": bfloat16, per-row signs whose scales lie below the weights' spacing: nearest rounding
+    # would drop most of them; stochastic keeps them in expectation (SPEC §9.1). Zeros, negatives.
+    shape = (16, 32)
+    base = v.add_base("w", shape, "bfloat16", 110)
+    base.reshape(-1)[:4] = [0.0, -0.0, 1.0, -1.0]
+    v.base["w"] = (base, "bfloat16")
+    v.expected["w"] = (base, "bfloat16")
+    flags = (values(shape, 111) >= 0).reshape(-1)
+    scales = np.abs(values((16,), 112, 0.004)).astype(np.float16).astype(np.float32)
+    delta = (np.where(flags, 1.0, -1.0).reshape(shape) * scales[:, None]).astype(np.float32)
+    acc = (base.astype(np.float32) + delta).astype(np.float32)
+    sign = entry(SignEncoding("row"), shape, "bfloat16")
+    sign.rounding = "stochastic"
+    stored = {"bits": pack_bits_np(flags), "scale": torch.from_numpy(scales).half()}
+    v.add("w", sign, stored, stochastic_rounded(acc, "bfloat16", "w").reshape(shape))
+    # "h": float16, dense delta at alpha 0.5: the largest finite value pushed up stays finite, a
+    # subnormal sum rounds between subnormals.
+    shape = (4, 8)
+    base = (v.add_base("h", shape, "float16", 113) * 8).astype(np.float16).astype(np.float32)
+    base.reshape(-1)[:3] = [65504.0, 2.0**-24, -(2.0**-14)]
+    v.base["h"] = (base, "float16")
+    v.expected["h"] = (base, "float16")
+    delta = values(shape, 114, 0.003).astype(np.float32)
+    delta.reshape(-1)[:3] = [16.0, 2.0**-26, 2.0**-27]
+    scaled = (delta * np.float32(0.5)).astype(np.float32)
+    acc = (base.astype(np.float32) + scaled).astype(np.float32)
+    dense = entry(DenseEncoding(), shape, "float16", 0.5)
+    dense.rounding = "stochastic"
+    v.add("h", dense, {"delta": torch.from_numpy(delta)}, stochastic_rounded(acc, "float16", "h").reshape(shape))
+    # "f": float32: nothing to round, the marking changes no bit.
+    shape = (3, 5)
+    base = v.add_base("f", shape, "float32", 115)
+    delta = values(shape, 116, 0.01)
+    dense = entry(DenseEncoding(), shape, "float32")
+    dense.rounding = "stochastic"
+    v.add("f", dense, {"delta": torch.from_numpy(delta)}, reconstruct(base, delta, 1.0, "float32"))
+    v.write("sign", {"scale": "row"})
+
+
 def pack_bits_np(flags: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flags.astype(bool), bitorder="little"))
 
@@ -679,6 +754,7 @@ def main(root: Path) -> None:
         vector_sparse_q,
         vector_lowrank_q,
         vector_sum,
+        vector_rounding,
     ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)

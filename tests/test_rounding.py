@@ -1,0 +1,181 @@
+"""Seeded stochastic rounding of half-precision results (SPEC §9.1, spec 1.3).
+
+A lossy delta on a bfloat16 model is mostly below the spacing of its weights; rounding the sum to
+nearest drops it, rounding stochastically keeps it in expectation. These tests check the rule
+itself (neighbours only, unbiased, exact values untouched, the same bits whatever the blocks),
+where the manifest carries it, what old readers and hostile configs get, and that `compress`
+marks exactly the lossy half-precision entries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from delta_format import compress
+from delta_format.core.encodings import DenseEncoding, ReplaceEncoding, SignEncoding, encoding_from_dict
+from delta_format.core.manifest import TensorEntry
+from delta_format.core.reconstruct import reconstruct_stored
+from delta_format.core.rounding import rounding_key, stochastic_cast
+from delta_format.errors import InvalidArgumentError, ManifestError
+from delta_format.io.reader import DeltaReader
+from tests.models import save, structured_perturbation, tiny_llama
+
+reconstruct_module = importlib.import_module("delta_format.core.reconstruct")
+HALF = {"bfloat16": (torch.bfloat16, 2.0**-7), "float16": (torch.float16, 2.0**-10)}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF))
+@pytest.mark.parametrize("frac", [0.1, 0.37, -0.25])
+def test_stochastic_cast_is_unbiased_and_picks_a_neighbour(dtype, frac):
+    torch_dtype, spacing = HALF[dtype]  # of values in [1, 2)
+    weights = (1.1 + 0.8 * torch.rand(200_000, generator=torch.Generator().manual_seed(0))).to(torch_dtype)
+    acc = weights.float() + frac * spacing
+    got = stochastic_cast(acc, torch_dtype, rounding_key("w"))
+    nearest = acc.to(torch_dtype)
+    moved = got != nearest
+    # neighbours only: the nearest value, or one spacing past it toward acc
+    steps = (got.double() - nearest.double()).abs()[moved]
+    assert torch.equal(steps, torch.full_like(steps, spacing))
+    share = float(moved.double().mean())
+    assert abs(share - abs(frac)) < 0.01  # P(past) = |acc - nearest| / spacing; 5 sigma ≈ 0.005
+    bias = float((got.double() - acc.double()).mean()) / spacing
+    assert abs(bias) < 0.01 < abs(float((nearest.double() - acc.double()).mean()) / spacing)
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF))
+def test_values_the_dtype_holds_are_returned_unchanged(dtype):
+    torch_dtype = HALF[dtype][0]
+    exact = torch.randn(300, 7).to(torch_dtype)
+    exact[0, :3] = torch.tensor([0.0, -0.0, float(torch.finfo(torch_dtype).max)], dtype=torch_dtype)
+    got = stochastic_cast(exact.float(), torch_dtype, 123)
+    assert torch.equal(got.view(torch.int16), exact.view(torch.int16))  # -0.0 included
+
+
+def test_the_largest_value_is_never_rounded_to_infinity_and_nan_stays():
+    top = torch.finfo(torch.float16).max
+    acc = torch.tensor([top + 15.0] * 1000 + [float("nan"), -(top + 15.0)])
+    got = stochastic_cast(acc, torch.float16, 9)
+    assert torch.equal(got[:1000], torch.full((1000,), top, dtype=torch.float16))
+    assert got[1000].isnan() and got[1001] == -top
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF))
+def test_subnormals_and_zero_round_between_their_neighbours(dtype):
+    torch_dtype = HALF[dtype][0]
+    tiny = float(torch.finfo(torch_dtype).smallest_normal) * (2.0**-7 if dtype == "bfloat16" else 2.0**-10)
+    acc = torch.tensor([0.3 * tiny] * 20_000 + [-0.3 * tiny] * 20_000)
+    got = stochastic_cast(acc, torch_dtype, 5).double()
+    assert set(got[:20_000].tolist()) == {0.0, tiny} and set(got[20_000:].tolist()) == {0.0, -tiny}
+    assert abs(float(got[:20_000].mean()) / tiny - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("row_block", [1, 5, 10**9])
+@pytest.mark.parametrize("dtype", sorted(HALF))
+def test_reconstruction_gets_the_same_bits_whatever_the_row_blocks(row_block, dtype, monkeypatch):
+    torch_dtype = HALF[dtype][0]
+    base = torch.randn(13, 9).to(torch_dtype)
+    delta = torch.randn(13, 9) * 1e-3
+    encoding = DenseEncoding()
+    entry = TensorEntry(encoding, (13, 9), dtype, rounding="stochastic")
+    whole = stochastic_cast(base.float() + delta, torch_dtype, rounding_key("layer.w"))
+    monkeypatch.setitem(reconstruct_module.ROW_BLOCK_ELEMENTS, "cpu", row_block)
+    got = reconstruct_stored("layer.w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch_dtype)
+    assert torch.equal(got.view(torch.int16), whole.view(torch.int16))
+    assert not torch.equal(got, (base.float() + delta).to(torch_dtype))  # the rule is in use
+
+
+def test_float32_results_and_nearest_entries_are_not_dithered():
+    base, delta = torch.randn(6, 5), torch.randn(6, 5) * 1e-3
+    encoding = DenseEncoding()
+    stochastic = TensorEntry(encoding, (6, 5), "float32", rounding="stochastic")
+    got = reconstruct_stored("w", [(stochastic, encoding.encode(delta), 1.0)], base, dtype=torch.float32)
+    assert torch.equal(got, base + delta)
+    half = base.to(torch.bfloat16)
+    nearest = TensorEntry(encoding, (6, 5), "bfloat16")
+    got = reconstruct_stored("w", [(nearest, encoding.encode(delta), 1.0)], half, dtype=torch.bfloat16)
+    assert torch.equal(got, (half.float() + delta).to(torch.bfloat16))
+
+
+def test_the_manifest_stores_rounding_in_the_config_and_refuses_what_it_cannot_mean():
+    entry = TensorEntry(SignEncoding("row"), (4, 3), "bfloat16", rounding="stochastic")
+    data = entry.to_dict()
+    assert data["config"] == {"scale": "row", "rounding": "stochastic"}
+    assert TensorEntry.from_dict("w", json.loads(json.dumps(data))).rounding == "stochastic"
+    assert "rounding" not in TensorEntry(SignEncoding("row"), (4, 3), "bfloat16").to_dict()["config"]
+    # a reader before 1.3 sees an unknown key in a closed config, and refuses the file
+    with pytest.raises(ManifestError, match="wrong fields"):
+        encoding_from_dict("sign", data["config"])
+    for bad in ("down", 1, None, ["stochastic"]):
+        with pytest.raises(ManifestError, match="invalid rounding"):
+            TensorEntry.from_dict("w", {**data, "config": {"scale": "row", "rounding": bad}})
+    value = {"encoding": "replace", "config": {"rounding": "stochastic"}, "shape": [2], "dtype": "bfloat16"}
+    with pytest.raises(ManifestError, match="rounding"):
+        TensorEntry.from_dict("w", value)
+    assert ReplaceEncoding().is_delta is False
+    part = {"encoding": "dense", "config": {"rounding": "stochastic"}}
+    summed = {"encoding": "sum", "config": {"parts": [part, {"encoding": "dense"}]}, "shape": [2], "dtype": "bfloat16"}
+    with pytest.raises(ManifestError, match="wrong fields"):  # rounding belongs to the entry, not a part
+        TensorEntry.from_dict("w", summed)
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    base = tiny_llama(dtype=torch.bfloat16)
+    ft = structured_perturbation(base, rel=3e-3, seed=1).to(torch.bfloat16)
+    return save(base, root / "base"), save(ft, root / "ft")
+
+
+def _roundings(delta) -> dict[str, str]:
+    with DeltaReader(delta.directory) as reader:
+        return {name: reader.entry(name).rounding for name in reader.manifest.tensors}
+
+
+def test_compress_marks_lossy_half_precision_entries_stochastic(bf16_pair, tmp_path):
+    base, ft = bf16_pair
+    lossy = _roundings(compress(base, ft, tmp_path / "sign", method="sign", scale="row", progress=False))
+    assert lossy and set(lossy.values()) == {"stochastic"}
+    exact = _roundings(compress(base, ft, tmp_path / "dense", method="dense", progress=False))
+    assert exact and set(exact.values()) == {"nearest"}  # lossless: the same bits, a file 1.2 readers take
+    kept = _roundings(compress(base, ft, tmp_path / "near", method="sign", rounding="nearest", progress=False))
+    assert set(kept.values()) == {"nearest"}
+    with pytest.raises(InvalidArgumentError, match="rounding"):
+        compress(base, ft, tmp_path / "bad", method="sign", rounding="up", progress=False)
+
+
+def test_stochastic_rounding_keeps_a_delta_below_the_spacing_that_nearest_drops(bf16_pair, tmp_path):
+    base_dir, ft_dir = bf16_pair
+    out = compress(base_dir, ft_dir, tmp_path / "sign", method="sign", scale="row", progress=False).directory
+    kept = lost = total = 0.0
+    with DeltaReader(out) as reader:
+        from safetensors.torch import load_file
+
+        base = load_file(str(base_dir / "model.safetensors"))
+        for name in reader.manifest.tensors:
+            entry, stored = reader.entry(name), reader.stored(name)
+            if len(entry.shape) < 2:
+                continue
+            exact = reconstruct_stored(name, [(entry, stored, 1.0)], base[name], dtype=torch.float32).double()
+            intended = exact - base[name].double()  # the decoded delta, in float32
+            got = reconstruct_stored(name, [(entry, stored, 1.0)], base[name], dtype=torch.bfloat16).double()
+            near = exact.to(torch.bfloat16).double()
+            total += float(intended.abs().sum())
+            kept += float(((got - base[name].double()) * intended.sign()).sum())
+            lost += float(((near - base[name].double()) * intended.sign()).sum())
+    assert abs(kept / total - 1) < 0.05  # unbiased: the delta's mass is kept
+    assert lost / total < 0.9  # nearest rounding loses a measurable share of it here
+
+
+@pytest.mark.parametrize("flag, want", [("auto", "stochastic"), ("nearest", "nearest")])
+def test_the_cli_passes_rounding_through(bf16_pair, tmp_path, flag, want):
+    from delta_format.cli import main
+
+    out = tmp_path / "d"
+    argv = ["compress", *map(str, bf16_pair), str(out), "--no-progress", "--method", "sign", "--rounding", flag]
+    assert main(argv) == 0
+    with DeltaReader(out) as reader:
+        assert {reader.entry(name).rounding for name in reader.manifest.tensors} == {want}
