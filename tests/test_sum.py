@@ -24,7 +24,7 @@ from delta_format.methods import get_method
 from delta_format.methods.allocation import rounding_error, truncated_svd
 from delta_format.methods.base import TensorContext
 from delta_format.methods.hybrid import dare_q, hybrid_encode, hybrid_options, low_rank_part
-from delta_format.methods.priors import HYBRID_MAX_BITS, column_weights
+from delta_format.methods.priors import column_weights
 from tests.crafting import replace_stored
 from tests.models import save, tiny_llama
 
@@ -176,17 +176,18 @@ def test_the_low_rank_part_decodes_as_a_reader_decodes_it():
     assert torch.equal(low, encoding.decode(stored, (96, 80), "", torch.float32))
 
 
-def test_a_small_budget_plans_hybrids_and_a_large_one_does_not():
+def test_the_budget_plans_a_hybrid_for_a_few_strong_directions_over_noise():
     torch.manual_seed(0)
     base = torch.randn(256, 256)
     delta = (torch.randn(256, 3) @ torch.randn(3, 256) * 0.05 + torch.randn(256, 256) * 0.05) * 1e-2
     context = TensorContext("w", base=base)
-    small = get_method("budget", bits=HYBRID_MAX_BITS)
-    small.prepare(lambda: iter([("w", delta, context)]), None)
-    assert small._choices["w"].spec[0] == "sum"
-    large = get_method("budget", bits=2 * HYBRID_MAX_BITS)
-    large.prepare(lambda: iter([("w", delta, context)]), None)
-    assert large._choices["w"].spec[0] != "sum"
+    for bits in (0.25, 0.5):
+        method = get_method("budget", bits=bits)
+        method.prepare(lambda: iter([("w", delta, context)]), None)
+        assert method._choices["w"].spec[0] == "sum", bits
+    off = get_method("budget", bits=0.25, noise_weight="off")  # no DARE: no hybrid either
+    off.prepare(lambda: iter([("w", delta, context)]), None)
+    assert off._choices["w"].spec[0] != "sum"
 
 
 def test_a_compressed_hybrid_loads_as_the_plan_says(tmp_path):
@@ -201,9 +202,7 @@ def test_a_compressed_hybrid_loads_as_the_plan_says(tmp_path):
                 top = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
                 p.add_((top * 0.05 + torch.randn(rows, cols, generator=g) * 0.05) * p.abs().mean() * 0.05)
     out = tmp_path / "delta"
-    delta_format.compress(
-        save(base, tmp_path / "base"), save(ft, tmp_path / "ft"), out, bits=HYBRID_MAX_BITS, progress=False
-    )
+    delta_format.compress(save(base, tmp_path / "base"), save(ft, tmp_path / "ft"), out, bits=0.25, progress=False)
     reader = DeltaReader(out)
     sums = [name for name in reader if reader.entry(name).encoding.name == "sum"]
     assert sums, "structured matrix deltas at a small budget should get hybrids"

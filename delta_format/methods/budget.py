@@ -8,16 +8,22 @@ and errors (`delta_format.methods.allocation`), allocates the budget across all 
 (Lagrangian rate-distortion, the standard remedy in codec design), then edits each tensor as
 chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE's seeded
 mask with 2-, 4- or 8-bit values), ``lowrank-q`` with a bit width per singular vector
-(Delta-CoMe's bands, chosen by data), or, at budgets up to `priors.HYBRID_MAX_BITS`, the hybrid
-of `delta_format.methods.hybrid` (a few singular directions plus DARE of the rest, one ``sum``
-entry).
+(Delta-CoMe's bands, chosen by data), or the hybrid of `delta_format.methods.hybrid` (a few
+singular directions plus DARE of the rest, one ``sum`` entry).
 
-Errors are weight errors ``||Δ̂ - Δ||²`` (data-free), with two priors measured on real pairs:
+Errors are weight errors ``||Δ̂ - Δ||²`` (data-free), with priors measured on real pairs:
 vocabulary-sized lookup tables (embeddings, a language model's head) weigh `LOOKUP_WEIGHT` of a
-linear layer, and
-DARE's sampling noise weighs `noise_price` of a coherent error (small where the delta is small
-beside its base, as in a causal LM's fine-tune; nothing gained where it is not, as in a heavily
-trained encoder). With calibration texts each linear layer's error is further weighted by the
+linear layer and get no DARE (their rows feed every token's logits through a tied head: noise
+there cost more than dropping the table's delta); DARE's sampling noise weighs `noise_price` of
+a coherent error (small where the delta is small beside its base, as in a causal LM's
+fine-tune; nothing gained where it is not, as in a heavily trained encoder), per element
+weighted by its column's share of the delta (`column_weights`), and the rounding of DARE's kept
+values is priced in full only along the values (`allocation.rounding_error`). Until spec 1.3
+the hybrid plan was kept to budgets up to 0.25 bit per weight, because above it the bfloat16
+cast rounded its low-rank parts away; with stochastic rounding (SPEC §9.1) it is the better
+plan at every budget measured (SmolLM2-135M at 0.5 / 1 bit: 98.9 / 99.7 % of the fine-tune's
+gain against 97.5 / 99.2 %; MiniLM and the tiny Llama unchanged; benchmarks/RESULTS.md). With
+calibration texts each linear layer's error is further weighted by the
 mean energy of its inputs over that of the typical linear layer (geometric mean), to the power
 `ENERGY_POWER`, so the layers whose inputs are large, where the same weight error moves the
 outputs most, get more bits (relative, so that lookup tables, norms and biases keep their
@@ -50,7 +56,7 @@ from ..errors import InvalidArgumentError
 from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd, weighted
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 from .hybrid import dare_q, hybrid_encode, hybrid_options
-from .priors import ENERGY_POWER, HYBRID_MAX_BITS, LOOKUP_WEIGHT, column_weights, lookup_weight, noise_price
+from .priors import ENERGY_POWER, LOOKUP_WEIGHT, column_weights, lookup_weight, noise_price
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
@@ -103,13 +109,12 @@ class BudgetMethod(EditMethod, name="budget"):
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
         energies: dict[str, float] = {}
-        hybrid = self.bits <= HYBRID_MAX_BITS  # DARE's regime: see priors.HYBRID_MAX_BITS
         for name, delta, context in tensors():
             weight = lookup_weight(delta, context.lookup)
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
-            noise = None if noise == "off" or (hybrid and weight < 1) else noise
+            noise = None if noise == "off" or weight < 1 else noise  # no DARE on lookup tables
             masks: dict[float, torch.Tensor] = {}
-            columns = column_weights(delta) if hybrid else None
+            columns = column_weights(delta)
             menu, svd = menu_for(
                 name,
                 delta,
@@ -118,9 +123,9 @@ class BudgetMethod(EditMethod, name="budget"):
                 noise_weight=noise,
                 masks=masks,
                 columns=columns,
-                split_rounding=hybrid,
+                split_rounding=True,
             )
-            if hybrid and noise is not None and svd is not None:  # top singular directions + DARE on the rest
+            if noise is not None and svd is not None:  # top singular directions + DARE on the rest
                 for option in hybrid_options(name, delta, svd, context.seed, noise, masks, columns):
                     menu.options.append(weighted(option, weight))
             menus.append(menu)
@@ -145,7 +150,6 @@ class BudgetMethod(EditMethod, name="budget"):
             )
             + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}",
             "noise_weight": self.noise_weight,
-            "hybrid": hybrid,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
         }

@@ -52,18 +52,6 @@ def noise_price(delta: torch.Tensor, base: torch.Tensor | None, slope: float = N
     return min(1.0, slope * float(delta.double().norm()) / base_norm)
 
 
-HYBRID_MAX_BITS = 0.25
-"""Budgets (bits per weight) up to which the budget plans for DARE's regime: the hybrid offered
-(`delta_format.methods.hybrid`), the rounding of DARE's kept values priced as the noise it is
-except for its part along the delta (`allocation.rounding_error`), DARE's noise weighed by
-`column_weights`, and no DARE on lookup tables (their rows feed every token's logits through a
-tied head: noise there cost more than dropping the table's delta). Measured on SmolLM2-135M
-(share of the fine-tune's gain kept): 95.5 / 96.1 % at 0.1 / 0.2 bit against 89.3 / 95.7 % without;
-at 0.5 / 1 bit the same plan kept 95.6 / 96.7 % against 97.5 / 99.2 %, because it spends the
-bits on DARE-based hybrids where the plain plan buys a quantised embedding (benchmarks/RESULTS.md,
-"Hybrids"). Above this the plain plan is used."""
-
-
 def column_weights(delta: torch.Tensor) -> torch.Tensor | None:
     """Per input column ``j`` of a matrix, ``c_j / mean(c)`` with ``c_j = ||Δ[:, j]||²``: how much
     DARE's noise in that column costs. A fine-tune's update is a sum of outer products of output
