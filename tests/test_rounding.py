@@ -179,3 +179,13 @@ def test_the_cli_passes_rounding_through(bf16_pair, tmp_path, flag, want):
     assert main(argv) == 0
     with DeltaReader(out) as reader:
         assert {reader.entry(name).rounding for name in reader.manifest.tensors} == {want}
+
+
+def test_inspect_shows_which_entries_round_stochastically(bf16_pair, tmp_path, capsys):
+    from delta_format.cli import main
+
+    out = tmp_path / "d"
+    assert main(["compress", *map(str, bf16_pair), str(out), "--no-progress", "--method", "sign"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "bfloat16 (stochastic)" in capsys.readouterr().out

@@ -101,7 +101,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                     name,
                     entry.encoding.label(),
                     "x".join(map(str, entry.shape)) or "scalar",
-                    entry.dtype,
+                    entry.dtype + (f" ({entry.rounding})" if entry.rounding != "nearest" else ""),
                     f"{entry.alpha:g}",
                     str(entry.stats.get("stored_bytes", 0)),
                     "-" if err is None else f"{err:.4g}",
