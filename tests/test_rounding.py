@@ -189,3 +189,44 @@ def test_inspect_shows_which_entries_round_stochastically(bf16_pair, tmp_path, c
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "bfloat16 (stochastic)" in capsys.readouterr().out
+
+
+def _kept_share(got: torch.Tensor, weight: torch.Tensor, intended: torch.Tensor) -> float:
+    """Share of the intended delta's mass (along its signs) that ``got - weight`` carries."""
+    moved = (got.double() - weight.double()) * intended.sign()
+    return float(moved.sum()) / float(intended.abs().sum())
+
+
+def test_on_the_fly_merges_and_lookups_round_as_a_load_rounds(bf16_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from delta_format.loaders.onthefly import attach_deltas, set_active_delta
+    from delta_format.loaders.onthefly.factors import RoundedFactor
+
+    base_dir, ft_dir = bf16_pair
+    out = compress(base_dir, ft_dir, tmp_path / "sign", method="sign", scale="row", progress=False).directory
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    attach_deltas(model, {"ft": out})
+    set_active_delta(model, "ft")
+    with DeltaReader(out) as reader:
+        for module, name in (
+            (model.model.layers[0].mlp.down_proj, "model.layers.0.mlp.down_proj.weight"),
+            (model.model.embed_tokens, "model.embed_tokens.weight"),
+        ):
+            factor, weight = module.factors["ft"], module.weight.detach()
+            assert isinstance(factor, RoundedFactor)
+            exact = reconstruct_stored(
+                name, [(reader.entry(name), reader.stored(name), 1.0)], weight, dtype=torch.float32
+            )
+            intended = exact.double() - weight.double()
+            with torch.no_grad():
+                merged = factor.merged(weight)
+                nearest = factor.inner.merged(weight)
+            assert abs(_kept_share(merged, weight, intended) - 1) < 0.05, name
+            assert _kept_share(nearest, weight, intended) < 0.9, name  # what rounding to nearest keeps
+    embedding = model.model.embed_tokens
+    ids = torch.arange(embedding.num_embeddings).view(4, -1)
+    with torch.no_grad():  # a lookup of every row is the merged table, bit for bit
+        rows = embedding.factors["ft"].add_gathered(embedding.weight[ids], ids)
+        assert torch.equal(rows.view(-1, rows.shape[-1]), embedding.factors["ft"].merged(embedding.weight))
+        assert torch.equal(embedding(ids), rows)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from .constants import ROUNDING_SEED
-from .seeded_mask import _uniform32, stream_key
+from .seeded_mask import _uniform32, stream_key, uniform_at
 
 DITHER_BITS = 16
 """Bits of each element's dither ``d``: the top 16 of its 32-bit hash."""
@@ -32,14 +32,21 @@ def rounding_key(name: str) -> int:
     return stream_key(ROUNDING_SEED, name)
 
 
-def stochastic_cast(acc: torch.Tensor, dtype: torch.dtype, key: int, offset: int = 0) -> torch.Tensor:
+def stochastic_cast(
+    acc: torch.Tensor, dtype: torch.dtype, key: int, offset: int = 0, counters: torch.Tensor | None = None
+) -> torch.Tensor:
     """``acc`` (float32) rounded to ``dtype`` (bfloat16 or float16) as SPEC §9.1 says: ``t`` the
     value toward zero, ``a`` the next one away from zero, ``f = (|acc| - |t|) / (|a| - |t|)``;
     ``a`` if ``d < f · 2**16`` (``d`` the dither of the element's flat index ``offset + i``), else
     ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude), the nearest value, as
-    without this rule (an overflow stays an infinity, an error for the caller)."""
+    without this rule (an overflow stays an infinity, an error for the caller). ``counters``
+    (int64, ``acc``'s shape) gives each element's flat index instead, for rows gathered from a
+    parameter (an embedding's lookups)."""
     flat = acc.reshape(-1)
-    dither = _uniform32(key, offset, flat.numel(), acc.device)  # u(key, k), k = offset, offset + 1, ...
+    if counters is None:  # u(key, k), k = offset, offset + 1, ...
+        dither = _uniform32(key, offset, flat.numel(), acc.device)
+    else:
+        dither = uniform_at(key, counters.reshape(-1))
     dither.bitwise_right_shift_(32 - DITHER_BITS).bitwise_and_(0xFFFF)  # the top 16 bits (the shift is arithmetic)
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
         pattern = flat.view(torch.int32)

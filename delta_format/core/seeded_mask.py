@@ -113,6 +113,15 @@ def _uniform32(key: int, start: int, count: int, device: torch.device | str) -> 
     return _mix32_wrapping_(x)
 
 
+def uniform_at(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """``u_k`` for each int64 counter ``k`` of ``counters`` (any order, on their device), as int32
+    tensors holding the 32 bits of each: `uniform_stream` read at given places."""
+    k_lo = counters.bitwise_and(_MASK32).bitwise_xor_(1 << 31).sub_(1 << 31).to(torch.int32)
+    x = _mix32_wrapping_(k_lo.bitwise_xor_(_signed32(key)))
+    x.bitwise_xor_((counters >> 32).to(torch.int32))  # k_hi is 0 below 2**32: no host check, no wait
+    return _mix32_wrapping_(x)
+
+
 def uniform_stream(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``u_k = mix(mix(key ^ k_lo) ^ k_hi)`` for ``k`` in ``[start, start + count)``, as int64 in [0, 2**32)."""
     return _uniform32(key, start, count, device).to(torch.int64).bitwise_and_(_MASK32)

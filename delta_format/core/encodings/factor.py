@@ -37,6 +37,10 @@ class Factor:
         """Rows ``ids`` of ``alpha * delta``, shape ``[*ids.shape, cols]`` (embedding lookups)."""
         raise NotImplementedError
 
+    def add_gathered(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the weight's rows ``ids``, modified) plus `gather`'s, in the weight's dtype."""
+        return rows.add_(self.gather(ids))
+
     def apart(self, tokens: int) -> bool:
         """Whether `product` is cheaper than `merged` for a call on ``tokens`` input rows."""
         return tokens < MERGE_MIN_TOKENS

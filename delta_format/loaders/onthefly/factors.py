@@ -6,10 +6,12 @@ from collections.abc import Mapping
 
 import torch
 
+from ...core.constants import ROUNDING_STOCHASTIC
 from ...core.dtypes import TORCH_DTYPES, compute_dtype
 from ...core.encodings import Factor
 from ...core.encodings.base import not_on_the_fly
 from ...core.manifest import TensorEntry
+from ...core.rounding import rounding_key, stochastic_cast
 from ...errors import NumericalError
 
 
@@ -26,7 +28,45 @@ def build_factor(
     with ``alpha`` (entry alpha times the caller's) applied as SPEC §9 applies it: the product
     rounded in the compute dtype of the entry's dtype."""
     compute = compute_dtype(TORCH_DTYPES[entry.dtype])
-    return entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)
+    factor = entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)
+    if entry.rounding == ROUNDING_STOCHASTIC and dtype in (torch.float16, torch.bfloat16):
+        return RoundedFactor(factor, rounding_key(name))
+    return factor
+
+
+class RoundedFactor(Factor):
+    """A factor of an entry marked ``"rounding": "stochastic"`` (SPEC §9.1), on a half-precision
+    weight: where the forward forms ``W + alpha * delta`` in the weight's dtype (a merged weight,
+    an embedding's rows), the sum is formed in float32 and rounded stochastically with the
+    parameter's dither, as a load rounds it, instead of to nearest, which drops every correction
+    under half the weight's spacing. Products with an input (`apart`) never round the weight."""
+
+    def __init__(self, inner: Factor, key: int):
+        self.inner, self.rounding_key = inner, key
+        self.rows, self.cols, self.cache_merged = inner.rows, inner.cols, inner.cache_merged
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.product(x)
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.inner.merged(torch.zeros_like(weight)).float()
+        return stochastic_cast(delta.add_(weight.float()), weight.dtype, self.rounding_key)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.gather(ids)
+
+    def add_gathered(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the weight's rows ``ids``) plus this delta's, rounded as `merged` rounds them:
+        each element's dither is that of its flat index in the parameter."""
+        flat = ids.unsqueeze(-1).to(torch.int64) * self.cols + torch.arange(self.cols, device=ids.device)
+        acc = self.inner.gather(ids).float().add_(rows.float())
+        return stochastic_cast(acc, rows.dtype, self.rounding_key, counters=flat)
+
+    def apart(self, tokens: int) -> bool:
+        return self.inner.apart(tokens)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.inner.tensors()
 
 
 def check_finite_merge(name: str, factor: Factor, weight: torch.Tensor) -> None:

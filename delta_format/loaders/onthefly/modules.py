@@ -95,7 +95,7 @@ class DeltaEmbedding(nn.Embedding):
         if factor is None:
             return out
         check_same_device(factor.device, self.weight)
-        return out.add_(factor.gather(ids))
+        return factor.add_gathered(out, ids)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, adapters={sorted(self.factors)}"
