@@ -64,6 +64,15 @@ def test_the_largest_value_is_never_rounded_to_infinity_and_nan_stays():
 
 
 @pytest.mark.parametrize("dtype", sorted(HALF))
+def test_non_finite_sums_round_as_to_nearest(dtype):
+    torch_dtype = HALF[dtype][0]
+    patterns = [0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FC00000, 0x7F800000, 0xFF800000]  # NaNs (low bits set), ±inf
+    acc = torch.tensor(patterns * 2000, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    got, nearest = stochastic_cast(acc, torch_dtype, 11), acc.to(torch_dtype)
+    assert torch.equal(got.isnan(), nearest.isnan()) and torch.equal(got[~got.isnan()], nearest[~nearest.isnan()])
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF))
 def test_subnormals_and_zero_round_between_their_neighbours(dtype):
     torch_dtype = HALF[dtype][0]
     tiny = float(torch.finfo(torch_dtype).smallest_normal) * (2.0**-7 if dtype == "bfloat16" else 2.0**-10)

@@ -38,8 +38,9 @@ def stochastic_cast(
     """``acc`` (float32) rounded to ``dtype`` (bfloat16 or float16) as SPEC §9.1 says: ``t`` the
     value toward zero, ``a`` the next one away from zero, ``f = (|acc| - |t|) / (|a| - |t|)``;
     ``a`` if ``d < f · 2**16`` (``d`` the dither of the element's flat index ``offset + i``), else
-    ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude), the nearest value, as
-    without this rule (an overflow stays an infinity, an error for the caller). ``counters``
+    ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude) or ``acc`` is not finite,
+    the nearest value, as without this rule (an overflow stays an infinity, an error for the
+    caller; a NaN stays a NaN). ``counters``
     (int64, ``acc``'s shape) gives each element's flat index instead, for rows gathered from a
     parameter (an embedding's lookups)."""
     flat = acc.reshape(-1)
@@ -51,11 +52,11 @@ def stochastic_cast(
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
         pattern = flat.view(torch.int32)
         toward = pattern >> 16
-        edge = toward.bitwise_and(0x7FFF) == 0x7F7F  # t = ±max: a is ±inf
+        edge = toward.bitwise_and(0x7FFF) >= 0x7F7F  # t = ±max (a is ±inf), or acc is not finite
         rounded = toward.add_(dither < pattern.bitwise_and(0xFFFF)).to(torch.int16).view(dtype)
     else:
         toward, away = _toward_and_away(flat, flat.to(dtype))
-        edge = torch.isinf(away)
+        edge = ~torch.isfinite(away)  # t = ±max, or acc is not finite
         f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
         rounded = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
     return torch.where(edge, flat.to(dtype), rounded).view(acc.shape)
