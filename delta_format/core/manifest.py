@@ -166,11 +166,11 @@ class TensorEntry:
         if rounding not in ROUNDINGS or (rounding != ROUNDING_NEAREST and not encoding.is_delta):
             raise ManifestError(
                 f"{where} has an invalid rounding",
-                expected=f"one of {list(ROUNDINGS)}, on a delta encoding (not {data['encoding']!r})"
+                expected=f"one of {list(ROUNDINGS)}"
                 if encoding.is_delta
-                else f"no rounding on a {data['encoding']} value",
+                else f"no rounding key: a {data['encoding']} entry is a value, not a delta (SPEC §3.4)",
                 found=repr(rounding)[:100],
-                fix="check the delta was written for this spec version",
+                fix="upgrade delta-format if the delta was written for a newer spec; otherwise re-create it",
             )
         encoding.expected(shape)  # refuses encodings that cannot apply to this shape
         stats = parse_stats(f"{where} stats", data.get("stats", {}))
