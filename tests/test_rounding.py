@@ -125,6 +125,9 @@ def test_the_manifest_stores_rounding_in_the_config_and_refuses_what_it_cannot_m
     with pytest.raises(ManifestError, match="rounding"):
         TensorEntry.from_dict("w", value)
     assert ReplaceEncoding().is_delta is False
+    for bad, encoding in (("up", SignEncoding("row")), ("stochastic", ReplaceEncoding())):  # nor written
+        with pytest.raises(InvalidArgumentError, match="rounding"):
+            TensorEntry(encoding, (4, 3), "bfloat16", rounding=bad)
     part = {"encoding": "dense", "config": {"rounding": "stochastic"}}
     summed = {"encoding": "sum", "config": {"parts": [part, {"encoding": "dense"}]}, "shape": [2], "dtype": "bfloat16"}
     with pytest.raises(ManifestError, match="wrong fields"):  # rounding belongs to the entry, not a part

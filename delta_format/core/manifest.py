@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ManifestError, UnsupportedVersionError
+from ..errors import InvalidArgumentError, ManifestError, UnsupportedVersionError
 from .constants import (
     FORMAT_NAME,
     MAX_MANIFEST_BYTES,
@@ -126,6 +126,15 @@ class TensorEntry:
     rounding: str = ROUNDING_NEAREST
     """How the sum is rounded to a half-precision result (SPEC §9.1): stored as the ``rounding``
     key of a delta encoding's config, which readers before 1.3 refuse as unknown."""
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS or (self.rounding != ROUNDING_NEAREST and not self.encoding.is_delta):
+            raise InvalidArgumentError(
+                f"a {self.encoding.name} entry cannot have rounding {self.rounding!r}",
+                expected=f"one of {list(ROUNDINGS)}, and 'nearest' for a value encoding (replace, bitdiff)",
+                found=repr(self.rounding)[:100],
+                fix="pass rounding='nearest' or 'stochastic' (SPEC §9.1)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         config = self.encoding.to_dict()
