@@ -114,6 +114,11 @@ def stored_key(name: str, role: str) -> str:
     return f"{name}{STORED_KEY_SEPARATOR}{role}"
 
 
+def rounding_allowed(rounding: Any, encoding: Encoding) -> bool:
+    """SPEC §3.4: one of `ROUNDINGS`, and ``"nearest"`` for a value encoding (replace, bitdiff)."""
+    return rounding in ROUNDINGS and (rounding == ROUNDING_NEAREST or encoding.is_delta)
+
+
 @dataclass
 class TensorEntry:
     """How one parameter is rebuilt: ``theta = cast(base + alpha * decode(stored), dtype)``."""
@@ -128,7 +133,7 @@ class TensorEntry:
     key of a delta encoding's config, which readers before 1.3 refuse as unknown."""
 
     def __post_init__(self):
-        if self.rounding not in ROUNDINGS or (self.rounding != ROUNDING_NEAREST and not self.encoding.is_delta):
+        if not rounding_allowed(self.rounding, self.encoding):
             raise InvalidArgumentError(
                 f"a {self.encoding.name} entry cannot have rounding {self.rounding!r}",
                 expected=f"one of {list(ROUNDINGS)}, and 'nearest' for a value encoding (replace, bitdiff)",
@@ -172,7 +177,7 @@ class TensorEntry:
             config = dict(config)
             rounding = config.pop("rounding")
         encoding = encoding_from_dict(data["encoding"], config)
-        if rounding not in ROUNDINGS or (rounding != ROUNDING_NEAREST and not encoding.is_delta):
+        if not rounding_allowed(rounding, encoding):
             raise ManifestError(
                 f"{where} has an invalid rounding",
                 expected=f"one of {list(ROUNDINGS)}"

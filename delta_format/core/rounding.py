@@ -49,17 +49,18 @@ def stochastic_cast(
     else:
         dither = uniform_at(key, counters.reshape(-1))
     dither.bitwise_right_shift_(32 - DITHER_BITS).bitwise_and_(0xFFFF)  # the top 16 bits (the shift is arithmetic)
+    nearest = flat.to(dtype)
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
         pattern = flat.view(torch.int32)
         toward = pattern >> 16
         edge = toward.bitwise_and(0x7FFF) >= 0x7F7F  # t = ±max (a is ±inf), or acc is not finite
         rounded = toward.add_(dither < pattern.bitwise_and(0xFFFF)).to(torch.int16).view(dtype)
     else:
-        toward, away = _toward_and_away(flat, flat.to(dtype))
+        toward, away = _toward_and_away(flat, nearest)
         edge = ~torch.isfinite(away)  # t = ±max, or acc is not finite
         f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
         rounded = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
-    return torch.where(edge, flat.to(dtype), rounded).view(acc.shape)
+    return torch.where(edge, nearest, rounded).view(acc.shape)
 
 
 def _toward_and_away(acc: torch.Tensor, nearest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
