@@ -171,6 +171,22 @@ def test_lookup_tables_get_fewer_bits_than_linear_layers_with_the_same_error():
     assert choices["embed"].label == choices["linear"].label
 
 
+def test_a_bias_is_kept_before_a_norm_weight_with_the_same_delta():
+    from delta_format.methods.priors import BIAS_WEIGHT, error_weight
+
+    torch.manual_seed(0)
+    delta = torch.randn(512) * 1e-3
+    names = ("layer.norm.bias", "layer.norm.weight")
+    # room for one of the two in float16 (plus its header), not both
+    method = get_method("budget", bits=12.0, noise_weight="off")
+    choices = plan_of(method, [(n, delta.clone(), TensorContext(n)) for n in names])
+    assert [choices[n].label for n in names] == ["dense float16", "drop"]
+    assert BIAS_WEIGHT > 1 and error_weight("x.bias", delta, False) == BIAS_WEIGHT
+    # only additive vectors: a matrix called bias-something, or a 2-D "bias", keeps weight 1
+    assert error_weight("x.weight", delta, False) == error_weight("x.bias", delta.view(16, 32), False) == 1.0
+    assert error_weight("x.bias_scale", delta, False) == 1.0
+
+
 def test_lookup_names_are_embeddings_and_heads_tied_or_not():
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 

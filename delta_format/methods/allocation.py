@@ -13,8 +13,8 @@ Every tensor gets a *menu* of ways to store it, each with its size in bits and i
   uncorrelated). Vectors then sort into bands by bit width: Delta-CoMe's schedule, chosen by the
   data instead of fixed.
 
-The error of every option is multiplied by the tensor's ``weight`` (`priors.lookup_weight`: less
-for a vocabulary-sized lookup table, 1 for the rest; with calibration texts the budget also
+The error of every option is multiplied by the tensor's ``weight`` (`priors.error_weight`: less
+for a vocabulary-sized lookup table, more for a bias, 1 for the rest; with calibration texts the budget also
 scales a linear layer's by its input energy relative to the typical layer's, to the power
 `priors.ENERGY_POWER`).
 DARE's error has two parts, priced apart (`dare_options`): the rounding of the kept values,

@@ -14,7 +14,8 @@ singular directions plus DARE of the rest, one ``sum`` entry).
 Errors are weight errors ``||Δ̂ - Δ||²`` (data-free), with priors measured on real pairs:
 vocabulary-sized lookup tables (embeddings, a language model's head) weigh `LOOKUP_WEIGHT` of a
 linear layer and get no DARE (their rows feed every token's logits through a tied head: noise
-there cost more than dropping the table's delta); DARE's sampling noise weighs `noise_price` of
+there cost more than dropping the table's delta), biases weigh `BIAS_WEIGHT` (an error added
+unchanged to every token); DARE's sampling noise weighs `noise_price` of
 a coherent error (small where the delta is small beside its base, as in a causal LM's
 fine-tune; nothing gained where it is not, as in a heavily trained encoder), per element
 weighted by its column's share of the delta (`column_weights`), and the rounding of DARE's kept
@@ -27,9 +28,11 @@ calibration texts each linear layer's error is further weighted by the
 mean energy of its inputs over that of the typical linear layer (geometric mean), to the power
 `ENERGY_POWER`, so the layers whose inputs are large, where the same weight error moves the
 outputs most, get more bits (relative, so that lookup tables, norms and biases keep their
-data-free weight beside the linear layers). The
-manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per bit, how many
-tensors chose what, the dropped ones), and each entry's stats its choice.
+data-free weight beside the linear layers), and the chosen ``dense-q`` and ``lowrank-q`` codes
+of a linear layer are fitted to its outputs on those texts instead of its weights
+(`delta_format.methods.feedback`: GPTQ, a weighted refit; an entry's ``stats.feedback`` says
+which). The manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per
+bit, how many tensors chose what, the dropped ones), and each entry's stats its choice.
 
 The budget counts every stored byte of the edited parameters (codes, scales, factors, an upper
 bound on each stored tensor's safetensors header entry and on the file's fixed header): the size
@@ -55,8 +58,9 @@ from ..core.encodings import (
 from ..errors import InvalidArgumentError
 from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd, weighted
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
+from .feedback import dense_codes, refit_lowrank
 from .hybrid import dare_q, hybrid_encode, hybrid_options
-from .priors import ENERGY_POWER, LOOKUP_WEIGHT, column_weights, lookup_weight, noise_price
+from .priors import BIAS_WEIGHT, ENERGY_POWER, LOOKUP_WEIGHT, column_weights, error_weight, noise_price
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
@@ -110,7 +114,7 @@ class BudgetMethod(EditMethod, name="budget"):
         menus: list[Menu] = []
         energies: dict[str, float] = {}
         for name, delta, context in tensors():
-            weight = lookup_weight(delta, context.lookup)
+            weight = error_weight(name, delta, context.lookup)
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
             noise = None if noise == "off" or weight < 1 else noise  # no DARE on lookup tables
             masks: dict[float, torch.Tensor] = {}
@@ -148,7 +152,7 @@ class BudgetMethod(EditMethod, name="budget"):
             "weighting": (
                 f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energies else "weight error"
             )
-            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}",
+            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}; biases x{BIAS_WEIGHT:g}",
             "noise_weight": self.noise_weight,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
@@ -172,7 +176,10 @@ class BudgetMethod(EditMethod, name="budget"):
             return Edit(encoding, encoding.encode(delta, dtype=option.spec[1]), stats)
         if kind == "dense-q":
             encoding = QuantizedDenseEncoding(option.spec[1], GROUP)
-            return Edit(encoding, encoding.encode(delta), stats)
+            codes = dense_codes(delta, context.activations, option.spec[1], GROUP) if context.activations else None
+            if codes is not None:
+                stats["feedback"] = "gptq"
+            return Edit(encoding, encoding.encode(delta, quantized=codes), stats)
         if kind == "sign":
             encoding = SignEncoding("row")
             return Edit(encoding, encoding.encode(delta, dtype=torch.float16), stats)
@@ -184,4 +191,11 @@ class BudgetMethod(EditMethod, name="budget"):
         order, bands = option.spec[1], option.spec[2]
         index = torch.tensor(order)
         encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
-        return Edit(encoding, encoding.encode(delta, u=(u * s)[:, index], v=vh[index]), stats)
+        factors = ((u * s)[:, index], vh[index])
+        stored = encoding.encode(delta, u=factors[0], v=factors[1])
+        if context.activations is not None:
+            refitted = refit_lowrank(delta, encoding, stored, factors, context.activations)
+            if refitted is not stored:
+                stats["feedback"] = "refit"
+            stored = refitted
+        return Edit(encoding, stored, stats)

@@ -28,15 +28,31 @@ The full energy (power 1) over-spends on the few layers with outlier inputs: on 
 pair it kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
 calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three pairs
 (benchmarks/RESULTS.md)."""
+BIAS_WEIGHT = 10.0
+"""Error weight of an additive vector (a parameter named ``bias``: a linear layer's or a norm's
+shift) beside a linear layer's weights. A bias is a weight column whose input is 1 on every token:
+its error is added unchanged to every token's output, where a weight's error is multiplied by
+inputs of varying sign and, per feature, usually of energy below 1 (after a norm, after an
+activation). Measured on the MiniLM pair (benchmarks/RESULTS.md, "Fidelity at a bit budget"):
+at weight 1 the budget dropped every bias and norm shift and lost 0.0013 of cosine at 1 bit per
+weight; weights 4 / 10 / 30 kept 0.9957 / 0.9962 / 0.9962 (1 bit) and 0.9922 / 0.9928 / 0.9930
+(0.5 bit), 30 cost 0.003 at 0.1 bit. Multiplicative norm weights stay at 1: the same weight on
+them cost the tiny Llama pair 4 points of its gain at 1 bit."""
 LOOKUP_MIN_ROWS = 4096
 """Rows from which a lookup table is diluted enough for `LOOKUP_WEIGHT`: a vocabulary, not a
 character set (a character-level model's head lost 7 % of its gain at the discount) nor a
 position or token-type table."""
 
 
-def lookup_weight(delta: torch.Tensor, lookup: bool) -> float:
-    """`LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows, 1 otherwise."""
-    return LOOKUP_WEIGHT if lookup and delta.dim() == 2 and delta.shape[0] >= LOOKUP_MIN_ROWS else 1.0
+def error_weight(name: str, delta: torch.Tensor, lookup: bool) -> float:
+    """How much a unit of this tensor's squared error costs beside a linear layer's:
+    `LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows, `BIAS_WEIGHT` for an
+    additive vector (a 1-D parameter named ``bias``), 1 otherwise."""
+    if lookup and delta.dim() == 2 and delta.shape[0] >= LOOKUP_MIN_ROWS:
+        return LOOKUP_WEIGHT
+    if delta.dim() == 1 and name.rpartition(".")[2] == "bias":
+        return BIAS_WEIGHT
+    return 1.0
 
 
 def noise_price(delta: torch.Tensor, base: torch.Tensor | None, slope: float = NOISE_SLOPE) -> float | None:

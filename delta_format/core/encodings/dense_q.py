@@ -68,10 +68,28 @@ class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
         }
 
     def encode(
-        self, delta: torch.Tensor, *, name: str = "", dtype: torch.dtype | None = None, clip: str | None = None
+        self,
+        delta: torch.Tensor,
+        *,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+        clip: str | None = None,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Codes of ``delta``'s entries; scales in ``dtype`` (default: float16 where they fit)."""
-        codes, scales = quantize(delta.reshape(-1), self.bits, self.group, clip, dtype)
+        """Codes of ``delta``'s entries; scales in ``dtype`` (default: float16 where they fit). An
+        encoder that chose its own codes and scales (`quantize`'s layout for the flattened delta)
+        passes them as ``quantized``; they are checked against the config and stored as given."""
+        if quantized is not None:
+            codes, scales = quantized
+            if codes.numel() != delta.numel() or scales.numel() != group_count(delta.numel(), self.group):
+                raise InvalidArgumentError(
+                    "dense-q codes or scales do not match the delta",
+                    expected=f"{delta.numel()} codes and {group_count(delta.numel(), self.group)} scales",
+                    found=f"{codes.numel()} codes, {scales.numel()} scales",
+                    fix="pass delta_format.core.quant.quantize's output for the flattened delta",
+                )
+        else:
+            codes, scales = quantize(delta.reshape(-1), self.bits, self.group, clip, dtype)
         return {self.CODES: pack_codes(codes, self.bits), self.SCALES: scales.reshape(-1).contiguous()}
 
     def decode(self, stored, shape, name, dtype):
