@@ -44,6 +44,13 @@ def hessian(stats: ActivationStats | None, features: int) -> torch.Tensor | None
     return x.T @ x / x.shape[0]
 
 
+def damped(h: torch.Tensor) -> torch.Tensor:
+    """``H + DAMPING · mean(diag H) · I``: the calibration tokens' ``H`` with a share of the plain
+    weight error added, so that a few tokens (fewer than the layer has inputs, on a small model)
+    cannot steer the codes into directions they never saw."""
+    return h + torch.eye(h.shape[0], dtype=h.dtype) * (DAMPING * float(h.diagonal().mean()))
+
+
 def output_error(error: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(E H Eᵀ)`` for ``E`` as ``[out, in]``."""
     e = error.double()
@@ -93,7 +100,7 @@ def dense_codes(
     codes = as_out_in(codes, stats.input_axis).reshape(-1)
     plain = (plain_codes.double() - half) * plain_scales.float().double().repeat_interleave(group)[: matrix.numel()]
     plain = as_out_in(plain.view(matrix.shape), stats.input_axis)
-    if output_error(q - w, h) >= output_error(plain - w, h):
+    if output_error(q - w, damped(h)) >= output_error(plain - w, damped(h)):
         return None
     return codes, stored_scales.reshape(-1).contiguous()
 
@@ -141,7 +148,7 @@ def refit_outputs(delta: torch.Tensor, inputs_side: torch.Tensor, stats: Activat
     h = hessian(stats, delta.shape[1])
     if h is None:
         return None
-    b = inputs_side.double()
+    b, h = inputs_side.double(), damped(h)
     gram = b @ h @ b.T
     gram.diagonal().add_(1e-9 * max(float(gram.diagonal().mean()), 1e-300))
     return torch.linalg.solve(gram, b @ h @ delta.double().T).T
@@ -171,7 +178,7 @@ def refit_lowrank(
         candidate = encoding.encode(delta, u=refit.float(), v=v)
     else:
         candidate = encoding.encode(delta, u=u, v=refit.T.float())
-    h = hessian(stats, exact.shape[1])
+    h = damped(hessian(stats, exact.shape[1]))
 
     def error(codes: dict[str, torch.Tensor]) -> float:
         a, b = encoding.factors(codes, shape, "", torch.float64)
