@@ -32,6 +32,7 @@ from delta_format.core.encodings import (
     LowRankEncoding,
     QuantizedDenseEncoding,
     QuantizedLowRankEncoding,
+    QuantizedRowsEncoding,
     QuantizedSparseEncoding,
     ReplaceEncoding,
     SignEncoding,
@@ -86,6 +87,7 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "lowrank_q.w": torch.randn(11, 6, generator=g),
         "bitdiff.w": torch.randn(5, 6, generator=g).to(torch.bfloat16),
         "sum.w": torch.randn(10, 12, generator=g),
+        "rows_q.w": torch.randn(9, 5, generator=g).to(torch.bfloat16),
     }
 
 
@@ -145,6 +147,10 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         ]
         enc = SumEncoding([low, dare])
         add("sum.w", enc, enc.encode(torch.zeros(10, 12), parts=parts), alpha=0.5)
+        enc = QuantizedRowsEncoding(4, 4, 3)  # SPEC 1.4's rows-q: rows 1, 4, 8; groups span rows
+        rows = torch.zeros(9, 5)
+        rows[[1, 4, 8]] = torch.randn(3, 5, generator=g)
+        add("rows_q.w", enc, enc.encode(rows), "bfloat16", rounding="stochastic")
 
 
 def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

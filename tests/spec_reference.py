@@ -168,6 +168,16 @@ def decode(entry: dict, stored: dict[str, np.ndarray], name: str, base: np.ndarr
         return decode({**entry, "encoding": "sparse", "config": plain}, {**stored, "values": values}, name)
     if encoding == "lowrank-q":
         return lowrank_q(stored, config, shape, c)
+    if encoding == "rows-q":  # §5.12: the kept rows as one dense-q sequence, zeros elsewhere
+        rows = stored["rows"].astype(np.int64).tolist()
+        cols = numel // shape[0] if shape else 1
+        assert len(rows) == config["count"] and all(a < b for a, b in zip(rows, rows[1:]))
+        assert all(0 <= r < (shape[0] if shape else 1) for r in rows)
+        values = quantised(stored["codes"], stored["scales"], config, config["count"] * cols, c)
+        out = np.zeros(((shape[0] if shape else 1), cols), dtype=c)
+        for i, r in enumerate(rows):
+            out[r] = values[i * cols : (i + 1) * cols]
+        return out.reshape(shape)
     if encoding == "sum":  # §5.11: each part decoded as alone, added in order, one rounding each
         total = None
         for i, part in enumerate(config["parts"]):

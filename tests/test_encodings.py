@@ -329,6 +329,7 @@ def test_encoding_table_has_the_spec_encodings():
         "lowrank",
         "lowrank-q",
         "replace",
+        "rows-q",
         "sign",
         "sparse",
         "sparse-q",

@@ -64,6 +64,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "lowrank-q",
             "sum",
             "rounding",
+            "rows-q",
         ]
     )
 
@@ -130,6 +131,7 @@ def roles(entry: dict) -> list[str]:
         "bitdiff": ["planes", "frames"],
         "dense-q": ["codes", "scales"],
         "lowrank-q": ["codes", "scales"],
+        "rows-q": ["rows", "codes", "scales"],
     }[encoding]
 
 

@@ -260,6 +260,9 @@ class LoraSource:
     def lookup_names(self) -> set[str]:
         return self.base.lookup_names()
 
+    def head_names(self) -> set[str]:
+        return self.base.head_names()
+
     def card_data(self) -> dict[str, Any]:
         """The adapter's card (its license and tags), without PEFT's own library name."""
         data = card_data_of(self.directory)

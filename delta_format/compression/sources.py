@@ -22,6 +22,7 @@ from ..core.manifest import BaseReference
 from ..io.checkpoint import Checkpoint
 from ..io.model_class import (
     architecture_names,
+    head_names,
     layout_from_config,
     lookup_names,
     model_class_for,
@@ -83,6 +84,9 @@ class TensorSource(Protocol):
     def lookup_names(self) -> set[str]:
         """The tensors the model reads as lookup tables (`delta_format.io.model_class.lookup_names`:
         embeddings, output embeddings); empty where it cannot be told."""
+
+    def head_names(self) -> set[str]:
+        """Of those, the output embeddings and what is tied to them (`delta_format.io.model_class.head_names`)."""
 
     def fingerprint(self) -> dict:
         """The base fingerprint of these tensors (SPEC §7)."""
@@ -165,9 +169,12 @@ class CheckpointSource(WholeValueSource):
     def lookup_names(self) -> set[str]:
         return self._layout()[1]
 
-    def _layout(self) -> tuple[set[str] | None, set[str]]:
-        if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers both
-            self._layout_found = layout_from_config(self.directory) or (None, set())
+    def head_names(self) -> set[str]:
+        return self._layout()[2]
+
+    def _layout(self) -> tuple[set[str] | None, set[str], set[str]]:
+        if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers all three
+            self._layout_found = layout_from_config(self.directory) or (None, set(), set())
         return self._layout_found
 
     def card_data(self) -> dict[str, Any]:
@@ -274,6 +281,9 @@ class ModelSource(WholeValueSource):
 
     def lookup_names(self) -> set[str]:
         return lookup_names(self.model)
+
+    def head_names(self) -> set[str]:
+        return head_names(self.model)
 
     def card_data(self) -> dict[str, Any]:
         origin = getattr(getattr(self.model, "config", None), "_name_or_path", "")

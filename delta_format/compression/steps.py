@@ -54,7 +54,7 @@ class TensorCompressor:
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
         self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()
-        self.lookups = finetune.lookup_names()
+        self.lookups, self.heads = finetune.lookup_names(), finetune.head_names()
 
     def prepare(self, edited: list[str]) -> dict[str, Any]:
         """Each method's whole-model choices on the calibration texts (`EditMethod.prepare`), by method name."""
@@ -200,6 +200,7 @@ class TensorCompressor:
             activations=activations,
             factors=factors,
             lookup=name in self.lookups,
+            head=name in self.heads,
         )
 
     def stream(self, names: list[str]) -> Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 3)
+SPEC_VERSION = (1, 4)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -36,7 +36,9 @@ SPARSE_Q = "sparse-q"
 LOWRANK_Q = "lowrank-q"
 # Parts of other encodings added up (SPEC §5.11, spec 1.2).
 SUM = "sum"
-ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q, SUM)
+# A few rows of a matrix as codes (SPEC §5.12, spec 1.4).
+ROWS_Q = "rows-q"
+ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q, SUM, ROWS_Q)
 
 # Rounding of the reconstructed parameter to a half-precision dtype (SPEC §9.1, spec 1.3).
 ROUNDING_NEAREST = "nearest"

@@ -37,15 +37,15 @@ def architecture_names_from_config(directory: Path) -> set[str] | None:
     return _from_config(directory, architecture_names)
 
 
-def layout_from_config(directory: Path) -> tuple[set[str], set[str]] | None:
-    """``(architecture_names, lookup_names)`` of the model ``directory/config.json`` describes,
-    from one empty build; None as `architecture_names_from_config`."""
+def layout_from_config(directory: Path) -> tuple[set[str], set[str], set[str]] | None:
+    """``(architecture_names, lookup_names, head_names)`` of the model ``directory/config.json``
+    describes, from one empty build; None as `architecture_names_from_config`."""
 
     def layout(cls, config):
         if cls is None:
             return None
         model = _empty(cls, config)
-        return set(model.state_dict()), lookup_names(model)
+        return set(model.state_dict()), lookup_names(model), head_names(model)
 
     return _from_config(directory, layout)
 
@@ -81,6 +81,32 @@ def lookup_names(model) -> set[str]:
     if isinstance(getattr(head, "weight", None), nn.Parameter):
         tables.add(id(head.weight))
     return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in tables}
+
+
+def head_names(model) -> set[str]:
+    """The names of ``model``'s output embeddings (a language model's head) and of every
+    parameter tied to them (a tied input embedding): the lookup tables whose rows also weigh in
+    every token's output, through its probabilities."""
+    from torch import nn
+
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        return set()
+    weights = {id(weight)}
+    if _ties_embeddings(getattr(model, "config", None)):  # an empty build need not tie them yet
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        if isinstance(getattr(embeddings, "weight", None), nn.Parameter):
+            weights.add(id(embeddings.weight))
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in weights}
+
+
+def _ties_embeddings(config) -> bool:
+    """Whether ``config`` ties the input embeddings to the head (its text model's, for a composite)."""
+    tie = getattr(config, "tie_word_embeddings", None)
+    if tie is None and hasattr(config, "get_text_config"):
+        tie = getattr(config.get_text_config(), "tie_word_embeddings", None)
+    return bool(tie)
 
 
 def architecture_names(cls, config) -> set[str] | None:

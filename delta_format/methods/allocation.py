@@ -239,18 +239,27 @@ def dense_q_options(delta: torch.Tensor, header: int = HEADER_BITS) -> list[Opti
         amax = torch.nn.functional.pad(flat, (0, -flat.numel() % GROUP)).view(-1, GROUP).abs().amax(1)
     options = []
     for bits in DENSE_BITS:
-        codes, scales = quantize(sample, bits, GROUP, clip_for(bits))
-        error = float((dequantize(codes, scales, bits, GROUP) - sample).square().sum(dtype=torch.float64)) * factor
-        dtype = scales.dtype
-        if amax is not None:
-            full = amax / half_range(bits)
-            if clip_for(bits) == "absmax":
-                dtype = scale_dtype(full)
-            elif torch.float32 in (dtype, scale_dtype(full), scale_dtype(full / 64)):
-                dtype = torch.float32
+        error, dtype = quantized_error(sample, bits, amax)
         size = 8 * packed_bytes(flat.numel(), bits) + group_count(flat.numel(), GROUP) * 8 * dtype.itemsize
-        options.append(Option(f"dense-q {bits}b", size + 2 * header, error, ("dense-q", bits)))
+        options.append(Option(f"dense-q {bits}b", size + 2 * header, error * factor, ("dense-q", bits)))
     return options
+
+
+def quantized_error(sample: torch.Tensor, bits: int, amax: torch.Tensor | None) -> tuple[float, torch.dtype]:
+    """The squared rounding error of ``sample`` (1-D) at ``bits`` in groups of `GROUP`, and the
+    scales' dtype of the whole sequence it was drawn from: the sample's, or, given every group's
+    absmax ``amax`` of the whole, that of its absmax scales (float32 for the MSE-clipped ones when
+    the sample's need it or the whole's could: a clipped scale within 64x of float16's limits)."""
+    codes, scales = quantize(sample, bits, GROUP, clip_for(bits))
+    error = float((dequantize(codes, scales, bits, GROUP) - sample).square().sum(dtype=torch.float64))
+    dtype = scales.dtype
+    if amax is not None:
+        full = amax / half_range(bits)
+        if clip_for(bits) == "absmax":
+            dtype = scale_dtype(full)
+        elif torch.float32 in (dtype, scale_dtype(full), scale_dtype(full / 64)):
+            dtype = torch.float32
+    return error, dtype
 
 
 def rounding_error(error: torch.Tensor, value: torch.Tensor, noise_weight: float) -> float:

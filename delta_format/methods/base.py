@@ -107,6 +107,9 @@ class TensorContext:
     lookup: bool = False
     """The model reads the parameter as a lookup table (an embedding, or a language model's head):
     a token uses one row of it, not all of it."""
+    head: bool = False
+    """The parameter is the model's output embeddings (a language model's head) or tied to them:
+    its rows also weigh in every token's output."""
 
 
 TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]

@@ -7,7 +7,8 @@ spectra). The method first streams every tensor once, builds its menu of options
 and errors (`delta_format.methods.allocation`), allocates the budget across all of them
 (Lagrangian rate-distortion, the standard remedy in codec design), then edits each tensor as
 chosen: nothing (the base's value), float16, ``dense-q``, ``sign``, ``sparse-q`` (DARE's seeded
-mask with 2-, 4- or 8-bit values), ``lowrank-q`` with a bit width per singular vector
+mask with 2-, 4- or 8-bit values), ``rows-q`` (an input embedding's top rows,
+`delta_format.methods.rows`), ``lowrank-q`` with a bit width per singular vector
 (Delta-CoMe's bands, chosen by data), or the hybrid of `delta_format.methods.hybrid` (a few
 singular directions plus DARE of the rest, one ``sum`` entry).
 
@@ -53,14 +54,34 @@ from ..core.encodings import (
     DenseEncoding,
     QuantizedDenseEncoding,
     QuantizedLowRankEncoding,
+    QuantizedRowsEncoding,
     SignEncoding,
 )
 from ..errors import InvalidArgumentError
-from .allocation import FILE_BITS, GROUP, Menu, Option, allocate, menu_for, menu_rank, truncated_svd, weighted
+from .allocation import (
+    FILE_BITS,
+    GROUP,
+    Menu,
+    Option,
+    allocate,
+    menu_for,
+    menu_rank,
+    truncated_svd,
+    weighted,
+)
 from .base import Edit, EditMethod, TensorContext, TensorStream, check_positive, param
 from .feedback import dense_codes, refit_lowrank
 from .hybrid import dare_q, hybrid_encode, hybrid_options
-from .priors import BIAS_WEIGHT, ENERGY_POWER, LOOKUP_WEIGHT, column_weights, error_weight, noise_price
+from .priors import (
+    BIAS_WEIGHT,
+    ENERGY_POWER,
+    INPUT_LOOKUP_WEIGHT,
+    LOOKUP_WEIGHT,
+    column_weights,
+    error_weight,
+    noise_price,
+)
+from .rows import rows_options, top_rows
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
@@ -114,7 +135,7 @@ class BudgetMethod(EditMethod, name="budget"):
         menus: list[Menu] = []
         energies: dict[str, float] = {}
         for name, delta, context in tensors():
-            weight = error_weight(name, delta, context.lookup)
+            weight = error_weight(name, delta, context.lookup, context.head)
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
             noise = None if noise == "off" or weight < 1 else noise  # no DARE on lookup tables
             masks: dict[float, torch.Tensor] = {}
@@ -129,6 +150,8 @@ class BudgetMethod(EditMethod, name="budget"):
                 columns=columns,
                 split_rounding=True,
             )
+            if weight < 1 and not context.head:  # an input embedding: the rows its fine-tune moved
+                menu.options.extend(weighted(option, weight) for option in rows_options(delta, menu.header))
             if noise is not None and svd is not None:  # top singular directions + DARE on the rest
                 for option in hybrid_options(name, delta, svd, context.seed, noise, masks, columns):
                     menu.options.append(weighted(option, weight))
@@ -152,7 +175,8 @@ class BudgetMethod(EditMethod, name="budget"):
             "weighting": (
                 f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energies else "weight error"
             )
-            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g}; biases x{BIAS_WEIGHT:g}",
+            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g} (input-only x{INPUT_LOOKUP_WEIGHT:g})"
+            + f"; biases x{BIAS_WEIGHT:g}",
             "noise_weight": self.noise_weight,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
@@ -180,6 +204,10 @@ class BudgetMethod(EditMethod, name="budget"):
             if codes is not None:
                 stats["feedback"] = "gptq"
             return Edit(encoding, encoding.encode(delta, quantized=codes), stats)
+        if kind == "rows-q":
+            encoding = QuantizedRowsEncoding(option.spec[2], GROUP, option.spec[1])
+            rows = top_rows(delta)[0][: option.spec[1]]
+            return Edit(encoding, encoding.encode(delta, rows=rows), stats)
         if kind == "sign":
             encoding = SignEncoding("row")
             return Edit(encoding, encoding.encode(delta, dtype=torch.float16), stats)

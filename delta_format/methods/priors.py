@@ -28,6 +28,13 @@ The full energy (power 1) over-spends on the few layers with outlier inputs: on 
 pair it kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
 calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three pairs
 (benchmarks/RESULTS.md)."""
+INPUT_LOOKUP_WEIGHT = 0.3
+"""`LOOKUP_WEIGHT` for a table the model only reads (an input embedding, not a head nor tied to
+one): its error reaches only the tokens that read a row, and the rows a fine-tune moved are the
+ones its data reads. Measured on the MiniLM pair's word embedding (benchmarks/RESULTS.md): at
+0.1 the budget dropped it at every size; at 0.3 it keeps its top rows as ``rows-q`` at 1 bit
+per weight (cosine 0.9962 → 0.9972; 0.5 / 0.2 bit unchanged); at 1 it bought DARE there and
+lost (0.9957)."""
 BIAS_WEIGHT = 10.0
 """Error weight of an additive vector (a parameter named ``bias``: a linear layer's or a norm's
 shift) beside a linear layer's weights. A bias is a weight column whose input is 1 on every token:
@@ -44,12 +51,13 @@ character set (a character-level model's head lost 7 % of its gain at the discou
 position or token-type table."""
 
 
-def error_weight(name: str, delta: torch.Tensor, lookup: bool) -> float:
+def error_weight(name: str, delta: torch.Tensor, lookup: bool, head: bool = True) -> float:
     """How much a unit of this tensor's squared error costs beside a linear layer's:
-    `LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows, `BIAS_WEIGHT` for an
-    additive vector (a 1-D parameter named ``bias``), 1 otherwise."""
+    `LOOKUP_WEIGHT` for a lookup table of at least `LOOKUP_MIN_ROWS` rows that is (or is tied to)
+    a head, `INPUT_LOOKUP_WEIGHT` for one that is only read, `BIAS_WEIGHT` for an additive vector
+    (a 1-D parameter named ``bias``), 1 otherwise."""
     if lookup and delta.dim() == 2 and delta.shape[0] >= LOOKUP_MIN_ROWS:
-        return LOOKUP_WEIGHT
+        return LOOKUP_WEIGHT if head else INPUT_LOOKUP_WEIGHT
     if delta.dim() == 1 and name.rpartition(".")[2] == "bias":
         return BIAS_WEIGHT
     return 1.0

@@ -39,6 +39,7 @@ from delta_format.core.encodings import (  # noqa: E402
     LowRankEncoding,
     QuantizedDenseEncoding,
     QuantizedLowRankEncoding,
+    QuantizedRowsEncoding,
     QuantizedSparseEncoding,
     ReplaceEncoding,
     SignEncoding,
@@ -66,6 +67,7 @@ VECTORS = (
     "lowrank-q",
     "sum",
     "rounding",
+    "rows-q",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -492,6 +494,31 @@ def vector_dense_q(root: Path) -> None:
     v.write("dense-q", {})
 
 
+def vector_rows_q(root: Path) -> None:
+    v = Vector(root, "rows-q")
+    # "e": rows 1, 5, 11 of 12 at 4 bits, groups of 8 = one row each; "t": rows of 6 in groups of 4,
+    # so groups straddle kept rows (12 values: 3 groups); "z": no row kept (empty stored tensors).
+    for name, shape, dtype, bits, group, rows, salt in (
+        ("e", (12, 8), "float32", 4, 8, [1, 5, 11], 80),
+        ("t", (10, 6), "bfloat16", 2, 4, [0, 9], 82),
+        ("z", (3, 4), "float16", 3, 4, [], 84),
+    ):
+        base = v.add_base(name, shape, dtype, salt)
+        kept = values((len(rows), shape[1]), salt + 1, 0.01)
+        codes, scales = quantize(torch.from_numpy(kept).reshape(-1), bits, group, "absmax", torch.float16)
+        enc = QuantizedRowsEncoding(bits, group, len(rows))
+        stored = {
+            "rows": torch.tensor(rows, dtype=torch.int32),
+            "codes": pack_codes(codes, bits),
+            "scales": scales.reshape(-1),
+        }
+        decoded = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), bits, group)
+        delta = np.zeros(shape, dtype=np.float32)
+        delta[rows] = decoded.reshape(len(rows), shape[1])
+        v.add(name, entry(enc, shape, dtype), stored, reconstruct(base, delta, 1.0, dtype))
+    v.write("budget", {"bits": 1.0})
+
+
 def vector_sparse_q(root: Path) -> None:
     v = Vector(root, "sparse-q")
     shape, scale = (16, 32), 1 / (1 - SEEDED_P)
@@ -755,6 +782,7 @@ def main(root: Path) -> None:
         vector_lowrank_q,
         vector_sum,
         vector_rounding,
+        vector_rows_q,
     ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)

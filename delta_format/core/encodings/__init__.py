@@ -15,6 +15,7 @@ from .index_codings import index_coding_bytes
 from .lowrank import LowRankEncoding
 from .lowrank_q import QuantizedLowRankEncoding, bands_for
 from .replace import ReplaceEncoding
+from .rows_q import QuantizedRowsEncoding
 from .sign import SignEncoding
 from .sparse import SparseEncoding
 from .sparse_q import QuantizedSparseEncoding
@@ -37,6 +38,7 @@ __all__ = [
     "QuantizedDenseEncoding",
     "QuantizedSparseEncoding",
     "QuantizedLowRankEncoding",
+    "QuantizedRowsEncoding",
     "SumEncoding",
     "bands_for",
     "index_coding_bytes",

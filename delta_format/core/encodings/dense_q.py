@@ -35,6 +35,14 @@ def checked_quant(name: str, bits: int, group: int) -> tuple[int, int]:
         raise ManifestError(f"{name}: {exc.args[0]}", expected=exc.expected, found=exc.found) from None
 
 
+def sequence_roles(codes: str, scales: str, length: int, bits: int, group: int) -> dict[str, Expected]:
+    """The stored tensors of one quantised sequence of ``length`` values (SPEC §5.7)."""
+    return {
+        codes: Expected(("U8",), (packed_bytes(length, bits),)),
+        scales: Expected(FLOAT_STORED, (group_count(length, group),)),
+    }
+
+
 class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
     """Every entry as a ``bits``-bit code with a scale per ``group`` entries.
 
@@ -61,11 +69,7 @@ class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
         return {"bits": self.bits, "group": self.group}
 
     def expected(self, shape: tuple[int, ...]) -> dict[str, Expected]:
-        numel = math.prod(shape)
-        return {
-            self.CODES: Expected(("U8",), (packed_bytes(numel, self.bits),)),
-            self.SCALES: Expected(FLOAT_STORED, (group_count(numel, self.group),)),
-        }
+        return sequence_roles(self.CODES, self.SCALES, math.prod(shape), self.bits, self.group)
 
     def encode(
         self,

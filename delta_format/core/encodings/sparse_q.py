@@ -20,10 +20,9 @@ import torch
 
 from ...errors import ManifestError
 from ..constants import INDEX_GAPS, INDEX_SEEDED, MAX_TENSOR_ELEMENTS, SPARSE, SPARSE_Q
-from ..dtypes import FLOAT_STORED
-from ..quant import dequantize, group_count, pack_codes, packed_bytes, quantize, unpack_codes
+from ..quant import dequantize, pack_codes, quantize, unpack_codes
 from .base import ENCODING_CLASSES, Expected, config_int, require_finite
-from .dense_q import checked_quant, quant_config
+from .dense_q import checked_quant, quant_config, sequence_roles
 from .sparse import SparseEncoding
 
 _QUANT_KEYS = ("bits", "group", "count")
@@ -89,8 +88,7 @@ class QuantizedSparseEncoding(SparseEncoding, name=SPARSE_Q):
         roles.pop(self.VALUES)
         if self.index_coding == INDEX_GAPS:
             roles[self.GAPS] = Expected(roles[self.GAPS].dtypes, (self.count,))
-        roles[self.CODES] = Expected(("U8",), (packed_bytes(self.count, self.bits),))
-        roles[self.SCALES] = Expected(FLOAT_STORED, (group_count(self.count, self.group),))
+        roles.update(sequence_roles(self.CODES, self.SCALES, self.count, self.bits, self.group))
         return roles
 
     def encode(
