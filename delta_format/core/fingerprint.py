@@ -102,12 +102,19 @@ def fingerprint_safetensors(files: Iterable[str | os.PathLike]) -> dict[str, Any
                         expected="two integers 0 <= begin <= end",
                         found=repr(info.get("data_offsets"))[:100],
                     )
-                parts = []
-                for offset, length in sample_ranges(end - begin):
-                    f.seek(start + begin + offset)
-                    parts.append(f.read(length))
-                tensors[name] = _entry(dtype, shape, b"".join(parts))
+                at = start + begin
+                sample = b"".join(_read_at(f, at + offset, length) for offset, length in sample_ranges(end - begin))
+                tensors[name] = _entry(dtype, shape, sample)
     return _finish(tensors)
+
+
+def _read_at(f, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer at the end of the file): one ``pread`` where the
+    platform has it (a seek and a read otherwise)."""
+    if hasattr(os, "pread"):
+        return os.pread(f.fileno(), length, offset)
+    f.seek(offset)
+    return f.read(length)
 
 
 def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
