@@ -113,3 +113,19 @@ def test_rows_are_offered_for_an_input_embedding_not_for_a_head():
 
     assert choice(head=False).startswith("rows-q 40 rows")
     assert not choice(head=True).startswith("rows-q")
+
+
+def test_a_load_adds_only_the_kept_rows_block_by_block_with_the_bits_of_a_whole_decode():
+    g = torch.Generator().manual_seed(3)
+    delta = torch.zeros(50, 16)
+    delta[[0, 7, 8, 23, 49]] = torch.randn(5, 16, generator=g)
+    encoding = QuantizedRowsEncoding(3, 8, 5)
+    stored = encoding.encode(delta)
+    base = torch.randn(50, 16, generator=g)
+    whole = base + encoding.decode(stored, (50, 16), "w", torch.float32) * 1.5
+    rows = encoding.rows(stored, (50, 16), "w", torch.float32, alpha=1.5)
+    acc = base.clone()
+    for start in range(0, 50, 7):  # blocks that cut between and around kept rows
+        rows.add_rows(acc[start : start + 7], start, min(start + 7, 50))
+    rows.finish()
+    assert torch.equal(acc, whole)

@@ -20,7 +20,7 @@ import torch
 from ...errors import CorruptDeltaError, ManifestError
 from ..constants import ROWS_Q
 from ..quant import dequantize, pack_codes, quantize, unpack_codes
-from .base import Encoding, Expected, check_config_keys, config_int, matrix_shape, require_finite, scaled
+from .base import Encoding, Expected, RowDelta, check_config_keys, config_int, matrix_shape, require_finite, scaled
 from .dense import DenseFactor
 from .dense_q import checked_quant, quant_config, sequence_roles
 
@@ -111,18 +111,42 @@ class QuantizedRowsEncoding(Encoding, name=ROWS_Q):
             )
         return index
 
-    def decode(self, stored, shape, name, dtype):
+    def kept(self, stored, shape, name, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept row indices (int64) and their decoded rows ``[count, cols]`` in ``dtype``,
+        every stored byte checked."""
         rows, cols = matrix_shape(tuple(shape))
         require_finite(name, self.SCALES, stored[self.SCALES])
         index = self.kept_rows(stored, rows, name)
         codes = unpack_codes(stored[self.CODES], self.bits, self.count * cols, name)
         values = dequantize(codes, stored[self.SCALES], self.bits, self.group, dtype)
-        delta = torch.zeros(rows, cols, dtype=dtype, device=values.device)
-        delta[index.to(values.device)] = values.view(self.count, cols)
+        return index.to(values.device), values.view(self.count, cols)
+
+    def decode(self, stored, shape, name, dtype):
+        index, values = self.kept(stored, shape, name, dtype)
+        delta = torch.zeros(matrix_shape(tuple(shape)), dtype=dtype, device=values.device)
+        delta[index] = values
         return delta.view(shape)
+
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
+        # Only the kept rows are decoded and added (SPEC §9 allows skipping the +0.0 of the
+        # others): a vocabulary-sized table costs its kept rows, not a full-size temporary.
+        index, values = self.kept(stored, shape, name, dtype)
+        return KeptRows(index, scaled(values, alpha))
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         return DenseFactor(scaled(self.decode(stored, shape, name, compute), alpha).to(dtype))
 
     def label(self) -> str:
         return f"{self.name}({self.count} rows, {self.bits}b, g{self.group})"
+
+
+class KeptRows(RowDelta):
+    """``acc += delta[start:stop]`` for a delta that is zero outside its (sorted) kept rows."""
+
+    def __init__(self, index: torch.Tensor, values: torch.Tensor):
+        self.index, self.values = index, values
+
+    def add_rows(self, acc, start, stop):
+        lo, hi = (int(torch.searchsorted(self.index, bound)) for bound in (start, stop))
+        if hi > lo:
+            acc.index_add_(0, self.index[lo:hi] - start, self.values[lo:hi].to(acc.dtype))
