@@ -280,3 +280,15 @@ def test_calibrated_weights_are_relative_to_the_mean_linear_layer():
         assert labels == {n: o.label for n, o in plan({"quiet": factor, "loud": 10 * factor}).items()}
     choices = plan({"quiet": 1, "loud": 10})
     assert choices["loud"].bits > choices["quiet"].bits
+
+
+def test_a_resized_vocabulary_is_stored_whole_and_said_to_be_outside_the_budget(tmp_path):
+    base = tiny_llama()
+    ft = tiny_llama()
+    ft.load_state_dict(base.state_dict())
+    ft.resize_token_embeddings(base.config.vocab_size + 2, mean_resizing=False)
+    with pytest.warns(UserWarning, match=r"model.embed_tokens.weight is stored whole \(the base has another shape"):
+        delta = delta_format.compress(
+            save(base, tmp_path / "base"), save(ft, tmp_path / "ft"), tmp_path / "d", bits=0.5, progress=False
+        )
+    assert delta.manifest.tensors["model.embed_tokens.weight"].encoding.name == "replace"

@@ -9,6 +9,7 @@ alive, which is what lets the compressor stream a model larger than memory.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from ..io.writer import DeltaWriter
 from ..methods import EditMethod, TensorContext
 from ..methods.base import Edit
 from ..methods.dense import same_bits
-from .measure import Totals, edit_error, measure_on_model
+from .measure import Totals, edit_error, measure_on_model, stored_nbytes
 from .plan import Action, MethodPlan
 from .sources import TensorSource
 
@@ -102,7 +103,17 @@ class TensorCompressor:
             torch_dtype_name(value.dtype),
             stats={"lossless": True, "rel_error": 0.0, "reason": reason},
         )
-        self.write(name, entry, encoding.encode(value), "replaced")
+        stored = encoding.encode(value)
+        if any(m.name == "budget" for m in self.plan.methods()):
+            warnings.warn(
+                f"{name} is stored whole ({reason}: {stored_nbytes(stored) / 1e6:.1f} MB, "
+                f"{value.element_size() * 8} bits per weight), outside the bits= budget, which covers "
+                "the parameters whose delta can be edited. A resized vocabulary costs a full table and "
+                "its head: compare the delta's size with the budget (`delta-format inspect`).",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.write(name, entry, stored, "replaced")
 
     def edit(self, name: str, method: EditMethod) -> None:
         """Hand ``Δ`` to ``method``, measure what it stored, and write it (nothing if ``Δ`` is all zero bits)."""
