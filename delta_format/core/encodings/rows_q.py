@@ -1,4 +1,4 @@
-"""``rows-q``: a few rows of a matrix as b-bit codes, every other row unchanged (SPEC §5.12).
+"""``rows-q``: a few rows of a matrix as b-bit codes, every other row's delta zero (SPEC §5.12).
 
 Roles ``rows`` (``I32``, the kept row indices, strictly increasing), ``codes`` and ``scales``
 (the kept rows, in that order and concatenated, stored as ``dense-q`` stores a tensor of
