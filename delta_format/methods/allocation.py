@@ -234,15 +234,18 @@ def dense_q_options(delta: torch.Tensor, header: int = HEADER_BITS) -> list[Opti
     clipped scale within 64x of float16's limits)."""
     flat = delta.reshape(-1).float()
     sample, factor = sampled_groups(flat, delta.numel() // max(delta.shape[0], 1))
-    amax = None
-    if sample is not flat:  # every group's absmax: the whole tensor's scales, at one cheap pass
-        amax = torch.nn.functional.pad(flat, (0, -flat.numel() % GROUP)).view(-1, GROUP).abs().amax(1)
+    amax = group_absmax(flat) if sample is not flat else None  # the whole tensor's scales, one cheap pass
     options = []
     for bits in DENSE_BITS:
         error, dtype = quantized_error(sample, bits, amax)
         size = 8 * packed_bytes(flat.numel(), bits) + group_count(flat.numel(), GROUP) * 8 * dtype.itemsize
         options.append(Option(f"dense-q {bits}b", size + 2 * header, error * factor, ("dense-q", bits)))
     return options
+
+
+def group_absmax(flat: torch.Tensor) -> torch.Tensor:
+    """Every group of `GROUP` consecutive values' largest magnitude (the last group zero-padded)."""
+    return torch.nn.functional.pad(flat, (0, -flat.numel() % GROUP)).view(-1, GROUP).abs().amax(1)
 
 
 def quantized_error(sample: torch.Tensor, bits: int, amax: torch.Tensor | None) -> tuple[float, torch.dtype]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..core.encodings import QuantizedLowRankEncoding
-from ..core.quant import half_range, quantize, scale_dtype
+from ..core.quant import dequantize, half_range, quantize, scale_dtype
 from .activations import ActivationStats
 
 DAMPING = 0.01
@@ -67,8 +67,7 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     h = h.clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(DAMPING * float(h.diagonal().mean()))
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True)
 
 
 def dense_codes(
@@ -87,32 +86,26 @@ def dense_codes(
     plain_codes, plain_scales = quantize(matrix.reshape(-1), bits, group)
     dtype = plain_scales.dtype
     along_input = stats.input_axis == 1  # groups run along the input features, else along outputs
-    q, scales = _gptq(w, _inverse_cholesky(h), bits, group, dtype, along_input)
-    if q is None:
-        return None
-    stored_scales = scales  # [rows as stored, groups] either way
-    if dtype == torch.float16 and scale_dtype(stored_scales.float()) != dtype:
+    codes, q, scales = _gptq(w, _inverse_cholesky(h), bits, group, dtype, along_input)
+    if dtype == torch.float16 and scale_dtype(scales.float()) != dtype:
         return None  # a compensated scale left float16's normal range: keep the plain codes
-    half = half_range(bits)
-    step = as_out_in(stored_scales.float().repeat_interleave(group, 1), stats.input_axis).double()
-    codes = torch.round(q / step.masked_fill(step == 0, 1.0) + half)
-    codes = codes.masked_fill(step == 0, half).to(torch.int64)
-    codes = as_out_in(codes, stats.input_axis).reshape(-1)
-    plain = (plain_codes.double() - half) * plain_scales.float().double().repeat_interleave(group)[: matrix.numel()]
-    plain = as_out_in(plain.view(matrix.shape), stats.input_axis)
-    if output_error(q - w, damped(h)) >= output_error(plain - w, damped(h)):
+    plain = dequantize(plain_codes, plain_scales, bits, group, torch.float64).view(matrix.shape)
+    h = damped(h)
+    if output_error(q - w, h) >= output_error(as_out_in(plain, stats.input_axis) - w, h):
         return None
-    return codes, stored_scales.reshape(-1).contiguous()
+    return as_out_in(codes, stats.input_axis).reshape(-1), scales.reshape(-1).contiguous()
 
 
 def _gptq(
     w: torch.Tensor, inverse: torch.Tensor, bits: int, group: int, dtype: torch.dtype, along_input: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Quantised ``w`` ``[out, in]`` (float64 values on the grid) and its scales: ``[out, in/group]``
-    when groups run along the inputs, ``[in, out/group]`` when along the outputs."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of ``w`` ``[out, in]`` (int64), their values (float64) and their scales, in the stored
+    layout: ``[out, in/group]`` when groups run along the inputs, ``[in, out/group]`` when along
+    the outputs (``out`` a multiple of ``group`` then)."""
     rows, cols = w.shape
     w = w.clone()
     q = torch.zeros_like(w)
+    codes = torch.zeros(rows, cols, dtype=torch.int64)
     half = half_range(bits)
     scales = []
     step = None
@@ -126,29 +119,24 @@ def _gptq(
                 scales.append(s)
                 step = s.float().double().view(-1)
             elif not along_input:
-                if rows % group:
-                    return None, torch.empty(0)
                 _, s = quantize(column.float().view(1, -1), bits, group, None, dtype)
                 scales.append(s)
                 step = s.float().double().view(-1).repeat_interleave(group)
-            safe = step.masked_fill(step == 0, 1.0)
-            value = (torch.round(column / safe + half).clamp(0, 2 * half) - half) * step
-            q[:, start + j] = value
+            code = torch.round(column / step.masked_fill(step == 0, 1.0) + half).clamp(0, 2 * half)
+            code = code.masked_fill(step == 0, int(half))  # an all-zero group: `quantize`'s code
+            value = (code - half) * step
+            codes[:, start + j], q[:, start + j] = code.to(torch.int64), value
             error = (column - value) / inverse[start + j, start + j]
             block[:, j + 1 :] -= error[:, None] * inverse[start + j, start + j + 1 : end][None, :]
             errors[:, j] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
-    return q, torch.cat(scales, 1 if along_input else 0)
+    return codes, q, torch.cat(scales, 1 if along_input else 0)
 
 
-def refit_outputs(delta: torch.Tensor, inputs_side: torch.Tensor, stats: ActivationStats) -> torch.Tensor | None:
+def refit_outputs(delta: torch.Tensor, inputs_side: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The output-side factor ``A`` ``[out, r]`` minimising ``tr((A B̂ - Δ) H (A B̂ - Δ)ᵀ)`` for the
-    quantised input-side factor ``B̂`` ``[r, in]`` (``delta`` as ``[out, in]``), or None without
-    calibration inputs."""
-    h = hessian(stats, delta.shape[1])
-    if h is None:
-        return None
-    b, h = inputs_side.double(), damped(h)
+    quantised input-side factor ``B̂`` ``[r, in]`` (``delta`` as ``[out, in]``, ``h`` damped)."""
+    b = inputs_side.double()
     gram = b @ h @ b.T
     gram.diagonal().add_(1e-9 * max(float(gram.diagonal().mean()), 1e-300))
     return torch.linalg.solve(gram, b @ h @ delta.double().T).T
@@ -171,14 +159,15 @@ def refit_lowrank(
     u_hat, v_hat = encoding.factors(stored, shape, "", torch.float64)
     axis = stats.input_axis
     exact = as_out_in(delta.double(), axis)
-    refit = refit_outputs(exact, v_hat if axis == 1 else u_hat.T, stats)
-    if refit is None:
+    h = hessian(stats, exact.shape[1])
+    if h is None:
         return stored
+    h = damped(h)
+    refit = refit_outputs(exact, v_hat if axis == 1 else u_hat.T, h)
     if axis == 1:
         candidate = encoding.encode(delta, u=refit.float(), v=v)
     else:
         candidate = encoding.encode(delta, u=u, v=refit.T.float())
-    h = damped(hessian(stats, exact.shape[1]))
 
     def error(codes: dict[str, torch.Tensor]) -> float:
         a, b = encoding.factors(codes, shape, "", torch.float64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..core.quant import group_count, packed_bytes
-from .allocation import GROUP, HEADER_BITS, Option, quantized_error, sampled_groups
+from .allocation import GROUP, HEADER_BITS, Option, group_absmax, quantized_error, sampled_groups
 
 ROWS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.99)
 """Shares of a lookup table's delta energy at which ``rows-q`` offers to keep the top rows."""
@@ -46,7 +46,7 @@ def rows_options(delta: torch.Tensor, header: int = HEADER_BITS) -> list[Option]
     for k in sorted(c for c in counts if 0 < c < rows):
         kept = matrix[order[:k]].reshape(-1)
         sample, factor = sampled_groups(kept, cols)
-        amax = torch.nn.functional.pad(kept, (0, -kept.numel() % GROUP)).view(-1, GROUP).abs().amax(1)
+        amax = group_absmax(kept)
         left = max(total - float(cumulative[k - 1]), 0.0)
         for bits in ROWS_BITS:
             error, dtype = quantized_error(sample, bits, amax)
