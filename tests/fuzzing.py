@@ -88,6 +88,7 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "bitdiff.w": torch.randn(5, 6, generator=g).to(torch.bfloat16),
         "sum.w": torch.randn(10, 12, generator=g),
         "rows_q.w": torch.randn(9, 5, generator=g).to(torch.bfloat16),
+        "grown.w": torch.randn(6, 5, generator=g).to(torch.float16),
     }
 
 
@@ -97,11 +98,11 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
     ref = BaseReference(local_path="in-memory")
     with DeltaWriter(out, base=ref, method="mixed", max_shard_size=400) as w:
 
-        def add(name, enc, stored, dtype="float32", alpha=1.0, rounding="nearest"):
-            shape = tuple(base[name].shape) if name in base else tuple(stored["value"].shape)
+        def add(name, enc, stored, dtype="float32", alpha=1.0, rounding="nearest", shape=None, base_rows=None):
+            shape = shape or (tuple(base[name].shape) if name in base else tuple(stored["value"].shape))
             w.add(
                 name,
-                TensorEntry(enc, shape, dtype, alpha, rounding=rounding),
+                TensorEntry(enc, shape, dtype, alpha, rounding=rounding, base_rows=base_rows),
                 stored,
             )
 
@@ -151,6 +152,14 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         rows = torch.zeros(9, 5)
         rows[[1, 4, 8]] = torch.randn(3, 5, generator=g)
         add("rows_q.w", enc, enc.encode(rows), "bfloat16", rounding="stochastic")
+        old, new = QuantizedDenseEncoding(4, 8), QuantizedRowsEncoding(8, 64, 2)  # SPEC 1.5: 6 rows grown to 8
+        grown = torch.zeros(8, 5)
+        grown[6:] = torch.randn(2, 5, generator=g)
+        enc = SumEncoding([old, new])
+        stored = enc.join(
+            [old.encode(torch.randn(8, 5, generator=g) * (torch.arange(8) < 6)[:, None]), new.encode(grown)]
+        )
+        add("grown.w", enc, stored, "float16", rounding="stochastic", shape=(8, 5), base_rows=6)
 
 
 def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,7 +167,7 @@ def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.
     reader = DeltaReader(directory)
     out = {}
     for name, entry in reader.manifest.tensors.items():
-        if entry.encoding.is_delta and (name not in base or tuple(base[name].shape) != entry.shape):
+        if entry.encoding.is_delta and (name not in base or tuple(base[name].shape) != entry.base_shape):
             from delta_format.errors import BaseMismatchError
 
             raise BaseMismatchError(

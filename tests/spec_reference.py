@@ -233,6 +233,10 @@ def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None, name: s
     if entry["encoding"] in ("replace", "bitdiff"):
         return round_to(delta, entry["dtype"])
     c = np.float64 if entry["dtype"] == "float64" else np.float32
+    rows = entry.get("config", {}).get("base_rows")
+    if rows is not None:  # §9.2: fewer rows in the base, the others zero
+        assert base.shape[0] == rows and 0 <= rows < entry["shape"][0] and list(base.shape[1:]) == entry["shape"][1:]
+        base = np.concatenate([base, np.zeros([entry["shape"][0] - rows, *entry["shape"][1:]], dtype=base.dtype)])
     acc = base.astype(c)
     alpha = entry.get("alpha", 1.0)
     if alpha != 1.0:

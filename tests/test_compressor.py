@@ -155,7 +155,7 @@ def test_an_in_memory_base_loaded_from_a_directory_is_referenced_by_that_directo
     assert delta.manifest.base.local_path == str(trained["base"].resolve())
 
 
-def test_a_resized_vocabulary_is_stored_as_replace(tmp_path):
+def test_a_resized_vocabulary_is_a_delta_of_the_base_with_its_new_rows_beside_it(tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = tiny_llama()
@@ -165,12 +165,19 @@ def test_a_resized_vocabulary_is_stored_as_replace(tmp_path):
     save(base, tmp_path / "base"), save(ft, tmp_path / "ft")
     delta = compress(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", method="sign")
     tensors = delta.manifest.tensors
+    vocab = base.config.vocab_size
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert tensors[name].encoding.name == "replace" and tensors[name].alpha == 1.0
-        assert tensors[name].shape == (base.config.vocab_size + 4, 64)
+        assert tensors[name].encoding.label().startswith("sign(tensor) + rows-q(4 rows, 8b")
+        assert tensors[name].shape == (vocab + 4, 64) and tensors[name].base_rows == vocab
     apply_delta(tmp_path / "delta", tmp_path / "full")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
-    assert torch.equal(loaded.model.embed_tokens.weight, ft.model.embed_tokens.weight)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full").model.embed_tokens.weight.detach()
+    want = ft.model.embed_tokens.weight.detach()
+    # the rows-q part holds what the sign part leaves of the new rows (they +- its scale): 8-bit codes
+    scale = float(delta.reader.stored("model.embed_tokens.weight")["0.scale"].abs().max())
+    bound = (float(want[vocab:].abs().max()) + scale) / 127
+    assert float((loaded[vocab:] - want[vocab:]).abs().max()) <= bound
+    old_delta = want[:vocab] - base.model.embed_tokens.weight.detach()
+    assert float((loaded[:vocab] - want[:vocab]).norm() / old_delta.norm()) < 0.8  # the sign's error on the old rows
 
 
 def test_a_tensor_only_in_the_base_is_an_error_unless_excluded(trained, tmp_path):

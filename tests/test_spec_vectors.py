@@ -65,6 +65,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "sum",
             "rounding",
             "rows-q",
+            "grown",
         ]
     )
 
@@ -219,7 +220,7 @@ def _set(path: str, value):
         *parents, last = path.split("/")
         node = m
         for key in parents:
-            node = node[key]
+            node = node[int(key)] if isinstance(node, list) else node[key]
         if value is _DELETE:
             del node[last]
         else:
@@ -259,6 +260,10 @@ INVALID = {
     "rank zero": ("lowrank", _set("tensors/w/config/rank", 0)),
     "rank as a string": ("lowrank", _set("tensors/w/config/rank", "3")),
     "lowrank on a vector": ("lowrank", _set("tensors/w/shape", [120])),
+    "negative base_rows": ("grown", _set("tensors/t/config/base_rows", -1)),
+    "base_rows as a string": ("grown", _set("tensors/t/config/base_rows", "5")),
+    "base_rows on a sum part": ("grown", _set("tensors/e/config/parts/0/config", {"base_rows": 6})),
+    "base_rows on replace": ("replace", _set("tensors/embed/config", {"base_rows": 1})),
 }
 
 

@@ -100,7 +100,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 (
                     name,
                     entry.encoding.label(),
-                    "x".join(map(str, entry.shape)) or "scalar",
+                    ("x".join(map(str, entry.shape)) or "scalar")
+                    + (f" (base {entry.base_rows} rows)" if entry.base_rows is not None else ""),
                     entry.dtype + (f" ({entry.rounding})" if entry.rounding != "nearest" else ""),
                     f"{entry.alpha:g}",
                     str(entry.stats.get("stored_bytes", 0)),

@@ -231,7 +231,7 @@ def compress(
         inputs=[getattr(base_src, "directory", None), getattr(ft_src, "directory", None)],
     ) as writer:
         writer.manifest.method_params.update(options.recorded_params(ft_src))
-        edited = [name for name, action in actions if action is Action.EDIT]
+        edited = [name for name, action in actions if action in (Action.EDIT, Action.GROW)]
         tensors = TensorCompressor(
             options.plan,
             base_src,

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from ..core.dtypes import torch_dtype_name
+from ..core.dtypes import TORCH_DTYPES, torch_dtype_name
 from ..errors import InvalidArgumentError
 from ..methods import EditMethod, get_method
 from ..methods.dense import same_bits
+from .grown import grown_rows
 from .sources import TensorSource
 
 Rule = tuple
@@ -180,6 +181,9 @@ class Action(str, enum.Enum):
 
     EDIT = "edit"
     """``Δ = ft - base`` goes to the tensor's method (and is skipped if it is all zero bits)."""
+    GROW = "grow"
+    """The fine-tune only adds rows to the base's tensor (a resized vocabulary): the old rows'
+    delta goes to the tensor's method, the new rows are stored beside it (SPEC §9.2)."""
     REPLACE = "replace"
     """The base lacks the tensor or has another shape: the fine-tuned value is stored whole."""
     UNCHANGED = "unchanged"
@@ -240,4 +244,7 @@ def _action(name: str, plan: MethodPlan, base: TensorSource, finetune: TensorSou
             found=str(dtype),
             fix=f"exclude it (exclude=[{name!r}]) to keep the base's value",
         )
-    return Action.EDIT if same_shape else Action.REPLACE
+    if same_shape:
+        return Action.EDIT
+    grows = in_base and grown_rows(base.info(name)[0], shape) is not None
+    return Action.GROW if grows and base.info(name)[1] in TORCH_DTYPES.values() else Action.REPLACE

@@ -25,6 +25,7 @@ from ..io.writer import DeltaWriter
 from ..methods import EditMethod, TensorContext
 from ..methods.base import Edit
 from ..methods.dense import same_bits
+from .grown import grown_rows, new_rows_bits, padded, with_new_rows
 from .measure import Totals, edit_error, measure_on_model, stored_nbytes
 from .plan import Action, MethodPlan
 from .sources import TensorSource
@@ -83,7 +84,7 @@ class TensorCompressor:
                 bar.update(nbytes)
 
     def step(self, name: str, action: Action) -> None:
-        if action is Action.EDIT:
+        if action in (Action.EDIT, Action.GROW):
             self.edit(name, self.plan.method_for(name))
         elif action is Action.REPLACE:
             self.replace(name)
@@ -131,6 +132,13 @@ class TensorCompressor:
             edit = Edit(encoding, stored, {"reason": "dtype change only"}, lossless=True)
         else:
             edit = method.edit(name, delta, context)
+        base_rows = self.base_rows(name)
+        if base_rows is not None:  # the method edited the old rows; the new rows are added to it
+            delta[base_rows:] = context.finetune[base_rows:]
+            edit = with_new_rows(edit, delta, base_rows, name)
+            if edit is None:
+                self.replace(name)
+                return
         if edit.dropped:
             self.dropped(name, delta, context)
             return
@@ -142,6 +150,7 @@ class TensorCompressor:
             alpha,
             {"method": method.name, **edit.stats},
             rounding=self.entry_rounding(edit, context.finetune.dtype),
+            base_rows=base_rows,
         )
         decoded = None
         if self.session is not None or not edit.lossless:  # measured on what was stored: decoded as a reader will
@@ -179,8 +188,13 @@ class TensorCompressor:
         self.writer.add(name, entry, stored)
 
     def read_pair(self, name: str) -> tuple[torch.Tensor, TensorContext] | None:
-        """(delta, context), or None when the fine-tune equals the base bit for bit."""
+        """(delta, context), or None when the fine-tune equals the base bit for bit. Where the
+        fine-tune has more rows (`base_rows`), the base is extended with zero rows and the new
+        rows' delta is zero: what a method edits."""
         base = self.base.get(name)
+        base_rows = self.base_rows(name)
+        if base_rows is not None:
+            base = padded(base, self.finetune.info(name)[0][0])
         finetune, delta, factors = self.finetune.read(name, base)
         if delta is None and finetune.dtype == base.dtype and same_bits(finetune, base):
             return None
@@ -188,7 +202,15 @@ class TensorCompressor:
         if delta is None:  # narrower bases are widened on the fly (exactly), without a full-size copy
             delta = finetune.to(arithmetic, copy=True)
             delta.sub_(base if base.dtype.itemsize <= arithmetic.itemsize else base.to(arithmetic))
+        if base_rows is not None:
+            delta[base_rows:] = 0
         return delta, self.context(name, base, finetune, factors, delta)
+
+    def base_rows(self, name: str) -> int | None:
+        """The base's row count where the fine-tune's ``name`` only adds rows (`Action.GROW`)."""
+        if name not in self.base:
+            return None
+        return grown_rows(self.base.info(name)[0], self.finetune.info(name)[0])
 
     def context(
         self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors, delta: torch.Tensor
@@ -212,7 +234,15 @@ class TensorCompressor:
             factors=factors,
             lookup=name in self.lookups,
             head=name in self.heads,
+            fixed_bits=self.new_rows_bits(name, delta),
         )
+
+    def new_rows_bits(self, name: str, delta: torch.Tensor) -> int:
+        """What a resized table's new rows will add to its entry (`grown.new_rows_bits`), 0 elsewhere."""
+        base_rows = self.base_rows(name)
+        if base_rows is None:
+            return 0
+        return new_rows_bits(name, delta.shape[0] - base_rows, delta[0].numel())
 
     def stream(self, names: list[str]) -> Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]:
         """A re-iterable stream of (name, delta, context) over ``names``, skipping unchanged ones."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 4)
+SPEC_VERSION = (1, 5)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -46,6 +46,10 @@ ROUNDING_STOCHASTIC = "stochastic"
 ROUNDINGS = (ROUNDING_NEAREST, ROUNDING_STOCHASTIC)
 ROUNDING_SEED = 0x726F756E64
 """Seed of the stochastic rounding's dither stream (``b"round"`` read big-endian, SPEC §9.1)."""
+
+BASE_ROWS = "base_rows"
+"""Config key of a delta entry whose parameter has more rows than the base's (a resized
+vocabulary): the base, extended with zero rows, is what the delta is added to (SPEC §9.2, 1.5)."""
 
 # Sparse index codings (SPEC §5.2).
 INDEX_GAPS = "gaps"

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, ManifestError, UnsupportedVersionError
 from .constants import (
+    BASE_ROWS,
     FORMAT_NAME,
     MAX_MANIFEST_BYTES,
     MAX_RANK_DIMS,
@@ -119,6 +120,20 @@ def rounding_allowed(rounding: Any, encoding: Encoding) -> bool:
     return rounding in ROUNDINGS and (rounding == ROUNDING_NEAREST or encoding.is_delta)
 
 
+def base_rows_problem(base_rows: Any, encoding: Encoding, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a ``base_rows`` value (SPEC §3.4, §9.2), or None: absent, or, for a delta
+    encoding of a parameter with at least one dimension, an integer in [0, shape[0])."""
+    if base_rows is None:
+        return None
+    if not encoding.is_delta:
+        return f"no base_rows: a {encoding.name} entry is a value, not a delta (SPEC §3.4)"
+    if not shape:
+        return "no base_rows on a scalar parameter"
+    if isinstance(base_rows, bool) or not isinstance(base_rows, int) or not 0 <= base_rows < shape[0]:
+        return f"an integer in [0, {shape[0]}): fewer rows than the parameter's {shape[0]}"
+    return None
+
+
 @dataclass
 class TensorEntry:
     """How one parameter is rebuilt: ``theta = cast(base + alpha * decode(stored), dtype)``."""
@@ -131,6 +146,10 @@ class TensorEntry:
     rounding: str = ROUNDING_NEAREST
     """How the sum is rounded to a half-precision result (SPEC §9.1): stored as the ``rounding``
     key of a delta encoding's config, which readers before 1.3 refuse as unknown."""
+    base_rows: int | None = None
+    """The base's row count where it has fewer rows than ``shape`` (a resized vocabulary, SPEC
+    §9.2): the delta is added to the base extended with zero rows. Stored as the ``base_rows`` key
+    of a delta encoding's config, which readers before 1.5 refuse as unknown."""
 
     def __post_init__(self):
         if not rounding_allowed(self.rounding, self.encoding):
@@ -140,11 +159,27 @@ class TensorEntry:
                 found=repr(self.rounding)[:100],
                 fix="pass rounding='nearest' or 'stochastic' (SPEC §9.1)",
             )
+        problem = base_rows_problem(self.base_rows, self.encoding, self.shape)
+        if problem:
+            raise InvalidArgumentError(
+                f"a {self.encoding.name} entry of shape {list(self.shape)} cannot have base_rows {self.base_rows!r}",
+                expected=problem,
+                found=repr(self.base_rows)[:100],
+                fix="give base_rows only where the base has fewer rows than the fine-tune (SPEC §9.2)",
+            )
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        """The shape the base tensor must have: ``shape``, or fewer rows where ``base_rows`` says so."""
+        shape = tuple(self.shape)
+        return shape if self.base_rows is None else (self.base_rows, *shape[1:])
 
     def to_dict(self) -> dict[str, Any]:
         config = self.encoding.to_dict()
         if self.rounding != ROUNDING_NEAREST:
             config = {**config, "rounding": self.rounding}
+        if self.base_rows is not None:
+            config = {**config, BASE_ROWS: self.base_rows}
         out: dict[str, Any] = {
             "encoding": self.encoding.name,
             "config": config,
@@ -172,10 +207,13 @@ class TensorEntry:
             raise ManifestError(f"{where} alpha is not a finite number", expected="a number", found=repr(alpha))
         shape = parse_shape(where, data["shape"])
         config = data.get("config", {})
-        rounding = ROUNDING_NEAREST
-        if isinstance(config, dict) and "rounding" in config:
+        rounding, base_rows = ROUNDING_NEAREST, None
+        if isinstance(config, dict) and ("rounding" in config or BASE_ROWS in config):
             config = dict(config)
-            rounding = config.pop("rounding")
+            rounding = config.pop("rounding", ROUNDING_NEAREST)
+            base_rows = config.pop(BASE_ROWS, None)
+            if base_rows is None and BASE_ROWS in data["config"]:
+                raise ManifestError(f"{where} has base_rows null", expected="an integer or no such key", found="null")
         encoding = encoding_from_dict(data["encoding"], config)
         if not rounding_allowed(rounding, encoding):
             raise ManifestError(
@@ -187,13 +225,21 @@ class TensorEntry:
                 fix="upgrade delta-format if the delta was written for a newer spec; otherwise re-create it",
             )
         encoding.expected(shape)  # refuses encodings that cannot apply to this shape
+        problem = base_rows_problem(base_rows, encoding, shape)
+        if problem:
+            raise ManifestError(
+                f"{where} has an invalid base_rows",
+                expected=problem,
+                found=repr(base_rows)[:100],
+                fix="upgrade delta-format if the delta was written for a newer spec; otherwise re-create it",
+            )
         stats = parse_stats(f"{where} stats", data.get("stats", {}))
         stored = stats.get("stored_bytes", 0)
         if not isinstance(stored, int) or stored < 0:
             raise ManifestError(
                 f"{where} stats.stored_bytes is invalid", expected="an integer >= 0", found=repr(stored)[:100]
             )
-        return cls(encoding, shape, data["dtype"], float(alpha), dict(stats), rounding)
+        return cls(encoding, shape, data["dtype"], float(alpha), dict(stats), rounding, base_rows)
 
 
 @dataclass

@@ -53,7 +53,9 @@ def reconstruct(
         A tensor of ``entry.shape`` in ``dtype``; the same bits as `reconstruct_stored`.
     """
     if entry.encoding.is_delta:  # a decoded delta is a dense one: same arithmetic, same bits
-        entry = TensorEntry(DenseEncoding(), entry.shape, entry.dtype, entry.alpha, rounding=entry.rounding)
+        entry = TensorEntry(
+            DenseEncoding(), entry.shape, entry.dtype, entry.alpha, rounding=entry.rounding, base_rows=entry.base_rows
+        )
         stored = {DenseEncoding.DELTA: decoded}
     else:  # and a decoded value (replace, bitdiff) a replace one
         entry = TensorEntry(ReplaceEncoding(), entry.shape, entry.dtype, entry.alpha)
@@ -90,12 +92,15 @@ def reconstruct_stored(
             found="nothing",
             fix="load the base the delta was made against",
         )
+    base_shape = parts[0][0].base_shape
     for entry, _, _ in parts:
-        if tuple(base.shape) != tuple(entry.shape):
+        if tuple(base.shape) != entry.base_shape or tuple(entry.shape) != shape:
             raise BaseMismatchError(
                 f"the base's {name!r} has another shape",
-                expected=list(entry.shape),
-                found=list(base.shape),
+                expected=list(entry.base_shape)
+                if tuple(entry.shape) == shape
+                else f"one shape for every delta ({list(shape)})",
+                found=list(base.shape) if tuple(entry.shape) == shape else list(entry.shape),
                 fix="load the base the delta was made against",
             )
     compute = compute_dtype(dtype)
@@ -108,7 +113,8 @@ def reconstruct_stored(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
     rows, cols = matrix_shape(shape)
-    result, source = out.view(rows, cols), base.reshape(rows, cols)
+    known = base_shape[0] if base_shape else 1  # rows the base has; the others start from zero (SPEC §9.2)
+    result, source = out.view(rows, cols), base.reshape(known, cols)
     block = ROW_BLOCK_ELEMENTS.get(out.device.type, 1 << 26)
     if stochastic:  # its temporaries are ~18 bytes an element: a quarter of the block on accelerators
         block = min(block, STOCHASTIC_BLOCK_ELEMENTS)
@@ -118,14 +124,17 @@ def reconstruct_stored(
         stop = min(rows, start + step)
         target = result[start:stop]
         acc = target if buffer is None else buffer[: (stop - start) * cols].view(stop - start, cols)
-        acc.copy_(source[start:stop])
+        split = min(max(known, start), stop)  # rows [start, split) come from the base
+        acc[: split - start].copy_(source[start:split])
+        acc[split - start :].zero_()
         for delta in deltas:
             delta.add_rows(acc, start, stop)
         if stochastic:
             target.copy_(stochastic_cast(acc, dtype, key, start * cols))
         elif buffer is not None:
             target.copy_(acc)
-        _check_finite(name, target, source[start:stop], dtype)
+        _check_finite(name, target[: split - start], source[start:split], dtype)
+        _check_finite(name, target[split - start :], None, dtype)
     for delta in deltas:
         delta.finish()
     return out

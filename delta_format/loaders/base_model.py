@@ -104,6 +104,7 @@ def check_base(
             _checkpoint_shapes(base, edits),
             f"the base model {label}",
             "load the base the delta was made against",
+            base_side=True,
         )
     if model_shapes is not None:
         _check_shapes(
@@ -120,12 +121,20 @@ def _checkpoint_shapes(checkpoint: Checkpoint, names) -> dict[str, tuple[int, ..
 
 
 def _check_shapes(
-    entries: Mapping[str, TensorEntry], shapes: Mapping[str, Sequence[int]], holder: str, fix: str
+    entries: Mapping[str, TensorEntry],
+    shapes: Mapping[str, Sequence[int]],
+    holder: str,
+    fix: str,
+    *,
+    base_side: bool = False,
 ) -> None:
+    """Every entry's parameter in ``shapes``: with the base's shape (`TensorEntry.base_shape`, fewer
+    rows for a resized vocabulary) where ``base_side``, the fine-tune's (``shape``) otherwise."""
+    wanted = {name: entry.base_shape if base_side else tuple(entry.shape) for name, entry in entries.items()}
     misfits = [
-        f"{name!r} {list(entry.shape)} vs {list(shapes[name]) if name in shapes else 'missing'}"
-        for name, entry in entries.items()
-        if name not in shapes or tuple(shapes[name]) != tuple(entry.shape)
+        f"{name!r} {list(shape)} vs {list(shapes[name]) if name in shapes else 'missing'}"
+        for name, shape in wanted.items()
+        if name not in shapes or tuple(shapes[name]) != shape
     ]
     if misfits:
         raise BaseMismatchError(

@@ -110,6 +110,9 @@ class TensorContext:
     head: bool = False
     """The parameter is the model's output embeddings (a language model's head) or tied to them:
     its rows also weigh in every token's output."""
+    fixed_bits: int = 0
+    """Bits stored for the parameter besides the method's edit (a resized vocabulary's new rows,
+    SPEC §9.2): a method that plans a size counts them."""
 
 
 TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]

@@ -134,7 +134,9 @@ class BudgetMethod(EditMethod, name="budget"):
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
         energies: dict[str, float] = {}
+        fixed = 0
         for name, delta, context in tensors():
+            fixed += context.fixed_bits
             weight = error_weight(name, delta, context.lookup, context.head)
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
             noise = None if noise == "off" or weight < 1 else noise  # no DARE on lookup tables
@@ -165,7 +167,7 @@ class BudgetMethod(EditMethod, name="budget"):
                 if menu.name in energies:
                     menu.scale((energies[menu.name] / typical) ** ENERGY_POWER)
         numel = sum(m.numel for m in menus)
-        self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS, 0.0))
+        self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS - fixed, 0.0))
         planned = sum(o.bits for o in self._choices.values())
         families = Counter(o.label.split(" ")[0] for o in self._choices.values())
         return {

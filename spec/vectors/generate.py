@@ -68,6 +68,7 @@ VECTORS = (
     "sum",
     "rounding",
     "rows-q",
+    "grown",
 )
 SEEDED_P, SEEDED_SEED = 0.9, 0xDEADBEEFCAFEF00D
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
@@ -712,6 +713,72 @@ def vector_rounding(root: Path) -> None:
     v.write("sign", {"scale": "row"})
 
 
+def zero_extended(base: np.ndarray, rows: int) -> np.ndarray:
+    """SPEC §9.2: the base with zero rows appended up to ``rows``."""
+    out = np.zeros((rows, *base.shape[1:]), dtype=base.dtype)
+    out[: base.shape[0]] = base
+    return out
+
+
+def vector_grown(root: Path) -> None:
+    v = Vector(root, "grown")
+    # "e": float32 table of 6 rows grown to 9 (three added tokens), as the compressor writes it:
+    # a dense delta of the old rows (zero in the new ones) + the new rows' values as 8-bit rows-q.
+    base = v.add_base("e", (6, 4), "float32", 120)
+    old = values((9, 4), 121, 0.01)
+    old[6:] = 0.0
+    new = values((3, 4), 122, 0.5)
+    codes, scales = quantize(torch.from_numpy(new).reshape(-1), 8, 4, "absmax", torch.float16)
+    rows = QuantizedRowsEncoding(8, 4, 3)
+    rows_stored = {
+        "rows": torch.tensor([6, 7, 8], dtype=torch.int32),
+        "codes": pack_codes(codes, 8),
+        "scales": scales.reshape(-1),
+    }
+    delta = old.copy()
+    delta[6:] = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), 8, 4).reshape(3, 4)
+    enc = SumEncoding([DenseEncoding(), rows])
+    grown = entry(enc, (9, 4), "float32")
+    grown.base_rows = 6
+    v.add(
+        "e",
+        grown,
+        enc.join([{"delta": torch.from_numpy(old)}, rows_stored]),
+        reconstruct(zero_extended(base, 9), delta, 1.0, "float32"),
+    )
+    # "t": bfloat16, 5 rows grown to 7, one dense delta at alpha 0.5 with stochastic rounding: alpha
+    # scales the new rows' values too, and the dither runs on over them (flat indices 40..55).
+    base = v.add_base("t", (5, 8), "bfloat16", 123)
+    delta = values((7, 8), 124, 0.01)
+    delta[5:] = values((2, 8), 125, 1.0)
+    acc = (zero_extended(base, 7).astype(np.float32) + (delta * np.float32(0.5)).astype(np.float32)).astype(np.float32)
+    dense = entry(DenseEncoding(), (7, 8), "bfloat16", 0.5)
+    dense.base_rows, dense.rounding = 5, "stochastic"
+    v.add("t", dense, {"delta": torch.from_numpy(delta)}, stochastic_rounded(acc, "bfloat16", "t").reshape(7, 8))
+    # "b": a float16 bias of 3 grown to 5, the new entries alone (rows-q rows 3 and 4, one column).
+    base = v.add_base("b", (3,), "float16", 126)
+    new = values((2,), 127, 0.25)
+    codes, scales = quantize(torch.from_numpy(new), 8, 64, "absmax", torch.float16)
+    enc = QuantizedRowsEncoding(8, 64, 2)
+    stored = {
+        "rows": torch.tensor([3, 4], dtype=torch.int32),
+        "codes": pack_codes(codes, 8),
+        "scales": scales.reshape(-1),
+    }
+    delta = np.zeros(5, dtype=np.float32)
+    delta[3:] = dequantised(codes.numpy().reshape(-1), scales.float().numpy().reshape(-1), 8, 64)
+    bias = entry(enc, (5,), "float16")
+    bias.base_rows = 3
+    v.add("b", bias, stored, reconstruct(zero_extended(base, 5), delta, 1.0, "float16"))
+    # "z": a base tensor with no rows at all, grown to 2: the delta is the value.
+    base = v.add_base("z", (0, 4), "float32", 128)
+    delta = values((2, 4), 129, 1.0)
+    empty = entry(DenseEncoding(), (2, 4), "float32")
+    empty.base_rows = 0
+    v.add("z", empty, {"delta": torch.from_numpy(delta)}, reconstruct(zero_extended(base, 2), delta, 1.0, "float32"))
+    v.write("dare", {"p": 0.9})
+
+
 def pack_bits_np(flags: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flags.astype(bool), bitorder="little"))
 
@@ -783,6 +850,7 @@ def main(root: Path) -> None:
         vector_sum,
         vector_rounding,
         vector_rows_q,
+        vector_grown,
     ):
         build(root)
     text = json.dumps(seeded_known_answers(), indent=1, ensure_ascii=False)
