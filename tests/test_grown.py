@@ -161,6 +161,27 @@ def test_invalid_base_rows_are_refused(config, match):
         TensorEntry.from_dict("w", manifest_entry(config))
 
 
+def test_a_few_stored_bytes_cannot_declare_a_huge_grown_table():
+    """SPEC §8.1: at most max(base_rows, 2^16) added rows, checked when the manifest is read."""
+    huge = {"encoding": "rows-q", "config": {"bits": 8, "group": 64, "count": 0, "base_rows": 10}, "dtype": "float32"}
+    with pytest.raises(ManifestError, match="added rows"):
+        TensorEntry.from_dict("w", {**huge, "shape": [10 + 2**16 + 1, 4096]})
+    assert TensorEntry.from_dict("w", {**huge, "shape": [10 + 2**16, 4096]}).base_rows == 10
+    big = {**huge, "config": {**huge["config"], "base_rows": 2**17}}
+    assert TensorEntry.from_dict("w", {**big, "shape": [2**18, 64]}).base_shape == (2**17, 64)  # doubled
+    with pytest.raises(ManifestError, match="added rows"):
+        TensorEntry.from_dict("w", {**big, "shape": [2**18 + 1, 64]})
+
+
+def test_the_writer_grows_only_what_readers_accept():
+    from delta_format.compression.grown import grown_rows
+
+    assert grown_rows((10, 4), (12, 4)) == 10 and grown_rows((10,), (11,)) == 10
+    assert grown_rows((10, 4), (10 + 2**16, 4)) == 10 and grown_rows((10, 4), (11 + 2**16, 4)) is None
+    for base, shape in (((10, 4), (10, 4)), ((10, 4), (9, 4)), ((10, 4), (12, 5)), ((4,), (2, 2)), ((), ())):
+        assert grown_rows(base, shape) is None  # stored whole (or not grown at all)
+
+
 def test_base_rows_belong_to_delta_encodings_of_tensors_with_rows():
     with pytest.raises(ManifestError, match="value, not a delta"):
         TensorEntry.from_dict(

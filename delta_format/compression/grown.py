@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.constants import MAX_ADDED_ROWS
 from ..core.encodings import QuantizedRowsEncoding, SumEncoding
 from ..core.encodings.sum import MAX_PARTS
 from ..methods.allocation import header_bits
@@ -30,11 +31,13 @@ NEW_ROW_GROUP = 64
 
 def grown_rows(base_shape: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
     """The base's row count where ``shape`` only adds rows to ``base_shape`` (a resized vocabulary),
-    None otherwise (same shape, or another change: those are stored whole)."""
+    at most as many as SPEC §8.1 allows; None otherwise (same shape, or another change: those are
+    stored whole)."""
     base_shape, shape = tuple(base_shape), tuple(shape)
     if not shape or len(base_shape) != len(shape) or base_shape[1:] != shape[1:]:
         return None
-    return base_shape[0] if base_shape[0] < shape[0] else None
+    rows = base_shape[0]
+    return rows if rows < shape[0] <= rows + max(rows, MAX_ADDED_ROWS) else None
 
 
 def new_rows_bits(name: str, new_rows: int, cols: int) -> int:

@@ -50,6 +50,9 @@ ROUNDING_SEED = 0x726F756E64
 BASE_ROWS = "base_rows"
 """Config key of a delta entry whose parameter has more rows than the base's (a resized
 vocabulary): the base, extended with zero rows, is what the delta is added to (SPEC §9.2, 1.5)."""
+MAX_ADDED_ROWS = 1 << 16
+"""A ``base_rows`` entry adds at most max(base_rows, this) rows (SPEC §8.1): what a load allocates
+stays bounded by the base's size, not by a shape that a few stored bytes can declare."""
 
 # Sparse index codings (SPEC §5.2).
 INDEX_GAPS = "gaps"

@@ -18,6 +18,7 @@ from ..errors import InvalidArgumentError, ManifestError, UnsupportedVersionErro
 from .constants import (
     BASE_ROWS,
     FORMAT_NAME,
+    MAX_ADDED_ROWS,
     MAX_MANIFEST_BYTES,
     MAX_RANK_DIMS,
     MAX_TENSOR_ELEMENTS,
@@ -131,6 +132,8 @@ def base_rows_problem(base_rows: Any, encoding: Encoding, shape: tuple[int, ...]
         return "no base_rows on a scalar parameter"
     if isinstance(base_rows, bool) or not isinstance(base_rows, int) or not 0 <= base_rows < shape[0]:
         return f"an integer in [0, {shape[0]}): fewer rows than the parameter's {shape[0]}"
+    if shape[0] - base_rows > max(base_rows, MAX_ADDED_ROWS):
+        return f"at most max(base_rows, {MAX_ADDED_ROWS}) added rows (SPEC §8.1), not {shape[0] - base_rows}"
     return None
 
 
