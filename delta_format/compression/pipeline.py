@@ -45,7 +45,7 @@ from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
 from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, ignored_base_tensors, schedule
-from .sources import CheckpointSource, ModelSource, TensorSource
+from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
 
 if TYPE_CHECKING:
@@ -218,6 +218,7 @@ def compress(
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     base_src = open_source(base, hub.updated(revision=base_revision), what="base model")
     ft_src = open_source(finetune, hub, what="fine-tune", base=base_src)
+    base_src = aligned_base(base_src, ft_src)
     options.plan.check_finetune(ft_src)
     actions = schedule(options.plan, base_src, ft_src)
 

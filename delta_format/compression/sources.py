@@ -20,10 +20,11 @@ from ..core.dtypes import CHECKPOINT_DTYPES
 from ..core.fingerprint import fingerprint_state_dict
 from ..core.manifest import BaseReference
 from ..io.checkpoint import Checkpoint
+from ..io.key_map import ConvertedCheckpointError, model_names
 from ..io.model_class import (
     architecture_names,
+    empty_model_from_config,
     head_names,
-    layout_from_config,
     lookup_names,
     model_class_for,
 )
@@ -174,8 +175,36 @@ class CheckpointSource(WholeValueSource):
 
     def _layout(self) -> tuple[set[str] | None, set[str], set[str]]:
         if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers all three
-            self._layout_found = layout_from_config(self.directory) or (None, set(), set())
+            model = self.empty_model()
+            if model is None:
+                self._layout_found = (None, set(), set())
+            else:  # the model's names, as this checkpoint names them (`io.key_map`)
+                back = {new: old for old, new in self.model_names(model).items()}
+                found = set(model.state_dict()), lookup_names(model), head_names(model)
+                self._layout_found = tuple({back.get(n, n) for n in names} for names in found)
         return self._layout_found
+
+    def empty_model(self):
+        """The fine-tune's model built empty from this checkpoint's config, None where it cannot be."""
+        if not hasattr(self, "_empty"):
+            self._empty = empty_model_from_config(self.directory)
+        return self._empty
+
+    def model_names(self, model, names=None) -> dict[str, str]:
+        """``{name here: model name}`` where ``model`` loads this checkpoint's tensors (or ``names``)
+        under other names; empty where it converts them (merged experts), which a delta does not
+        follow: its names stay the checkpoint's."""
+        try:
+            return model_names(model, self.names() if names is None else names)
+        except ConvertedCheckpointError:
+            return {}
+
+    def renamed(self, names: dict[str, str]) -> CheckpointSource:
+        """This checkpoint with its tensors renamed (`Checkpoint.renamed`), e.g. a base's under the
+        names of the fine-tune's checkpoint."""
+        view = copy.copy(self)
+        view.checkpoint = self.checkpoint.renamed(names)
+        return view
 
     def card_data(self) -> dict[str, Any]:
         return card_data_of(self.directory)
@@ -190,6 +219,29 @@ class CheckpointSource(WholeValueSource):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.directory)
+
+
+def aligned_base(base: TensorSource, finetune: TensorSource) -> TensorSource:
+    """``base`` with its tensors under the fine-tune checkpoint's names wherever the fine-tune's
+    model loads both under one name: a task model's fine-tune of a bare base (``embeddings.…`` in a
+    ``BertModel`` base, ``bert.embeddings.…`` in its ``BertForSequenceClassification`` fine-tune),
+    or keys transformers renames (`io.key_map`). Without it each such tensor would be stored whole."""
+    if not isinstance(base, CheckpointSource) or not isinstance(finetune, CheckpointSource):
+        return base
+    ft_names = set(finetune.names())
+    missing = [n for n in base.names() if n not in ft_names]
+    model = finetune.empty_model() if missing else None
+    if model is None:
+        return base
+    ft_map = finetune.model_names(model)
+    to_ft = {ft_map.get(n, n): n for n in ft_names}
+    base_map = finetune.model_names(model, missing)
+    names = {}
+    for name in missing:
+        ft_name = to_ft.get(base_map.get(name, name))
+        if ft_name is not None and ft_name not in base:
+            names[name] = ft_name
+    return base.renamed(names) if names else base
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

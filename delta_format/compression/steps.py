@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from .calibration import Calibration
 
 
+WHOLE_WARNING = 0.01
+"""A tensor stored whole under ``bits=`` is announced when it takes more than this share of the
+budget (a resized table does; a new classifier head of a few thousand weights does not)."""
+
+
 class TensorCompressor:
     """One compression's per-tensor step: read the pair, edit it or store it whole, measure, write.
 
@@ -105,12 +110,13 @@ class TensorCompressor:
             stats={"lossless": True, "rel_error": 0.0, "reason": reason},
         )
         stored = encoding.encode(value)
-        if any(m.name == "budget" for m in self.plan.methods()):
+        budget = next((m for m in self.plan.methods() if m.name == "budget"), None)
+        if budget is not None and 8 * stored_nbytes(stored) > WHOLE_WARNING * budget.bits * self.finetune_numel():
             warnings.warn(
                 f"{name} is stored whole ({reason}: {stored_nbytes(stored) / 1e6:.1f} MB, "
                 f"{value.element_size() * 8} bits per weight), outside the bits= budget, which covers "
-                "the parameters whose delta can be edited. A resized vocabulary costs a full table and "
-                "its head: compare the delta's size with the budget (`delta-format inspect`).",
+                "the parameters whose delta can be edited: a tensor the base lacks or holds in another "
+                "shape than more rows has none. Compare the delta's size with the budget (`delta-format inspect`).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -254,6 +260,12 @@ class TensorCompressor:
                     yield name, pair[0], pair[1]
 
         return stream
+
+    def finetune_numel(self) -> int:
+        """Elements of every tensor of the fine-tune (what ``bits=`` is a share of)."""
+        if not hasattr(self, "_numel"):
+            self._numel = sum(math.prod(self.finetune.info(n)[0]) for n in self.finetune.names())
+        return self._numel
 
     def finetune_nbytes(self, name: str) -> int:
         shape, dtype = self.finetune.info(name)

@@ -7,6 +7,7 @@ re-exported here for the callers that import it from this module.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ class Checkpoint:
                 fix="save the model with save_pretrained(safe_serialization=True); pickled checkpoints are not read",
             )
         self.files = sorted(set(self.weight_map.values()))
+        self._sources: dict[str, str] = {}
         self._handles: dict[tuple[Path, str], object] = {}
         self._ranges: dict[Path, dict] = {}
         self._fingerprint: dict | None = None
@@ -94,14 +96,26 @@ class Checkpoint:
     def __len__(self) -> int:
         return len(self.weight_map)
 
+    def renamed(self, names: dict[str, str]) -> Checkpoint:
+        """A view of this checkpoint whose tensors carry other names (``{name in the files: new
+        name}``, e.g. the model's names transformers maps a checkpoint's keys to), sharing its
+        open files; its fingerprint is still that of the files (SPEC §7)."""
+        view = copy.copy(self)
+        view.weight_map = {names.get(n, n): path for n, path in self.weight_map.items()}
+        view._sources = {names.get(n, n): self._source(n) for n in self.weight_map if names.get(n, n) != n}
+        return view
+
+    def _source(self, name: str) -> str:
+        return self._sources.get(name, name)
+
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype name) without reading the tensor."""
-        view = self._handle(self.weight_map[name], "cpu").get_slice(name)
+        view = self._handle(self.weight_map[name], "cpu").get_slice(self._source(name))
         return tuple(view.get_shape()), view.get_dtype()
 
     def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read straight onto ``device``."""
-        return self._handle(self.weight_map[name], str(torch.device(device))).get_tensor(name)
+        return self._handle(self.weight_map[name], str(torch.device(device))).get_tensor(self._source(name))
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """`get_tensor` for repeated reads (hot swaps): through `read_range`, which keeps nothing
@@ -110,7 +124,7 @@ class Checkpoint:
         if path not in self._ranges:
             self._handle(path, "cpu")  # safetensors validates the header first
             self._ranges[path] = tensor_ranges(path)
-        return read_range(path, self._ranges[path][name], device)
+        return read_range(path, self._ranges[path][self._source(name)], device)
 
     def config(self) -> dict:
         path = self.directory / "config.json"

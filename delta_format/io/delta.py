@@ -6,6 +6,7 @@ Returned by `delta_format.compress` and `DeltaModel.load_delta`; mirrors hugging
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -41,6 +42,12 @@ class Delta:
     @property
     def manifest(self):
         return self.reader.manifest
+
+    def renamed(self, names: dict[str, str]) -> Delta:
+        """This delta seen with its parameters renamed (`DeltaReader.renamed`), sharing its files."""
+        view = copy.copy(self)
+        view.reader = self.reader.renamed(names)
+        return view
 
     def files(self) -> list[Path]:
         """Every file of the delta, subfolders included: the manifest, tensor files, index, the

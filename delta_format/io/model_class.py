@@ -41,13 +41,14 @@ def layout_from_config(directory: Path) -> tuple[set[str], set[str], set[str]] |
     """``(architecture_names, lookup_names, head_names)`` of the model ``directory/config.json``
     describes, from one empty build; None as `architecture_names_from_config`."""
 
-    def layout(cls, config):
-        if cls is None:
-            return None
-        model = _empty(cls, config)
-        return set(model.state_dict()), lookup_names(model), head_names(model)
+    model = empty_model_from_config(directory)
+    return None if model is None else (set(model.state_dict()), lookup_names(model), head_names(model))
 
-    return _from_config(directory, layout)
+
+def empty_model_from_config(directory: Path):
+    """The model ``directory/config.json`` describes, built empty (meta tensors); None as
+    `architecture_names_from_config`."""
+    return _from_config(directory, lambda cls, config: None if cls is None else _empty(cls, config))
 
 
 def _from_config(directory: Path, query):

@@ -8,6 +8,8 @@ onto the requested device (safetensors loads onto CUDA without a CPU copy).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -68,6 +70,7 @@ class DeltaReader:
         self.manifest = Manifest.from_json_bytes(read_bounded(manifest_path, MAX_INDEX_BYTES, MANIFEST_NAME))
         self._handles: dict[tuple[Path, str], object] = {}
         self._ranges: dict[Path, dict] = {}
+        self._sources: dict[str, str] = {}
         self._key_to_file = self._read_weight_map()
         self._check_files(verify_checksums)
         self._validate_stored()
@@ -177,13 +180,29 @@ class DeltaReader:
     def entry(self, name: str) -> TensorEntry:
         return self.manifest.tensors[name]
 
+    def renamed(self, names: dict[str, str]) -> DeltaReader:
+        """A view of this reader whose parameters carry other names (``{name in the delta: new
+        name}``, e.g. what transformers renames a checkpoint's keys to on loading), sharing its open
+        files. `source_name` gives a parameter's name in the delta back: the name its seeded masks
+        and rounding are drawn from (SPEC §6, §9.1)."""
+        view = copy.copy(self)
+        view.manifest = dataclasses.replace(
+            self.manifest, tensors={names.get(n, n): e for n, e in self.manifest.tensors.items()}
+        )
+        view._sources = {names.get(n, n): self.source_name(n) for n in self.manifest.tensors if names.get(n, n) != n}
+        return view
+
+    def source_name(self, name: str) -> str:
+        """``name``'s parameter name in the delta's files (itself unless this is a `renamed` view)."""
+        return self._sources.get(name, name)
+
     def stored(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The stored tensors of one parameter, by role, loaded onto ``device``."""
         entry = self.manifest.tensors[name]
         device = str(torch.device(device))
         out = {}
         for role in entry.encoding.expected(entry.shape):
-            key = stored_key(name, role)
+            key = stored_key(self.source_name(name), role)
             path = self._key_to_file[key]
             if path not in self._ranges:
                 self._ranges[path] = tensor_ranges(path)
@@ -205,7 +224,7 @@ class DeltaReader:
         ``max_elements`` (SPEC §8.7); pass ``None`` once the shape was checked against the base."""
         entry = self.check_elements(name, max_elements)
         dtype = dtype or compute_dtype(TORCH_DTYPES[entry.dtype])
-        return entry.encoding.decode(self.stored(name, device), entry.shape, name, dtype)
+        return entry.encoding.decode(self.stored(name, device), entry.shape, self.source_name(name), dtype)
 
     def check_elements(self, name: str, max_elements: int | None = MAX_ELEMENTS_WITHOUT_BASE) -> TensorEntry:
         """``name``'s entry, refused when its declared shape holds more than ``max_elements``

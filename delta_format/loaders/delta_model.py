@@ -17,8 +17,10 @@ from ..core.dtypes import parse_dtype
 from ..errors import BaseMismatchError, InvalidArgumentError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
+from ..io.key_map import ConvertedCheckpointError, model_names
 from ..io.resolve import HubOptions, open_delta
 from .base_model import resolve_base
+from .converted import load_converted
 from .delta_checks import check_delta, scale_from
 from .fine_tune_config import fine_tune_config, fine_tune_generation_config
 from .materialize import materialize
@@ -110,6 +112,18 @@ class DeltaModel:
         _check_composable(opened, verify_base)
         model, torch_dtype = _empty_model(opened[0], base, dtype, trust_remote_code, model_kwargs)
         generation = fine_tune_generation_config(opened[0])  # refused (typed) before any weight is read
+        try:
+            names = model_names(model, {*base, *(n for d in opened for n in d.manifest.tensors)})
+        except ConvertedCheckpointError:  # merged experts: rebuilt in the checkpoint's names, loaded by transformers
+            for d, s in zip(opened, scales):
+                check_delta(d, base, scale=s, verify_base=verify_base)
+            model = load_converted(model, base, list(zip(opened, scales)), torch_dtype)
+            placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
+            if len(set(placement.values())) == 1:
+                model.to(next(iter(placement.values())))
+            return _finish(model, opened[0], placement, generation)
+        if names:  # seen through the names the model loads them under
+            base, opened = base.renamed(names), [d.renamed(names) for d in opened]
         shapes = parameter_shapes(model)
         for d, s in zip(opened, scales):
             check_delta(d, base, scale=s, model=model, model_shapes=shapes, verify_base=verify_base)

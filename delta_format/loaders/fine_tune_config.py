@@ -6,11 +6,13 @@ base's). That file comes from a stranger, and a skeleton is built before any wei
 count asks for terabytes of buffers. So the delta's config is used only if the manifest vouches
 for it (SPEC §3.5), and only if it describes the base's architecture with the base's sizes:
 
-* ``model_type`` and ``architectures`` equal the base's;
+* ``model_type`` equals the base's (``architectures``, the task head, may differ: a classifier
+  fine-tuned from a bare encoder; the head's tensors are then the delta's, which `check_base`
+  matches against the model built here);
 * every integer field, at the top level and in nested sub-configs (``text_config``, ...), equals
-  the base's (after transformers fills defaults), except the vocabulary size and token ids, which
-  a fine-tune may change (added tokens; the resized tensors must then be ``replace`` entries,
-  which `check_base` matches against the model built here);
+  the base's (after transformers fills defaults), except the vocabulary size, token ids and a task
+  head's labels, which a fine-tune may change (added tokens: the resized tensors must then be
+  ``replace`` or grown entries, SPEC §9.2);
 * an integer field the base's config lacks is refused.
 
 Every failure (malformed JSON, a config transformers cannot read, a mismatch) is a typed error.
@@ -28,6 +30,9 @@ from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 
 FREE_INTEGER_FIELDS = ("vocab_size",)
+FREE_MAPPINGS = ("label2id", "id2label")
+"""A task head's labels: a classifier fine-tuned from a bare base names its own (their count sizes
+only the head, which the delta provides)."""
 """Integer fields a fine-tune may change (besides token ids, ``*_token_id``)."""
 
 
@@ -56,6 +61,8 @@ def _integer_mismatches(delta: Mapping[str, Any], base: Mapping[str, Any], where
     found = []
     for key, value in delta.items():
         path = f"{where}{key}"
+        if key in FREE_MAPPINGS:
+            continue
         if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
             found += _integer_mismatches(value, base[key], f"{path}.")
         elif isinstance(value, int) and not isinstance(value, bool) and not _free(key):
@@ -82,16 +89,14 @@ def fine_tune_config(delta: Delta, base: Checkpoint, trust_remote_code: bool, mo
     base_config = _read_config(base.directory, "the base's", AutoConfig, trust_remote_code).to_dict()
     config = _read_config(delta.directory, "the delta's", AutoConfig, trust_remote_code, **model_kwargs)
     mine = config.to_dict()
-    problems = [
-        f"{key}={mine.get(key)!r} (base: {base_config.get(key)!r})"
-        for key in ("model_type", "architectures")
-        if base_config.get(key) is not None and mine.get(key) != base_config.get(key)
-    ]
+    problems = []  # the task head (``architectures``) may differ: a classifier fine-tuned from a bare base
+    if base_config.get("model_type") is not None and mine.get("model_type") != base_config.get("model_type"):
+        problems.append(f"model_type={mine.get('model_type')!r} (base: {base_config.get('model_type')!r})")
     problems += _integer_mismatches(mine, base_config)
     if problems:
         raise BaseMismatchError(
             "the delta's config.json describes another architecture or other sizes than the base's",
-            expected="the base's model type and sizes (only the vocabulary and token ids may differ)",
+            expected="the base's model type and sizes (only the task head, the vocabulary and token ids may differ)",
             found="; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""),
             fix="load the base the delta was made against; do not load this delta if it came from a stranger",
         )

@@ -111,7 +111,8 @@ def materialize(
                 (reader.manifest.tensors[name], stored, scale)
                 for (reader, scale), stored in zip(parts_src, read["stored"])
             ]
-            value = reconstruct_stored(name, parts, read["base"], dtype=target, out=out)
+            source = parts_src[0][0].source_name(name)  # the delta's name seeds its masks and rounding
+            value = reconstruct_stored(source, parts, read["base"], dtype=target, out=out)
             del parts
         del read
         set_module_tensor_to_device(

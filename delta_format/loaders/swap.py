@@ -28,6 +28,7 @@ from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.delta_files import safe_member
+from ..io.key_map import model_names
 from ..io.reader import read_bounded
 from ..io.resolve import HubOptions, open_delta, resolve_repo
 from .delta_checks import check_delta, scale_from
@@ -102,14 +103,12 @@ class DeltaSwapper:
         with torch.no_grad():
             for name in sorted(names):
                 param = state[name]
-                parts = [
-                    (d.manifest.tensors[name], d.reader.stored(name, param.device), s)
-                    for d, s in deltas
-                    if name in d.manifest.tensors
-                ]
+                editing = [(d, s) for d, s in deltas if name in d.manifest.tensors]
+                parts = [(d.manifest.tensors[name], d.reader.stored(name, param.device), s) for d, s in editing]
                 if parts:  # written straight into the parameter, a block of rows at a time
                     base = self.base.read(name, param.device) if name in self.base else None
-                    reconstruct_stored(name, parts, base, dtype=param.dtype, out=param)
+                    source = editing[0][0].reader.source_name(name)  # seeds masks and rounding
+                    reconstruct_stored(source, parts, base, dtype=param.dtype, out=param)
                 else:
                     param.copy_(self.base.read(name, param.device))
 
@@ -128,6 +127,9 @@ class DeltaSwapper:
             # Keyed by content: a delta published again at the same path is another delta.
             key = (directory.resolve(), manifest_digest(directory))
             new = self.cache.get(key, lambda: open_delta(delta, hub))
+        names = model_names(self.model, new.manifest.tensors)
+        if names:  # the names the model holds them under, as the first load saw them
+            new = new.renamed(names)
         self._check(new, scale)
         self._replace([(new, scale)])
 

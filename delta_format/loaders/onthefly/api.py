@@ -52,6 +52,7 @@ from ...core.reconstruct import reconstruct_stored
 from ...errors import BaseMismatchError, InvalidArgumentError, UnsupportedOnTheFlyError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
+from ...io.key_map import model_names
 from ...io.model_class import model_class_for
 from ...io.resolve import HubOptions, open_delta
 from ..base_model import resolve_base
@@ -85,7 +86,8 @@ def _plan(
         if tensor.dim() <= 1:
             base = deltas.base_vectors.get(pname, tensor.data)
             stored = delta.reader.stored(pname, tensor.device)
-            adapter.vectors[pname] = reconstruct_stored(pname, [(entry, stored, alpha)], base, dtype=tensor.dtype)
+            source = delta.reader.source_name(pname)  # the delta's own name seeds its masks and rounding
+            adapter.vectors[pname] = reconstruct_stored(source, [(entry, stored, alpha)], base, dtype=tensor.dtype)
             continue
         holders = owners.get(id(tensor), [])
         bad = [
@@ -103,7 +105,8 @@ def _plan(
             )
         require_on_the_fly(pname, entry)  # before reading anything
         stored = delta.reader.stored(pname, tensor.device)
-        adapter.factors[pname] = factor = build_factor(pname, entry, stored, alpha, tensor.dtype)
+        factor = build_factor(delta.reader.source_name(pname), entry, stored, alpha, tensor.dtype)
+        adapter.factors[pname] = factor
         check_finite_merge(pname, factor, tensor.data)
         adopt.update(p for p, _, _ in holders)
     return adapter, adopt
@@ -154,9 +157,11 @@ def attach_deltas(
     if merged_cache_bytes is not None:
         check_budget(merged_cache_bytes)
     hub = HubOptions().updated(**hub_options)
-    opened = {n: open_delta(d, hub) for n, d in deltas.items()}
+    opened = {n: _model_named(model, open_delta(d, hub)) for n, d in deltas.items()}
     if registry is None:
         base = base_model if base_model is None or isinstance(base_model, Checkpoint) else Checkpoint(base_model)
+        if base is not None:
+            base = base.renamed(model_names(model, base))
         registry = OnTheFlyDeltas(model, base, merged_cache_bytes)
     owners = tensor_owners(model)
     plans = {n: _plan(model, registry, d, alphas[n], owners, verify_base) for n, d in opened.items()}
@@ -176,6 +181,12 @@ def attach_deltas(
     registry.merged_weights.clear()
     model.on_the_fly_deltas = registry
     return registry
+
+
+def _model_named(model, delta: Delta) -> Delta:
+    """``delta`` seen through the names ``model`` holds its parameters under (`io.key_map`)."""
+    names = model_names(model, delta.manifest.tensors)
+    return delta.renamed(names) if names else delta
 
 
 def _alphas(

@@ -17,6 +17,7 @@ from ...core.fingerprint import fingerprint_state_dict
 from ...errors import BaseMismatchError, InvalidArgumentError
 from ...io.checkpoint import Checkpoint
 from ...io.delta import Delta
+from ...io.key_map import model_names
 from ..delta_checks import check_delta
 from ..model_state import tied_parameter_names
 from .merged_cache import DEFAULT_BUDGET_FRACTION, MergedWeightCache, check_budget
@@ -146,11 +147,12 @@ def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping
     tied = tied_parameter_names(model)
     want = recorded["tensors"]
     state = {}
+    ckpt = {new: old for old, new in model_names(model, want).items()}
     for name, tensor in model.state_dict().items():
         if name in tied:
             continue
         tensor = base_vectors.get(name, tensor)
-        stored = want.get(name, {}).get("dtype")
+        stored = want.get(ckpt.get(name, name), {}).get("dtype")
         if not tensor.is_floating_point() or stored not in SAFETENSORS_DTYPES:
             state[name] = tensor
             continue
@@ -164,7 +166,7 @@ def _model_fingerprint(model, recorded: Mapping[str, Any], base_vectors: Mapping
                 "or verify_base=False",
             )
         state[name] = tensor.to(SAFETENSORS_DTYPES[stored])
-    return fingerprint_state_dict(state)
+    return fingerprint_state_dict({ckpt.get(n, n): t for n, t in state.items()})  # under the checkpoint's names
 
 
 def tensor_owners(model) -> dict[int, list[tuple[str, nn.Module, str]]]:

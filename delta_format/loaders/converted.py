@@ -1,0 +1,45 @@
+"""Loading an architecture whose checkpoints transformers converts on loading.
+
+Mixture-of-experts models keep one tensor per expert in their checkpoints and one stacked tensor
+per layer in memory (transformers' ``WeightConverter``), so the streaming load, which places each
+of the delta's parameters into the model's tensor of the same name, has nowhere to put them
+(`io.key_map`). Here the fine-tune is rebuilt in the checkpoint's own names instead (base + delta,
+SPEC §9, exactly as ``apply`` writes it), and transformers loads that state dict with its own
+conversions. It holds the rebuilt weights and the model at once (about twice the model at the
+peak), and the result is not hot-swappable: ``swap_delta`` needs the streaming path's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..core.reconstruct import reconstruct_stored
+from ..io.checkpoint import Checkpoint
+from ..io.delta import Delta
+from ..io.progress import progress_bar
+
+
+def fine_tune_state(base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dtype: torch.dtype) -> dict:
+    """Every tensor of the fine-tune under its checkpoint name: the base's tensors (floating ones
+    cast to ``dtype``) with each delta's entries applied, and the tensors only a delta has."""
+    ignored = set(deltas[0][0].manifest.stats.get("ignored_base_tensors") or [])
+    names = [n for n in base if n not in ignored]
+    names += [n for d, _ in deltas for n in d.manifest.tensors if n not in base and n not in names]
+    state = {}
+    for name in progress_bar(names, desc="loading", unit="tensor"):
+        parts = [(d.manifest.tensors[name], d.reader.stored(name), s) for d, s in deltas if name in d.manifest.tensors]
+        if not parts:
+            value = base.get_tensor(name)
+            state[name] = value.to(dtype) if value.is_floating_point() else value
+            continue
+        source = base.get_tensor(name) if name in base else None
+        state[name] = reconstruct_stored(name, parts, source, dtype=dtype)
+    return state
+
+
+def load_converted(model, base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dtype: torch.dtype):
+    """``model``'s class loaded by transformers from the fine-tune's rebuilt state dict (on CPU)."""
+    state = fine_tune_state(base, deltas, dtype)
+    return type(model).from_pretrained(None, config=model.config, state_dict=state, dtype=dtype)

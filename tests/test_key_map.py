@@ -1,0 +1,106 @@
+"""Checkpoint names against model names (`delta_format.io.key_map`): transformers loads some
+architectures under other names than their checkpoints keep (GPT-NeoX's ``embed_out`` is the
+model's ``lm_head``), a classifier fine-tuned from a bare base prefixes the base's names
+(``bert.``), and mixture-of-experts checkpoints are converted (experts stacked). Each loads, and
+gives the weights transformers gives for the same fine-tune written out by ``apply``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import delta_format
+from delta_format import DeltaModel, attach_deltas, using_delta
+from delta_format.compression.sources import CheckpointSource
+from delta_format.io.key_map import ConvertedCheckpointError
+from delta_format.loaders.apply import apply_delta
+from tests.models import clone, structured_perturbation
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+
+
+def pair(tmp_path, build, name, seed=3):
+    torch.manual_seed(0)
+    base = build().eval()
+    base.save_pretrained(tmp_path / f"{name}-base")
+    structured_perturbation(clone(base), rel=2e-2, seed=seed).save_pretrained(tmp_path / f"{name}-ft")
+    return tmp_path / f"{name}-base", tmp_path / f"{name}-ft"
+
+
+def applied(delta_dir, out, cls):
+    apply_delta(delta_dir, out, progress=False)
+    return cls.from_pretrained(out).eval()
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def gpt_neox():
+    return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**SMALL))
+
+
+def test_renamed_keys_load_as_transformers_loads_the_applied_fine_tune(tmp_path):
+    base, ft = pair(tmp_path, gpt_neox, "neox")
+    assert "embed_out.weight" in CheckpointSource(ft).head_names()  # the head prior sees the checkpoint's name
+    for label, kw in (("dare", dict(method="dare", p=0.9)), ("budget", dict(bits=0.5))):
+        delta = delta_format.compress(base, ft, tmp_path / label, progress=False, **kw)
+        assert "embed_out.weight" in delta.manifest.tensors  # named as the fine-tune's checkpoint names it
+        model = DeltaModel.from_pretrained(tmp_path / label)
+        reference = applied(tmp_path / label, tmp_path / f"{label}-full", T.GPTNeoXForCausalLM)
+        assert same_weights(model, reference), label
+    model.swap_delta(tmp_path / "dare")  # a swap reads the new delta through the same names
+    assert same_weights(model, applied(tmp_path / "dare", tmp_path / "dare-full-2", T.GPTNeoXForCausalLM))
+
+
+@pytest.mark.parametrize("with_base_files", [True, False])
+def test_on_the_fly_deltas_attach_to_a_model_with_renamed_keys(tmp_path, with_base_files):
+    base, ft = pair(tmp_path, gpt_neox, "neox")
+    delta_format.compress(base, ft, tmp_path / "d", method="dare", p=0.9, progress=False)
+    materialised = DeltaModel.from_pretrained(tmp_path / "d")
+    model = T.GPTNeoXForCausalLM.from_pretrained(base).eval()
+    attach_deltas(model, {"ft": tmp_path / "d"}, base_model=base if with_base_files else None)
+    with torch.no_grad(), using_delta(model, "ft"):
+        got = model(IDS).logits
+        want = materialised(IDS).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_a_classifier_fine_tuned_from_a_bare_base_is_a_delta_of_it(tmp_path):
+    """``embeddings.…`` of a ``BertModel`` base is ``bert.embeddings.…`` of its classifier (with
+    its own number of labels): a delta of the base, not a copy of every tensor."""
+    config = T.BertConfig(**SMALL)
+    torch.manual_seed(0)
+    T.BertModel(config).save_pretrained(tmp_path / "base")
+    head = copy.deepcopy(config)
+    head.num_labels = 5
+    ft = T.BertForSequenceClassification(head)
+    ft.bert.load_state_dict(T.BertModel.from_pretrained(tmp_path / "base").state_dict())
+    structured_perturbation(ft, rel=2e-2, seed=3).save_pretrained(tmp_path / "ft")
+    ft = T.BertForSequenceClassification.from_pretrained(tmp_path / "ft").eval()
+    lossless = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "dense", method="dense")
+    replaced = {n for n, e in lossless.manifest.tensors.items() if e.encoding.name == "replace"}
+    assert replaced == {"classifier.weight", "classifier.bias"}  # only the new head is stored whole
+    assert same_weights(DeltaModel.from_pretrained(tmp_path / "dense"), ft)
+    with pytest.warns(UserWarning, match="classifier.weight is stored whole"):  # 10 % of this tiny budget
+        budget = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "bits", bits=1.0)
+    assert budget.manifest.stats["stored_bytes"] < 0.2 * lossless.manifest.stats["stored_bytes"]
+    model = DeltaModel.from_pretrained(tmp_path / "bits")
+    assert type(model) is T.BertForSequenceClassification and model.config.num_labels == 5
+
+
+def test_converted_checkpoints_load_through_transformers_own_conversion(tmp_path):
+    """Mixtral stacks its experts on loading: the fine-tune is rebuilt under the checkpoint's
+    names and transformers converts it; on-the-fly serving refuses, saying what to do."""
+    config = T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **SMALL)
+    base, ft = pair(tmp_path, lambda: T.MixtralForCausalLM(config), "moe")
+    delta_format.compress(base, ft, tmp_path / "d", method="dare", p=0.9, progress=False)
+    model = DeltaModel.from_pretrained(tmp_path / "d")
+    assert same_weights(model, applied(tmp_path / "d", tmp_path / "full", T.MixtralForCausalLM))
+    with pytest.raises(ConvertedCheckpointError, match="delta-format apply"):
+        attach_deltas(T.MixtralForCausalLM.from_pretrained(base), {"ft": tmp_path / "d"})
