@@ -104,3 +104,17 @@ def test_converted_checkpoints_load_through_transformers_own_conversion(tmp_path
     assert same_weights(model, applied(tmp_path / "d", tmp_path / "full", T.MixtralForCausalLM))
     with pytest.raises(ConvertedCheckpointError, match="delta-format apply"):
         attach_deltas(T.MixtralForCausalLM.from_pretrained(base), {"ft": tmp_path / "d"})
+
+
+def test_a_lora_export_targets_the_modules_under_the_model_names(tmp_path):
+    peft = pytest.importorskip("peft")
+    from delta_format.loaders.export_lora import export_lora
+
+    base, ft = pair(tmp_path, gpt_neox, "neox")
+    delta_format.compress(base, ft, tmp_path / "d", method="lowrank", rank=4, progress=False)
+    report = export_lora(tmp_path / "d", tmp_path / "lora", rank=4)
+    model = peft.PeftModel.from_pretrained(T.GPTNeoXForCausalLM.from_pretrained(base), str(report.directory)).eval()
+    materialised = DeltaModel.from_pretrained(tmp_path / "d")
+    with torch.no_grad():
+        got, want = model(IDS).logits, materialised(IDS).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())

@@ -31,6 +31,7 @@ from ..core.encodings import LowRankEncoding
 from ..core.reconstruct import reconstruct_stored
 from ..errors import InvalidArgumentError
 from ..io.checkpoint import Checkpoint
+from ..io.key_map import model_names
 from ..io.reader import DeltaReader
 from ..io.resolve import HubOptions, open_delta
 from ..io.staging import StagingDirectory
@@ -116,9 +117,11 @@ def export_lora(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidArgumentError("rank must be a positive integer", expected="e.g. 16", found=repr(rank))
     hub = HubOptions(revision, token, cache_dir, local_files_only)
-    reader = open_delta(delta, hub).reader
-    plan = AdapterPlan(reader)
+    plan = AdapterPlan(open_delta(delta, hub).reader)
+    reader = plan.reader  # under the model's names (`io.key_map`): PEFT targets modules by them
     base = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision)) if plan.needs_base else None
+    if base is not None:
+        base = base.renamed(model_names(plan.model, base))
     try:
         if base is not None:
             check_base(reader.manifest, base)
@@ -149,7 +152,6 @@ class AdapterPlan:
     def __init__(self, reader: DeltaReader):
         from transformers import AutoConfig
 
-        self.manifest = reader.manifest
         try:
             self.config = AutoConfig.from_pretrained(reader.directory)
         except (OSError, ValueError) as exc:
@@ -158,7 +160,9 @@ class AdapterPlan:
                 expected="config.json in the delta",
                 found=str(exc)[:200],
             ) from None
-        model = build_skeleton(self.config, torch.float32)
+        self.model = model = build_skeleton(self.config, torch.float32)
+        self.reader = reader.renamed(model_names(model, reader.manifest.tensors))
+        self.manifest = self.reader.manifest
         modules = dict(model.named_modules())
         self.task_type = next((t for s, t in TASK_TYPES.items() if type(model).__name__.endswith(s)), None)
         self.targets: dict[str, str] = {}  # LoRA module -> its kind ("linear" / "embedding")
@@ -250,7 +254,8 @@ def _fine_tuned(name: str, entry, reader: DeltaReader, base: Checkpoint | None) 
         )
     base_tensor = base.get_tensor(name) if entry.encoding.needs_base and base is not None and name in base else None
     parts = [(entry, reader.stored(name), 1.0)]
-    return reconstruct_stored(name, parts, base_tensor, dtype=TORCH_DTYPES[entry.dtype]).contiguous()
+    source = reader.source_name(name)  # seeds masks and rounding
+    return reconstruct_stored(source, parts, base_tensor, dtype=TORCH_DTYPES[entry.dtype]).contiguous()
 
 
 def _check_not_around_a_target(module: str, targets: dict[str, str]) -> None:
