@@ -35,16 +35,15 @@ def model_names(model, names: Iterable[str]) -> dict[str, str]:
     Raises:
         ConvertedCheckpointError: a name transformers would convert (merge or split), not rename.
     """
-    rules = _rules(model)
+    expected = model.state_dict(keep_vars=True)
+    pending = [name for name in names if name not in expected]  # the others load as they are named
+    rules = _rules(model) if pending else None
     if rules is None:
         return {}
     renamings, converters, rename = rules
-    expected = model.state_dict(keep_vars=True)
     prefix = getattr(model, "base_model_prefix", None) or None
     out, converted = {}, []
-    for name in names:
-        if name in expected:  # loaded as it is named
-            continue
+    for name in pending:
         new, pattern = rename(name, renamings, converters, prefix, expected)
         if pattern is not None:
             converted.append(name)
