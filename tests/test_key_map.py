@@ -7,6 +7,7 @@ gives the weights transformers gives for the same fine-tune written out by ``app
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -104,6 +105,18 @@ def test_converted_checkpoints_load_through_transformers_own_conversion(tmp_path
     assert same_weights(model, applied(tmp_path / "d", tmp_path / "full", T.MixtralForCausalLM))
     with pytest.raises(ConvertedCheckpointError, match="delta-format apply"):
         attach_deltas(T.MixtralForCausalLM.from_pretrained(base), {"ft": tmp_path / "d"})
+    # a base that lacks a tensor the model needs is refused, never initialised at random
+    from safetensors.torch import load_file, save_file
+
+    from delta_format.errors import BaseMismatchError
+
+    shutil.copytree(base, tmp_path / "short")
+    tensors = load_file(tmp_path / "short" / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "short" / "model.safetensors", metadata={"format": "pt"})
+    delta_format.compress(base, ft, tmp_path / "kept", method="dare", p=0.9, exclude=["model.norm.weight"])
+    with pytest.raises(BaseMismatchError, match="does not fill the model"), pytest.warns(UserWarning):
+        DeltaModel.from_pretrained(tmp_path / "kept", base_model=tmp_path / "short", verify_base=False)
 
 
 def test_a_lora_export_targets_the_modules_under_the_model_names(tmp_path):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.reconstruct import reconstruct_stored
+from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.progress import progress_bar
@@ -40,6 +41,31 @@ def fine_tune_state(base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dty
 
 
 def load_converted(model, base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dtype: torch.dtype):
-    """``model``'s class loaded by transformers from the fine-tune's rebuilt state dict (on CPU)."""
+    """``model``'s class loaded by transformers from the fine-tune's rebuilt state dict (on CPU).
+
+    Raises:
+        BaseMismatchError: transformers cannot load it, or would leave a parameter missing (newly
+            initialised: a silent wrong weight) or skip one of another shape.
+    """
     state = fine_tune_state(base, deltas, dtype)
-    return type(model).from_pretrained(None, config=model.config, state_dict=state, dtype=dtype)
+    fix = "load the base the delta was made against; a delta from a stranger may be hostile"
+    try:
+        loaded, info = type(model).from_pretrained(
+            None, config=model.config, state_dict=state, dtype=dtype, output_loading_info=True
+        )
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise BaseMismatchError(
+            "transformers cannot load the fine-tune rebuilt from the base and the delta",
+            expected="the architecture's checkpoint tensors",
+            found=str(exc)[:300],
+            fix=fix,
+        ) from None
+    problems = {k: sorted(info.get(k) or [])[:5] for k in ("missing_keys", "mismatched_keys") if info.get(k)}
+    if problems or info.get("error_msgs"):
+        raise BaseMismatchError(
+            "the fine-tune rebuilt from the base and the delta does not fill the model",
+            expected="every parameter, with its shape",
+            found=problems or info["error_msgs"][:3],
+            fix=fix,
+        )
+    return loaded
