@@ -131,3 +131,20 @@ def test_a_lora_export_targets_the_modules_under_the_model_names(tmp_path):
     with torch.no_grad():
         got, want = model(IDS).logits, materialised(IDS).logits
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_two_tensors_that_load_under_one_name_are_refused(tmp_path):
+    """A delta of GPT-NeoX with entries for both ``embed_out.weight`` and ``lm_head.weight`` (the
+    model's name for it): one would be dropped silently, so the load refuses."""
+    from safetensors.torch import load_file, save_file
+
+    from delta_format.errors import CorruptDeltaError
+
+    base, ft = pair(tmp_path, gpt_neox, "neox")
+    tensors = load_file(ft / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["embed_out.weight"] * 2
+    save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
+    delta = delta_format.compress(base, ft, tmp_path / "d", method="dense", progress=False)
+    assert {"embed_out.weight", "lm_head.weight"} <= delta.manifest.tensors.keys()
+    with pytest.raises(CorruptDeltaError, match="two tensors that load as 'lm_head.weight'"):
+        DeltaModel.from_pretrained(tmp_path / "d")

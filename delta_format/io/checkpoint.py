@@ -100,6 +100,9 @@ class Checkpoint:
         """A view of this checkpoint whose tensors carry other names (``{name in the files: new
         name}``, e.g. the model's names transformers maps a checkpoint's keys to), sharing its
         open files; its fingerprint is still that of the files (SPEC §7)."""
+        from .key_map import check_unique
+
+        check_unique(names, self.weight_map, f"the checkpoint at {self.directory}")
         view = copy.copy(self)
         view.weight_map = {names.get(n, n): path for n, path in self.weight_map.items()}
         view._sources = {names.get(n, n): self._source(n) for n in self.weight_map if names.get(n, n) != n}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..errors import InvalidArgumentError
+from ..errors import CorruptDeltaError, InvalidArgumentError
 
 
 class ConvertedCheckpointError(InvalidArgumentError):
@@ -58,6 +58,22 @@ def model_names(model, names: Iterable[str]) -> dict[str, str]:
             fix="write the full fine-tune with `delta-format apply DELTA OUT` and load OUT with transformers",
         )
     return out
+
+
+def check_unique(names: dict[str, str], present: Iterable[str], where: str) -> None:
+    """Refuse a renaming under which two of ``present`` would take one name (one would be dropped
+    silently): e.g. a delta with entries for both ``embed_out.weight`` and ``lm_head.weight``."""
+    seen: dict[str, str] = {}
+    for name in present:
+        new = names.get(name, name)
+        if new in seen:
+            raise CorruptDeltaError(
+                f"{where} has two tensors that load as {new!r}: {seen[new]!r} and {name!r}",
+                expected="one tensor per parameter of the model",
+                found=f"{seen[new]!r} and {name!r}",
+                fix="keep one of them (the checkpoint's own name); a file from a stranger may be hostile",
+            )
+        seen[new] = name
 
 
 def _rules(model):

@@ -185,6 +185,9 @@ class DeltaReader:
         name}``, e.g. what transformers renames a checkpoint's keys to on loading), sharing its open
         files. `source_name` gives a parameter's name in the delta back: the name its seeded masks
         and rounding are drawn from (SPEC §6, §9.1)."""
+        from .key_map import check_unique
+
+        check_unique(names, self.manifest.tensors, f"the delta at {self.directory}")
         view = copy.copy(self)
         view.manifest = dataclasses.replace(
             self.manifest, tensors={names.get(n, n): e for n, e in self.manifest.tensors.items()}
