@@ -148,3 +148,28 @@ def test_two_tensors_that_load_under_one_name_are_refused(tmp_path):
     assert {"embed_out.weight", "lm_head.weight"} <= delta.manifest.tensors.keys()
     with pytest.raises(CorruptDeltaError, match="two tensors that load as 'lm_head.weight'"):
         DeltaModel.from_pretrained(tmp_path / "d")
+
+
+@pytest.mark.parametrize("differs", [False, True])
+def test_a_tied_copy_in_the_fine_tunes_checkpoint_is_left_out_as_transformers_leaves_it(tmp_path, differs):
+    """Some exporters save a tied head beside its embedding: transformers loads the embedding for
+    both, so the delta leaves the copy out (it used to be stored whole, and the load refused it).
+    A copy with other values makes transformers load the two untied: the delta keeps it and the
+    loaded model is untied too."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models import save, tiny_llama
+
+    base = tiny_llama(tie=True)
+    save(base, tmp_path / "base")
+    save(structured_perturbation(clone(base), rel=2e-2, seed=3), tmp_path / "ft")
+    tensors = load_file(tmp_path / "ft" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] * (2 if differs else 1)
+    save_file(tensors, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    delta = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", method="dense")
+    assert ("lm_head.weight" in delta.manifest.tensors) is differs
+    assert delta.manifest.stats["tensors"].get("tied", 0) == (0 if differs else 1)
+    model = DeltaModel.from_pretrained(tmp_path / "d")
+    assert same_weights(model, reference)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is not differs

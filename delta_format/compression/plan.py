@@ -186,6 +186,10 @@ class Action(str, enum.Enum):
     delta goes to the tensor's method, the new rows are stored beside it (SPEC §9.2)."""
     REPLACE = "replace"
     """The base lacks the tensor or has another shape: the fine-tuned value is stored whole."""
+    TIED = "tied"
+    """A copy, bit for bit, of a tensor the fine-tune's model ties it to (a head saved beside its
+    embedding): transformers loads the kept one for both, so the delta does not mention it. (A
+    copy that differs makes transformers load the two untied: it stays in the delta.)"""
     UNCHANGED = "unchanged"
     """Equal to the base (known from the source, or a non-float tensor compared bit for bit)."""
     EXCLUDED = "excluded"
@@ -198,7 +202,9 @@ def schedule(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> li
     Refuses base tensors the fine-tune lacks but its architecture loads (a delta cannot delete a
     parameter) unless excluded, and non-float tensors that changed (no encoding stores them).
     Base tensors the architecture does not load are `ignored_base_tensors`, not an error."""
-    out = [(name, _action(name, plan, base, finetune)) for name in finetune.names()]
+    tied = getattr(finetune, "tied_copies", dict)()
+    tied = {n for n, kept in tied.items() if same_bits(finetune.get(n), finetune.get(kept))}
+    out = [(name, Action.TIED if name in tied else _action(name, plan, base, finetune)) for name in finetune.names()]
     ignored = set(ignored_base_tensors(plan, base, finetune))
     ft_names = set(finetune.names())
     orphans = [n for n in base.names() if n not in ft_names and n not in ignored and plan.included(n)]

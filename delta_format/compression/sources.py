@@ -27,6 +27,7 @@ from ..io.model_class import (
     head_names,
     lookup_names,
     model_class_for,
+    tied_copies,
 )
 from .carried_files import card_data_of, carried_files
 
@@ -173,15 +174,24 @@ class CheckpointSource(WholeValueSource):
     def head_names(self) -> set[str]:
         return self._layout()[2]
 
-    def _layout(self) -> tuple[set[str] | None, set[str], set[str]]:
-        if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers all three
+    def tied_copies(self) -> dict[str, str]:
+        """``{name: the name it is tied to}`` for the tensors of this checkpoint that its model ties
+        to another it also holds (a head saved beside the embedding it shares): transformers loads
+        the one it keeps for both, so the other is not part of the fine-tune."""
+        return self._layout()[3]
+
+    def _layout(self) -> tuple[set[str] | None, set[str], set[str], dict[str, str]]:
+        if not hasattr(self, "_layout_found"):  # one empty build of the architecture answers all four
             model = self.empty_model()
             if model is None:
-                self._layout_found = (None, set(), set())
+                self._layout_found = (None, set(), set(), {})
             else:  # the model's names, as this checkpoint names them (`io.key_map`)
                 back = {new: old for old, new in self.model_names(model).items()}
                 found = set(model.state_dict()), lookup_names(model), head_names(model)
-                self._layout_found = tuple({back.get(n, n) for n in names} for names in found)
+                tied = {back.get(t, t): back.get(k, k) for t, k in tied_copies(model).items()}
+                held = set(self.names())
+                tied = {t: k for t, k in tied.items() if t in held and k in held}
+                self._layout_found = (*({back.get(n, n) for n in names} for names in found), tied)
         return self._layout_found
 
     def empty_model(self):

@@ -102,6 +102,24 @@ def head_names(model) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in weights}
 
 
+def tied_copies(model) -> dict[str, str]:
+    """``{name: the name checkpoints keep}`` for every parameter ``model`` ties to another
+    (transformers' ``all_tied_weights_keys``, which an empty build already knows; empty in older
+    transformers, where ``save_pretrained`` left tied copies out anyway)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    return {str(t): str(k) for t, k in tied.items()} if isinstance(tied, dict) else {}
+
+
+def untie(config) -> bool:
+    """Set ``config`` (and its text config) not to tie the input embeddings to the head; whether it did."""
+    found = False
+    for part in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+        if part is not None and getattr(part, "tie_word_embeddings", False):
+            part.tie_word_embeddings = False
+            found = True
+    return found
+
+
 def _ties_embeddings(config) -> bool:
     """Whether ``config`` ties the input embeddings to the head (its text model's, for a composite)."""
     tie = getattr(config, "tie_word_embeddings", None)

@@ -10,7 +10,8 @@ would let a delta through that another refuses, so none of them checks on its ow
 * tied parameters: a model that ties ``lm_head.weight`` to the embedding keeps one tensor for
   both, so a delta may edit only the name checkpoints keep (the embedding); an entry for the
   other name would be dropped silently when the weights are tied again, or conflict with the
-  embedding's own edit (`BaseMismatchError`).
+  embedding's own edit (`BaseMismatchError`). A fresh ``from_pretrained`` builds such a model
+  untied instead, as transformers loads a checkpoint whose tied tensors differ.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from ..errors import BaseMismatchError, InvalidArgumentError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
 from ..io.key_map import ConvertedCheckpointError, model_names
+from ..io.model_class import tied_copies, untie
 from ..io.resolve import HubOptions, open_delta
 from .base_model import resolve_base
 from .converted import load_converted
@@ -182,7 +183,12 @@ def _empty_model(
     """The fine-tune's model built empty from its config (the delta's, else the base's), and its dtype."""
     config = fine_tune_config(delta, base, trust_remote_code, model_kwargs)
     torch_dtype = parse_dtype(dtype, allow_auto=True) or _config_dtype(config)
-    return build_skeleton(config, torch_dtype, trust_remote_code), torch_dtype
+    model = build_skeleton(config, torch_dtype, trust_remote_code)
+    if set(tied_copies(model)) & delta.manifest.tensors.keys() and untie(config):
+        # the fine-tune's checkpoint held both tied tensors with different values, which
+        # transformers loads untied: so is the model they are placed in
+        model = build_skeleton(config, torch_dtype, trust_remote_code)
+    return model, torch_dtype
 
 
 def _config_dtype(config) -> torch.dtype:
