@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from ..core.fingerprint import fingerprint_safetensors
 from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ResolutionError
+from .key_map import check_unique
 from .resolve import CHECKPOINT_PATTERNS, resolve_repo  # noqa: F401  (re-exported)
 from .shards import ShardLayout
 from .tensor_reads import read_range, tensor_ranges
@@ -100,8 +101,6 @@ class Checkpoint:
         """A view of this checkpoint whose tensors carry other names (``{name in the files: new
         name}``, e.g. the model's names transformers maps a checkpoint's keys to), sharing its
         open files; its fingerprint is still that of the files (SPEC §7)."""
-        from .key_map import check_unique
-
         check_unique(names, self.weight_map, f"the checkpoint at {self.directory}")
         view = copy.copy(self)
         view.weight_map = {names.get(n, n): path for n, path in self.weight_map.items()}

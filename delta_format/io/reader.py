@@ -30,6 +30,7 @@ from ..core.manifest import Manifest, TensorEntry, stored_key
 from ..core.strict_json import loads_strict
 from ..errors import CorruptDeltaError, ManifestError
 from .delta_files import allowed_roots, check_listed, safe_member  # noqa: F401  (allowed_roots re-exported)
+from .key_map import check_unique
 from .tensor_reads import read_range, tensor_ranges
 
 
@@ -185,8 +186,6 @@ class DeltaReader:
         name}``, e.g. what transformers renames a checkpoint's keys to on loading), sharing its open
         files. `source_name` gives a parameter's name in the delta back: the name its seeded masks
         and rounding are drawn from (SPEC §6, §9.1)."""
-        from .key_map import check_unique
-
         check_unique(names, self.manifest.tensors, f"the delta at {self.directory}")
         view = copy.copy(self)
         view.manifest = dataclasses.replace(
