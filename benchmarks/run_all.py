@@ -1,7 +1,7 @@
 """Regenerate benchmarks/RESULTS.md: run every benchmark and collect the tables they print.
 
 Each benchmark measures its own baseline in the same run and prints ratios, never hard-coded
-figures. Takes roughly 30-45 minutes on 2 cores (the 0.5B-parameter load benchmark dominates), and
+figures. Takes roughly 35-50 minutes on 2 cores (the 0.5B-parameter load benchmark dominates), and
 about 5 more the first time, when lossless.py fine-tunes its MiniLM pair.
 
 Run:  python benchmarks/run_all.py [--quick]
@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("size.py", [], ["--scale", "tiny"]),
     ("load_time.py", ["--scale", "0.5B", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
+    ("load_time.py", ["--scale", "220M", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),
     ("decode.py", [], ["--rows", "512", "--cols", "512", "--repeats", "2"]),
     ("lossless.py", [], ["--steps", "10", "--pairs", str(HERE / "work" / "lossless-quick")]),
     ("swap.py", ["--scale", "160M", "--repeats", "3"], ["--scale", "tiny", "--repeats", "1"]),

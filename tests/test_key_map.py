@@ -88,6 +88,11 @@ def test_a_classifier_fine_tuned_from_a_bare_base_is_a_delta_of_it(tmp_path):
     replaced = {n for n, e in lossless.manifest.tensors.items() if e.encoding.name == "replace"}
     assert replaced == {"classifier.weight", "classifier.bias"}  # only the new head is stored whole
     assert same_weights(DeltaModel.from_pretrained(tmp_path / "dense"), ft)
+    assert same_weights(applied(tmp_path / "dense", tmp_path / "full", T.BertForSequenceClassification), ft)
+    from delta_format.loaders.apply import verify_delta
+
+    report = verify_delta(tmp_path / "dense", base_model=tmp_path / "base")
+    assert report.ok, report.lines
     with pytest.warns(UserWarning, match="classifier.weight is stored whole"):  # 10 % of this tiny budget
         budget = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "bits", bits=1.0)
     assert budget.manifest.stats["stored_bytes"] < 0.2 * lossless.manifest.stats["stored_bytes"]

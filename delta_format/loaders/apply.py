@@ -30,6 +30,7 @@ from ..io.resolve import HubOptions, open_delta
 from ..io.shards import ShardedSafetensorsWriter
 from ..io.staging import StagingDirectory, output_guard
 from .base_model import check_base, resolve_base
+from .base_names import under_delta_names
 from .delta_checks import check_delta, scale_from
 
 
@@ -73,9 +74,11 @@ def apply_delta(
         >>> AutoModelForCausalLM.from_pretrained("ft-full")         # doctest: +SKIP
     """
     hub = HubOptions(revision, token, cache_dir, local_files_only)
-    reader = open_delta(delta, hub).reader
+    opened = open_delta(delta, hub)
+    reader = opened.reader
     checkpoint = resolve_base(reader.manifest, base_model, hub.updated(revision=base_revision))
     try:
+        checkpoint = under_delta_names(opened, checkpoint)
         check_delta(reader.manifest, checkpoint, scale=scale_from(alpha), verify_base=verify_base)
         staging = StagingDirectory(out_dir, overwrite=overwrite, inputs=[reader.directory, checkpoint.directory])
         try:
@@ -183,13 +186,14 @@ def verify_delta(
     report = VerifyReport()
     hub = HubOptions(revision, token, cache_dir, local_files_only)
     try:
-        reader = open_delta(delta, hub).reader
+        opened = open_delta(delta, hub)
     except DeltaFormatError as exc:
         report.failed(f"open: {exc}")
         return report
+    reader = opened.reader
     try:
         report.passed(f"files: {len(reader.manifest.files)} file(s) match their size and SHA-256")
-        shapes_checked = _verify_base(reader.manifest, base_model, hub.updated(revision=base_revision), report)
+        shapes_checked = _verify_base(opened, base_model, hub.updated(revision=base_revision), report)
         if shapes_checked is False:  # a shape that misfits the base is never decoded (SPEC §8.7)
             report.skipped("decode: not attempted, the base check failed")
         else:
@@ -220,15 +224,16 @@ def _verify_decoding(reader: DeltaReader, report: VerifyReport, *, max_elements:
         report.failed(f"decode: {bad} parameters fail in all")
 
 
-def _verify_base(manifest, base_model, hub: HubOptions, report: VerifyReport) -> bool | None:
+def _verify_base(delta, base_model, hub: HubOptions, report: VerifyReport) -> bool | None:
     """Fingerprint and shapes against the base: True if they pass, False if not, None without a base."""
+    manifest = delta.manifest
     try:
         checkpoint = resolve_base(manifest, base_model, hub)
     except DeltaFormatError as exc:
         (report.failed if base_model is not None else report.skipped)(f"base: {exc}")
         return None
     try:
-        check_base(manifest, checkpoint)
+        check_base(manifest, under_delta_names(delta, checkpoint))
         report.passed(
             f"base: {checkpoint.directory} has the recorded fingerprint"
             if manifest.base.fingerprint
