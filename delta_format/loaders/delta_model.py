@@ -120,9 +120,7 @@ class DeltaModel:
                 check_delta(d, base, scale=s, verify_base=verify_base)
             model = load_converted(model, base, list(zip(opened, scales)), torch_dtype)
             placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
-            if len(set(placement.values())) == 1:
-                model.to(next(iter(placement.values())))
-            return _finish(model, opened[0], placement, generation)
+            return _finish(_placed(model, placement), opened[0], placement, generation)
         if names:  # seen through the names the model loads them under
             base, opened = base.renamed(names), [d.renamed(names) for d in opened]
         shapes = parameter_shapes(model)
@@ -198,6 +196,12 @@ def _config_dtype(config) -> torch.dtype:
         return parse_dtype(dtype, what="config dtype", allow_auto=True) or torch.float32
     except InvalidArgumentError:
         return torch.float32  # e.g. an integer-quantised config: the skeleton decides
+
+
+def _placed(model, placement: dict[str, torch.device]):
+    """A model loaded whole on CPU moved to its one device (several are `_finish`'s dispatch)."""
+    devices = set(placement.values())
+    return model.to(next(iter(devices))) if len(devices) == 1 else model
 
 
 def _finish(model, delta: Delta, placement: dict[str, torch.device], generation):
