@@ -184,17 +184,14 @@ def main() -> None:
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print(f"Skipped: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False).")
         return
-    import delta_format
-    from benchmarks.synthetic import build_pair
+    from benchmarks.synthetic import build_pair, cached_delta
 
     started = time.perf_counter()
     root = HERE / "work" / f"llama-{args.scale}"
     base, ft = build_pair(root, args.scale)
     deltas = {}
     for label, (method, params) in VARIANTS.items():
-        deltas[label] = root / f"delta-{method}"
-        if not (deltas[label] / "delta_config.json").is_file():
-            delta_format.compress(base, ft, deltas[label], method=method, progress=False, **params)
+        deltas[label] = cached_delta(base, ft, root / f"delta-{method}", method, **params)
     device = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "the CPU (dry run, not a GPU figure)"
     print(f"Command: `python benchmarks/gpu.py --scale {args.scale} --repeats {args.repeats}` on {device}\n")
     peak = bandwidth()

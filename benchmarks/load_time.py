@@ -93,17 +93,14 @@ def measure(kind: str, path: Path, repeats: int, cache: str = "0") -> list[dict]
 
 
 def scale_section(scale: str, repeats: int) -> None:
-    import delta_format
     from benchmarks.levers import lever_section
-    from benchmarks.synthetic import build_pair, machine
+    from benchmarks.synthetic import build_pair, cached_delta, machine
 
     root = HERE / "work" / f"llama-{scale}"
     base, ft = build_pair(root, scale)
     deltas = {}
     for label, (method, params) in VARIANTS.items():
-        deltas[label] = root / f"delta-{method}"
-        if not (deltas[label] / "delta_config.json").is_file():
-            delta_format.compress(base, ft, deltas[label], method=method, progress=False, **params)
+        deltas[label] = cached_delta(base, ft, root / f"delta-{method}", method, **params)
 
     rows = [("transformers, full fine-tune", measure("hf", ft, repeats))]
     rows.append(("transformers, copied into RAM (resident floor)", measure("hf-resident", ft, repeats)))

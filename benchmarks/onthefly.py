@@ -60,19 +60,16 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import delta_format
     from benchmarks.memory import status_kib
     from benchmarks.swap import timed
-    from benchmarks.synthetic import build_pair, machine
+    from benchmarks.synthetic import build_pair, cached_delta, machine
     from delta_format import DeltaModel, attach_deltas, set_active_delta
 
     root = args.work / f"llama-{args.scale}"
     base_dir, ft_dir = build_pair(root, args.scale)
     paths = {}
     for label, (method, params) in DELTAS.items():
-        paths[label] = root / f"delta-{method}"
-        if not (paths[label] / "delta_config.json").is_file():
-            delta_format.compress(base_dir, ft_dir, paths[label], method=method, progress=False, **params)
+        paths[label] = cached_delta(base_dir, ft_dir, root / f"delta-{method}", method, **params)
 
     vocab = 32000 if args.scale != "tiny" else 8000
     shapes = {"batch": (args.batch, args.seq), "step": (args.batch, 1)}

@@ -35,8 +35,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import delta_format
-    from benchmarks.synthetic import build_pair, machine
+    from benchmarks.synthetic import build_pair, cached_delta, machine
     from delta_format import DeltaModel
     from delta_format.io.reader import DeltaReader
 
@@ -44,10 +43,7 @@ def main() -> None:
     base, ft = build_pair(root, args.scale)
     deltas = {}
     for label, method, params in [("sign", "sign", {"scale": "row"}), ("dare", "dare", {"p": 0.9})]:
-        out = root / f"delta-{method}"
-        if not (out / "delta_config.json").is_file():
-            delta_format.compress(base, ft, out, method=method, progress=False, **params)
-        deltas[label] = out
+        deltas[label] = cached_delta(base, ft, root / f"delta-{method}", method, **params)
 
     model = DeltaModel.from_pretrained(deltas["sign"], dtype=torch.bfloat16)
 

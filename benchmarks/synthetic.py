@@ -73,6 +73,24 @@ def build_pair(root: Path, scale: str = "0.5B", rel: float = 1e-3, seed: int = 0
     return base_dir, ft_dir
 
 
+def cached_delta(base: Path, ft: Path, out: Path, method: str, **params) -> Path:
+    """``compress(base, ft, out, method, **params)``, reusing ``out`` only if this version of
+    delta-format wrote it: a delta from an older spec (no stochastic rounding before 1.3, say)
+    would measure another load than today's."""
+    import delta_format
+    from delta_format.core.manifest import spec_version_string
+
+    manifest = out / "delta_config.json"
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found.get("spec_version") == spec_version_string() and found.get("created_by") == (
+            f"delta-format {delta_format.__version__}"
+        ):
+            return out
+    delta_format.compress(base, ft, out, method=method, progress=False, overwrite=True, **params)
+    return out
+
+
 def machine() -> str:
     import os
     import platform

@@ -49,18 +49,35 @@ def stochastic_cast(
     else:
         dither = uniform_at(key, counters.reshape(-1))
     dither.bitwise_right_shift_(32 - DITHER_BITS).bitwise_and_(0xFFFF)  # the top 16 bits (the shift is arithmetic)
-    nearest = flat.to(dtype)
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
-        pattern = flat.view(torch.int32)
-        toward = pattern >> 16
-        edge = toward.bitwise_and(0x7FFF) >= 0x7F7F  # t = ±max (a is ±inf), or acc is not finite
-        rounded = toward.add_(dither < pattern.bitwise_and(0xFFFF)).to(torch.int16).view(dtype)
-    else:
-        toward, away = _toward_and_away(flat, nearest)
-        edge = ~torch.isfinite(away)  # t = ±max, or acc is not finite
-        f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
-        rounded = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
+        # a iff d < f·2**16 (acc's low 16 bits), i.e. iff low + (0xFFFF - d) carries into t: one add
+        # on the pattern (two's complement addition is the unsigned one; the magnitude grows)
+        carried = dither.neg_().add_(0xFFFF).add_(flat.view(torch.int32))
+        rounded = carried.bitwise_right_shift_(16).to(torch.int16).view(dtype)
+        if _inside_bfloat16(flat):  # no t = ±max (where a is ±inf), no inf, no NaN: the common case
+            return rounded.view(acc.shape)
+        nearest = flat.to(dtype)
+        edge = (flat.view(torch.int32) >> 16).bitwise_and_(0x7FFF) >= 0x7F7F
+        return torch.where(edge, nearest, rounded).view(acc.shape)
+    nearest = flat.to(dtype)
+    toward, away = _toward_and_away(flat, nearest)
+    edge = ~torch.isfinite(away)  # t = ±max, or acc is not finite
+    f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
+    rounded = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
     return torch.where(edge, nearest, rounded).view(acc.shape)
+
+
+BFLOAT16_EDGE = float(torch.tensor(0x7F7F0000, dtype=torch.int32).view(torch.float32))
+"""The smallest magnitude whose value toward zero is bfloat16's largest finite one."""
+
+
+def _inside_bfloat16(flat: torch.Tensor) -> bool:
+    """Whether every element of ``flat`` is finite and below `BFLOAT16_EDGE` in magnitude (one pass;
+    a NaN fails every comparison)."""
+    if not flat.numel():
+        return True
+    low, high = torch.aminmax(flat)
+    return bool(torch.stack([high < BFLOAT16_EDGE, low > -BFLOAT16_EDGE]).all())
 
 
 def _toward_and_away(acc: torch.Tensor, nearest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
