@@ -223,3 +223,19 @@ def test_a_lossless_delta_still_stores_the_resized_tables_whole(pair, tmp_path):
     model = DeltaModel.from_pretrained(tmp_path / "d")
     assert all(torch.equal(v, model.state_dict()[n]) for n, v in ft.state_dict().items())
     assert DeltaReader(tmp_path / "d").manifest.tensors[TABLES[0]].base_rows is None
+
+
+def test_calibrated_compression_of_a_resized_vocabulary(tmp_path):
+    """With calibration texts each edit is put into the calibration model (base + delta, SPEC
+    §9.2's padding included) before the next tensor is measured."""
+    from tests.models import CALIBRATION_TEXTS, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    save(tiny_llama(), tmp_path / "base", tokenizer)
+    save(with_added_tokens(finetune_by_training(tiny_llama(), steps=5)), tmp_path / "ft", tokenizer)
+    for label, kw in (("budget", dict(bits=0.5)), ("darex", dict(method="darex", p=0.9, q="auto"))):
+        delta = delta_format.compress(
+            tmp_path / "base", tmp_path / "ft", tmp_path / label, calibration_texts=CALIBRATION_TEXTS[:4], **kw
+        )
+        assert {n for n, e in delta.manifest.tensors.items() if e.base_rows is not None} == set(TABLES)
+        assert DeltaModel.from_pretrained(tmp_path / label).get_input_embeddings().weight.shape[0] == 263

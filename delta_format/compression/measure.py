@@ -64,7 +64,8 @@ def measure_on_model(
 
     if session.parameter(name) is None:
         return None
-    value = reconstruct(name, entry, decoded, context.base)
+    base = context.base if entry.base_rows is None else context.base[: entry.base_rows]  # the padding is §9.2's
+    value = reconstruct(name, entry, decoded, base)
     estimate = session.loss_change_estimate(name, value.float() - context.finetune.float())
     if estimate is not None:
         entry.stats["loss_change_estimate"] = estimate
