@@ -178,3 +178,17 @@ def test_a_tied_copy_in_the_fine_tunes_checkpoint_is_left_out_as_transformers_le
     model = DeltaModel.from_pretrained(tmp_path / "d")
     assert same_weights(model, reference)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is not differs
+
+
+def test_calibration_measures_renamed_tensors_under_the_checkpoints_names(tmp_path):
+    """The calibration model holds GPT-NeoX's head as ``lm_head``; the compressor names it
+    ``embed_out``: the session answers for both (activations, gradients, the edited value)."""
+    from tests.models import CALIBRATION_TEXTS, byte_tokenizer
+
+    base, ft = pair(tmp_path, gpt_neox, "neox")
+    for directory in (base, ft):
+        byte_tokenizer().save_pretrained(directory)
+    delta = delta_format.compress(
+        base, ft, tmp_path / "d", method="darex", p=0.9, q="auto", calibration_texts=CALIBRATION_TEXTS[:4]
+    )
+    assert "loss_change_estimate" in delta.manifest.tensors["embed_out.weight"].stats

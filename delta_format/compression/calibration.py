@@ -109,6 +109,7 @@ class Calibration:
         self.progress = progress
         self.tokens = sum(int(ids.numel()) for ids in self.batches)
         self.params = dict(self.model.named_parameters())
+        self.model_names: dict[str, str] = {}  # set by `renamed`
         self.activations: dict[str, ActivationStats] = {}
         wanted = set(self.params) if parameters is None else set(parameters)
         self.reference, self.gradients, self.loss = self._measure(wanted, max_rows)
@@ -178,6 +179,18 @@ class Calibration:
 
         return record
 
+    def renamed(self, names: Mapping[str, str]) -> Calibration:
+        """Key the session by the checkpoint's names (``{checkpoint name: model name}``, where
+        transformers loads a key under another name: GPT-NeoX's ``embed_out`` is ``lm_head``), as
+        the compressor names tensors; in place, returned."""
+        self.model_names = dict(names)
+        back = {model_name: name for name, model_name in names.items()}
+        self.params = {back.get(n, n): p for n, p in self.params.items()}
+        self.activations = {back.get(n, n): a for n, a in self.activations.items()}
+        if self.gradients is not None:
+            self.gradients = {back.get(n, n): g for n, g in self.gradients.items()}
+        return self
+
     def parameter(self, name: str) -> torch.Tensor | None:
         """The session model's current value of ``name`` (float32), or None if it has none."""
         param = self.params.get(name)
@@ -235,7 +248,9 @@ class Calibration:
         """
         from torch.func import functional_call
 
-        overrides = {name: self.params[name] + change for name, change in (deviation or {}).items()}
+        overrides = {  # functional_call names the model's parameters as the model does
+            self.model_names.get(name, name): self.params[name] + change for name, change in (deviation or {}).items()
+        }
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         with torch.set_grad_enabled(grad):

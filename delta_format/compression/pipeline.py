@@ -118,7 +118,10 @@ class CompressOptions:
 
         model = finetune.load_model()
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
-        return Calibration(model, tokenizer, self.calibration_texts, parameters=edited, progress=progress)
+        names = finetune.model_names(model) if isinstance(finetune, CheckpointSource) else {}
+        wanted = [names.get(n, n) for n in edited]  # the model's names (`io.key_map`)
+        session = Calibration(model, tokenizer, self.calibration_texts, parameters=wanted, progress=progress)
+        return session.renamed(names) if names else session
 
 
 def compress(
