@@ -192,3 +192,20 @@ def test_calibration_measures_renamed_tensors_under_the_checkpoints_names(tmp_pa
         base, ft, tmp_path / "d", method="darex", p=0.9, q="auto", calibration_texts=CALIBRATION_TEXTS[:4]
     )
     assert "loss_change_estimate" in delta.manifest.tensors["embed_out.weight"].stats
+
+
+def test_a_converted_load_checks_every_files_checksum_first(tmp_path, monkeypatch):
+    """A load that fills the materialised cache opens the delta without checksums (a hit reads no
+    delta bytes) and checks them on a miss; the converted path is always a miss, so it checks."""
+    from delta_format.errors import CorruptDeltaError
+
+    monkeypatch.setenv("DELTA_FORMAT_MATERIALIZED_CACHE", str(tmp_path / "cache"))
+    config = T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **SMALL)
+    base, ft = pair(tmp_path, lambda: T.MixtralForCausalLM(config), "moe")
+    delta_format.compress(base, ft, tmp_path / "d", method="dare", p=0.5, progress=False)  # plain values
+    weights = next((tmp_path / "d").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in a stored value: same size, another SHA-256
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptDeltaError, match="SHA-256|sha256|checksum"):
+        DeltaModel.from_pretrained(tmp_path / "d")

@@ -118,6 +118,8 @@ class DeltaModel:
         except ConvertedCheckpointError:  # merged experts: rebuilt in the checkpoint's names, loaded by transformers
             for d, s in zip(opened, scales):
                 check_delta(d, base, scale=s, verify_base=verify_base)
+                if cached:  # opened for a cache hit, which this path never is: every file's SHA-256 now
+                    Delta(d.directory)
             model = load_converted(model, base, list(zip(opened, scales)), torch_dtype)
             placement = resolve_device_map(model, device_map, torch_dtype, max_memory)
             return _finish(_placed(model, placement), opened[0], placement, generation)
