@@ -139,20 +139,23 @@ def test_a_lora_export_targets_the_modules_under_the_model_names(tmp_path):
 
 
 def test_two_tensors_that_load_under_one_name_are_refused(tmp_path):
-    """A delta of GPT-NeoX with entries for both ``embed_out.weight`` and ``lm_head.weight`` (the
-    model's name for it): one would be dropped silently, so the load refuses."""
-    from safetensors.torch import load_file, save_file
-
+    """A renaming under which two entries (or two base tensors) would take one name would drop one
+    silently: refused."""
     from delta_format.errors import CorruptDeltaError
+    from delta_format.io.checkpoint import Checkpoint
+    from delta_format.io.reader import DeltaReader
 
     base, ft = pair(tmp_path, gpt_neox, "neox")
-    tensors = load_file(ft / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["embed_out.weight"] * 2
-    save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
-    delta = delta_format.compress(base, ft, tmp_path / "d", method="dense", progress=False)
-    assert {"embed_out.weight", "lm_head.weight"} <= delta.manifest.tensors.keys()
-    with pytest.raises(CorruptDeltaError, match="two tensors that load as 'lm_head.weight'"):
-        DeltaModel.from_pretrained(tmp_path / "d")
+    delta_format.compress(base, ft, tmp_path / "d", method="dense", progress=False)
+    onto = {"embed_out.weight": "gpt_neox.embed_in.weight"}  # an entry renamed onto another's name
+    with pytest.raises(CorruptDeltaError, match="two tensors that load as 'gpt_neox.embed_in.weight'"):
+        DeltaReader(tmp_path / "d").renamed(onto)
+    with pytest.raises(CorruptDeltaError, match="two tensors"):
+        Checkpoint(base).renamed(onto)
+    assert (
+        DeltaReader(tmp_path / "d").renamed({"embed_out.weight": "lm_head.weight"}).source_name("lm_head.weight")
+        == "embed_out.weight"
+    )
 
 
 @pytest.mark.parametrize("differs", [False, True])
@@ -209,3 +212,25 @@ def test_a_converted_load_checks_every_files_checksum_first(tmp_path, monkeypatc
     weights.write_bytes(bytes(data))
     with pytest.raises(CorruptDeltaError, match="SHA-256|sha256|checksum"):
         DeltaModel.from_pretrained(tmp_path / "d")
+
+
+def test_a_fine_tune_tensor_its_architecture_does_not_load_is_ignored(tmp_path):
+    """An older transformers saved rotary ``inv_freq`` buffers that today's models do not load: the
+    fine-tune loads without them, and its delta leaves them out (it stored one whole, and the load
+    then refused a parameter the model lacks)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models import save, tiny_llama
+
+    base = tiny_llama()
+    save(base, tmp_path / "base")
+    save(structured_perturbation(clone(base), rel=2e-2, seed=3), tmp_path / "ft")
+    tensors = load_file(tmp_path / "ft" / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.arange(8.0)
+    save_file(tensors, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    delta = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", method="dense")
+    assert delta.manifest.stats["ignored_finetune_tensors"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in delta.manifest.tensors
+    assert same_weights(
+        DeltaModel.from_pretrained(tmp_path / "d"), T.AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    )

@@ -44,7 +44,7 @@ from ..io.resolve import HubOptions, resolve_repo
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
 from .lora import LoraSource, is_lora_adapter
-from .plan import Action, MethodPlan, Rule, ignored_base_tensors, schedule
+from .plan import Action, MethodPlan, Rule, ignored_base_tensors, ignored_finetune_tensors, schedule
 from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
 
@@ -315,6 +315,10 @@ def source_stats(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -
     if ignored:
         logger.info("ignoring %d base tensor(s) the fine-tune does not load: %s", len(ignored), ignored[:5])
         out["ignored_base_tensors"] = ignored
+    unloaded = ignored_finetune_tensors(finetune)
+    if unloaded:
+        logger.info("ignoring %d fine-tune tensor(s) its architecture does not load: %s", len(unloaded), unloaded[:5])
+        out["ignored_finetune_tensors"] = unloaded
     card = finetune.card_data()
     if "modules.json" in finetune.side_files():  # a sentence-transformers model, card or not
         card.setdefault("library_name", "sentence-transformers")

@@ -186,6 +186,10 @@ class Action(str, enum.Enum):
     delta goes to the tensor's method, the new rows are stored beside it (SPEC §9.2)."""
     REPLACE = "replace"
     """The base lacks the tensor or has another shape: the fine-tuned value is stored whole."""
+    IGNORED = "ignored"
+    """The fine-tune's checkpoint holds it but its architecture does not load it (an unexpected
+    key, e.g. a rotary ``inv_freq`` buffer an older transformers saved): transformers ignores it
+    when loading the fine-tune, and so does the delta (``stats.ignored_finetune_tensors``)."""
     TIED = "tied"
     """A copy, bit for bit, of a tensor the fine-tune's model ties it to (a head saved beside its
     embedding): transformers loads the kept one for both, so the delta does not mention it. (A
@@ -201,10 +205,19 @@ def schedule(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> li
 
     Refuses base tensors the fine-tune lacks but its architecture loads (a delta cannot delete a
     parameter) unless excluded, and non-float tensors that changed (no encoding stores them).
-    Base tensors the architecture does not load are `ignored_base_tensors`, not an error."""
+    Base tensors the architecture does not load are `ignored_base_tensors`, not an error; fine-tune
+    tensors it does not load are ignored as transformers ignores them, and a bit-identical copy of
+    a tensor the model ties it to is left out (transformers loads the one it keeps for both)."""
     tied = getattr(finetune, "tied_copies", dict)()
     tied = {n for n, kept in tied.items() if same_bits(finetune.get(n), finetune.get(kept))}
-    out = [(name, Action.TIED if name in tied else _action(name, plan, base, finetune)) for name in finetune.names()]
+    unloaded = set(ignored_finetune_tensors(finetune))
+
+    def action(name: str) -> Action:
+        if name in tied:
+            return Action.TIED
+        return Action.IGNORED if name in unloaded else _action(name, plan, base, finetune)
+
+    out = [(name, action(name)) for name in finetune.names()]
     ignored = set(ignored_base_tensors(plan, base, finetune))
     ft_names = set(finetune.names())
     orphans = [n for n in base.names() if n not in ft_names and n not in ignored and plan.included(n)]
@@ -218,6 +231,13 @@ def schedule(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> li
             "exclude=[...] with their names",
         )
     return out
+
+
+def ignored_finetune_tensors(finetune: TensorSource) -> list[str]:
+    """Fine-tune tensors its architecture does not load (transformers' unexpected keys), where the
+    architecture can be told (`TensorSource.architecture_names`)."""
+    loaded = finetune.architecture_names()
+    return [] if loaded is None else [n for n in finetune.names() if n not in loaded]
 
 
 def ignored_base_tensors(plan: MethodPlan, base: TensorSource, finetune: TensorSource) -> list[str]:

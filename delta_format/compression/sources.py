@@ -186,12 +186,16 @@ class CheckpointSource(WholeValueSource):
             if model is None:
                 self._layout_found = (None, set(), set(), {})
             else:  # the model's names, as this checkpoint names them (`io.key_map`)
-                back = {new: old for old, new in self.model_names(model).items()}
-                found = set(model.state_dict()), lookup_names(model), head_names(model)
+                try:
+                    back = {new: old for old, new in model_names(model, self.names()).items()}
+                    loaded = {back.get(n, n) for n in model.state_dict()}
+                except ConvertedCheckpointError:  # merged experts: which keys load cannot be told by name
+                    back, loaded = {}, None
+                tables = ({back.get(n, n) for n in names} for names in (lookup_names(model), head_names(model)))
                 tied = {back.get(t, t): back.get(k, k) for t, k in tied_copies(model).items()}
                 held = set(self.names())
                 tied = {t: k for t, k in tied.items() if t in held and k in held}
-                self._layout_found = (*({back.get(n, n) for n in names} for names in found), tied)
+                self._layout_found = (loaded, *tables, tied)
         return self._layout_found
 
     def empty_model(self):

@@ -93,16 +93,12 @@ class TensorCompressor:
             self.edit(name, self.plan.method_for(name))
         elif action is Action.REPLACE:
             self.replace(name)
-        elif action is Action.TIED:
-            self.tied(name)
+        elif action in (Action.TIED, Action.IGNORED):
+            self.totals.counts[action.value] = self.totals.counts.get(action.value, 0) + 1
         else:
             self.totals.counts[action.value] += 1
             if action is Action.EXCLUDED and self.session is not None and name in self.base:
                 self.session.set_parameter(name, self.base.get(name).float())
-
-    def tied(self, name: str) -> None:
-        """Leave out a bit-identical tied copy (transformers loads the tensor it is tied to for both)."""
-        self.totals.counts["tied"] = self.totals.counts.get("tied", 0) + 1
 
     def replace(self, name: str) -> None:
         """Store the fine-tuned value whole: the base has no tensor of this shape to add a delta to."""
