@@ -63,6 +63,16 @@ def test_another_architecture_in_the_delta_config_is_refused(copy):
         DeltaModel.from_pretrained(copy)
 
 
+@pytest.mark.parametrize("architecture", ["pipeline", "Trainer", "BertForMaskedLM", 5])
+def test_architectures_naming_no_model_of_this_config_build_the_bare_model(copy, architecture):
+    """The task head may differ from the base's (SPEC §8.8), so a stranger's config.json may name
+    anything in ``architectures``: only a transformers model class of the config's own type is
+    built; anything else falls back to the bare model, whose parameters are then checked as any."""
+    set_config(copy, architectures=[architecture])
+    with pytest.raises(BaseMismatchError, match="lacks"):
+        DeltaModel.from_pretrained(copy)  # the delta edits lm_head.weight, which LlamaModel lacks
+
+
 def test_a_fine_tune_may_change_its_vocabulary_size_and_token_ids(copy):
     set_config(copy, vocab_size=LLAMA["vocab_size"], eos_token_id=5)
     model = DeltaModel.from_pretrained(copy)

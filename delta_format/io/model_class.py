@@ -14,8 +14,10 @@ def model_class_for(config, trust_remote_code: bool = False):
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        # only a model class built from this kind of config: a config.json from a stranger may name
+        # any attribute of transformers (a function, a class of another architecture)
+        if _builds(cls, config):
             return cls
     if getattr(config, "auto_map", None):
         if not trust_remote_code:
@@ -29,6 +31,16 @@ def model_class_for(config, trust_remote_code: bool = False):
     from transformers import AutoModel
 
     return AutoModel._model_mapping[type(config)]
+
+
+def _builds(cls, config) -> bool:
+    """Whether ``cls`` is a transformers model class whose config class ``config`` is."""
+    from transformers import PreTrainedModel
+
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        return False
+    config_class = getattr(cls, "config_class", None)
+    return isinstance(config_class, type) and isinstance(config, config_class)
 
 
 def architecture_names_from_config(directory: Path) -> set[str] | None:
