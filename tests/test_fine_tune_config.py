@@ -73,6 +73,13 @@ def test_architectures_naming_no_model_of_this_config_build_the_bare_model(copy,
         DeltaModel.from_pretrained(copy)  # the delta edits lm_head.weight, which LlamaModel lacks
 
 
+def test_a_huge_config_is_refused_before_it_is_parsed(copy):
+    """Its label maps may differ from the base's, so their size is bounded by the file's."""
+    set_config(copy, id2label={str(i): f"L{i}" for i in range(1_200_000)})
+    with pytest.raises(CorruptDeltaError, match="too large"):
+        DeltaModel.from_pretrained(copy)
+
+
 def test_a_fine_tune_may_change_its_vocabulary_size_and_token_ids(copy):
     set_config(copy, vocab_size=LLAMA["vocab_size"], eos_token_id=5)
     model = DeltaModel.from_pretrained(copy)

@@ -81,6 +81,9 @@ FINGERPRINT_CHUNK_BYTES = 64
 # Limits a reader enforces (SPEC §8).
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""A ``config.json`` or ``generation_config.json`` a loader parses (SPEC §8.1): real ones are a
+few KB, a classifier's label maps included."""
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**40
 MAX_RANK_DIMS = 8

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..core.constants import MAX_CONFIG_BYTES
 from ..core.strict_json import loads_strict
 from ..errors import BaseMismatchError, CorruptDeltaError
 from ..io.checkpoint import Checkpoint
@@ -39,6 +40,14 @@ only the head, which the delta provides)."""
 def _read_config(directory: Path, what: str, config_class: Any, trust_remote_code: bool, **kwargs: Any):
     """``config_class.from_pretrained(directory)`` after a strict parse; every failure typed."""
     name = "generation_config.json" if config_class.__name__ == "GenerationConfig" else "config.json"
+    size = (directory / name).stat().st_size
+    if size > MAX_CONFIG_BYTES:  # the labels may differ from the base's: their count is bounded here
+        raise CorruptDeltaError(
+            f"{what} {name} is too large",
+            expected=f"at most {MAX_CONFIG_BYTES} bytes",
+            found=f"{size} bytes",
+            fix="this is not a model's config, or a hostile one",
+        )
     loads_strict((directory / name).read_bytes(), f"{what} {name}", CorruptDeltaError)
     try:
         if name == "config.json":
