@@ -117,8 +117,9 @@ class TensorCompressor:
             warnings.warn(
                 f"{name} is stored whole ({reason}: {stored_nbytes(stored) / 1e6:.1f} MB, "
                 f"{value.element_size() * 8} bits per weight), outside the bits= budget, which covers "
-                "the parameters whose delta can be edited: a tensor the base lacks or holds in another "
-                "shape than more rows has none. Compare the delta's size with the budget (`delta-format inspect`).",
+                "the parameters whose delta can be edited: a tensor the base lacks, or holds in another "
+                "shape than the fine-tune's (added rows aside), has no delta. Compare the delta's size with "
+                "the budget (`delta-format inspect`).",
                 UserWarning,
                 stacklevel=2,
             )
