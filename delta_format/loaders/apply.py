@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,20 +105,8 @@ def _write_checkpoint(
 ) -> None:
     """Every tensor of the fine-tune (base order, then tensors only the delta has) into shards,
     then the fine-tune's side files (config, tokenizer), with ``target`` recorded in config.json."""
-    manifest = reader.manifest
     writer = ShardedSafetensorsWriter(directory, CHECKPOINT_LAYOUT, max_shard_size)
-    ignored = _ignored_base_tensors(reader)
-    names = [*(n for n in checkpoint if n not in ignored), *(n for n in manifest.tensors if n not in checkpoint)]
-    for name in progress_bar(names, desc="applying", unit="tensor", enabled=progress):
-        entry = manifest.tensors.get(name)
-        if entry is None:
-            value = checkpoint.get_tensor(name)
-            if target is not None and value.is_floating_point():
-                value = value.to(target)
-        else:
-            base_tensor = checkpoint.get_tensor(name) if entry.encoding.needs_base and name in checkpoint else None
-            parts = [(entry, reader.stored(name), alpha)]  # its shape passed check_base
-            value = reconstruct_stored(name, parts, base_tensor, dtype=target or TORCH_DTYPES[entry.dtype])
+    for name, value in fine_tune_tensors(checkpoint, [(reader, alpha)], target, "applying", progress):
         writer.add({name: value})
         del value
     writer.close()
@@ -126,6 +115,32 @@ def _write_checkpoint(
         shutil.copyfile(path, directory / name)
     if target is not None and (directory / "config.json").is_file():
         _set_config_dtype(directory / "config.json", target)
+
+
+def fine_tune_tensors(
+    base: Checkpoint,
+    deltas: Sequence[tuple[DeltaReader, float]],
+    dtype: torch.dtype | None,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the fine-tune under its checkpoint name, one at a time: the base's tensors
+    in its order (floating ones cast to ``dtype`` when given), each delta's entries added (SPEC
+    §9, in ``dtype`` or the entry's), then the tensors only a delta has. Base tensors the fine-tune
+    does not load are left out (`_ignored_base_tensors`). Shapes must have passed `check_base`."""
+    ignored = _ignored_base_tensors(deltas[0][0])
+    names = [n for n in base if n not in ignored]
+    names += list(dict.fromkeys(n for reader, _ in deltas for n in reader.manifest.tensors if n not in base))
+    for name in progress_bar(names, desc=desc, unit="tensor", enabled=progress):
+        editing = [(reader, s) for reader, s in deltas if name in reader.manifest.tensors]
+        if not editing:
+            value = base.get_tensor(name)
+            yield name, value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            continue
+        parts = [(reader.manifest.tensors[name], reader.stored(name), s) for reader, s in editing]
+        reads_base = any(entry.encoding.needs_base or entry.alpha * s != 1.0 for entry, _, s in parts)
+        source = base.get_tensor(name) if reads_base and name in base else None
+        yield name, reconstruct_stored(name, parts, source, dtype=dtype or TORCH_DTYPES[parts[0][0].dtype])
 
 
 def _ignored_base_tensors(reader: DeltaReader) -> set[str]:

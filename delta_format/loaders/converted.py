@@ -15,29 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.reconstruct import reconstruct_stored
 from ..errors import BaseMismatchError
 from ..io.checkpoint import Checkpoint
 from ..io.delta import Delta
-from ..io.progress import progress_bar
-
-
-def fine_tune_state(base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dtype: torch.dtype) -> dict:
-    """Every tensor of the fine-tune under its checkpoint name: the base's tensors (floating ones
-    cast to ``dtype``) with each delta's entries applied, and the tensors only a delta has."""
-    ignored = set(deltas[0][0].manifest.stats.get("ignored_base_tensors") or [])
-    names = [n for n in base if n not in ignored]
-    names += [n for d, _ in deltas for n in d.manifest.tensors if n not in base and n not in names]
-    state = {}
-    for name in progress_bar(names, desc="loading", unit="tensor"):
-        parts = [(d.manifest.tensors[name], d.reader.stored(name), s) for d, s in deltas if name in d.manifest.tensors]
-        if not parts:
-            value = base.get_tensor(name)
-            state[name] = value.to(dtype) if value.is_floating_point() else value
-            continue
-        source = base.get_tensor(name) if name in base else None
-        state[name] = reconstruct_stored(name, parts, source, dtype=dtype)
-    return state
+from .apply import fine_tune_tensors
 
 
 def load_converted(model, base: Checkpoint, deltas: Sequence[tuple[Delta, float]], dtype: torch.dtype):
@@ -47,7 +28,7 @@ def load_converted(model, base: Checkpoint, deltas: Sequence[tuple[Delta, float]
         BaseMismatchError: transformers cannot load it, or would leave a parameter missing (newly
             initialised: a silent wrong weight) or skip one of another shape.
     """
-    state = fine_tune_state(base, deltas, dtype)
+    state = dict(fine_tune_tensors(base, [(d.reader, s) for d, s in deltas], dtype, "loading"))
     fix = "load the base the delta was made against; a delta from a stranger may be hostile"
     try:
         loaded, info = type(model).from_pretrained(
