@@ -61,6 +61,7 @@ class TensorCompressor:
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
         self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()
+        self._base_rows: dict[str, int | None] = {}
         self.lookups, self.heads = finetune.lookup_names(), finetune.head_names()
 
     def prepare(self, edited: list[str]) -> dict[str, Any]:
@@ -216,10 +217,12 @@ class TensorCompressor:
         return delta, self.context(name, base, finetune, factors, delta)
 
     def base_rows(self, name: str) -> int | None:
-        """The base's row count where the fine-tune's ``name`` only adds rows (`Action.GROW`)."""
-        if name not in self.base:
-            return None
-        return grown_rows(self.base.info(name)[0], self.finetune.info(name)[0])
+        """The base's row count where the fine-tune's ``name`` only adds rows (`Action.GROW`);
+        asked by the read, the context and the edit of each tensor, answered once."""
+        if name not in self._base_rows:
+            grows = name in self.base
+            self._base_rows[name] = grown_rows(self.base.info(name)[0], self.finetune.info(name)[0]) if grows else None
+        return self._base_rows[name]
 
     def context(
         self, name: str, base: torch.Tensor, finetune: torch.Tensor, factors, delta: torch.Tensor
