@@ -1,6 +1,8 @@
-"""What SPEC 1.3's stochastic rounding costs a load: every parameter of a delta rebuilt on its base
-(`reconstruct_stored`, the loader's arithmetic) with each entry's rounding as written and with
-rounding to nearest, best of ``--repeat`` passes each, tensors already in memory (no I/O).
+"""What SPEC §9.1's stochastic rounding costs a load: every parameter of a delta rebuilt on its base
+(`reconstruct_stored`, the loader's arithmetic) with the lossy half-precision entries rounded as
+written, with the per-element dither of spec 1.3 (``"stochastic"``), with the table windows of
+spec 1.6 (``"stochastic-window"``) and to nearest, best of ``--repeat`` passes each, tensors
+already in memory (no I/O).
 
 Run:  python benchmarks/rounding_cost.py --delta DELTA_DIR --base BASE_DIR [--repeat 3]
 """
@@ -18,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.fidelity_budget import load_state  # noqa: E402
-from delta_format.core.constants import ROUNDING_NEAREST  # noqa: E402
+from delta_format.core.constants import ROUNDING_NEAREST, ROUNDING_STOCHASTIC, ROUNDING_WINDOW  # noqa: E402
 from delta_format.core.dtypes import TORCH_DTYPES  # noqa: E402
 from delta_format.core.reconstruct import reconstruct_stored  # noqa: E402
 from delta_format.io.reader import DeltaReader  # noqa: E402
@@ -40,17 +42,21 @@ def main() -> None:
     base = load_state(args.base)
     with DeltaReader(args.delta) as reader:
         parts = {name: (reader.entry(name), reader.stored(name)) for name in reader.manifest.tensors}
-    marked = sum(entry.rounding != ROUNDING_NEAREST for entry, _ in parts.values())
+    marked = [entry for entry, _ in parts.values() if entry.rounding != ROUNDING_NEAREST]
     elements = sum(math.prod(entry.shape) for entry, _ in parts.values())
-    as_written = min(rebuild_all(parts, base) for _ in range(args.repeat))
-    for entry, _ in parts.values():
-        entry.rounding = ROUNDING_NEAREST
-    nearest = min(rebuild_all(parts, base) for _ in range(args.repeat))
     print(
-        f"{len(parts)} parameters ({elements / 1e6:.1f} M elements), {marked} marked stochastic, "
-        f"{torch.get_num_threads()} threads"
+        f"{len(parts)} parameters ({elements / 1e6:.1f} M elements), {len(marked)} marked "
+        f"{sorted({entry.rounding for entry in marked})}, {torch.get_num_threads()} threads"
     )
-    print(f"as written: {as_written:.2f} s   nearest: {nearest:.2f} s   ratio {as_written / nearest:.2f}x")
+    seconds = {}
+    for rounding in ("as written", ROUNDING_STOCHASTIC, ROUNDING_WINDOW, ROUNDING_NEAREST):
+        for entry in marked if rounding != "as written" else ():
+            entry.rounding = rounding
+        seconds[rounding] = min(rebuild_all(parts, base) for _ in range(args.repeat))
+    nearest = seconds[ROUNDING_NEAREST]
+    for rounding, took in seconds.items():
+        extra = (took - nearest) / elements * 1e9
+        print(f"{rounding:>18}: {took:.3f} s  {took / nearest:.2f}x nearest  (+{extra:.2f} ns per element)")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
         enc = QuantizedRowsEncoding(4, 4, 3)  # SPEC 1.4's rows-q: rows 1, 4, 8; groups span rows
         rows = torch.zeros(9, 5)
         rows[[1, 4, 8]] = torch.randn(3, 5, generator=g)
-        add("rows_q.w", enc, enc.encode(rows), "bfloat16", rounding="stochastic")
+        add("rows_q.w", enc, enc.encode(rows), "bfloat16", rounding="stochastic-window")  # and SPEC 1.6's
         old, new = QuantizedDenseEncoding(4, 8), QuantizedRowsEncoding(8, 64, 2)  # SPEC 1.5: 6 rows grown to 8
         grown = torch.zeros(8, 5)
         grown[6:] = torch.randn(2, 5, generator=g)

@@ -242,8 +242,9 @@ def reconstruct(entry: dict, delta: np.ndarray, base: np.ndarray | None, name: s
     if alpha != 1.0:
         delta = (c(alpha) * delta).astype(c)
     acc = (acc + delta).astype(c)
-    if entry.get("config", {}).get("rounding") == "stochastic" and entry["dtype"] in ("float16", "bfloat16"):
-        return stochastic_round(acc, entry["dtype"], name)
+    rounding = entry.get("config", {}).get("rounding", "nearest")
+    if rounding in ("stochastic", "stochastic-window") and entry["dtype"] in ("float16", "bfloat16"):
+        return stochastic_round(acc, entry["dtype"], name, window=rounding == "stochastic-window")
     return round_to(acc, entry["dtype"])
 
 
@@ -269,11 +270,14 @@ def toward_and_away(x: float, dtype: str) -> tuple[float, float]:
     return value(low), value(low + 1)
 
 
-def stochastic_round(acc: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """§9.1, one element at a time in Python floats (binary64: every step exact)."""
+def stochastic_round(acc: np.ndarray, dtype: str, name: str, window: bool = False) -> np.ndarray:
+    """§9.1, one element at a time in Python floats (binary64: every step exact); ``window``: the
+    dither of "stochastic-window" (1.6), from a table built as the spec builds it."""
     flat = acc.reshape(-1)
     near = round_to(flat, dtype)
     key = stream_key(ROUNDING_SEED, name)
+    cols = int(np.prod(acc.shape[1:])) if acc.ndim else 1
+    table_key = stream_key(int.from_bytes(b"window", "big"), "")  # W[j] = u(table_key, j) >> 16
     out = near.copy()
     for i in range(flat.size):
         x = float(flat[i])
@@ -283,7 +287,8 @@ def stochastic_round(acc: np.ndarray, dtype: str, name: str) -> np.ndarray:
         if not math.isfinite(a):
             continue  # t is the largest finite magnitude: nearest, as without the rule
         f = (abs(x) - abs(t)) / (abs(a) - abs(t))
-        out[i] = a if (u(key, i) >> 16) < f * 2**16 else t
+        d = u(table_key, (u(key, i // cols) >> 12) + i % cols) >> 16 if window else u(key, i) >> 16
+        out[i] = a if d < f * 2**16 else t
     return out.reshape(acc.shape)
 
 

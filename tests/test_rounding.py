@@ -1,16 +1,18 @@
-"""Seeded stochastic rounding of half-precision results (SPEC §9.1, spec 1.3).
+"""Seeded stochastic rounding of half-precision results (SPEC §9.1, spec 1.3 and 1.6).
 
 A lossy delta on a bfloat16 model is mostly below the spacing of its weights; rounding the sum to
 nearest drops it, rounding stochastically keeps it in expectation. These tests check the rule
 itself (neighbours only, unbiased, exact values untouched, the same bits whatever the blocks),
 where the manifest carries it, what old readers and hostile configs get, and that `compress`
-marks exactly the lossy half-precision entries.
+marks exactly the lossy half-precision entries; and both dithers (a hash of every element's
+index, 1.3; a window of a hashed table per row, 1.6) against SPEC §9.1's definitions.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -19,22 +21,32 @@ from delta_format import compress
 from delta_format.core.encodings import DenseEncoding, ReplaceEncoding, SignEncoding, encoding_from_dict
 from delta_format.core.manifest import TensorEntry
 from delta_format.core.reconstruct import reconstruct_stored
-from delta_format.core.rounding import rounding_key, stochastic_cast
+from delta_format.core.rounding import Dither, rounding_key, stochastic_cast
+from delta_format.core.seeded_mask import stream_key, uniform_stream
 from delta_format.errors import InvalidArgumentError, ManifestError
 from delta_format.io.reader import DeltaReader
 from tests.models import save, structured_perturbation, tiny_llama
 
 reconstruct_module = importlib.import_module("delta_format.core.reconstruct")
+rounding_module = importlib.import_module("delta_format.core.rounding")
 HALF = {"bfloat16": (torch.bfloat16, 2.0**-7), "float16": (torch.float16, 2.0**-10)}
+ROUNDINGS = ("stochastic", "stochastic-window")
 
 
+def dither(acc: torch.Tensor, name: str = "w", rounding: str = "stochastic") -> torch.Tensor:
+    """The dither of every element of ``acc`` seen as a parameter of its shape."""
+    rows = acc.shape[0] if acc.dim() else 1
+    return Dither(rounding, name, tuple(acc.shape)).rows(0, rows, acc.device)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("dtype", sorted(HALF))
 @pytest.mark.parametrize("frac", [0.1, 0.37, -0.25])
-def test_stochastic_cast_is_unbiased_and_picks_a_neighbour(dtype, frac):
+def test_stochastic_cast_is_unbiased_and_picks_a_neighbour(dtype, frac, rounding):
     torch_dtype, spacing = HALF[dtype]  # of values in [1, 2)
-    weights = (1.1 + 0.8 * torch.rand(200_000, generator=torch.Generator().manual_seed(0))).to(torch_dtype)
+    weights = (1.1 + 0.8 * torch.rand(400, 500, generator=torch.Generator().manual_seed(0))).to(torch_dtype)
     acc = weights.float() + frac * spacing
-    got = stochastic_cast(acc, torch_dtype, rounding_key("w"))
+    got = stochastic_cast(acc, torch_dtype, dither(acc, rounding=rounding))
     nearest = acc.to(torch_dtype)
     moved = got != nearest
     # neighbours only: the nearest value, or one spacing past it toward acc
@@ -51,14 +63,14 @@ def test_values_the_dtype_holds_are_returned_unchanged(dtype):
     torch_dtype = HALF[dtype][0]
     exact = torch.randn(300, 7).to(torch_dtype)
     exact[0, :3] = torch.tensor([0.0, -0.0, float(torch.finfo(torch_dtype).max)], dtype=torch_dtype)
-    got = stochastic_cast(exact.float(), torch_dtype, 123)
+    got = stochastic_cast(exact.float(), torch_dtype, dither(exact, "x"))
     assert torch.equal(got.view(torch.int16), exact.view(torch.int16))  # -0.0 included
 
 
 def test_the_largest_value_is_never_rounded_to_infinity_and_nan_stays():
     top = torch.finfo(torch.float16).max
     acc = torch.tensor([top + 15.0] * 1000 + [float("nan"), -(top + 15.0)])
-    got = stochastic_cast(acc, torch.float16, 9)
+    got = stochastic_cast(acc, torch.float16, dither(acc, "top"))
     assert torch.equal(got[:1000], torch.full((1000,), top, dtype=torch.float16))
     assert got[1000].isnan() and got[1001] == -top
 
@@ -68,7 +80,7 @@ def test_non_finite_sums_round_as_to_nearest(dtype):
     torch_dtype = HALF[dtype][0]
     patterns = [0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FC00000, 0x7F800000, 0xFF800000]  # NaNs (low bits set), ±inf
     acc = torch.tensor(patterns * 2000, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    got, nearest = stochastic_cast(acc, torch_dtype, 11), acc.to(torch_dtype)
+    got, nearest = stochastic_cast(acc, torch_dtype, dither(acc, "nan")), acc.to(torch_dtype)
     assert torch.equal(got.isnan(), nearest.isnan()) and torch.equal(got[~got.isnan()], nearest[~nearest.isnan()])
 
 
@@ -77,24 +89,73 @@ def test_subnormals_and_zero_round_between_their_neighbours(dtype):
     torch_dtype = HALF[dtype][0]
     tiny = float(torch.finfo(torch_dtype).smallest_normal) * (2.0**-7 if dtype == "bfloat16" else 2.0**-10)
     acc = torch.tensor([0.3 * tiny] * 20_000 + [-0.3 * tiny] * 20_000)
-    got = stochastic_cast(acc, torch_dtype, 5).double()
+    got = stochastic_cast(acc, torch_dtype, dither(acc, "tiny")).double()
     assert set(got[:20_000].tolist()) == {0.0, tiny} and set(got[20_000:].tolist()) == {0.0, -tiny}
     assert abs(float(got[:20_000].mean()) / tiny - 0.3) < 0.02
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("row_block", [1, 5, 10**9])
 @pytest.mark.parametrize("dtype", sorted(HALF))
-def test_reconstruction_gets_the_same_bits_whatever_the_row_blocks(row_block, dtype, monkeypatch):
+def test_reconstruction_gets_the_same_bits_whatever_the_row_blocks(row_block, dtype, rounding, monkeypatch):
     torch_dtype = HALF[dtype][0]
     base = torch.randn(13, 9).to(torch_dtype)
     delta = torch.randn(13, 9) * 1e-3
     encoding = DenseEncoding()
-    entry = TensorEntry(encoding, (13, 9), dtype, rounding="stochastic")
-    whole = stochastic_cast(base.float() + delta, torch_dtype, rounding_key("layer.w"))
+    entry = TensorEntry(encoding, (13, 9), dtype, rounding=rounding)
+    whole = stochastic_cast(base.float() + delta, torch_dtype, dither(base, "layer.w", rounding))
     monkeypatch.setitem(reconstruct_module.ROW_BLOCK_ELEMENTS, "cpu", row_block)
     got = reconstruct_stored("layer.w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch_dtype)
     assert torch.equal(got.view(torch.int16), whole.view(torch.int16))
     assert not torch.equal(got, (base.float() + delta).to(torch_dtype))  # the rule is in use
+
+
+def test_the_stochastic_dither_is_the_hash_of_each_flat_index():
+    got = Dither("stochastic", "a.b", (7, 3, 4)).rows(2, 5, "cpu")  # rows 2-4 of 12 elements
+    assert torch.equal(got.long(), uniform_stream(rounding_key("a.b"), 24, 36) >> 16)
+
+
+@pytest.mark.parametrize("cached_rows", [1 << 20, 0])  # every row's offsets once, or each block's
+@pytest.mark.parametrize("shape", [(), (5,), (6, 7), (4, 3, 5), (2, 70_000)])  # the last: rows too wide to tabulate
+def test_the_window_dither_is_a_hashed_tables_window_at_each_rows_offset(shape, cached_rows, monkeypatch):
+    monkeypatch.setattr(rounding_module, "MAX_CACHED_OFFSETS", cached_rows)
+    # SPEC §9.1 (1.6): one table W[j] = u(key(b"window", ""), j) >> 16 for every parameter, the
+    # row's offset o[r] = u(key, r) >> 12, and element c of row r gets W[o[r] + c]
+    name = "model.layers.0.w"
+    rows, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    table = uniform_stream(stream_key(int.from_bytes(b"window", "big"), ""), 0, 2**20 + cols - 1) >> 16
+    offsets = uniform_stream(rounding_key(name), 0, rows) >> 12
+    want = torch.cat([table[o : o + cols] for o in offsets.tolist()])
+    got = Dither("stochastic-window", name, shape)
+    assert torch.equal(got.rows(0, rows, "cpu").long(), want)
+    if rows > 2:  # any block of rows reads its part
+        assert torch.equal(got.rows(1, 3, "cpu").long(), want[cols : 3 * cols])
+    counters = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(1))[:50]
+    assert torch.equal(got.at(counters).long(), want[counters])  # an embedding's gathered elements
+    if counters.numel() == 50:  # any shape of indices, and a fresh table
+        fresh = Dither("stochastic-window", name, shape).at(counters.view(5, 10))
+        assert torch.equal(fresh.long(), want[counters].view(5, 10))
+
+
+def test_the_window_dither_is_uniform_and_rows_do_not_repeat_each_other():
+    d = Dither("stochastic-window", "emb", (2048, 256)).rows(0, 2048, "cpu").view(2048, 256).double()
+    counts = torch.histc(d, bins=16, min=0, max=2**16)
+    assert float((counts / d.numel() - 1 / 16).abs().max()) < 0.003  # ~6 sigma at 524288 draws
+    centred = (d - d.mean()) / d.std()
+    neighbours = float((centred[1:] * centred[:-1]).mean())  # row r against row r + 1, column by column
+    assert abs(neighbours) < 0.01  # ~5 sigma
+    assert len({tuple(row[:8].tolist()) for row in d}) > 2000  # windows at (almost all) distinct offsets
+
+
+def test_the_first_part_that_rounds_stochastically_chooses_the_dither():
+    from delta_format.core.reconstruct import parameter_dither
+
+    entries = [TensorEntry(DenseEncoding(), (4, 3), "bfloat16", rounding=r) for r in ROUNDINGS]
+    nearest = TensorEntry(DenseEncoding(), (4, 3), "bfloat16")
+    assert parameter_dither("w", [nearest, *entries], torch.bfloat16).rounding == "stochastic"
+    assert parameter_dither("w", entries[::-1], torch.bfloat16).rounding == "stochastic-window"
+    assert parameter_dither("w", entries, torch.float32) is None  # only a half-precision result is dithered
+    assert parameter_dither("w", [nearest], torch.bfloat16) is None
 
 
 def test_float32_results_and_nearest_entries_are_not_dithered():
@@ -150,7 +211,9 @@ def _roundings(delta) -> dict[str, str]:
 def test_compress_marks_lossy_half_precision_entries_stochastic(bf16_pair, tmp_path):
     base, ft = bf16_pair
     lossy = _roundings(compress(base, ft, tmp_path / "sign", method="sign", scale="row", progress=False))
-    assert lossy and set(lossy.values()) == {"stochastic"}
+    assert lossy and set(lossy.values()) == {"stochastic-window"}  # spec 1.6's cheaper dither
+    hashed = compress(base, ft, tmp_path / "hash", method="sign", rounding="stochastic", progress=False)
+    assert set(_roundings(hashed).values()) == {"stochastic"}  # what spec 1.3-1.5 readers take
     exact = _roundings(compress(base, ft, tmp_path / "dense", method="dense", progress=False))
     assert exact and set(exact.values()) == {"nearest"}  # lossless: the same bits, a file 1.2 readers take
     kept = _roundings(compress(base, ft, tmp_path / "near", method="sign", rounding="nearest", progress=False))
@@ -182,7 +245,9 @@ def test_stochastic_rounding_keeps_a_delta_below_the_spacing_that_nearest_drops(
     assert lost / total < 0.9  # nearest rounding loses a measurable share of it here
 
 
-@pytest.mark.parametrize("flag, want", [("auto", "stochastic"), ("nearest", "nearest")])
+@pytest.mark.parametrize(
+    "flag, want", [("auto", "stochastic-window"), ("stochastic", "stochastic"), ("nearest", "nearest")]
+)
 def test_the_cli_passes_rounding_through(bf16_pair, tmp_path, flag, want):
     from delta_format.cli import main
 
@@ -200,7 +265,7 @@ def test_inspect_shows_which_entries_round_stochastically(bf16_pair, tmp_path, c
     assert main(["compress", *map(str, bf16_pair), str(out), "--no-progress", "--method", "sign"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
-    assert "bfloat16 (stochastic)" in capsys.readouterr().out
+    assert "bfloat16 (stochastic-window)" in capsys.readouterr().out
 
 
 def _kept_share(got: torch.Tensor, weight: torch.Tensor, intended: torch.Tensor) -> float:

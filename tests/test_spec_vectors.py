@@ -64,6 +64,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "lowrank-q",
             "sum",
             "rounding",
+            "rounding-window",
             "rows-q",
             "grown",
         ]

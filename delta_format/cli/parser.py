@@ -132,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--rounding",
-        choices=("auto", "nearest", "stochastic"),
+        choices=("auto", "nearest", "stochastic", "stochastic-window"),
         default="auto",
-        help="how readers round a lossy float16/bfloat16 parameter (SPEC §9.1): 'auto' (stochastic "
-        "for lossy half-precision entries), 'nearest' (a file readers before spec 1.3 accept)",
+        help="how readers round a lossy float16/bfloat16 parameter (SPEC §9.1): 'auto' "
+        "('stochastic-window' for lossy half-precision entries), 'stochastic' (the per-element "
+        "dither readers of spec 1.3-1.5 accept, slower to load), 'nearest' (any reader)",
     )
     c.add_argument("--max-shard-size", default="2GB", help="largest delta shard (also the in-memory write buffer)")
     c.add_argument("--revision", help="revision of the fine-tune on the Hub")

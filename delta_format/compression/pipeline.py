@@ -93,7 +93,7 @@ class CompressOptions:
                 f"rounding is {rounding!r}",
                 expected=f"'auto' or one of {list(ROUNDINGS)}",
                 found=repr(rounding),
-                fix="pass rounding='auto' (stochastic for lossy half-precision entries) or 'nearest'",
+                fix="pass rounding='auto' (stochastic-window for lossy half-precision entries) or 'nearest'",
             )
         stored_dtype = parse_dtype(value_dtype, what="value_dtype")
         plan = MethodPlan(method, method_params, rules, include, exclude)
@@ -179,9 +179,11 @@ def compress(
             rounds the delta less (`delta_format.core.quant.sixteen_bit`).
         rounding: how a reader rounds a lossy half-precision parameter (SPEC §9.1): ``"auto"``
             (default) marks every lossy delta entry of a float16/bfloat16 parameter
-            ``"stochastic"`` (seeded, unbiased: a delta below the weights' spacing is kept in
-            expectation instead of rounded away) and the rest ``"nearest"``; ``"nearest"``
-            writes a file readers before spec 1.3 accept; ``"stochastic"`` marks every delta entry.
+            ``"stochastic-window"`` (seeded, unbiased: a delta below the weights' spacing is kept
+            in expectation instead of rounded away; spec 1.6) and the rest ``"nearest"``;
+            ``"nearest"`` writes a file readers before spec 1.3 accept; ``"stochastic"`` (the
+            per-element dither of spec 1.3, which readers of 1.3-1.5 accept and which loads
+            slower) or ``"stochastic-window"`` marks every delta entry.
         max_shard_size: shard size of the delta files, also the writer's in-memory buffer.
         overwrite: replace an existing ``out_dir`` (only once the new delta is complete).
         token, revision, base_revision: Hub token and revisions of the fine-tune and the base.

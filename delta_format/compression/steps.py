@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.constants import INDEX_GAPS, ROUNDING_NEAREST, ROUNDING_STOCHASTIC
+from ..core.constants import INDEX_GAPS, ROUNDING_NEAREST, ROUNDING_WINDOW
 from ..core.dtypes import compute_dtype, torch_dtype_name
 from ..core.encodings import ReplaceEncoding, SparseEncoding
 from ..core.manifest import TensorEntry
@@ -175,16 +175,16 @@ class TensorCompressor:
             self.totals.add_error(error)
 
     def entry_rounding(self, edit: Edit, dtype: torch.dtype) -> str:
-        """SPEC §9.1's rounding for this entry: with ``"auto"``, stochastic where a lossy delta meets
-        a half-precision parameter (its corrections under the weights' spacing would round away),
-        nearest elsewhere (a lossless entry's sum is exact: both give the same bits, and nearest
-        keeps the file readable before spec 1.3)."""
+        """SPEC §9.1's rounding for this entry: with ``"auto"``, ``"stochastic-window"`` (spec 1.6's
+        cheaper dither) where a lossy delta meets a half-precision parameter (its corrections under
+        the weights' spacing would round away), nearest elsewhere (a lossless entry's sum is exact:
+        both give the same bits, and nearest keeps the file readable before spec 1.3)."""
         if not edit.encoding.is_delta:
             return ROUNDING_NEAREST
         if self.rounding != "auto":
             return self.rounding
         half = dtype in (torch.float16, torch.bfloat16)
-        return ROUNDING_STOCHASTIC if half and not edit.lossless else ROUNDING_NEAREST
+        return ROUNDING_WINDOW if half and not edit.lossless else ROUNDING_NEAREST
 
     def dropped(self, name: str, delta: torch.Tensor, context: TensorContext) -> None:
         """The method stored nothing: the parameter keeps the base's value (error: all of ``Δ``)."""

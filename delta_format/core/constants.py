@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 5)
+SPEC_VERSION = (1, 6)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 
@@ -43,9 +43,15 @@ ENCODINGS = (DENSE, SPARSE, SIGN, LOWRANK, REPLACE, DENSE_Q, SPARSE_Q, LOWRANK_Q
 # Rounding of the reconstructed parameter to a half-precision dtype (SPEC §9.1, spec 1.3).
 ROUNDING_NEAREST = "nearest"
 ROUNDING_STOCHASTIC = "stochastic"
-ROUNDINGS = (ROUNDING_NEAREST, ROUNDING_STOCHASTIC)
+ROUNDING_WINDOW = "stochastic-window"
+"""Stochastic rounding with each row's dither a window of one hashed table per parameter (spec 1.6)."""
+ROUNDINGS = (ROUNDING_NEAREST, ROUNDING_STOCHASTIC, ROUNDING_WINDOW)
 ROUNDING_SEED = 0x726F756E64
 """Seed of the stochastic rounding's dither stream (``b"round"`` read big-endian, SPEC §9.1)."""
+WINDOW_SEED = 0x77696E646F77
+"""Seed of ``"stochastic-window"``'s table, one for every parameter (``b"window"`` big-endian, SPEC §9.1)."""
+WINDOW_OFFSETS = 1 << 20
+"""``"stochastic-window"``: a row's offset into the table is below this (SPEC §9.1)."""
 
 BASE_ROWS = "base_rows"
 """Config key of a delta entry whose parameter has more rows than the base's (a resized

@@ -160,7 +160,7 @@ class TensorEntry:
                 f"a {self.encoding.name} entry cannot have rounding {self.rounding!r}",
                 expected=f"one of {list(ROUNDINGS)}, and 'nearest' for a value encoding (replace, bitdiff)",
                 found=repr(self.rounding)[:100],
-                fix="pass rounding='nearest' or 'stochastic' (SPEC §9.1)",
+                fix="pass rounding='nearest', 'stochastic' or 'stochastic-window' (SPEC §9.1)",
             )
         problem = base_rows_problem(self.base_rows, self.encoding, self.shape)
         if problem:

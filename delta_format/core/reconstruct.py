@@ -6,10 +6,10 @@ added, and cast once, so half-precision models do not accumulate rounding and ev
 the same bits. The sum is formed a block of rows at a time (each element's arithmetic is the
 same, so the bits are too): encodings add their rows into a cache-sized float32 accumulator
 (`Encoding.rows`), and a sparse delta touches only its kept positions. An entry whose config says
-``"rounding": "stochastic"`` (spec 1.3) is cast to half precision by `rounding.stochastic_cast`,
-seeded by the parameter's name and each element's flat index (SPEC §9.1). A result
-that is not finite where the base was is reported, never returned: an overflow in the cast
-would otherwise be a silent wrong weight.
+``"rounding": "stochastic"`` (spec 1.3) or ``"stochastic-window"`` (spec 1.6) is cast to half
+precision by `rounding.stochastic_cast`, with a dither seeded by the parameter's name and each
+element's place (SPEC §9.1). A result that is not finite where the base was is reported, never
+returned: an overflow in the cast would otherwise be a silent wrong weight.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import BaseMismatchError, NumericalError
-from .constants import ROUNDING_STOCHASTIC
+from .constants import ROUNDING_NEAREST
 from .dtypes import TORCH_DTYPES, compute_dtype
 from .encodings import DenseEncoding, ReplaceEncoding
 from .encodings.base import matrix_shape
 from .manifest import TensorEntry
-from .rounding import rounding_key, stochastic_cast
+from .rounding import Dither, stochastic_cast
 
 Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]
 """One delta's contribution to a parameter: its entry, its stored tensors, an alpha multiplier."""
@@ -104,8 +104,8 @@ def reconstruct_stored(
                 fix="load the base the delta was made against",
             )
     compute = compute_dtype(dtype)
-    stochastic = dtype != compute and any(entry.rounding == ROUNDING_STOCHASTIC for entry, _, _ in parts)
-    key = rounding_key(name) if stochastic else 0
+    dither = parameter_dither(name, [entry for entry, _, _ in parts], dtype)
+    stochastic = dither is not None
     deltas = [
         entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
         for entry, stored, alpha_scale in parts
@@ -130,7 +130,7 @@ def reconstruct_stored(
         for delta in deltas:
             delta.add_rows(acc, start, stop)
         if stochastic:
-            target.copy_(stochastic_cast(acc, dtype, key, start * cols))
+            target.copy_(stochastic_cast(acc, dtype, dither.rows(start, stop, out.device)))
         elif buffer is not None:
             target.copy_(acc)
         _check_finite(name, target[: split - start], source[start:split], dtype)
@@ -138,6 +138,16 @@ def reconstruct_stored(
     for delta in deltas:
         delta.finish()
     return out
+
+
+def parameter_dither(name: str, entries: Sequence[TensorEntry], dtype: torch.dtype) -> Dither | None:
+    """The dither of a parameter cast to ``dtype`` (SPEC §9.1), or None where it is rounded to
+    nearest: the first of its parts (in order) whose rounding is not nearest decides, and only a
+    half-precision result is dithered."""
+    if compute_dtype(dtype) == dtype:
+        return None
+    rounding = next((entry.rounding for entry in entries if entry.rounding != ROUNDING_NEAREST), None)
+    return None if rounding is None else Dither(rounding, name, tuple(entries[0].shape))
 
 
 def _replaced(name: str, parts: Sequence[Part], base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Seeded stochastic rounding of a reconstructed parameter to half precision (SPEC §9.1, spec 1.3).
+"""Seeded stochastic rounding of a reconstructed parameter to half precision (SPEC §9.1).
 
 A lossy delta on a bfloat16 model is mostly smaller than the spacing of the weights it is added
 to: bfloat16 keeps 8 significant bits, so a correction under half a unit in the last place of
@@ -8,22 +8,28 @@ with probability given by the distance keeps the correction in expectation and l
 which a network tolerates far better (benchmarks/RESULTS.md: SmolLM2-135M, per-row signs kept
 67 % of the fine-tune's gain with nearest rounding, 72 % with this, as in float32).
 
-The dither is the seeded-mask hash (SPEC §6) of each element's flat index, so every device and
-every order of evaluation gets the same bits, and a value the dtype holds exactly (every
-parameter of a lossless delta) is returned unchanged.
+Each element's 16-bit dither comes from the seeded-mask hash (SPEC §6), so every device and every
+order of evaluation gets the same bits, and a value the dtype holds exactly (every parameter of a
+lossless delta) is returned unchanged. ``"stochastic"`` (spec 1.3) hashes every element's flat
+index: two hash rounds an element, most of a first load's time. ``"stochastic-window"`` (spec 1.6)
+hashes one offset per row of C elements; a row's dither is the window of C values at its offset
+in a table of 2**20 + C - 1 hashes shared by every parameter (a gather, ~8x cheaper), with the
+same distribution: every element's dither is a hash output, and two rows share values only where
+their windows overlap, at a random shift.
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
 
-from .constants import ROUNDING_SEED
+from .constants import ROUNDING_SEED, ROUNDING_STOCHASTIC, ROUNDING_WINDOW, WINDOW_OFFSETS, WINDOW_SEED
 from .seeded_mask import _uniform32, stream_key, uniform_at
 
 DITHER_BITS = 16
-"""Bits of each element's dither ``d``: the top 16 of its 32-bit hash."""
+"""Bits of each element's dither ``d``: the top 16 of a 32-bit hash."""
 
 
 @lru_cache(maxsize=4096)
@@ -32,27 +38,116 @@ def rounding_key(name: str) -> int:
     return stream_key(ROUNDING_SEED, name)
 
 
-def stochastic_cast(
-    acc: torch.Tensor, dtype: torch.dtype, key: int, offset: int = 0, counters: torch.Tensor | None = None
-) -> torch.Tensor:
+@lru_cache(maxsize=1)
+def window_table_key() -> int:
+    """The key of ``"stochastic-window"``'s table, the same for every parameter: ``key(WINDOW_SEED, "")``."""
+    return stream_key(WINDOW_SEED, "")
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+"""``"stochastic-window"``'s table on each device, as long as the widest row met so far needed."""
+MAX_TABLE = WINDOW_OFFSETS + (1 << 16)
+"""Table entries kept (4.25 MiB): rows wider than 2**16 elements hash their windows' entries instead."""
+MAX_CACHED_OFFSETS = 1 << 20
+"""A parameter with at most this many rows has every row's offset computed once (8 MiB at most)."""
+
+
+def window_table(length: int, device: torch.device) -> torch.Tensor:
+    """``W[j] = u(window_table_key(), j) >> 16`` for ``j < length`` (at least; at most `MAX_TABLE`):
+    one table for every parameter, so its cost (2**20 hashes, ~2 ms on a CPU core; 4 MiB) is paid
+    once per process and device, grown when a wider row needs more."""
+    table = _TABLES.get(device)
+    if table is None or table.numel() < length:
+        table = _top16(_uniform32(window_table_key(), 0, length, device))
+        _TABLES[device] = table
+    return table
+
+
+def _top16(hashed: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of int32 tensors holding 32-bit hashes, in place (the shift is arithmetic)."""
+    return hashed.bitwise_right_shift_(32 - DITHER_BITS).bitwise_and_((1 << DITHER_BITS) - 1)
+
+
+class Dither:
+    """The dither ``d`` (0 <= d < 2**16) of each element of one parameter, as SPEC §9.1 draws it for
+    ``rounding``: by blocks of rows of its matrix view (``shape[0]`` rows of ``prod(shape[1:])``
+    columns, a scalar one of one), or at given flat indices. Returned as new int32 tensors, which
+    `stochastic_cast` consumes."""
+
+    def __init__(self, rounding: str, name: str, shape: tuple[int, ...]):
+        if rounding not in (ROUNDING_STOCHASTIC, ROUNDING_WINDOW):
+            raise ValueError(f"no dither for rounding {rounding!r}")
+        self.rounding, self.key = rounding, rounding_key(name)
+        self.cols = math.prod(shape[1:]) if len(shape) else 1
+        self.row_count = shape[0] if len(shape) else 1
+        self.span = WINDOW_OFFSETS + self.cols - 1  # the table entries this parameter's windows read
+        self._offsets: torch.Tensor | None = None
+
+    def forget(self) -> None:
+        """Drop the rows' offsets (``"stochastic-window"``); the next use computes them again."""
+        self._offsets = None
+
+    def offsets(self, rows: torch.Tensor | tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Each row's window offset ``o[r] = u(key, r) >> 12`` (int64, below `WINDOW_OFFSETS`), for
+        rows ``start:stop`` or an int64 tensor of row indices."""
+        if isinstance(rows, tuple):
+            hashed = _uniform32(self.key, rows[0], rows[1] - rows[0], device)
+        else:
+            hashed = uniform_at(self.key, rows)
+        top = WINDOW_OFFSETS.bit_length() - 1  # the top 20 bits of the hash
+        return hashed.bitwise_right_shift_(32 - top).bitwise_and_(WINDOW_OFFSETS - 1).to(torch.int64)
+
+    def _block_offsets(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows ``start:stop``'s offsets: from every row's, computed once where the rows are few
+        (a block's few small hash ops would cost more than its gather), else the block's own."""
+        if self.row_count > MAX_CACHED_OFFSETS:
+            return self.offsets((start, stop), device)
+        if self._offsets is None or self._offsets.device != device:
+            self._offsets = self.offsets((0, self.row_count), device)
+        return self._offsets[start:stop]
+
+    def _entries(self, places: torch.Tensor) -> torch.Tensor:
+        """``W[j]`` for int64 ``j`` of ``places``: read from the table, or hashed where it would be
+        longer than `MAX_TABLE`."""
+        if self.span <= MAX_TABLE:
+            return window_table(self.span, places.device)[places]
+        return _top16(uniform_at(window_table_key(), places))
+
+    def rows(self, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+        """The dither of rows ``start:stop``, flat (``(stop - start) * cols`` elements)."""
+        device = torch.device(device)
+        if self.rounding == ROUNDING_STOCHASTIC:  # u(key, k) of each flat index k
+            return _top16(_uniform32(self.key, start * self.cols, (stop - start) * self.cols, device))
+        offsets = self._block_offsets(start, stop, device)
+        if self.span <= MAX_TABLE:  # each row's window of the table, a view; one gather
+            windows = window_table(self.span, device)[: self.span].unfold(0, self.cols, 1)
+            return windows.index_select(0, offsets).view(-1)
+        columns = torch.arange(self.cols, dtype=torch.int64, device=device)
+        return self._entries(offsets[:, None] + columns).view(-1)
+
+    def at(self, counters: torch.Tensor) -> torch.Tensor:
+        """The dither at each int64 flat index of ``counters`` (any order and shape; an embedding's
+        gathered rows)."""
+        if self.rounding == ROUNDING_STOCHASTIC:
+            return _top16(uniform_at(self.key, counters))
+        row = torch.div(counters, self.cols, rounding_mode="floor")
+        column = counters - row * self.cols
+        return self._entries(self.offsets(row, counters.device).add_(column))
+
+
+def stochastic_cast(acc: torch.Tensor, dtype: torch.dtype, dither: torch.Tensor) -> torch.Tensor:
     """``acc`` (float32) rounded to ``dtype`` (bfloat16 or float16) as SPEC §9.1 says: ``t`` the
     value toward zero, ``a`` the next one away from zero, ``f = (|acc| - |t|) / (|a| - |t|)``;
-    ``a`` if ``d < f · 2**16`` (``d`` the dither of the element's flat index ``offset + i``), else
-    ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude) or ``acc`` is not finite,
-    the nearest value, as without this rule (an overflow stays an infinity, an error for the
-    caller; a NaN stays a NaN). ``counters``
-    (int64, ``acc``'s shape) gives each element's flat index instead, for rows gathered from a
-    parameter (an embedding's lookups)."""
+    ``a`` if ``d < f · 2**16`` (``d`` the element's `dither`, int32, ``acc``'s element count,
+    consumed), else ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude) or ``acc``
+    is not finite, the nearest value, as without this rule (an overflow stays an infinity, an error
+    for the caller; a NaN stays a NaN)."""
     flat = acc.reshape(-1)
-    if counters is None:  # u(key, k), k = offset, offset + 1, ...
-        dither = _uniform32(key, offset, flat.numel(), acc.device)
-    else:
-        dither = uniform_at(key, counters.reshape(-1))
-    dither.bitwise_right_shift_(32 - DITHER_BITS).bitwise_and_(0xFFFF)  # the top 16 bits (the shift is arithmetic)
+    dither = dither.reshape(-1)
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
         # a iff d < f·2**16 (acc's low 16 bits), i.e. iff low + (0xFFFF - d) carries into t: one add
         # on the pattern (two's complement addition is the unsigned one; the magnitude grows)
-        carried = dither.neg_().add_(0xFFFF).add_(flat.view(torch.int32))
+        carried = torch.sub(flat.view(torch.int32), dither, out=dither).add_(0xFFFF)
         rounded = carried.bitwise_right_shift_(16).to(torch.int16).view(dtype)
         if _inside_bfloat16(flat):  # no t = ±max (where a is ±inf), no inf, no NaN: the common case
             return rounded.view(acc.shape)

@@ -641,17 +641,29 @@ def vector_sum(root: Path) -> None:
     v.write("budget", {"bits": 0.5})
 
 
-def stochastic_rounded(acc: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """SPEC §9.1 element by element, in Python integers and binary64 (exact here); float32 out."""
+def hashed(key: int, k: int) -> int:
+    """SPEC §6's u(key, k), in Python integers."""
+    return seeded_mask._mix32_int(seeded_mask._mix32_int(key ^ (k % 2**32)) ^ (k >> 32))
+
+
+def stochastic_rounded(acc: np.ndarray, dtype: str, name: str, window: bool = False) -> np.ndarray:
+    """SPEC §9.1 element by element, in Python integers and binary64 (exact here); float32 out.
+    ``window``: the dither of ``"stochastic-window"`` (1.6), rows of ``acc``'s shape, else
+    ``"stochastic"``'s (1.3)."""
+    cols = math.prod(acc.shape[1:]) if acc.ndim else 1
     acc = np.ascontiguousarray(acc, dtype=np.float32).reshape(-1)
     near = rounded(acc, dtype)
     key = seeded_mask.stream_key(ROUNDING_SEED, name)
+    table_key = seeded_mask.stream_key(int.from_bytes(b"window", "big"), "")
     out = near.copy()
     for i, x in enumerate(acc.tolist()):
         toward, away = neighbours_of(x, dtype)
         if not math.isfinite(away):
             continue  # t is the largest finite magnitude (or acc is not finite): nearest
-        d = seeded_mask._mix32_int(seeded_mask._mix32_int(key ^ (i % 2**32)) ^ (i >> 32)) >> 16
+        if window:  # W[o[r] + c]: the shared table's entry at the row's offset plus the column
+            d = hashed(table_key, (hashed(key, i // cols) >> 12) + i % cols) >> 16
+        else:
+            d = hashed(key, i) >> 16
         f = (abs(x) - abs(toward)) / (abs(away) - abs(toward))
         out[i] = away if d < f * 2**16 else toward
     return out
@@ -710,6 +722,41 @@ def vector_rounding(root: Path) -> None:
     dense = entry(DenseEncoding(), shape, "float32")
     dense.rounding = "stochastic"
     v.add("f", dense, {"delta": torch.from_numpy(delta)}, reconstruct(base, delta, 1.0, "float32"))
+    v.write("sign", {"scale": "row"})
+
+
+def vector_rounding_window(root: Path) -> None:
+    v = Vector(root, "rounding-window")
+    # SPEC §9.1's "stochastic-window" (1.6): each row's dither a window of one hashed table.
+    # "w": bfloat16 per-row signs below the weights' spacing, zeros and negatives, as in "rounding".
+    shape = (16, 32)
+    base = v.add_base("w", shape, "bfloat16", 120)
+    base.reshape(-1)[:4] = [0.0, -0.0, 1.0, -1.0]
+    v.base["w"] = v.expected["w"] = (base, "bfloat16")
+    flags = (values(shape, 121) >= 0).reshape(-1)
+    scales = np.abs(values((16,), 122, 0.004)).astype(np.float16).astype(np.float32)
+    delta = (np.where(flags, 1.0, -1.0).reshape(shape) * scales[:, None]).astype(np.float32)
+    sign = entry(SignEncoding("row"), shape, "bfloat16")
+    sign.rounding = "stochastic-window"
+    stored = {"bits": pack_bits_np(flags), "scale": torch.from_numpy(scales).half()}
+    acc = (base.astype(np.float32) + delta).astype(np.float32)
+    v.add("w", sign, stored, stochastic_rounded(acc, "bfloat16", "w", window=True).reshape(shape))
+    # "k": float16, 3-D (a row is 4 x 5 elements), dense at alpha 0.5, the largest finite value
+    # pushed up stays finite; "b": bfloat16, 1-D (a row per element).
+    for name, shape, dtype, alpha, salt in (("k", (3, 4, 5), "float16", 0.5, 123), ("b", (40,), "bfloat16", 1.0, 125)):
+        base = v.add_base(name, shape, dtype, salt)
+        if dtype == "float16":
+            base.reshape(-1)[0] = 65504.0
+        v.base[name] = v.expected[name] = (base, dtype)
+        delta = values(shape, salt + 1, 0.003).astype(np.float32)
+        if dtype == "float16":
+            delta.reshape(-1)[0] = 16.0
+        scaled = (delta * np.float32(alpha)).astype(np.float32)
+        acc = (base.astype(np.float32) + scaled).astype(np.float32)
+        dense = entry(DenseEncoding(), shape, dtype, alpha)
+        dense.rounding = "stochastic-window"
+        expected = stochastic_rounded(acc, dtype, name, window=True).reshape(shape)
+        v.add(name, dense, {"delta": torch.from_numpy(delta)}, expected)
     v.write("sign", {"scale": "row"})
 
 
@@ -849,6 +896,7 @@ def main(root: Path) -> None:
         vector_lowrank_q,
         vector_sum,
         vector_rounding,
+        vector_rounding_window,
         vector_rows_q,
         vector_grown,
     ):

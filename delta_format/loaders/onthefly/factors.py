@@ -6,12 +6,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ...core.constants import ROUNDING_STOCHASTIC
 from ...core.dtypes import TORCH_DTYPES, compute_dtype
 from ...core.encodings import Factor
 from ...core.encodings.base import not_on_the_fly
 from ...core.manifest import TensorEntry
-from ...core.rounding import rounding_key, stochastic_cast
+from ...core.reconstruct import parameter_dither
+from ...core.rounding import Dither, stochastic_cast
 from ...errors import NumericalError
 
 
@@ -29,20 +29,20 @@ def build_factor(
     rounded in the compute dtype of the entry's dtype."""
     compute = compute_dtype(TORCH_DTYPES[entry.dtype])
     factor = entry.encoding.factor(stored, tuple(entry.shape), name, dtype, entry.alpha * alpha, compute=compute)
-    if entry.rounding == ROUNDING_STOCHASTIC and dtype in (torch.float16, torch.bfloat16):
-        return RoundedFactor(factor, rounding_key(name))
-    return factor
+    dither = parameter_dither(name, [entry], dtype)
+    return factor if dither is None else RoundedFactor(factor, dither)
 
 
 class RoundedFactor(Factor):
-    """A factor of an entry marked ``"rounding": "stochastic"`` (SPEC §9.1), on a half-precision
-    weight: where the forward forms ``W + alpha * delta`` in the weight's dtype (a merged weight,
-    an embedding's rows), the sum is formed in float32 and rounded stochastically with the
-    parameter's dither, as a load rounds it, instead of to nearest, which drops every correction
-    under half the weight's spacing. Products with an input (`apart`) never round the weight."""
+    """A factor of an entry with stochastic rounding (SPEC §9.1) on a half-precision weight: where
+    the forward forms ``W + alpha * delta`` in the weight's dtype (a merged weight, an embedding's
+    rows), the sum is formed in float32 and rounded stochastically with the parameter's dither, as
+    a load rounds it, instead of to nearest, which drops every correction under half the weight's
+    spacing. Products with an input (`apart`) never round the weight. The dither's row offsets
+    are dropped after each use: an adapter holds only its encoded bytes."""
 
-    def __init__(self, inner: Factor, key: int):
-        self.inner, self.rounding_key = inner, key
+    def __init__(self, inner: Factor, dither: Dither):
+        self.inner, self.dither = inner, dither
         self.rows, self.cols, self.cache_merged = inner.rows, inner.cols, inner.cache_merged
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,9 @@ class RoundedFactor(Factor):
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.inner.merged(torch.zeros_like(weight)).float()
-        return stochastic_cast(delta.add_(weight.float()), weight.dtype, self.rounding_key)
+        dither = self.dither.rows(0, self.rows, weight.device)
+        self.dither.forget()
+        return stochastic_cast(delta.add_(weight.float()), weight.dtype, dither)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.gather(ids)
@@ -60,7 +62,9 @@ class RoundedFactor(Factor):
         each element's dither is that of its flat index in the parameter."""
         flat = ids.unsqueeze(-1).to(torch.int64) * self.cols + torch.arange(self.cols, device=ids.device)
         acc = self.inner.gather(ids).float().add_(rows.float())
-        return stochastic_cast(acc, rows.dtype, self.rounding_key, counters=flat)
+        dither = self.dither.at(flat)
+        self.dither.forget()
+        return stochastic_cast(acc, rows.dtype, dither)
 
     def apart(self, tokens: int) -> bool:
         return self.inner.apart(tokens)
