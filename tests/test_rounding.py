@@ -23,7 +23,7 @@ from delta_format.core.manifest import TensorEntry
 from delta_format.core.reconstruct import reconstruct_stored
 from delta_format.core.rounding import Dither, rounding_key, stochastic_cast
 from delta_format.core.seeded_mask import stream_key, uniform_stream
-from delta_format.errors import InvalidArgumentError, ManifestError
+from delta_format.errors import InvalidArgumentError, ManifestError, NumericalError
 from delta_format.io.reader import DeltaReader
 from tests.models import save, structured_perturbation, tiny_llama
 
@@ -307,3 +307,23 @@ def test_on_the_fly_merges_and_lookups_round_as_a_load_rounds(bf16_pair, tmp_pat
         rows = embedding.factors["ft"].add_gathered(embedding.weight[ids], ids)
         assert torch.equal(rows.view(-1, rows.shape[-1]), embedding.factors["ft"].merged(embedding.weight))
         assert torch.equal(embedding(ids), rows)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("dtype", sorted(HALF))
+def test_a_load_keeps_the_bases_non_finite_values_and_refuses_an_overflow(dtype, rounding):
+    torch_dtype = HALF[dtype][0]
+    top = float(torch.finfo(torch_dtype).max)
+    base = torch.randn(6, 4).to(torch_dtype)
+    base[0, :3] = torch.tensor([float("inf"), float("nan"), top], dtype=torch_dtype)
+    delta = torch.randn(6, 4) * 1e-3
+    delta[0, 2] = 0.0  # the largest value plus nothing stays the largest value
+    encoding = DenseEncoding()
+    entry = TensorEntry(encoding, (6, 4), dtype, rounding=rounding)
+    got = reconstruct_stored("w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch_dtype)
+    want = stochastic_cast(base.float() + delta, torch_dtype, dither(base, "w", rounding))
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+    assert got[0, 0] == float("inf") and got[0, 1].isnan() and got[0, 2] == top
+    delta[0, 2] = top / 64  # pushes the largest value past it: an infinity the base did not have
+    with pytest.raises(NumericalError, match="overflows"):
+        reconstruct_stored("w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch_dtype)

@@ -24,7 +24,7 @@ from .dtypes import TORCH_DTYPES, compute_dtype
 from .encodings import DenseEncoding, ReplaceEncoding
 from .encodings.base import matrix_shape
 from .manifest import TensorEntry
-from .rounding import Dither, stochastic_cast
+from .rounding import Dither, inside_half, stochastic_cast
 
 Part = tuple[TensorEntry, Mapping[str, torch.Tensor], float]
 """One delta's contribution to a parameter: its entry, its stored tensors, an alpha multiplier."""
@@ -130,7 +130,10 @@ def reconstruct_stored(
         for delta in deltas:
             delta.add_rows(acc, start, stop)
         if stochastic:
-            target.copy_(stochastic_cast(acc, dtype, dither.rows(start, stop, out.device)))
+            inside = inside_half(acc, dtype)
+            stochastic_cast(acc, dtype, dither.rows(start, stop, out.device), out=target, inside=inside)
+            if inside:  # every sum finite and below the dtype's largest value: so is every result
+                continue
         elif buffer is not None:
             target.copy_(acc)
         _check_finite(name, target[: split - start], source[start:split], dtype)

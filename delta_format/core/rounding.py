@@ -135,44 +135,56 @@ class Dither:
         return self._entries(self.offsets(row, counters.device).add_(column))
 
 
-def stochastic_cast(acc: torch.Tensor, dtype: torch.dtype, dither: torch.Tensor) -> torch.Tensor:
+def stochastic_cast(
+    acc: torch.Tensor,
+    dtype: torch.dtype,
+    dither: torch.Tensor,
+    out: torch.Tensor | None = None,
+    inside: bool | None = None,
+) -> torch.Tensor:
     """``acc`` (float32) rounded to ``dtype`` (bfloat16 or float16) as SPEC §9.1 says: ``t`` the
     value toward zero, ``a`` the next one away from zero, ``f = (|acc| - |t|) / (|a| - |t|)``;
     ``a`` if ``d < f · 2**16`` (``d`` the element's `dither`, int32, ``acc``'s element count,
     consumed), else ``t``; where ``a`` is infinite (``t`` is the largest finite magnitude) or ``acc``
     is not finite, the nearest value, as without this rule (an overflow stays an infinity, an error
-    for the caller; a NaN stays a NaN)."""
+    for the caller; a NaN stays a NaN). Written into ``out`` (contiguous, ``acc``'s shape) if given;
+    ``inside``: `inside_half` of ``acc``, if the caller knows it."""
     flat = acc.reshape(-1)
     dither = dither.reshape(-1)
+    if inside is None:
+        inside = inside_half(flat, dtype)
     if dtype == torch.bfloat16:  # bfloat16 is float32's top half: t and f · 2**16 are bit fields of acc
         # a iff d < f·2**16 (acc's low 16 bits), i.e. iff low + (0xFFFF - d) carries into t: one add
         # on the pattern (two's complement addition is the unsigned one; the magnitude grows)
         carried = torch.sub(flat.view(torch.int32), dither, out=dither).add_(0xFFFF)
-        rounded = carried.bitwise_right_shift_(16).to(torch.int16).view(dtype)
-        if _inside_bfloat16(flat):  # no t = ±max (where a is ±inf), no inf, no NaN: the common case
-            return rounded.view(acc.shape)
-        nearest = flat.to(dtype)
+        high = carried.bitwise_right_shift_(16)
+        if inside:  # no t = ±max (where a is ±inf), no inf, no NaN: the common case
+            if out is not None:  # the top halves straight into the result: one conversion pass
+                out.view(torch.int16).view(-1).copy_(high)
+                return out
+            return high.to(torch.int16).view(dtype).view(acc.shape)
         edge = (flat.view(torch.int32) >> 16).bitwise_and_(0x7FFF) >= 0x7F7F
-        return torch.where(edge, nearest, rounded).view(acc.shape)
-    nearest = flat.to(dtype)
-    toward, away = _toward_and_away(flat, nearest)
-    edge = ~torch.isfinite(away)  # t = ±max, or acc is not finite
-    f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
-    rounded = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
-    return torch.where(edge, nearest, rounded).view(acc.shape)
+        result = torch.where(edge, flat.to(dtype), high.to(torch.int16).view(dtype))
+    else:
+        nearest = flat.to(dtype)
+        toward, away = _toward_and_away(flat, nearest)
+        f = (flat.abs() - toward.float().abs_()).div_((away.float() - toward.float()).abs_())
+        result = torch.where(dither.float() < f.mul_(2.0**16), away, toward)
+        if not inside:
+            result = torch.where(~torch.isfinite(away), nearest, result)  # t = ±max, or acc is not finite
+    result = result.view(acc.shape)
+    return result if out is None else out.copy_(result)
 
 
-BFLOAT16_EDGE = float(torch.tensor(0x7F7F0000, dtype=torch.int32).view(torch.float32))
-"""The smallest magnitude whose value toward zero is bfloat16's largest finite one."""
-
-
-def _inside_bfloat16(flat: torch.Tensor) -> bool:
-    """Whether every element of ``flat`` is finite and below `BFLOAT16_EDGE` in magnitude (one pass;
-    a NaN fails every comparison)."""
-    if not flat.numel():
+def inside_half(acc: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every element of float32 ``acc`` is finite and below ``dtype``'s largest finite value in
+    magnitude (one pass; a NaN fails every comparison): then no element's ``t`` is the largest
+    value, both neighbours are finite, and so is the result."""
+    if not acc.numel():
         return True
-    low, high = torch.aminmax(flat)
-    return bool(torch.stack([high < BFLOAT16_EDGE, low > -BFLOAT16_EDGE]).all())
+    low, high = torch.aminmax(acc.reshape(-1))
+    edge = float(torch.finfo(dtype).max)
+    return bool(torch.stack([high < edge, low > -edge]).all())
 
 
 def _toward_and_away(acc: torch.Tensor, nearest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
