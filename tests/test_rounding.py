@@ -327,3 +327,32 @@ def test_a_load_keeps_the_bases_non_finite_values_and_refuses_an_overflow(dtype,
     delta[0, 2] = top / 64  # pushes the largest value past it: an infinity the base did not have
     with pytest.raises(NumericalError, match="overflows"):
         reconstruct_stored("w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch_dtype)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_an_on_the_fly_dare_merge_rounds_only_the_kept_positions(bf16_pair, tmp_path, rounding):
+    from transformers import AutoModelForCausalLM
+
+    from delta_format.loaders.onthefly import attach_deltas
+
+    base_dir, ft_dir = bf16_pair
+    out = compress(base_dir, ft_dir, tmp_path / "dare", method="dare", p=0.9, rounding=rounding, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    attach_deltas(model, {"ft": out.directory})
+    name = "model.layers.1.self_attn.o_proj.weight"
+    module = model.model.layers[1].self_attn.o_proj
+    factor, weight = module.factors["ft"], module.weight.detach()
+    assert factor.inner.sparse() is not None  # the sparse merge is the one under test
+    with DeltaReader(out.directory) as reader:
+        entry = reader.entry(name)
+        assert entry.rounding == rounding
+        loaded = reconstruct_stored(name, [(entry, reader.stored(name), 1.0)], weight, dtype=torch.bfloat16)
+    with torch.no_grad():
+        merged = factor.merged(weight)
+        factor.inner.sparse = lambda: None  # the whole-matrix dithered merge
+        whole = factor.merged(weight)
+    assert torch.equal(merged.view(torch.int16), whole.view(torch.int16))  # the same bits, O(kept) work
+    assert not torch.equal(merged, factor.inner.merged(weight))  # not the nearest merge
+    # as a load rounds it, but for kept values the factor holds scaled in bfloat16 (1 ulp apart)
+    apart = merged.view(torch.int16).int() - loaded.view(torch.int16).int()
+    assert int(apart.abs().max()) <= 1 and float((apart != 0).float().mean()) < 0.01

@@ -110,7 +110,7 @@ class Dither:
         """``W[j]`` for int64 ``j`` of ``places``: read from the table, or hashed where it would be
         longer than `MAX_TABLE`."""
         if self.span <= MAX_TABLE:
-            return window_table(self.span, places.device)[places]
+            return window_table(self.span, places.device).index_select(0, places.view(-1)).view(places.shape)
         return _top16(uniform_at(window_table_key(), places))
 
     def rows(self, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
@@ -132,7 +132,12 @@ class Dither:
             return _top16(uniform_at(self.key, counters))
         row = torch.div(counters, self.cols, rounding_mode="floor")
         column = counters - row * self.cols
-        return self._entries(self.offsets(row, counters.device).add_(column))
+        if self.row_count <= MAX_CACHED_OFFSETS:  # a hash per row, not per element read
+            offsets = self._block_offsets(0, self.row_count, counters.device).index_select(0, row.view(-1))
+            offsets = offsets.view(row.shape)
+        else:
+            offsets = self.offsets(row, counters.device)
+        return self._entries(offsets.add_(column))
 
 
 def stochastic_cast(

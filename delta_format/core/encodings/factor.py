@@ -48,6 +48,11 @@ class Factor:
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def sparse(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(flat positions, values)`` where ``alpha * delta`` is zero at every other position, or
+        None: lets a dithered merge round only the positions the delta changes."""
+        return None
+
     @property
     def device(self) -> torch.device:
         return self.tensors()[0].device

@@ -354,3 +354,6 @@ class SparseFactor(Factor):
 
     def tensors(self):
         return [self.positions, self.values]
+
+    def sparse(self):
+        return self.positions, self.values

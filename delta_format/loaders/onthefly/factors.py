@@ -49,6 +49,15 @@ class RoundedFactor(Factor):
         return self.inner.product(x)
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        sparse = self.inner.sparse()
+        if sparse is not None:  # the weight's own values elsewhere are exact: only the kept positions round
+            positions, values = sparse
+            out = weight.clone(memory_format=torch.contiguous_format)
+            flat = out.view(-1)
+            acc = flat.index_select(0, positions).float().add_(values.float())
+            flat[positions] = stochastic_cast(acc, weight.dtype, self.dither.at(positions.to(torch.int64)))
+            self.dither.forget()
+            return out
         delta = self.inner.merged(torch.zeros_like(weight)).float()
         dither = self.dither.rows(0, self.rows, weight.device)
         self.dither.forget()
