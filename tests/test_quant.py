@@ -41,7 +41,17 @@ def test_codes_pack_and_unpack_round_trip(bits, data):
     codes = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=50)), dtype=torch.int64)
     packed = pack_codes(codes, bits)
     assert packed.numel() == math.ceil(codes.numel() * bits / 8)
-    assert torch.equal(unpack_codes(packed, bits, codes.numel()), codes)
+    assert torch.equal(unpack_codes(packed, bits, codes.numel()).long(), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_long_streams_unpack_chunk_by_chunk(bits, monkeypatch):
+    import delta_format.core.quant as quant
+
+    monkeypatch.setattr(quant, "UNPACK_GROUPS", 3)  # 24 codes a chunk: 42 chunks, the last one partial
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    got = unpack_codes(pack_codes(codes, bits), bits, codes.numel())
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), codes)
 
 
 def test_code_bits_run_least_significant_first_across_bytes():
@@ -241,3 +251,17 @@ def test_invalid_quantised_configs_are_manifest_errors(name, config):
 def test_lowrank_q_refuses_vectors():
     with pytest.raises(ManifestError):
         QuantizedLowRankEncoding([(1, 4)], 64).expected((5,))
+
+
+@pytest.mark.parametrize("blocks", [[(0, 37)], [(0, 5), (5, 13), (13, 30), (30, 37)]])
+def test_lowrank_q_rows_decode_u_a_block_at_a_time_as_the_factors_do(blocks):
+    rows, cols = 37, 23  # groups of 8 straddled by every block edge but the first
+    enc = QuantizedLowRankEncoding([(2, 8), (3, 3), (2, 2)], 8)
+    stored = enc.encode(randn(rows, 7, seed=11) @ randn(7, cols, seed=12))
+    u, v = enc.factors(stored, (rows, cols), "w", torch.float32)
+    delta = enc.rows(stored, (rows, cols), "w", torch.float32, alpha=0.5)
+    assert torch.equal(torch.cat([delta.u_rows(start, stop) for start, stop in blocks]), u)  # the same values
+    acc = torch.zeros(rows, cols)
+    for start, stop in blocks:
+        delta.add_rows(acc[start:stop], start, stop)
+    assert torch.allclose(acc, 0.5 * (u @ v), rtol=1e-6, atol=1e-7)  # the product only up to BLAS's rounding

@@ -77,9 +77,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream.view(-1, 8) * weights).sum(1).to(torch.uint8)
 
 
+UNPACK_GROUPS = 1 << 16
+"""Groups of 8 codes unpacked at once (temporaries of ~6 MiB)."""
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, count: int, name: str = "") -> torch.Tensor:
-    """``count`` codes of ``bits`` bits from a stream (int64), refusing a stream of the wrong
-    length or with nonzero padding bits (a corrupt or foreign file, never a silent wrong value)."""
+    """``count`` codes of ``bits`` bits from a stream, as uint8 (at 8 bits, ``packed`` itself),
+    refusing a stream of the wrong length or with nonzero padding bits (a corrupt or foreign
+    file, never a silent wrong value)."""
     want = packed_bytes(count, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != want:
         raise CorruptDeltaError(
@@ -97,11 +102,24 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, name: str = "") ->
             fix="the delta is corrupt; re-create it",
         )
     if bits == 8:
-        return packed.to(torch.int64)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[: count * bits].to(torch.int64)
-    weights = 1 << torch.arange(bits, dtype=torch.int64, device=packed.device)
-    return (stream.view(count, bits) * weights).sum(1)
+        return packed
+    # Every 8 codes fill exactly ``bits`` bytes: read each such group as one little-endian word and
+    # shift the 8 codes out of it, a chunk of groups at a time, so the temporaries stay a few MiB
+    # whatever the stream's length (one int64 per bit, as before, was 16 bytes a bit).
+    groups = (count + 7) // 8
+    padded = packed
+    if groups * bits > packed.numel():
+        padded = torch.cat([packed, packed.new_zeros(groups * bits - packed.numel())])
+    padded = padded.view(groups, bits)
+    byte_weights = 1 << (8 * torch.arange(bits, dtype=torch.int64, device=packed.device))
+    code_shifts = bits * torch.arange(8, dtype=torch.int64, device=packed.device)
+    out = torch.empty(groups * 8, dtype=torch.uint8, device=packed.device)
+    for start in range(0, groups, UNPACK_GROUPS):
+        chunk = padded[start : start + UNPACK_GROUPS].to(torch.int64)
+        words = (chunk * byte_weights).sum(1, keepdim=True)
+        codes = (words >> code_shifts).bitwise_and_((1 << bits) - 1)
+        out[start * 8 : start * 8 + codes.numel()] = codes.view(-1)
+    return out[:count]
 
 
 def scale_dtype(scales: torch.Tensor) -> torch.dtype:

@@ -40,7 +40,7 @@ from ..quant import (
 )
 from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols, scaled
 from .dense_q import checked_quant
-from .lowrank import LowRankEncoding, LowRankFactor
+from .lowrank import FactorRows, LowRankEncoding, LowRankFactor
 
 MAX_BANDS = 64
 
@@ -140,27 +140,58 @@ class QuantizedLowRankEncoding(Encoding, name=LOWRANK_Q):
             return self.encode(delta, name=name, dtype=torch.float16, u=u, v=v, clip=clip)  # codes follow it
         return {self.CODES: torch.cat(codes), self.SCALES: all_scales.contiguous()}
 
+    def _bands(
+        self, stored: Mapping[str, torch.Tensor], rows: int, cols: int, name: str
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Each band's codes ``[count, rows + cols]`` (a byte each; vectors ``u[:, i]`` then
+        ``v[i, :]``), its scales ``[count, groups of u + groups of v]`` and its bits, every
+        stored byte checked."""
+        codes, scales = stored[self.CODES], stored[self.SCALES]
+        require_finite(name, self.SCALES, scales)
+        g_u, g_v = self._groups(rows, cols)
+        bands, byte, scale = [], 0, 0
+        for count, bits in self.bands:
+            size, n_scales = packed_bytes(count * (rows + cols), bits), count * (g_u + g_v)
+            band = unpack_codes(codes[byte : byte + size], bits, count * (rows + cols), name).view(count, -1)
+            bands.append((band, scales[scale : scale + n_scales].view(count, -1), bits))
+            byte, scale = byte + size, scale + n_scales
+        return bands
+
+    def _v(self, bands, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        g_u = self._groups(rows, cols)[0]
+        return torch.cat([dequantize(b[:, rows:], s[:, g_u:], bits, self.group, dtype) for b, s, bits in bands])
+
     def factors(
         self, stored: Mapping[str, torch.Tensor], shape: tuple[int, ...], name: str, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded factors ``(u, v)`` in ``dtype``, after checking every stored byte."""
         rows, cols = rows_cols(shape)
-        codes, scales = stored[self.CODES], stored[self.SCALES]
-        require_finite(name, self.SCALES, scales)
-        g_u, g_v = self._groups(rows, cols)
-        us, vs, byte, scale = [], [], 0, 0
-        for count, bits in self.bands:
-            size, n_scales = packed_bytes(count * (rows + cols), bits), count * (g_u + g_v)
-            band = unpack_codes(codes[byte : byte + size], bits, count * (rows + cols), name).view(count, -1)
-            band_scales = scales[scale : scale + n_scales].view(count, -1)
-            us.append(dequantize(band[:, :rows], band_scales[:, :g_u], bits, self.group, dtype))
-            vs.append(dequantize(band[:, rows:], band_scales[:, g_u:], bits, self.group, dtype))
-            byte, scale = byte + size, scale + n_scales
-        return torch.cat(us).T.contiguous(), torch.cat(vs)
+        bands = self._bands(stored, rows, cols, name)
+        g_u = self._groups(rows, cols)[0]
+        u = torch.cat([dequantize(b[:, :rows], s[:, :g_u], bits, self.group, dtype) for b, s, bits in bands])
+        return u.T.contiguous(), self._v(bands, rows, cols, dtype)
 
     def decode(self, stored, shape, name, dtype):
         u, v = self.factors(stored, shape, name, dtype)
         return (u @ v).reshape(shape)
+
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
+        """`FactorRows`: ``v`` decoded once, ``u``'s codes unpacked once (a byte each) and
+        dequantised a block of rows at a time: the values `factors` gives, without the full ``u``
+        in the compute dtype."""
+        rows, cols = rows_cols(shape)
+        bands = self._bands(stored, rows, cols, name)
+        group = self.group
+
+        def u_rows(start: int, stop: int) -> torch.Tensor:
+            first, end = start // group, (stop + group - 1) // group  # the groups rows start:stop fall in
+            blocks = [
+                dequantize(band[:, first * group : stop], band_scales[:, first:end], bits, group, dtype)
+                for band, band_scales, bits in bands
+            ]
+            return torch.cat(blocks)[:, start - first * group :].T
+
+        return FactorRows(u_rows, self._v(bands, rows, cols, dtype), alpha)
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         u, v = self.factors(stored, shape, name, compute)
