@@ -260,8 +260,22 @@ def test_lowrank_q_rows_decode_u_a_block_at_a_time_as_the_factors_do(blocks):
     stored = enc.encode(randn(rows, 7, seed=11) @ randn(7, cols, seed=12))
     u, v = enc.factors(stored, (rows, cols), "w", torch.float32)
     delta = enc.rows(stored, (rows, cols), "w", torch.float32, alpha=0.5)
-    assert torch.equal(torch.cat([delta.u_rows(start, stop) for start, stop in blocks]), u)  # the same values
-    acc = torch.zeros(rows, cols)
+    for start, stop in blocks:
+        acc = torch.zeros(stop - start, cols)
+        delta.add_rows(acc, start, stop)
+        assert torch.equal(acc, 0.5 * (u[start:stop] @ v))  # the block's rows of u, exactly
+    assert torch.allclose(
+        acc, 0.5 * (u @ v)[start:stop], rtol=1e-6, atol=1e-7
+    )  # the whole product's, to BLAS's rounding
+
+
+@pytest.mark.parametrize("blocks", [[(0, 9)], [(0, 2), (2, 3), (3, 8), (8, 9)]])
+def test_dense_q_rows_are_the_decoded_delta_a_block_at_a_time(blocks):
+    enc = QuantizedDenseEncoding(3, 8)  # groups of 8 over the flat tensor straddle rows of 7 x 2
+    stored = enc.encode(randn(9, 7, 2, seed=13))
+    whole = enc.decode(stored, (9, 7, 2), "w", torch.float32).view(9, 14)
+    delta = enc.rows(stored, (9, 7, 2), "w", torch.float32, alpha=2.0)
+    acc = torch.zeros(9, 14)
     for start, stop in blocks:
         delta.add_rows(acc[start:stop], start, stop)
-    assert torch.allclose(acc, 0.5 * (u @ v), rtol=1e-6, atol=1e-7)  # the product only up to BLAS's rounding
+    assert torch.equal(acc, 2.0 * whole)

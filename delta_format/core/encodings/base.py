@@ -34,7 +34,7 @@ An encoding knows nothing about edit methods, files or the Hub.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -114,6 +114,18 @@ class DecodedRows(RowDelta):
 
     def add_rows(self, acc, start, stop):
         acc.add_(scaled(self.delta[start:stop].to(acc.dtype), self.alpha))
+
+
+class ComputedRows(RowDelta):
+    """A delta computed a block of rows at a time by ``block(start, stop)`` (``[stop - start, cols]``
+    in the compute dtype): a load never holds it whole (a vocabulary-sized table's would be 4
+    bytes an element in float32)."""
+
+    def __init__(self, block: Callable[[int, int], torch.Tensor], alpha: float):
+        self.block, self.alpha = block, alpha
+
+    def add_rows(self, acc, start, stop):
+        acc.add_(scaled(self.block(start, stop), self.alpha).to(acc.dtype))
 
 
 ENCODING_CLASSES: Registry[Encoding] = Registry("encoding")

@@ -18,7 +18,7 @@ from ...errors import InvalidArgumentError, ManifestError
 from ..constants import DENSE_Q
 from ..dtypes import FLOAT_STORED
 from ..quant import check_bits_group, dequantize, group_count, pack_codes, packed_bytes, quantize, unpack_codes
-from .base import Encoding, Expected, check_config_keys, config_int, require_finite, scaled
+from .base import ComputedRows, Encoding, Expected, check_config_keys, config_int, matrix_shape, require_finite, scaled
 from .dense import DenseFactor
 
 
@@ -101,6 +101,20 @@ class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
         require_finite(name, self.SCALES, stored[self.SCALES])
         codes = unpack_codes(stored[self.CODES], self.bits, numel, name)
         return dequantize(codes, stored[self.SCALES], self.bits, self.group, dtype).view(shape)
+
+    def rows(self, stored, shape, name, dtype, alpha=1.0):
+        """The codes unpacked once (a byte each), dequantised a block of rows at a time."""
+        require_finite(name, self.SCALES, stored[self.SCALES])
+        codes, scales = unpack_codes(stored[self.CODES], self.bits, math.prod(shape), name), stored[self.SCALES]
+        cols, group = matrix_shape(tuple(shape))[1], self.group
+
+        def block(start: int, stop: int) -> torch.Tensor:
+            low, high = start * cols, stop * cols  # flat elements; groups run over the flat tensor
+            first, end = low // group, (high + group - 1) // group
+            values = dequantize(codes[first * group : high], scales[first:end], self.bits, group, dtype)
+            return values[low - first * group :].view(stop - start, cols)
+
+        return ComputedRows(block, alpha)
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         return DenseFactor(scaled(self.decode(stored, shape, name, compute), alpha).to(dtype))

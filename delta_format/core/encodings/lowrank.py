@@ -7,7 +7,7 @@ with the LoRA scaling folded into ``u``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -17,9 +17,9 @@ from ...errors import ManifestError
 from ..constants import LOWRANK, MAX_TENSOR_ELEMENTS
 from ..dtypes import FLOAT_STORED
 from .base import (
+    ComputedRows,
     Encoding,
     Expected,
-    RowDelta,
     check_config_keys,
     config_int,
     require_finite,
@@ -111,7 +111,8 @@ class LowRankEncoding(Encoding, name=LOWRANK):
 
     def rows(self, stored, shape, name, dtype, alpha=1.0):
         u, v = self._checked(stored, name)
-        return FactorRows(lambda start, stop: u[start:stop].to(dtype), v.to(dtype), alpha)
+        v = v.to(dtype)  # a block's product may differ from the whole's rows in the last bits (SPEC §9)
+        return ComputedRows(lambda start, stop: u[start:stop].to(dtype) @ v, alpha)
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         u, v = self._checked(stored, name)
@@ -122,19 +123,6 @@ class LowRankEncoding(Encoding, name=LOWRANK):
 
     def __repr__(self) -> str:
         return f"LowRankEncoding({self.rank})"
-
-
-class FactorRows(RowDelta):
-    """``alpha * (u @ v)`` a block of rows at a time: the block's rows of ``u`` (from ``u_rows(start,
-    stop)``, in the compute dtype) times ``v``, so a load never holds the full-size product (a
-    vocabulary-sized table's would be 4 bytes an element). The product of a block may differ from
-    the whole product's rows in the last bits, as SPEC §9 allows for low rank."""
-
-    def __init__(self, u_rows: Callable[[int, int], torch.Tensor], v: torch.Tensor, alpha: float):
-        self.u_rows, self.v, self.alpha = u_rows, v, alpha
-
-    def add_rows(self, acc, start, stop):
-        acc.add_(scaled(self.u_rows(start, stop) @ self.v, self.alpha).to(acc.dtype))
 
 
 class LowRankFactor(Factor):

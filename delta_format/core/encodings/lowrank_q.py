@@ -38,9 +38,9 @@ from ..quant import (
     scale_dtype,
     unpack_codes,
 )
-from .base import Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols, scaled
+from .base import ComputedRows, Encoding, Expected, check_config_keys, config_int, require_finite, rows_cols, scaled
 from .dense_q import checked_quant
-from .lowrank import FactorRows, LowRankEncoding, LowRankFactor
+from .lowrank import LowRankEncoding, LowRankFactor
 
 MAX_BANDS = 64
 
@@ -176,9 +176,8 @@ class QuantizedLowRankEncoding(Encoding, name=LOWRANK_Q):
         return (u @ v).reshape(shape)
 
     def rows(self, stored, shape, name, dtype, alpha=1.0):
-        """`FactorRows`: ``v`` decoded once, ``u``'s codes unpacked once (a byte each) and
-        dequantised a block of rows at a time: the values `factors` gives, without the full ``u``
-        in the compute dtype."""
+        """``v`` decoded once, ``u``'s codes unpacked once (a byte each) and dequantised a block of
+        rows at a time (the values `factors` gives), the block's product computed as it is added."""
         rows, cols = rows_cols(shape)
         bands = self._bands(stored, rows, cols, name)
         group = self.group
@@ -191,7 +190,8 @@ class QuantizedLowRankEncoding(Encoding, name=LOWRANK_Q):
             ]
             return torch.cat(blocks)[:, start - first * group :].T
 
-        return FactorRows(u_rows, self._v(bands, rows, cols, dtype), alpha)
+        v = self._v(bands, rows, cols, dtype)
+        return ComputedRows(lambda start, stop: u_rows(start, stop) @ v, alpha)
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
         u, v = self.factors(stored, shape, name, compute)
