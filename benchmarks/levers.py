@@ -52,7 +52,10 @@ def generator_seconds(delta: Path, repeats: int) -> tuple[float, float, int]:
     from delta_format.io.reader import DeltaReader
 
     reader = DeltaReader(delta)
-    counts = [reader.stored(n)["values"].numel() for n in reader if "seeded" in str(reader.entry(n).encoding)]
+    seeded = [
+        n for n in reader if reader.entry(n).encoding.name == "sparse" and "seeded" in str(reader.entry(n).encoding)
+    ]
+    counts = [reader.stored(n)["values"].numel() for n in seeded]
     key, block = seeded_mask.stream_key(0, "w"), 1 << 16
 
     def literal(key: int, start: int, count: int) -> torch.Tensor:
