@@ -356,3 +356,20 @@ def test_an_on_the_fly_dare_merge_rounds_only_the_kept_positions(bf16_pair, tmp_
     # as a load rounds it, but for kept values the factor holds scaled in bfloat16 (1 ulp apart)
     apart = merged.view(torch.int16).int() - loaded.view(torch.int16).int()
     assert int(apart.abs().max()) <= 1 and float((apart != 0).float().mean()) < 0.01
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_a_cuda_reconstruction_rounds_bit_for_bit_as_the_cpu_one(rounding):
+    base = torch.randn(300, 70).to(torch.bfloat16)
+    delta = torch.randn(300, 70) * 1e-3
+    encoding = DenseEncoding()
+    entry = TensorEntry(encoding, (300, 70), "bfloat16", rounding=rounding)
+    cpu = reconstruct_stored("w", [(entry, encoding.encode(delta), 1.0)], base, dtype=torch.bfloat16)
+    stored = {k: v.cuda() for k, v in encoding.encode(delta).items()}
+    cuda = reconstruct_stored("w", [(entry, stored, 1.0)], base.cuda(), dtype=torch.bfloat16)
+    assert torch.equal(cuda.cpu().view(torch.int16), cpu.view(torch.int16))
+    counters = torch.randperm(300 * 70)[:500]
+    got = Dither(rounding, "w", (300, 70)).at(counters.cuda()).cpu()
+    assert torch.equal(got, Dither(rounding, "w", (300, 70)).at(counters))
