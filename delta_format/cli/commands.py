@@ -57,6 +57,7 @@ def run_compress(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         alpha=args.alpha,
         seed=args.seed,
+        seed_trials=args.seed_trials,
         calibration_texts=texts,
         tokenizer=tokenizer,
         value_dtype=args.value_dtype,

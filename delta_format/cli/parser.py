@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0, help="seed of DARE's masks")
     c.add_argument(
+        "--seed-trials",
+        type=int,
+        default=1,
+        help="compress with this many seeds (--seed, --seed + 1, ...) and keep the delta that does best on "
+        "the calibration texts (needs --calibration-file; costs that many compressions)",
+    )
+    c.add_argument(
         "--calibration-file",
         type=Path,
         metavar="F",

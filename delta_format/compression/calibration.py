@@ -239,6 +239,18 @@ class Calibration:
             return {"output_kl": max(total / max(count, 1), 0.0)}
         return {"output_cosine": total / max(count, 1)}
 
+    def output_loss(self) -> float | None:
+        """The session model's (as edited so far) mean next-token loss on the calibration texts,
+        weighted as ``loss`` is (the fine-tune's), or None for a model without a language-modelling
+        loss: what a delta adds to the fine-tune's loss where it is meant to be used."""
+        if self.loss is None:
+            return None
+        total = 0.0
+        with torch.no_grad():
+            for ids in self.batches:
+                total += float(self.model(input_ids=ids, labels=ids).loss) * ids.numel() / self.tokens
+        return total
+
     def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
         """Mean squared logit difference to the fine-tune over all calibration tokens, for the
         session model with ``deviation[name]`` added to the named parameters.

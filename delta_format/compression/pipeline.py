@@ -47,6 +47,7 @@ from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, ignored_base_tensors, ignored_finetune_tensors, schedule
 from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
+from .trials import best_of_seeds, check_seed_trials
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -135,6 +136,7 @@ def compress(
     exclude: Any = None,
     alpha: float = 1.0,
     seed: int = 0,
+    seed_trials: int = 1,
     calibration_texts: Sequence[str] | None = None,
     tokenizer: Any = None,
     value_dtype: str | torch.dtype | None = None,
@@ -169,6 +171,12 @@ def compress(
         alpha: the coefficient α every delta entry carries (EXPO: α > 1 extrapolates, 0 < α < 1
             interpolates); loaders can change it at load time.
         seed: seed of DARE's masks (SPEC §6).
+        seed_trials: compress this many times, with seeds ``seed``, ``seed + 1``, ..., and keep the
+            delta whose model does best on ``calibration_texts`` (lowest next-token loss; for a
+            bare encoder, the closest sentence embeddings): at small budgets deltas of different
+            seeds differ by more than a per-tensor measure sees (`compression.trials`). Needs
+            calibration texts; costs that many compressions. The manifest's ``stats.seed_trials``
+            lists every trial.
         calibration_texts: a few unlabelled texts. They enable DAREx-q's ``q="auto"`` and
             ``q="output"``, ``importance`` and BitDelta's ``distill_steps``, and add the output
             (logit) error and a first-order loss-change estimate to the stats. They need the
@@ -206,6 +214,34 @@ def compress(
     from ..io.card import render_model_card
     from ..io.delta import Delta
 
+    if check_seed_trials(seed_trials, seed, calibration_texts) > 1:
+
+        def one_seed(trial_seed: int, directory: Path) -> Delta:
+            return compress(
+                base,
+                finetune,
+                directory,
+                method,
+                rules=rules,
+                include=include,
+                exclude=exclude,
+                alpha=alpha,
+                seed=trial_seed,
+                calibration_texts=calibration_texts,
+                tokenizer=tokenizer,
+                value_dtype=value_dtype,
+                rounding=rounding,
+                max_shard_size=max_shard_size,
+                token=token,
+                revision=revision,
+                base_revision=base_revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                progress=progress,
+                **method_params,
+            )
+
+        return best_of_seeds(one_seed, out_dir, seed, seed_trials, overwrite, [base, finetune])
     started = time.perf_counter()
     options = CompressOptions.check(
         default_method(method, method_params),

@@ -290,5 +290,9 @@ class TensorCompressor:
                 **self.session.output_agreement(),
             )
             if self.session.loss is not None:
-                stats.update(calibration_loss=self.session.loss, loss_change_estimate=self.totals.loss_change)
+                stats.update(
+                    calibration_loss=self.session.loss,
+                    output_loss=self.session.output_loss(),
+                    loss_change_estimate=self.totals.loss_change,
+                )
         return stats
