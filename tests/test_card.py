@@ -98,6 +98,9 @@ def test_card_states_the_output_kl_measured_on_calibration_texts_beside_the_weig
     data = ModelCard(delta.model_card()).data.to_dict()["delta_format"]
     assert kl > 0 and data["output_kl"] == kl and "rel_error" in data
     assert f"{kl:.4g} nats" in delta.model_card()
+    stats = delta.manifest.stats  # the loss the delta adds on those texts, beside the fine-tune's
+    assert data["output_loss"] == stats["output_loss"] and data["calibration_loss"] == stats["calibration_loss"]
+    assert f"{stats['calibration_loss']:.4f} → {stats['output_loss']:.4f} nats" in delta.model_card()
 
 
 def test_how_to_load_uses_the_library_of_the_fine_tune(local_pair, tmp_path):

@@ -34,7 +34,15 @@ the Hub's license, language, dataset and task filters find the delta as they fin
 Its ``tags`` are merged with the delta's own; its ``library_name`` picks the "How to load" snippet
 (the delta's own ``library_name`` stays ``delta-format``: only this package can load it)."""
 
-QUALITY_KEYS = ("rel_error", "output_error", "output_kl", "output_cosine", "loss_change_estimate")
+QUALITY_KEYS = (
+    "rel_error",
+    "output_error",
+    "output_kl",
+    "output_cosine",
+    "loss_change_estimate",
+    "calibration_loss",
+    "output_loss",
+)
 """Measured errors copied from the manifest's ``stats`` into the card's ``delta_format`` block."""
 
 
@@ -135,6 +143,11 @@ def _quality_rows(meta: dict[str, Any]) -> list[str]:
         rows.append(f"| output KL(fine-tune ‖ delta) per token on calibration texts | {meta['output_kl']:.4g} nats |")
     if "output_cosine" in meta:
         rows.append(f"| embedding cosine to the fine-tune on calibration texts | {meta['output_cosine']:.6f} |")
+    if "output_loss" in meta and "calibration_loss" in meta:
+        rows.append(
+            f"| next-token loss on calibration texts, fine-tune → delta | "
+            f"{meta['calibration_loss']:.4f} → {meta['output_loss']:.4f} nats |"
+        )
     if "output_error" in meta:
         rows.append(f"| output (logit) MSE on calibration texts | {meta['output_error']:.4g} |")
     return rows
