@@ -214,3 +214,13 @@ def dequantize(
     per_value = scales.to(dtype).reshape(m, -1).repeat_interleave(group, dim=1)[:, :length]
     out = (x.to(dtype) - half_range(bits)) * per_value
     return out.reshape(codes.shape)
+
+
+def dequantize_range(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int, start: int, stop: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`dequantize` of ``codes[..., start:stop]`` only (the same values), for a decode a block at a
+    time: from the first whole group the range touches, the leading values then dropped."""
+    first, end = start // group, (stop + group - 1) // group
+    values = dequantize(codes[..., first * group : stop], scales[..., first:end], bits, group, dtype)
+    return values[..., start - first * group :]

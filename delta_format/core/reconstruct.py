@@ -105,7 +105,6 @@ def reconstruct_stored(
             )
     compute = compute_dtype(dtype)
     dither = parameter_dither(name, [entry for entry, _, _ in parts], dtype)
-    stochastic = dither is not None
     deltas = [
         entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
         for entry, stored, alpha_scale in parts
@@ -116,7 +115,7 @@ def reconstruct_stored(
     known = base_shape[0] if base_shape else 1  # rows the base has; the others start from zero (SPEC §9.2)
     result, source = out.view(rows, cols), base.reshape(known, cols)
     block = ROW_BLOCK_ELEMENTS.get(out.device.type, 1 << 26)
-    if stochastic:  # its temporaries are ~18 bytes an element: a quarter of the block on accelerators
+    if dither is not None:  # its temporaries are ~18 bytes an element: a quarter of the block on accelerators
         block = min(block, STOCHASTIC_BLOCK_ELEMENTS)
     step = max(1, block // max(cols, 1))
     buffer = None if dtype == compute else torch.empty(min(step, rows) * cols, dtype=compute, device=out.device)
@@ -129,7 +128,7 @@ def reconstruct_stored(
         acc[split - start :].zero_()
         for delta in deltas:
             delta.add_rows(acc, start, stop)
-        if stochastic:
+        if dither is not None:
             inside = inside_half(acc, dtype)
             stochastic_cast(acc, dtype, dither.rows(start, stop, out.device), out=target, inside=inside)
             if inside:  # every sum finite and below the dtype's largest value: so is every result

@@ -17,7 +17,16 @@ import torch
 from ...errors import InvalidArgumentError, ManifestError
 from ..constants import DENSE_Q
 from ..dtypes import FLOAT_STORED
-from ..quant import check_bits_group, dequantize, group_count, pack_codes, packed_bytes, quantize, unpack_codes
+from ..quant import (
+    check_bits_group,
+    dequantize,
+    dequantize_range,
+    group_count,
+    pack_codes,
+    packed_bytes,
+    quantize,
+    unpack_codes,
+)
 from .base import ComputedRows, Encoding, Expected, check_config_keys, config_int, matrix_shape, require_finite, scaled
 from .dense import DenseFactor
 
@@ -108,11 +117,9 @@ class QuantizedDenseEncoding(Encoding, name=DENSE_Q):
         codes, scales = unpack_codes(stored[self.CODES], self.bits, math.prod(shape), name), stored[self.SCALES]
         cols, group = matrix_shape(tuple(shape))[1], self.group
 
-        def block(start: int, stop: int) -> torch.Tensor:
-            low, high = start * cols, stop * cols  # flat elements; groups run over the flat tensor
-            first, end = low // group, (high + group - 1) // group
-            values = dequantize(codes[first * group : high], scales[first:end], self.bits, group, dtype)
-            return values[low - first * group :].view(stop - start, cols)
+        def block(start: int, stop: int) -> torch.Tensor:  # groups run over the flat tensor
+            values = dequantize_range(codes, scales, self.bits, group, start * cols, stop * cols, dtype)
+            return values.view(stop - start, cols)
 
         return ComputedRows(block, alpha)
 

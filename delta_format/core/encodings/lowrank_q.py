@@ -31,6 +31,7 @@ from ..constants import LOWRANK_Q, MAX_TENSOR_ELEMENTS
 from ..dtypes import FLOAT_STORED
 from ..quant import (
     dequantize,
+    dequantize_range,
     group_count,
     pack_codes,
     packed_bytes,
@@ -180,15 +181,11 @@ class QuantizedLowRankEncoding(Encoding, name=LOWRANK_Q):
         rows at a time (the values `factors` gives), the block's product computed as it is added."""
         rows, cols = rows_cols(shape)
         bands = self._bands(stored, rows, cols, name)
-        group = self.group
 
-        def u_rows(start: int, stop: int) -> torch.Tensor:
-            first, end = start // group, (stop + group - 1) // group  # the groups rows start:stop fall in
-            blocks = [
-                dequantize(band[:, first * group : stop], band_scales[:, first:end], bits, group, dtype)
-                for band, band_scales, bits in bands
-            ]
-            return torch.cat(blocks)[:, start - first * group :].T
+        def u_rows(start: int, stop: int) -> torch.Tensor:  # u's codes are the first `rows` of a vector
+            return torch.cat(
+                [dequantize_range(band, scales, bits, self.group, start, stop, dtype) for band, scales, bits in bands]
+            ).T
 
         v = self._v(bands, rows, cols, dtype)
         return ComputedRows(lambda start, stop: u_rows(start, stop) @ v, alpha)
