@@ -121,7 +121,10 @@ class CompressOptions:
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
         names = finetune.model_names(model) if isinstance(finetune, CheckpointSource) else {}
         wanted = [names.get(n, n) for n in edited]  # the model's names (`io.key_map`)
-        session = Calibration(model, tokenizer, self.calibration_texts, parameters=wanted, progress=progress)
+        sensitivity = any(m.uses_sensitivity for m in self.plan.methods())
+        session = Calibration(
+            model, tokenizer, self.calibration_texts, parameters=wanted, sensitivity=sensitivity, progress=progress
+        )
         return session.renamed(names) if names else session
 
 

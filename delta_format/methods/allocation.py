@@ -14,9 +14,9 @@ Every tensor gets a *menu* of ways to store it, each with its size in bits and i
   data instead of fixed.
 
 The error of every option is multiplied by the tensor's ``weight`` (`priors.error_weight`: less
-for a vocabulary-sized lookup table, more for a bias, 1 for the rest; with calibration texts the budget also
-scales a linear layer's by its input energy relative to the typical layer's, to the power
-`priors.ENERGY_POWER`).
+for a vocabulary-sized lookup table, more for a bias, 1 for the rest; with calibration texts the budget
+replaces it by the parameter's output sensitivity relative to the typical linear layer's, to the
+power `priors.SENSITIVITY_POWER`).
 DARE's error has two parts, priced apart (`dare_options`): the rounding of the kept values,
 amplified by the rescale, counts in full; the sampling noise (zero-mean: every dropped entry is
 paid back, on average, by the rescaled kept ones) counts at ``noise_weight``, because networks

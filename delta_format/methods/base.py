@@ -209,6 +209,9 @@ class EditMethod(Registered):
     plans_whole_model: ClassVar[bool] = False
     """True if `prepare` must run even without calibration texts (then with ``calibration=None``):
     a method that allocates a budget across tensors sees them all before editing any."""
+    uses_sensitivity: ClassVar[bool] = False
+    """True if the method reads `ActivationStats.sensitivity`: the calibration session then spends
+    the backward passes that measure it."""
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64

@@ -25,11 +25,14 @@ the hybrid plan was kept to budgets up to 0.25 bit per weight, because above it 
 cast rounded its low-rank parts away; with stochastic rounding (SPEC §9.1) it is the better
 plan at every budget measured (SmolLM2-135M at 0.5 / 1 bit: 98.9 / 99.7 % of the fine-tune's
 gain against 97.5 / 99.2 %; MiniLM and the tiny Llama unchanged; benchmarks/RESULTS.md). With
-calibration texts each linear layer's error is further weighted by the
-mean energy of its inputs over that of the typical linear layer (geometric mean), to the power
-`ENERGY_POWER`, so the layers whose inputs are large, where the same weight error moves the
-outputs most, get more bits (relative, so that lookup tables, norms and biases keep their
-data-free weight beside the linear layers), and the chosen ``dense-q`` and ``lowrank-q`` codes
+calibration texts each parameter's weight is its measured output sensitivity instead (the
+Fisher trace per element of the model's output on those texts, `ActivationStats.sensitivity`)
+over that of the typical linear layer (geometric mean), to the power `SENSITIVITY_POWER`: where
+in the network an error lands, not only how large it is, decides what it costs (SmolLM2-135M:
+layer 0's value matrix 78x the typical matrix, its query 0.02x; an attention key's bias, which the
+softmax cancels, ~0). Vocabulary-sized lookup tables keep their prior; where no sensitivity was
+measured, a linear layer's input energy to the power `ENERGY_POWER` stands in. The chosen
+``dense-q`` and ``lowrank-q`` codes
 of a linear layer are fitted to its outputs on those texts instead of its weights
 (`delta_format.methods.feedback`: GPTQ, a weighted refit; an entry's ``stats.feedback`` says
 which). The manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per
@@ -77,9 +80,11 @@ from .priors import (
     ENERGY_POWER,
     INPUT_LOOKUP_WEIGHT,
     LOOKUP_WEIGHT,
+    SENSITIVITY_POWER,
     column_weights,
     error_weight,
     noise_price,
+    sensitivity_weights,
 )
 from .rows import rows_options, top_rows
 
@@ -109,6 +114,7 @@ class BudgetMethod(EditMethod, name="budget"):
     tags: ClassVar[tuple[str, ...]] = ("budget", "low-rank", "quantized")
     uses_seed: ClassVar[bool] = True
     plans_whole_model: ClassVar[bool] = True
+    uses_sensitivity: ClassVar[bool] = True
     bits: float = param(1.0, help="size of the delta in bits per edited weight (budget)")
     noise_weight: float | str | None = param(
         "auto",
@@ -134,10 +140,13 @@ class BudgetMethod(EditMethod, name="budget"):
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
         energies: dict[str, float] = {}
+        sensitivities: dict[str, float] = {}
+        priors: dict[str, float] = {}
         fixed = 0
         for name, delta, context in tensors():
             fixed += context.fixed_bits
             weight = error_weight(name, delta, context.lookup, context.head)
+            priors[name] = weight
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
             noise = None if noise == "off" or weight < 1 else noise  # no DARE on lookup tables
             masks: dict[float, torch.Tensor] = {}
@@ -161,7 +170,14 @@ class BudgetMethod(EditMethod, name="budget"):
             energy = input_energy(context.activations)
             if energy is not None and energy > 0:
                 energies[name] = energy
-        if energies:  # relative to the typical linear layer: the other tensors keep their data-free weights
+            if context.activations is not None and context.activations.sensitivity is not None and weight >= 1:
+                sensitivities[name] = context.activations.sensitivity  # lookup tables keep their prior
+        weights = sensitivity_weights(sensitivities, set(energies))
+        if weights:  # the measured sensitivity replaces the prior (and the input energy it includes)
+            for menu in menus:
+                if menu.name in weights:
+                    menu.scale(weights[menu.name] / priors[menu.name])
+        elif energies:  # relative to the typical linear layer: the other tensors keep their data-free weights
             typical = math.exp(sum(math.log(e) for e in energies.values()) / len(energies))
             for menu in menus:
                 if menu.name in energies:
@@ -174,15 +190,19 @@ class BudgetMethod(EditMethod, name="budget"):
             "bits_per_weight_target": self.bits,
             "bits_per_weight_planned": planned / numel if numel else 0.0,
             "price_per_bit": price,
-            "weighting": (
-                f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energies else "weight error"
-            )
-            + f"; vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g} (input-only x{INPUT_LOOKUP_WEIGHT:g})"
-            + f"; biases x{BIAS_WEIGHT:g}",
+            "weighting": self._weighting(bool(weights), bool(energies)),
             "noise_weight": self.noise_weight,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
         }
+
+    @staticmethod
+    def _weighting(sensitivity: bool, energy: bool) -> str:
+        lookups = f"vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g} (input-only x{INPUT_LOOKUP_WEIGHT:g})"
+        if sensitivity:
+            return f"output sensitivity^{SENSITIVITY_POWER:g} relative to the typical linear layer; {lookups}"
+        measure = f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energy else "weight error"
+        return f"{measure}; {lookups}; biases x{BIAS_WEIGHT:g}"
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         option = self._choices.get(name)

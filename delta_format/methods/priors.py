@@ -7,6 +7,8 @@ noise prices it hands to `delta_format.methods.allocation`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NOISE_SLOPE = 2.0
@@ -23,11 +25,24 @@ at least `LOOKUP_MIN_ROWS` rows) beside a linear layer's: a token reads one row 
 token diluted. Measured: a tied 49152-row table holding 75 % of a fine-tune's delta energy but
 5 % of its gain took half the bits at weight 1 (benchmarks/RESULTS.md)."""
 ENERGY_POWER = 0.25
-"""Power of a linear layer's relative input energy in its error weight with calibration texts.
-The full energy (power 1) over-spends on the few layers with outlier inputs: on the causal LM
-pair it kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
-calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three pairs
-(benchmarks/RESULTS.md)."""
+"""Power of a linear layer's relative input energy in its error weight with calibration texts
+where no output sensitivity was measured (`SENSITIVITY_POWER`, which replaced it). The full
+energy (power 1) over-spends on the few layers with outlier inputs: on the causal LM pair it
+kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %; at 0.25
+calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three
+pairs (benchmarks/RESULTS.md)."""
+SENSITIVITY_POWER = 0.5
+"""Power of a parameter's relative output sensitivity (`ActivationStats.sensitivity`, the Fisher
+trace per element on the calibration texts, over the typical linear layer's) in its error weight
+with calibration texts. The sensitivity spans four orders of magnitude between the matrices of
+one model (SmolLM2-135M: layer 0's query 0.02x the typical matrix, its value 78x). Measured on
+two real pairs (benchmarks/RESULTS.md, "Output sensitivity"): power 0.5 against 0.75 keeps
+MiniLM's cosine 0.9840 / 0.9653 at 0.2 / 0.1 bit (0.75: 0.9811 / 0.9600) and SmolLM's gain
+99.65 % at 1 bit (0.75: 99.49 %), where 0.75 keeps more of SmolLM's at 0.2 bit (98.5 % against
+98.2 %); 1 over-spends on the few most sensitive layers (MiniLM 0.9725 at 0.2 bit)."""
+SENSITIVITY_FLOOR = 1e-6
+"""Least relative sensitivity: a parameter the output ignores (an attention key's bias, which
+the softmax cancels) still has its error priced, at this weight, rather than at zero."""
 INPUT_LOOKUP_WEIGHT = 0.3
 """`LOOKUP_WEIGHT` for a table the model only reads (an input embedding, not a head nor tied to
 one): its error reaches only the tokens that read a row, and the rows a fine-tune moved are the
@@ -61,6 +76,17 @@ def error_weight(name: str, delta: torch.Tensor, lookup: bool, head: bool = True
     if delta.dim() == 1 and name.rpartition(".")[2] == "bias":
         return BIAS_WEIGHT
     return 1.0
+
+
+def sensitivity_weights(sensitivities: dict[str, float], typical_of: set[str]) -> dict[str, float]:
+    """Error weights from output sensitivities: each parameter's sensitivity over the geometric
+    mean of those named in ``typical_of`` (the linear layers), to `SENSITIVITY_POWER`, floored at
+    `SENSITIVITY_FLOOR`; empty where no linear layer has a positive sensitivity."""
+    typical = [math.log(sensitivities[n]) for n in typical_of if sensitivities.get(n, 0.0) > 0]
+    if not typical:
+        return {}
+    mean = math.exp(sum(typical) / len(typical))
+    return {n: max(s / mean, SENSITIVITY_FLOOR) ** SENSITIVITY_POWER for n, s in sensitivities.items()}
 
 
 def noise_price(delta: torch.Tensor, base: torch.Tensor | None, slope: float = NOISE_SLOPE) -> float | None:
