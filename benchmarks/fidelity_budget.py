@@ -168,7 +168,11 @@ RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     *[(f"lowrank r={r} (fp16 factors)", "lowrank", {"rank": r}) for r in (8, 16, 32)],
     *[(f"lowrank-q r={r} 8/3/2", "lowrank-q", {"rank": r, "schedule": "8/3/2"}) for r in (16, 32, 64)],
     *[(f"bits={b}", None, {"bits": b}) for b in (1.0, 0.5, 0.2, 0.1)],
-    *[(f"bits={b}, calibrated (input-energy weights)", None, {"bits": b, "calibrate": True}) for b in (1.0, 0.2, 0.1)],
+    *[
+        (f"bits={b}, calibrated (output-sensitivity weights)", None, {"bits": b, "calibrate": True})
+        for b in (1.0, 0.2, 0.1)
+    ],
+    *[(f"bits={b}, sensitivity off", None, {"bits": b, "sensitivity": "off"}) for b in (1.0, 0.2, 0.1)],
     *[(f"bits={b}, DARE off", None, {"bits": b, "noise_weight": "off"}) for b in (1.0, 0.2, 0.1)],
 ]
 

@@ -1,5 +1,5 @@
-"""Output sensitivity: the calibration session's Fisher-trace estimate per parameter
-(`Calibration._measure_sensitivity`) and how the budget weighs errors by it."""
+"""Output sensitivity: the Fisher-trace estimate per parameter (`calibration.measure_sensitivity`,
+on calibration texts or random tokens) and how the budget weighs errors by it."""
 
 from __future__ import annotations
 
@@ -51,16 +51,16 @@ def test_the_estimate_is_the_fisher_trace_of_the_output_distribution(monkeypatch
     exact /= model.head.weight.numel()
     monkeypatch.setattr(calibration_module, "SENSITIVITY_PROBES", 200)
     session = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS)
-    assert session.activations["head.weight"].sensitivity == pytest.approx(exact, rel=0.1)
+    assert session.sensitivities["head.weight"] == pytest.approx(exact, rel=0.1)
 
 
 def test_every_recorded_parameter_gets_a_sensitivity_the_same_on_every_run():
     model, tok = tiny_llama(), byte_tokenizer()
-    first = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS).activations
-    again = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS).activations
-    assert first and all(stats.sensitivity is not None for stats in first.values())
-    assert {n: s.sensitivity for n, s in first.items()} == {n: s.sensitivity for n, s in again.items()}
-    assert all(s.sensitivity > 0 for n, s in first.items() if n.endswith("proj.weight"))
+    first = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS).sensitivities
+    again = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS).sensitivities
+    assert set(first) == {n for n, _ in model.named_parameters()}
+    assert first == again
+    assert all(s > 0 for n, s in first.items() if n.endswith("proj.weight"))
     # the measurement leaves no gradient behind and the model as it was
     session = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS)
     assert all(p.grad is None and not p.requires_grad for p in session.model.parameters())
@@ -75,9 +75,9 @@ def test_a_parameter_the_output_ignores_has_no_sensitivity(bare):
     model = tiny_bert()
     model = model.bert if bare else model
     prefix = "" if bare else "bert."
-    stats = Calibration(model, byte_tokenizer(), CALIBRATION_TEXTS).activations
-    key_bias = stats[f"{prefix}encoder.layer.0.attention.self.key.bias"].sensitivity
-    value_bias = stats[f"{prefix}encoder.layer.0.attention.self.value.bias"].sensitivity
+    stats = Calibration(model, byte_tokenizer(), CALIBRATION_TEXTS).sensitivities
+    key_bias = stats[f"{prefix}encoder.layer.0.attention.self.key.bias"]
+    value_bias = stats[f"{prefix}encoder.layer.0.attention.self.value.bias"]
     assert value_bias > 0
     assert key_bias < 1e-8 * value_bias
 
@@ -91,8 +91,8 @@ def plan_with(sensitivities: dict[str, float], bits: float = 1.0):
 
     def context(name: str) -> TensorContext:
         kind = "elementwise" if name in ("embed", "norm") else "linear"
-        stats = ActivationStats(kind, inputs if kind == "linear" else None, sensitivity=sensitivities[name])
-        return TensorContext(name, lookup=name == "embed", activations=stats)
+        stats = ActivationStats(kind, inputs if kind == "linear" else None)
+        return TensorContext(name, lookup=name == "embed", activations=stats, sensitivity=sensitivities[name])
 
     tensors = [(n, d, context(n)) for n, d in deltas.items()]
     return plan_of(get_method("budget", bits=bits, noise_weight="off"), tensors)
@@ -117,8 +117,7 @@ def test_only_methods_that_read_it_pay_for_the_measurement(tmp_path, monkeypatch
     import delta_format
     from tests.models import save, structured_perturbation
 
-    stats = Calibration(tiny_llama(), byte_tokenizer(), CALIBRATION_TEXTS, sensitivity=False).activations
-    assert stats and all(s.sensitivity is None for s in stats.values())
+    assert Calibration(tiny_llama(), byte_tokenizer(), CALIBRATION_TEXTS, sensitivity=False).sensitivities == {}
 
     asked: list[bool] = []
     real = Calibration.__init__
@@ -137,7 +136,62 @@ def test_only_methods_that_read_it_pay_for_the_measurement(tmp_path, monkeypatch
         *paths, tmp_path / "b", bits=1.0, calibration_texts=CALIBRATION_TEXTS, progress=False
     )
     assert budget.manifest.stats["prepare"]["budget"]["weighting"].startswith("output sensitivity^0.5")
+    assert budget.manifest.stats["sensitivity"]["measured_on"] == "calibration texts"
     delta_format.compress(
         *paths, tmp_path / "s", "sign", scale="row", layer_fit=True, calibration_texts=CALIBRATION_TEXTS, progress=False
     )
     assert asked == [True, False]
+
+
+def shards(directory) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(directory.glob("*.safetensors"))]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from tests.models import save, structured_perturbation
+
+    root = tmp_path_factory.mktemp("sensitivity")
+    base = tiny_llama()
+    return save(base, root / "base"), save(structured_perturbation(base), root / "ft")
+
+
+def test_without_texts_the_budget_measures_it_on_random_tokens(paths, tmp_path):
+    import delta_format
+
+    delta = delta_format.compress(*paths, tmp_path / "auto", bits=0.5, progress=False)
+    assert delta.manifest.stats["sensitivity"] == {"measured_on": "random tokens", "tokens": 16 * 128, "probes": 2}
+    assert delta.manifest.stats["prepare"]["budget"]["weighting"].startswith("output sensitivity^0.5")
+    delta_format.compress(*paths, tmp_path / "again", bits=0.5, sensitivity="on", progress=False)
+    assert shards(tmp_path / "again") == shards(tmp_path / "auto")  # measured the same way every time
+    off = delta_format.compress(*paths, tmp_path / "off", bits=0.5, sensitivity="off", progress=False)
+    assert "sensitivity" not in off.manifest.stats
+    assert off.manifest.stats["prepare"]["budget"]["weighting"].startswith("weight error")
+    plain = delta_format.compress(*paths, tmp_path / "dare", "dare", p=0.5, progress=False)
+    assert "sensitivity" not in plain.manifest.stats  # no method reads it: nothing measured
+
+
+def test_a_model_transformers_cannot_run_is_weighed_by_its_weight_error_or_refused(paths, tmp_path):
+    import shutil
+
+    import delta_format
+
+    bare = tmp_path / "bare"  # the fine-tune's tensors without a config: nothing to run
+    bare.mkdir()
+    for file in paths[1].glob("*.safetensors"):
+        shutil.copy(file, bare / file.name)
+    delta = delta_format.compress(paths[0], bare, tmp_path / "auto", bits=0.5, progress=False)
+    assert delta.manifest.stats["sensitivity"]["measured_on"].startswith("nothing (the model could not be run")
+    assert delta.manifest.stats["prepare"]["budget"]["weighting"].startswith("weight error")
+    with pytest.raises(delta_format.InvalidArgumentError, match="could not be measured") as caught:
+        delta_format.compress(paths[0], bare, tmp_path / "on", bits=0.5, sensitivity="on", progress=False)
+    assert "sensitivity='off'" in str(caught.value)
+    assert not (tmp_path / "on").exists()
+
+
+@pytest.mark.parametrize("value", ["yes", None, True, 1])
+def test_sensitivity_must_be_auto_on_or_off(paths, tmp_path, value):
+    import delta_format
+
+    with pytest.raises(delta_format.InvalidArgumentError, match="sensitivity is"):
+        delta_format.compress(*paths, tmp_path / "d", bits=0.5, sensitivity=value, progress=False)

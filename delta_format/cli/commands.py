@@ -62,6 +62,7 @@ def run_compress(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         value_dtype=args.value_dtype,
         rounding=args.rounding,
+        sensitivity=args.sensitivity,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         token=args.token,

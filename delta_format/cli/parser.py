@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         "('stochastic-window' for lossy half-precision entries), 'stochastic' (the per-element "
         "dither readers of spec 1.3-1.5 accept, slower to load), 'nearest' (any reader)",
     )
+    c.add_argument(
+        "--sensitivity",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --bits: weigh each tensor's error by the model's measured output sensitivity to it, "
+        "on the calibration texts or on random tokens: 'auto' (where transformers can run a model of "
+        "at most 1e9 parameters), 'on' (always), 'off' (the weight error with fixed priors)",
+    )
     c.add_argument("--max-shard-size", default="2GB", help="largest delta shard (also the in-memory write buffer)")
     c.add_argument("--revision", help="revision of the fine-tune on the Hub")
     c.add_argument("--base-revision", help="revision of the base on the Hub (pinned to its commit in the manifest)")

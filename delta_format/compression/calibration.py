@@ -9,10 +9,11 @@ A `Calibration` runs the fine-tuned model on the calibration texts and keeps:
 * the gradient of the language-modelling loss at the fine-tune, for the first-order estimate of
   the loss change an edit causes, ``<∇L(θ_ft), θ̂ - θ_ft>`` (the "unified view" paper's Riemann
   sum with one term);
-* each parameter's output sensitivity (`ActivationStats.sensitivity`): the trace of the Fisher
+* each parameter's output sensitivity (`measure_sensitivity`): the trace of the Fisher
   information of the model's output per element, estimated with `SENSITIVITY_PROBES` backward
   passes on the same texts: how much a unit of random error in that parameter moves what the
-  model outputs, wherever in the network the parameter sits.
+  model outputs, wherever in the network the parameter sits. Without calibration texts the
+  compressor measures it on `random_tokens` (no user data needed).
 
 Unlike the data-free compressor, this holds the model (in float32, for measurement precision),
 its gradient and the layer inputs in memory: calibration is for models that fit ~3x in RAM.
@@ -22,6 +23,7 @@ The layer inputs are capped at `MAX_ACTIVATION_ROWS` tokens per layer.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +44,12 @@ MAX_TOTAL_TOKENS = 16384
 bounded number of forward and backward passes whatever the user passes (measured: SmolLM-135M,
 16 texts of 512 tokens, 2 busy cores, see benchmarks/RESULTS.md)."""
 
+
+PROBE_SEQUENCES = 16
+"""Sequences of random tokens the output sensitivity is measured on without calibration texts."""
+
+PROBE_LENGTH = 128
+"""Tokens in each of them (or the model's largest position, if fewer)."""
 
 SENSITIVITY_PROBES = 2
 """Backward passes per text for the output sensitivities. One pass estimates a large matrix's
@@ -83,6 +91,69 @@ def _probe(output: Any, generator: torch.Generator) -> torch.Tensor:
     if pooled.shape[-1] > 1:  # the direction of an embedding; a single regression output as it is
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
     return (pooled * torch.randn(pooled.shape, generator=generator)).sum()
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    params: Mapping[str, nn.Parameter],
+    *,
+    probes: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Each named parameter's output sensitivity: ``E ||∂probe/∂θ||²`` per element (`_probe`),
+    summed over the batches (each batch's gradient squared on its own: no cross terms between
+    texts), averaged over ``probes`` (default `SENSITIVITY_PROBES`) draws of the probe's labels or
+    projection. Deterministic (a fixed-seed generator); the model is left as it was, without
+    gradients."""
+    probes = SENSITIVITY_PROBES if probes is None else probes
+    generator = torch.Generator().manual_seed(0)
+    totals = dict.fromkeys(params, 0.0)
+    passes = [ids for _ in range(probes) for ids in batches]
+    every = list(model.parameters())
+    for param in every:
+        param.requires_grad_(True)
+    try:
+        for ids in progress_bar(passes, desc="measuring sensitivity", unit="pass", enabled=progress):
+            _probe(model(input_ids=ids), generator).backward()
+            for name, param in params.items():
+                if param.grad is not None:
+                    totals[name] += float(param.grad.double().square().sum())
+            for param in every:
+                param.grad = None
+    finally:
+        for param in every:
+            param.requires_grad_(False)
+            param.grad = None
+    return {name: totals[name] / max(probes, 1) / max(params[name].numel(), 1) for name in params}
+
+
+@dataclass
+class Sensitivities:
+    """Output sensitivities by checkpoint name (`measure_sensitivity`) and what they were measured
+    on, for the manifest (``stats.sensitivity``)."""
+
+    values: dict[str, float]
+    measured_on: str
+    """``"calibration texts"`` or ``"random tokens"``."""
+    tokens: int
+
+    def stats(self) -> dict[str, Any]:
+        return {"measured_on": self.measured_on, "tokens": self.tokens, "probes": SENSITIVITY_PROBES}
+
+
+def random_tokens(model: nn.Module, count: int = PROBE_SEQUENCES, length: int = PROBE_LENGTH) -> list[torch.Tensor]:
+    """``count`` sequences of token ids drawn uniformly from the model's input vocabulary (fixed
+    seed), each ``length`` long or the model's largest position if shorter: what the output
+    sensitivity is measured on without calibration texts. A model's relative sensitivities barely
+    depend on what it reads (benchmarks/RESULTS.md, "Output sensitivity": the budget's plans from
+    random tokens keep as much as from real text, on an encoder and a causal LM)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        length = min(length, positions)
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, length), generator=generator) for _ in range(count)]
 
 
 class Calibration:
@@ -147,8 +218,10 @@ class Calibration:
         self.activations: dict[str, ActivationStats] = {}
         wanted = set(self.params) if parameters is None else set(parameters)
         self.reference, self.gradients, self.loss = self._measure(wanted, max_rows)
+        self.sensitivities: dict[str, float] = {}
         if sensitivity:
-            self._measure_sensitivity()
+            measured = {n: p for n, p in self.params.items() if n in wanted}
+            self.sensitivities = measure_sensitivity(self.model, self.batches, measured, progress=progress)
 
     def _measure(self, wanted: set[str], max_rows: int):
         rows: dict[str, list[torch.Tensor]] = {}
@@ -199,33 +272,6 @@ class Calibration:
             self.activations[weight].inputs = torch.cat(chunks) if chunks else torch.zeros(0, self._fan_in(weight))
         return reference, gradients, (total_loss if with_loss else None)
 
-    def _measure_sensitivity(self) -> None:
-        """`ActivationStats.sensitivity` of every recorded parameter: ``E ||∂probe/∂θ||²`` per
-        element, summed over the texts (each text's gradient squared on its own: no cross terms
-        between texts), averaged over `SENSITIVITY_PROBES` draws of `_probe`'s labels or
-        projection. Deterministic: the draws come from a fixed-seed generator."""
-        generator = torch.Generator().manual_seed(0)
-        names = [n for n in self.activations if n in self.params]
-        totals = dict.fromkeys(names, 0.0)
-        passes = [ids for _ in range(SENSITIVITY_PROBES) for ids in self.batches]
-        for param in self.params.values():
-            param.requires_grad_(True)
-        try:
-            for ids in progress_bar(passes, desc="measuring sensitivity", unit="pass", enabled=self.progress):
-                _probe(self.model(input_ids=ids), generator).backward()
-                for name in names:
-                    grad = self.params[name].grad
-                    if grad is not None:
-                        totals[name] += float(grad.double().square().sum())
-                for param in self.params.values():
-                    param.grad = None
-        finally:
-            for param in self.params.values():
-                param.requires_grad_(False)
-                param.grad = None
-        for name in names:
-            self.activations[name].sensitivity = totals[name] / SENSITIVITY_PROBES / max(self.params[name].numel(), 1)
-
     def _fan_in(self, weight: str) -> int:
         stats, shape = self.activations[weight], self.params[weight].shape
         return shape[1] if stats.input_axis == 1 else shape[0]
@@ -250,6 +296,7 @@ class Calibration:
         back = {model_name: name for name, model_name in names.items()}
         self.params = {back.get(n, n): p for n, p in self.params.items()}
         self.activations = {back.get(n, n): a for n, a in self.activations.items()}
+        self.sensitivities = {back.get(n, n): s for n, s in self.sensitivities.items()}
         if self.gradients is not None:
             self.gradients = {back.get(n, n): g for n, g in self.gradients.items()}
         return self
@@ -341,4 +388,12 @@ class Calibration:
         return mse if grad else float(mse)
 
 
-__all__ = ["Calibration", "MAX_ACTIVATION_ROWS", "MAX_TEXT_TOKENS", "SENSITIVITY_PROBES"]
+__all__ = [
+    "Calibration",
+    "MAX_ACTIVATION_ROWS",
+    "MAX_TEXT_TOKENS",
+    "SENSITIVITY_PROBES",
+    "Sensitivities",
+    "measure_sensitivity",
+    "random_tokens",
+]

@@ -31,7 +31,7 @@ from .plan import Action, MethodPlan
 from .sources import TensorSource
 
 if TYPE_CHECKING:
-    from .calibration import Calibration
+    from .calibration import Calibration, Sensitivities
 
 
 WHOLE_WARNING = 0.01
@@ -57,8 +57,10 @@ class TensorCompressor:
         seed: int,
         value_dtype: torch.dtype | None,
         rounding: str = "auto",
+        sensitivities: Sensitivities | None = None,
     ):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
+        self.sensitivities = sensitivities
         self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()
         self._base_rows: dict[str, int | None] = {}
@@ -247,6 +249,7 @@ class TensorCompressor:
             lookup=name in self.lookups,
             head=name in self.heads,
             fixed_bits=self.new_rows_bits(name, delta),
+            sensitivity=self.sensitivities.values.get(name) if self.sensitivities is not None else None,
         )
 
     def new_rows_bits(self, name: str, delta: torch.Tensor) -> int:
@@ -282,6 +285,8 @@ class TensorCompressor:
         stats = self.totals.summary()
         if prepared:
             stats["prepare"] = prepared
+        if self.sensitivities is not None:
+            stats["sensitivity"] = self.sensitivities.stats()
         if self.session is not None:
             stats.update(
                 output_error=self.session.output_mse(),

@@ -21,16 +21,11 @@ class ActivationStats:
     row per token; ``input_axis`` is the weight's axis that meets the input: 1 for `nn.Linear`'s
     ``[out, in]``, 0 for GPT-2's ``Conv1D`` ``[in, out]``), or ``"elementwise"`` for parameters
     where each output depends on a single entry (biases, norm scales, embedding rows).
-    ``sensitivity`` is the mean per element of the diagonal Fisher information of the model's
-    output with respect to the parameter (None where not measured): the expected output change,
-    in KL (a model with logits) or in embedding cosine (an encoder), per unit of random squared
-    error in the parameter.
     """
 
     kind: str
     inputs: torch.Tensor | None = None
     input_axis: int = 1
-    sensitivity: float | None = None
 
     def _as_out_in(self, delta: torch.Tensor) -> torch.Tensor:
         matrix = delta.reshape(delta.shape[0], -1).float()

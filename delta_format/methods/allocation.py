@@ -14,9 +14,9 @@ Every tensor gets a *menu* of ways to store it, each with its size in bits and i
   data instead of fixed.
 
 The error of every option is multiplied by the tensor's ``weight`` (`priors.error_weight`: less
-for a vocabulary-sized lookup table, more for a bias, 1 for the rest; with calibration texts the budget
-replaces it by the parameter's output sensitivity relative to the typical linear layer's, to the
-power `priors.SENSITIVITY_POWER`).
+for a vocabulary-sized lookup table, more for a bias, 1 for the rest; where the output
+sensitivity is measured the budget replaces it by the parameter's sensitivity relative to the
+typical matrix's, to the power `priors.SENSITIVITY_POWER`).
 DARE's error has two parts, priced apart (`dare_options`): the rounding of the kept values,
 amplified by the rescale, counts in full; the sampling noise (zero-mean: every dropped entry is
 paid back, on average, by the rescaled kept ones) counts at ``noise_weight``, because networks

@@ -113,6 +113,12 @@ class TensorContext:
     fixed_bits: int = 0
     """Bits stored for the parameter besides the method's edit (a resized vocabulary's new rows,
     SPEC §9.2): a method that plans a size counts them."""
+    sensitivity: float | None = None
+    """The model's output sensitivity to the parameter, when measured (for methods that
+    `uses_sensitivity`): the mean per element of the diagonal Fisher information of its output,
+    on the calibration texts or on random tokens (`delta_format.compression.calibration`): the
+    expected output change, in KL (a model with logits) or in embedding cosine (an encoder), per
+    unit of random squared error in the parameter."""
 
 
 TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor, TensorContext]]]
@@ -210,8 +216,8 @@ class EditMethod(Registered):
     """True if `prepare` must run even without calibration texts (then with ``calibration=None``):
     a method that allocates a budget across tensors sees them all before editing any."""
     uses_sensitivity: ClassVar[bool] = False
-    """True if the method reads `ActivationStats.sensitivity`: the calibration session then spends
-    the backward passes that measure it."""
+    """True if the method reads `TensorContext.sensitivity`: the compressor then spends the
+    backward passes that measure it (`compress`'s ``sensitivity=``)."""
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64

@@ -25,14 +25,15 @@ the hybrid plan was kept to budgets up to 0.25 bit per weight, because above it 
 cast rounded its low-rank parts away; with stochastic rounding (SPEC §9.1) it is the better
 plan at every budget measured (SmolLM2-135M at 0.5 / 1 bit: 98.9 / 99.7 % of the fine-tune's
 gain against 97.5 / 99.2 %; MiniLM and the tiny Llama unchanged; benchmarks/RESULTS.md). With
-calibration texts each parameter's weight is its measured output sensitivity instead (the
-Fisher trace per element of the model's output on those texts, `ActivationStats.sensitivity`)
-over that of the typical linear layer (geometric mean), to the power `SENSITIVITY_POWER`: where
+the measured output sensitivity each parameter's weight is that instead (the Fisher trace per
+element of the model's output, `TensorContext.sensitivity`, on the calibration texts or, without
+them, on random tokens) over that of the typical matrix (geometric mean), to the power
+`SENSITIVITY_POWER`: where
 in the network an error lands, not only how large it is, decides what it costs (SmolLM2-135M:
 layer 0's value matrix 78x the typical matrix, its query 0.02x; an attention key's bias, which the
-softmax cancels, ~0). Vocabulary-sized lookup tables keep their prior; where no sensitivity was
-measured, a linear layer's input energy to the power `ENERGY_POWER` stands in. The chosen
-``dense-q`` and ``lowrank-q`` codes
+softmax cancels, ~0). Vocabulary-sized lookup tables keep their prior; with calibration texts
+but no sensitivity (``sensitivity="off"``), a linear layer's input energy to the power
+`ENERGY_POWER` stands in. With calibration texts the chosen ``dense-q`` and ``lowrank-q`` codes
 of a linear layer are fitted to its outputs on those texts instead of its weights
 (`delta_format.methods.feedback`: GPTQ, a weighted refit; an entry's ``stats.feedback`` says
 which). The manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per
@@ -141,6 +142,7 @@ class BudgetMethod(EditMethod, name="budget"):
         menus: list[Menu] = []
         energies: dict[str, float] = {}
         sensitivities: dict[str, float] = {}
+        matrices: set[str] = set()  # the typical tensors sensitivities are relative to
         priors: dict[str, float] = {}
         fixed = 0
         for name, delta, context in tensors():
@@ -170,9 +172,11 @@ class BudgetMethod(EditMethod, name="budget"):
             energy = input_energy(context.activations)
             if energy is not None and energy > 0:
                 energies[name] = energy
-            if context.activations is not None and context.activations.sensitivity is not None and weight >= 1:
-                sensitivities[name] = context.activations.sensitivity  # lookup tables keep their prior
-        weights = sensitivity_weights(sensitivities, set(energies))
+            if context.sensitivity is not None and weight >= 1:  # lookup tables keep their prior
+                sensitivities[name] = context.sensitivity
+                if delta.dim() >= 2 and not context.lookup:
+                    matrices.add(name)
+        weights = sensitivity_weights(sensitivities, matrices)
         if weights:  # the measured sensitivity replaces the prior (and the input energy it includes)
             for menu in menus:
                 if menu.name in weights:
@@ -200,7 +204,7 @@ class BudgetMethod(EditMethod, name="budget"):
     def _weighting(sensitivity: bool, energy: bool) -> str:
         lookups = f"vocabulary-sized lookup tables x{LOOKUP_WEIGHT:g} (input-only x{INPUT_LOOKUP_WEIGHT:g})"
         if sensitivity:
-            return f"output sensitivity^{SENSITIVITY_POWER:g} relative to the typical linear layer; {lookups}"
+            return f"output sensitivity^{SENSITIVITY_POWER:g} relative to the typical matrix; {lookups}"
         measure = f"input energy^{ENERGY_POWER:g} relative to the typical linear layer" if energy else "weight error"
         return f"{measure}; {lookups}; biases x{BIAS_WEIGHT:g}"
 

@@ -32,14 +32,14 @@ kept 84 % of the gain at 0.2 bit per weight where the data-free plan keeps 96 %;
 calibration is within -0.006 to +0.017 of data-free (cosine or share of the gain) on three
 pairs (benchmarks/RESULTS.md)."""
 SENSITIVITY_POWER = 0.5
-"""Power of a parameter's relative output sensitivity (`ActivationStats.sensitivity`, the Fisher
-trace per element on the calibration texts, over the typical linear layer's) in its error weight
-with calibration texts. The sensitivity spans four orders of magnitude between the matrices of
-one model (SmolLM2-135M: layer 0's query 0.02x the typical matrix, its value 78x). Measured on
-two real pairs (benchmarks/RESULTS.md, "Output sensitivity"): power 0.5 against 0.75 keeps
-MiniLM's cosine 0.9840 / 0.9653 at 0.2 / 0.1 bit (0.75: 0.9811 / 0.9600) and SmolLM's gain
-99.65 % at 1 bit (0.75: 99.49 %), where 0.75 keeps more of SmolLM's at 0.2 bit (98.5 % against
-98.2 %); 1 over-spends on the few most sensitive layers (MiniLM 0.9725 at 0.2 bit)."""
+"""Power of a parameter's relative output sensitivity (`TensorContext.sensitivity`, the Fisher
+trace per element of the model's output, over the typical matrix's) in its error weight. The
+sensitivity spans four orders of magnitude between the matrices of one model (SmolLM2-135M:
+layer 0's query 0.02x the typical matrix, its value 78x), more than the weight error can be
+trusted to: measured on two real pairs with calibration texts (benchmarks/RESULTS.md, "Output
+sensitivity"), power 0.5 keeps MiniLM's cosine 0.9840 / 0.9653 at 0.2 / 0.1 bit (0.75: 0.9811 /
+0.9600; 1: 0.9725 at 0.2) and SmolLM's gain 99.65 % at 1 bit (0.75: 99.49 %), where 0.75 keeps
+more of SmolLM's at 0.2 bit (98.5 % against 98.2 %)."""
 SENSITIVITY_FLOOR = 1e-6
 """Least relative sensitivity: a parameter the output ignores (an attention key's bias, which
 the softmax cancels) still has its error priced, at this weight, rather than at zero."""
@@ -80,8 +80,8 @@ def error_weight(name: str, delta: torch.Tensor, lookup: bool, head: bool = True
 
 def sensitivity_weights(sensitivities: dict[str, float], typical_of: set[str]) -> dict[str, float]:
     """Error weights from output sensitivities: each parameter's sensitivity over the geometric
-    mean of those named in ``typical_of`` (the linear layers), to `SENSITIVITY_POWER`, floored at
-    `SENSITIVITY_FLOOR`; empty where no linear layer has a positive sensitivity."""
+    mean of those named in ``typical_of`` (the matrices), to `SENSITIVITY_POWER`, floored at
+    `SENSITIVITY_FLOOR`; empty where no matrix has a positive sensitivity."""
     typical = [math.log(sensitivities[n]) for n in typical_of if sensitivities.get(n, 0.0) > 0]
     if not typical:
         return {}
