@@ -195,3 +195,14 @@ def test_sensitivity_must_be_auto_on_or_off(paths, tmp_path, value):
 
     with pytest.raises(delta_format.InvalidArgumentError, match="sensitivity is"):
         delta_format.compress(*paths, tmp_path / "d", bits=0.5, sensitivity=value, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_cli_passes_sensitivity_through(paths, tmp_path, mode):
+    import delta_format
+    from delta_format.cli import main
+
+    out = tmp_path / "d"
+    assert main(["compress", *map(str, paths), str(out), "--no-progress", "--bits", "0.5", "--sensitivity", mode]) == 0
+    stats = delta_format.Delta(out).manifest.stats
+    assert stats.get("sensitivity", {}).get("measured_on") == (None if mode == "off" else "random tokens")
