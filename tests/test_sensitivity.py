@@ -182,6 +182,7 @@ def test_a_model_transformers_cannot_run_is_weighed_by_its_weight_error_or_refus
         shutil.copy(file, bare / file.name)
     delta = delta_format.compress(paths[0], bare, tmp_path / "auto", bits=0.5, progress=False)
     assert delta.manifest.stats["sensitivity"]["measured_on"].startswith("nothing (the model could not be run")
+    assert delta.manifest.stats["sensitivity"]["tokens"] == 0 and "probes" not in delta.manifest.stats["sensitivity"]
     assert delta.manifest.stats["prepare"]["budget"]["weighting"].startswith("weight error")
     with pytest.raises(delta_format.InvalidArgumentError, match="could not be measured") as caught:
         delta_format.compress(paths[0], bare, tmp_path / "on", bits=0.5, sensitivity="on", progress=False)
@@ -206,3 +207,27 @@ def test_the_cli_passes_sensitivity_through(paths, tmp_path, mode):
     assert main(["compress", *map(str, paths), str(out), "--no-progress", "--bits", "0.5", "--sensitivity", mode]) == 0
     stats = delta_format.Delta(out).manifest.stats
     assert stats.get("sensitivity", {}).get("measured_on") == (None if mode == "off" else "random tokens")
+
+
+@pytest.mark.parametrize(
+    "name, measured_on",
+    [
+        ("roberta", "random tokens"),  # positions start past a padding offset
+        ("gpt_neox", "random tokens"),  # checkpoint keys renamed on loading
+        ("t5", "nothing (the model could not be run: ValueError)"),  # an encoder-decoder: not run on ids alone
+        ("vit", "nothing (the model could not be run: AttributeError)"),  # no token input
+    ],
+)
+def test_families_are_measured_on_random_tokens_or_said_not_to_be(tmp_path, name, measured_on):
+    import delta_format
+    from tests.models import clone, structured_perturbation
+    from tests.test_architectures import ARCHITECTURES
+
+    torch.manual_seed(0)
+    base = ARCHITECTURES[name]().eval()
+    base.save_pretrained(tmp_path / "base")
+    structured_perturbation(clone(base), rel=2e-2, seed=3).save_pretrained(tmp_path / "ft")
+    delta = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", bits=0.5, progress=False)
+    assert delta.manifest.stats["sensitivity"]["measured_on"] == measured_on
+    weighting = delta.manifest.stats["prepare"]["budget"]["weighting"]
+    assert weighting.startswith("output sensitivity" if measured_on == "random tokens" else "weight error")

@@ -139,19 +139,22 @@ class Sensitivities:
     tokens: int
 
     def stats(self) -> dict[str, Any]:
+        if not self.values:
+            return {"measured_on": self.measured_on, "tokens": 0}
         return {"measured_on": self.measured_on, "tokens": self.tokens, "probes": SENSITIVITY_PROBES}
 
 
 def random_tokens(model: nn.Module, count: int = PROBE_SEQUENCES, length: int = PROBE_LENGTH) -> list[torch.Tensor]:
     """``count`` sequences of token ids drawn uniformly from the model's input vocabulary (fixed
-    seed), each ``length`` long or the model's largest position if shorter: what the output
+    seed), each ``length`` long or half the model's positions if fewer (some models start their
+    positions past a padding offset: RoBERTa's at 2): what the output
     sensitivity is measured on without calibration texts. A model's relative sensitivities barely
     depend on what it reads (benchmarks/RESULTS.md, "Output sensitivity": the budget's plans from
     random tokens keep as much as from real text, on an encoder and a causal LM)."""
     vocab = model.get_input_embeddings().num_embeddings
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        length = min(length, positions)
+    if isinstance(positions, int) and positions > 1:
+        length = min(length, positions // 2)
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (1, length), generator=generator) for _ in range(count)]
 
