@@ -111,11 +111,14 @@ def measure_sensitivity(
     totals = dict.fromkeys(params, 0.0)
     passes = [ids for _ in range(probes) for ids in batches]
     every = list(model.parameters())
+    # an encoder-decoder (T5, BART) reads the sequence on both sides: its decoder's parameters too
+    both_sides = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     for param in every:
         param.requires_grad_(True)
     try:
         for ids in progress_bar(passes, desc="measuring sensitivity", unit="pass", enabled=progress):
-            _probe(model(input_ids=ids), generator).backward()
+            output = model(input_ids=ids, decoder_input_ids=ids) if both_sides else model(input_ids=ids)
+            _probe(output, generator).backward()
             for name, param in params.items():
                 if param.grad is not None:
                     totals[name] += float(param.grad.double().square().sum())
