@@ -49,7 +49,7 @@ PROBE_SEQUENCES = 16
 """Sequences of random tokens the output sensitivity is measured on without calibration texts."""
 
 PROBE_LENGTH = 128
-"""Tokens in each of them (or the model's largest position, if fewer)."""
+"""Tokens in each of them (or half the model's positions, if fewer: `random_tokens`)."""
 
 SENSITIVITY_PROBES = 2
 """Backward passes per text for the output sensitivities. One pass estimates a large matrix's
@@ -138,7 +138,7 @@ class Sensitivities:
 
     values: dict[str, float]
     measured_on: str
-    """``"calibration texts"`` or ``"random tokens"``."""
+    """``"calibration texts"``, ``"random tokens"``, or ``"nothing (why)"`` (then ``values`` is empty)."""
     tokens: int
 
     def stats(self) -> dict[str, Any]:
@@ -150,8 +150,8 @@ class Sensitivities:
 def random_tokens(model: nn.Module, count: int = PROBE_SEQUENCES, length: int = PROBE_LENGTH) -> list[torch.Tensor]:
     """``count`` sequences of token ids drawn uniformly from the model's input vocabulary (fixed
     seed), each ``length`` long or half the model's positions if fewer (some models start their
-    positions past a padding offset: RoBERTa's at 2): what the output
-    sensitivity is measured on without calibration texts. A model's relative sensitivities barely
+    positions past a padding offset: RoBERTa's at 2): what the output sensitivity is measured on
+    without calibration texts. A model's relative sensitivities barely
     depend on what it reads (benchmarks/RESULTS.md, "Output sensitivity": the budget's plans from
     random tokens keep as much as from real text, on an encoder and a causal LM)."""
     vocab = model.get_input_embeddings().num_embeddings

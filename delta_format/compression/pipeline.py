@@ -62,7 +62,7 @@ SENSITIVITY_MAX_PARAMS = 1_000_000_000
 """Largest fine-tune whose output sensitivity ``sensitivity="auto"`` measures on random tokens:
 measuring holds the model and its gradient in float32 (8 bytes a parameter) and runs
 `calibration.SENSITIVITY_PROBES` x `calibration.PROBE_SEQUENCES` forward and backward passes
-(SmolLM2-135M on 2 CPU cores: ~20 s, benchmarks/RESULTS.md, "Output sensitivity")."""
+(SmolLM2-135M on 2 CPU cores: ~30 s, benchmarks/RESULTS.md, "Output sensitivity")."""
 
 
 @dataclass
@@ -180,8 +180,8 @@ class CompressOptions:
             params = {wanted[n]: p for n, p in model.named_parameters() if n in wanted}
             batches = random_tokens(model)
             values = measure_sensitivity(model, batches, params, progress=progress)
-        # a model transformers cannot load or run on token ids (remote code, no config, no input
-        # embeddings, an encoder-decoder): DeltaFormatError is a ValueError
+        # a model transformers cannot load or run on token ids (remote code, no config, no token
+        # input such as ViT's): DeltaFormatError is a ValueError
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
             if self.sensitivity == "on":
                 raise InvalidArgumentError(
