@@ -24,20 +24,20 @@ values is priced in full only along the values (`allocation.rounding_error`). Un
 the hybrid plan was kept to budgets up to 0.25 bit per weight, because above it the bfloat16
 cast rounded its low-rank parts away; with stochastic rounding (SPEC §9.1) it is the better
 plan at every budget measured (SmolLM2-135M at 0.5 / 1 bit: 98.9 / 99.7 % of the fine-tune's
-gain against 97.5 / 99.2 %; MiniLM and the tiny Llama unchanged; benchmarks/RESULTS.md). With
-the measured output sensitivity each parameter's weight is that instead (the Fisher trace per
-element of the model's output, `TensorContext.sensitivity`, on the calibration texts or, without
-them, on random tokens) over that of the typical matrix (geometric mean), to the power
-`SENSITIVITY_POWER`: where
-in the network an error lands, not only how large it is, decides what it costs (SmolLM2-135M:
-layer 0's value matrix 78x the typical matrix, its query 0.02x; an attention key's bias, which the
-softmax cancels, ~0). Vocabulary-sized lookup tables keep their prior; with calibration texts
-but no sensitivity (``sensitivity="off"``), a linear layer's input energy to the power
-`ENERGY_POWER` stands in. With calibration texts the chosen ``dense-q`` and ``lowrank-q`` codes
-of a linear layer are fitted to its outputs on those texts instead of its weights
-(`delta_format.methods.feedback`: GPTQ, a weighted refit; an entry's ``stats.feedback`` says
-which). The manifest's ``stats.prepare.budget`` records the plan (bits planned, the price per
-bit, how many tensors chose what, the dropped ones), and each entry's stats its choice.
+gain against 97.5 / 99.2 %; MiniLM and the tiny Llama unchanged; benchmarks/RESULTS.md). Where
+the model's output sensitivity was measured (`TensorContext.sensitivity`, the Fisher trace per
+element of its output, on the calibration texts or, without them, on random tokens; the
+default), each parameter's weight is instead its sensitivity over that of the typical matrix
+(geometric mean), to the power `SENSITIVITY_POWER`: where in the network an error lands, not
+only how large it is, decides what it costs (SmolLM2-135M: layer 0's value matrix 78x the
+typical matrix, its query 0.02x; an attention key's bias, which the softmax cancels, ~0).
+Vocabulary-sized lookup tables keep their prior; with calibration texts but no sensitivity
+(``sensitivity="off"``), a linear layer's input energy to the power `ENERGY_POWER` stands in.
+With calibration texts the chosen ``dense-q`` and ``lowrank-q`` codes of a linear layer are
+fitted to its outputs on those texts instead of its weights (`delta_format.methods.feedback`:
+GPTQ, a weighted refit; an entry's ``stats.feedback`` says which). The manifest's
+``stats.prepare.budget`` records the plan (bits planned, the price per bit, how many tensors
+chose what, the dropped ones), and each entry's stats its choice.
 
 The budget counts every stored byte of the edited parameters (codes, scales, factors, an upper
 bound on each stored tensor's safetensors header entry and on the file's fixed header): the size
