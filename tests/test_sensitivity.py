@@ -1,4 +1,4 @@
-"""Output sensitivity: the Fisher-trace estimate per parameter (`calibration.measure_sensitivity`,
+"""Output sensitivity: the Fisher-trace estimate per parameter (`sensitivity.measure_sensitivity`,
 on calibration texts or random tokens) and how the budget weighs errors by it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from delta_format.compression import calibration as calibration_module
+from delta_format.compression import sensitivity as sensitivity_module
 from delta_format.compression.calibration import Calibration
 from delta_format.methods import get_method
 from delta_format.methods.activations import ActivationStats
@@ -49,7 +49,7 @@ def test_the_estimate_is_the_fisher_trace_of_the_output_distribution(monkeypatch
             p = model.head(h).softmax(-1)
             exact += float((h.square().sum(-1) * (1 - p.square().sum(-1))).sum())
     exact /= model.head.weight.numel()
-    monkeypatch.setattr(calibration_module, "SENSITIVITY_PROBES", 200)
+    monkeypatch.setattr(sensitivity_module, "SENSITIVITY_PROBES", 200)
     session = Calibration(copy.deepcopy(model), tok, CALIBRATION_TEXTS)
     assert session.sensitivities["head.weight"] == pytest.approx(exact, rel=0.1)
 

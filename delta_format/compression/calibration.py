@@ -9,11 +9,9 @@ A `Calibration` runs the fine-tuned model on the calibration texts and keeps:
 * the gradient of the language-modelling loss at the fine-tune, for the first-order estimate of
   the loss change an edit causes, ``<∇L(θ_ft), θ̂ - θ_ft>`` (the "unified view" paper's Riemann
   sum with one term);
-* each parameter's output sensitivity (`measure_sensitivity`): the trace of the Fisher
-  information of the model's output per element, estimated with `SENSITIVITY_PROBES` backward
-  passes on the same texts: how much a unit of random error in that parameter moves what the
-  model outputs, wherever in the network the parameter sits. Without calibration texts the
-  compressor measures it on `random_tokens` (no user data needed).
+* each parameter's output sensitivity (`sensitivity.measure_sensitivity`, with
+  `SENSITIVITY_PROBES` backward passes on the same texts): how much a unit of random error in
+  that parameter moves what the model outputs, wherever in the network the parameter sits.
 
 Unlike the data-free compressor, this holds the model (in float32, for measurement precision),
 its gradient and the layer inputs in memory: calibration is for models that fit ~3x in RAM.
@@ -23,7 +21,6 @@ The layer inputs are capped at `MAX_ACTIVATION_ROWS` tokens per layer.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +29,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..io.progress import progress_bar
 from ..methods.activations import ActivationStats
+from .sensitivity import measure_sensitivity, model_output
 
 MAX_ACTIVATION_ROWS = 2048
 """Tokens of input kept per linear layer: enough for stable second moments, bounded memory."""
@@ -45,121 +43,12 @@ bounded number of forward and backward passes whatever the user passes (measured
 16 texts of 512 tokens, 2 busy cores, see benchmarks/RESULTS.md)."""
 
 
-PROBE_SEQUENCES = 16
-"""Sequences of random tokens the output sensitivity is measured on without calibration texts."""
-
-PROBE_LENGTH = 128
-"""Tokens in each of them (or half the model's positions, if fewer: `random_tokens`)."""
-
-SENSITIVITY_PROBES = 2
-"""Backward passes per text for the output sensitivities. One pass estimates a large matrix's
-Fisher trace within ~16 % (relative standard deviation measured on SmolLM2-135M, 16 texts; a
-norm's few elements within ~100 %); the budget takes its square root (`priors.SENSITIVITY_POWER`),
-so two passes leave ~6 % of noise on a matrix's weight."""
-
-
 def _linear_axis(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return 1
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
         return 0
     return None
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        logits = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-    return logits.float()
-
-
-def _probe(output: Any, generator: torch.Generator) -> torch.Tensor:
-    """A scalar whose gradient's expected square is the Fisher information of the model's output:
-    for a model with class or token logits, the log-probability of labels drawn from its own
-    prediction (the Fisher of its output distribution: KL(fine-tune ‖ edited) ≈ ½ δᵀFδ); for an
-    encoder (hidden states, or a single regression output), a random Gaussian projection of its
-    mean-pooled, normalised output (the Fisher of the cosine its embeddings are compared by)."""
-    logits = getattr(output, "logits", None)
-    if logits is not None and logits.shape[-1] > 1:
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        logp = flat.log_softmax(-1)
-        with torch.no_grad():
-            labels = torch.multinomial(logp.exp(), 1, generator=generator)
-        return logp.gather(-1, labels).sum()
-    values = _logits(output)
-    pooled = values.mean(-2) if values.dim() >= 3 else values
-    if pooled.shape[-1] > 1:  # the direction of an embedding; a single regression output as it is
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    return (pooled * torch.randn(pooled.shape, generator=generator)).sum()
-
-
-def measure_sensitivity(
-    model: nn.Module,
-    batches: Sequence[torch.Tensor],
-    params: Mapping[str, nn.Parameter],
-    *,
-    probes: int | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Each named parameter's output sensitivity: ``E ||∂probe/∂θ||²`` per element (`_probe`),
-    summed over the batches (each batch's gradient squared on its own: no cross terms between
-    texts), averaged over ``probes`` (default `SENSITIVITY_PROBES`) draws of the probe's labels or
-    projection. Deterministic (a fixed-seed generator); the model is left as it was, without
-    gradients."""
-    probes = SENSITIVITY_PROBES if probes is None else probes
-    generator = torch.Generator().manual_seed(0)
-    totals = dict.fromkeys(params, 0.0)
-    passes = [ids for _ in range(probes) for ids in batches]
-    every = list(model.parameters())
-    # an encoder-decoder (T5, BART) reads the sequence on both sides: its decoder's parameters too
-    both_sides = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    for param in every:
-        param.requires_grad_(True)
-    try:
-        for ids in progress_bar(passes, desc="measuring sensitivity", unit="pass", enabled=progress):
-            output = model(input_ids=ids, decoder_input_ids=ids) if both_sides else model(input_ids=ids)
-            _probe(output, generator).backward()
-            for name, param in params.items():
-                if param.grad is not None:
-                    totals[name] += float(param.grad.double().square().sum())
-            for param in every:
-                param.grad = None
-    finally:
-        for param in every:
-            param.requires_grad_(False)
-            param.grad = None
-    return {name: totals[name] / max(probes, 1) / max(params[name].numel(), 1) for name in params}
-
-
-@dataclass
-class Sensitivities:
-    """Output sensitivities by checkpoint name (`measure_sensitivity`) and what they were measured
-    on, for the manifest (``stats.sensitivity``)."""
-
-    values: dict[str, float]
-    measured_on: str
-    """``"calibration texts"``, ``"random tokens"``, or ``"nothing (why)"`` (then ``values`` is empty)."""
-    tokens: int
-
-    def stats(self) -> dict[str, Any]:
-        if not self.values:
-            return {"measured_on": self.measured_on, "tokens": 0}
-        return {"measured_on": self.measured_on, "tokens": self.tokens, "probes": SENSITIVITY_PROBES}
-
-
-def random_tokens(model: nn.Module, count: int = PROBE_SEQUENCES, length: int = PROBE_LENGTH) -> list[torch.Tensor]:
-    """``count`` sequences of token ids drawn uniformly from the model's input vocabulary (fixed
-    seed), each ``length`` long or half the model's positions if fewer (some models start their
-    positions past a padding offset: RoBERTa's at 2): what the output sensitivity is measured on
-    without calibration texts. A model's relative sensitivities barely
-    depend on what it reads (benchmarks/RESULTS.md, "Output sensitivity": the budget's plans from
-    random tokens keep as much as from real text, on an encoder and a causal LM)."""
-    vocab = model.get_input_embeddings().num_embeddings
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 1:
-        length = min(length, positions // 2)
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (1, length), generator=generator) for _ in range(count)]
 
 
 class Calibration:
@@ -257,7 +146,7 @@ class Calibration:
                     output = self.model(input_ids=ids, labels=ids)
                 except (TypeError, ValueError):  # a model without a language-modelling loss
                     output, with_loss = self.model(input_ids=ids), False
-                reference.append(_logits(output).detach())
+                reference.append(model_output(output).detach())
                 loss = getattr(output, "loss", None)
                 if loss is None:
                     with_loss = False
@@ -342,7 +231,7 @@ class Calibration:
         total, count = 0.0, 0
         with torch.no_grad():
             for ids, reference in zip(self.batches, self.reference):
-                edited = _logits(self.model(input_ids=ids))
+                edited = model_output(self.model(input_ids=ids))
                 if with_logits:
                     want, got = reference.log_softmax(-1).double(), edited.log_softmax(-1).double()
                     total += float((want.exp() * (want - got)).sum())
@@ -388,18 +277,10 @@ class Calibration:
                     if overrides
                     else self.model(input_ids=ids)
                 )
-                total = total + (_logits(output) - reference).double().square().sum()
+                total = total + (model_output(output) - reference).double().square().sum()
                 count += reference.numel()
         mse = total / max(count, 1)
         return mse if grad else float(mse)
 
 
-__all__ = [
-    "Calibration",
-    "MAX_ACTIVATION_ROWS",
-    "MAX_TEXT_TOKENS",
-    "SENSITIVITY_PROBES",
-    "Sensitivities",
-    "measure_sensitivity",
-    "random_tokens",
-]
+__all__ = ["Calibration", "MAX_ACTIVATION_ROWS", "MAX_TEXT_TOKENS"]

@@ -45,24 +45,15 @@ from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
 from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, ignored_base_tensors, ignored_finetune_tensors, schedule
+from .sensitivity import check_mode, sensitivities_for
 from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
 from .trials import best_of_seeds, check_seed_trials
 
 if TYPE_CHECKING:
-    from .calibration import Calibration, Sensitivities
+    from .calibration import Calibration
 
 logger = logging.getLogger(__name__)
-
-SENSITIVITY_MODES = ("auto", "on", "off")
-"""`compress`'s ``sensitivity=``: measure the model's output sensitivity for the methods that read
-it (the ``budget``) where it can be run (auto), always (on), or never (off)."""
-
-SENSITIVITY_MAX_PARAMS = 1_000_000_000
-"""Largest fine-tune whose output sensitivity ``sensitivity="auto"`` measures on random tokens:
-measuring holds the model and its gradient in float32 (8 bytes a parameter) and runs
-`calibration.SENSITIVITY_PROBES` x `calibration.PROBE_SEQUENCES` forward and backward passes
-(SmolLM2-135M on 2 CPU cores: ~30 s, benchmarks/RESULTS.md, "Output sensitivity")."""
 
 
 @dataclass
@@ -108,13 +99,7 @@ class CompressOptions:
                 found=repr(rounding),
                 fix="pass rounding='auto' (stochastic-window for lossy half-precision entries) or 'nearest'",
             )
-        if not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_MODES:
-            raise InvalidArgumentError(
-                f"sensitivity is {sensitivity!r}",
-                expected=f"one of {list(SENSITIVITY_MODES)}",
-                found=repr(sensitivity),
-                fix="pass sensitivity='auto' (measured where the model can be run), 'on' or 'off'",
-            )
+        check_mode(sensitivity)
         stored_dtype = parse_dtype(value_dtype, what="value_dtype")
         plan = MethodPlan(method, method_params, rules, include, exclude)
         plan.check_calibration(calibration_texts is not None)
@@ -140,60 +125,13 @@ class CompressOptions:
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
         names = finetune.model_names(model) if isinstance(finetune, CheckpointSource) else {}
         wanted = [names.get(n, n) for n in edited]  # the model's names (`io.key_map`)
-        session = Calibration(
-            model,
-            tokenizer,
-            self.calibration_texts,
-            parameters=wanted,
-            sensitivity=self.wants_sensitivity(),
-            progress=progress,
-        )
+        texts, measure = self.calibration_texts, self.sensitivity_mode() != "off"
+        session = Calibration(model, tokenizer, texts, parameters=wanted, sensitivity=measure, progress=progress)
         return session.renamed(names) if names else session
 
-    def wants_sensitivity(self) -> bool:
-        return self.sensitivity != "off" and any(m.uses_sensitivity for m in self.plan.methods())
-
-    def sensitivities(
-        self, finetune: TensorSource, edited: list[str], session: Calibration | None, progress: bool = False
-    ) -> Sensitivities | None:
-        """The output sensitivities the methods read (`TensorContext.sensitivity`): the calibration
-        session's, or measured on `random_tokens` without calibration texts: always with
-        ``sensitivity="on"``, with ``"auto"`` where the fine-tune has at most
-        `SENSITIVITY_MAX_PARAMS` parameters and transformers can run it (else the weight error
-        alone, said in the log and the manifest's ``stats.sensitivity``); None when no method
-        reads them or with ``"off"``."""
-        from .calibration import Sensitivities, measure_sensitivity, random_tokens
-
-        if not self.wants_sensitivity():
-            return None
-        if session is not None:
-            return Sensitivities(session.sensitivities, "calibration texts", session.tokens)
-        numel = sum(math.prod(finetune.info(n)[0]) for n in finetune.names())
-        if self.sensitivity == "auto" and numel > SENSITIVITY_MAX_PARAMS:
-            why = f"{numel:,} parameters, more than the {SENSITIVITY_MAX_PARAMS:,} measured by default"
-            logger.info("output sensitivity not measured (%s): pass sensitivity='on' to measure it", why)
-            return Sensitivities({}, f"nothing ({why})", 0)
-        try:
-            model = finetune.load_model().to("cpu", torch.float32).eval()
-            names = finetune.model_names(model) if isinstance(finetune, CheckpointSource) else {}
-            wanted = {names.get(n, n): n for n in edited}
-            params = {wanted[n]: p for n, p in model.named_parameters() if n in wanted}
-            batches = random_tokens(model)
-            values = measure_sensitivity(model, batches, params, progress=progress)
-        # a model transformers cannot load or run on token ids (remote code, no config, no token
-        # input such as ViT's): DeltaFormatError is a ValueError
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
-            if self.sensitivity == "on":
-                raise InvalidArgumentError(
-                    "the output sensitivity could not be measured: transformers could not run the fine-tune",
-                    expected="a fine-tune transformers loads and runs on token ids",
-                    found=f"{type(error).__name__}: {error}",
-                    fix="pass sensitivity='off' (the weight error alone), or calibration_texts=",
-                ) from error
-            why = f"the model could not be run: {type(error).__name__}"
-            logger.warning("output sensitivity not measured (%s: %s); the budget weighs the weight error", why, error)
-            return Sensitivities({}, f"nothing ({why})", 0)
-        return Sensitivities(values, "random tokens", sum(int(ids.numel()) for ids in batches))
+    def sensitivity_mode(self) -> str:
+        """``sensitivity=``, or ``"off"`` where no method reads the sensitivity."""
+        return self.sensitivity if any(m.uses_sensitivity for m in self.plan.methods()) else "off"
 
 
 def compress(
@@ -265,13 +203,10 @@ def compress(
             per-element dither of spec 1.3, which readers of 1.3-1.5 accept and which loads
             slower) or ``"stochastic-window"`` marks every delta entry.
         sensitivity: for the ``budget`` (``bits=``): weigh each parameter's error by the model's
-            measured output sensitivity to it (the Fisher trace per element of its output; an
-            error in a sensitive layer costs more): ``"auto"`` (default) measures it on the
-            calibration texts, or without them on random tokens where transformers can run a
-            fine-tune of at most `SENSITIVITY_MAX_PARAMS` parameters (a forward and backward
-            pass of 2 x 16 x 128 tokens; the model in float32 and its gradient in memory);
-            ``"on"`` always (an error if the model cannot be run); ``"off"`` weighs the weight
-            error with fixed priors. The manifest's ``stats.sensitivity`` says what it was measured on.
+            output sensitivity to it (`delta_format.compression.sensitivity`), measured on the
+            calibration texts or, without them, on random tokens: ``"auto"`` (default) where
+            transformers can run a fine-tune of at most ``SENSITIVITY_MAX_PARAMS`` parameters,
+            ``"on"`` always, ``"off"`` never (the weight error with fixed priors).
         max_shard_size: shard size of the delta files, also the writer's in-memory buffer.
         overwrite: replace an existing ``out_dir`` (only once the new delta is complete).
         token, revision, base_revision: Hub token and revisions of the fine-tune and the base.
@@ -367,7 +302,7 @@ def compress(
             seed=options.seed,
             value_dtype=options.value_dtype,
             rounding=options.rounding,
-            sensitivities=options.sensitivities(ft_src, edited, session, progress),
+            sensitivities=sensitivities_for(ft_src, edited, session, options.sensitivity_mode(), progress),
         )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)

@@ -31,7 +31,8 @@ from .plan import Action, MethodPlan
 from .sources import TensorSource
 
 if TYPE_CHECKING:
-    from .calibration import Calibration, Sensitivities
+    from .calibration import Calibration
+    from .sensitivity import Sensitivities
 
 
 WHOLE_WARNING = 0.01

@@ -116,7 +116,7 @@ class TensorContext:
     sensitivity: float | None = None
     """The model's output sensitivity to the parameter, when measured (for methods that
     `uses_sensitivity`): the mean per element of the diagonal Fisher information of its output,
-    on the calibration texts or on random tokens (`delta_format.compression.calibration`): the
+    on the calibration texts or on random tokens (`delta_format.compression.sensitivity`): the
     expected output change, in KL (a model with logits) or in embedding cosine (an encoder), per
     unit of random squared error in the parameter."""
 
