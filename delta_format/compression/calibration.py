@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..io.progress import progress_bar
 from ..methods.activations import ActivationStats
-from .sensitivity import measure_sensitivity, model_output
+from .sensitivity import Sensitivities, measure_sensitivity, model_output
 
 MAX_ACTIVATION_ROWS = 2048
 """Tokens of input kept per linear layer: enough for stable second moments, bounded memory."""
@@ -166,6 +166,10 @@ class Calibration:
         for weight, chunks in rows.items():
             self.activations[weight].inputs = torch.cat(chunks) if chunks else torch.zeros(0, self._fan_in(weight))
         return reference, gradients, (total_loss if with_loss else None)
+
+    def measured_sensitivities(self) -> Sensitivities:
+        """The output sensitivities measured on the calibration texts (empty if not asked for)."""
+        return Sensitivities(self.sensitivities, "calibration texts", self.tokens)
 
     def _fan_in(self, weight: str) -> int:
         stats, shape = self.activations[weight], self.params[weight].shape

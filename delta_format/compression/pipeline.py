@@ -302,7 +302,9 @@ def compress(
             seed=options.seed,
             value_dtype=options.value_dtype,
             rounding=options.rounding,
-            sensitivities=sensitivities_for(ft_src, edited, session, options.sensitivity_mode(), progress),
+            sensitivities=sensitivities_for(
+                ft_src, edited, session and session.measured_sensitivities(), options.sensitivity_mode(), progress
+            ),
         )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)

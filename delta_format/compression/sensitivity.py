@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..io.progress import progress_bar
 from .sources import CheckpointSource, TensorSource
-
-if TYPE_CHECKING:
-    from .calibration import Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +159,18 @@ def check_mode(mode: object) -> str:
 
 
 def sensitivities_for(
-    finetune: TensorSource, edited: list[str], session: Calibration | None, mode: str, progress: bool = False
+    finetune: TensorSource, edited: list[str], calibrated: Sensitivities | None, mode: str, progress: bool = False
 ) -> Sensitivities | None:
-    """The output sensitivities of the ``edited`` parameters: None with ``mode="off"``; the
-    calibration session's; or measured on `random_tokens` without calibration texts: always with
-    ``"on"``, with ``"auto"`` where the fine-tune has at most `SENSITIVITY_MAX_PARAMS` parameters
-    and transformers can run it (else none, said in the log and in `Sensitivities.measured_on`).
+    """The output sensitivities of the ``edited`` parameters: None with ``mode="off"``; those
+    measured on the calibration texts (``calibrated``) if any; else measured on `random_tokens`:
+    always with ``"on"``, with ``"auto"`` where the fine-tune has at most `SENSITIVITY_MAX_PARAMS`
+    parameters and transformers can run it (else none, said in the log and in
+    `Sensitivities.measured_on`).
     Measuring holds the model in float32 and its gradient."""
     if mode == "off":
         return None
-    if session is not None:
-        return Sensitivities(session.sensitivities, "calibration texts", session.tokens)
+    if calibrated is not None:
+        return calibrated
     numel = sum(math.prod(finetune.info(n)[0]) for n in finetune.names())
     if mode == "auto" and numel > SENSITIVITY_MAX_PARAMS:
         why = f"{numel:,} parameters, more than the {SENSITIVITY_MAX_PARAMS:,} measured by default"
