@@ -162,6 +162,8 @@ RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
         for p, b in ((0.9, 4), (0.95, 4), (0.98, 8), (0.99, 4))
     ],
     *[(f"lowrank-q r={r} 4-bit", "lowrank-q", {"rank": r, "schedule": "4"}) for r in (16, 32, 64)],
+    ("magnitude p=0.9 (bf16 values)", "magnitude", {"p": 0.9, "value_dtype": "bfloat16"}),
+    *[(f"magnitude p={p}, 4-bit values", "magnitude", {"p": p, "value_bits": 4}) for p in (0.9, 0.98)],
     ("lowrank-q r=64 2-bit", "lowrank-q", {"rank": 64, "schedule": "2"}),
     ("DAREx-q p=0.99, q=auto", "darex", {"p": 0.99, "q": "auto", "calibrate": True}),
     ("DAREx-q p=0.99, q=mse (the old auto)", "darex", {"p": 0.99, "q": "mse", "calibrate": True}),
@@ -223,9 +225,11 @@ def plot(rows: list[dict], pairs: list[Pair], path: Path) -> None:
         "DAREx-q": ("D", lambda r: r["method"] == "darex"),
         "lowrank fp16": ("^", lambda r: r["method"] == "lowrank"),
         "lowrank-q": ("v", lambda r: r["method"] == "lowrank-q"),
+        "magnitude": ("<", lambda r: r["method"] == "magnitude"),
         "bits= budget": ("*", lambda r: r["method"] == "budget" and "," not in r["label"]),
         "bits=, calibrated": ("X", lambda r: r["method"] == "budget" and "calibrated" in r["label"]),
         "bits=, DARE off": ("P", lambda r: r["method"] == "budget" and "DARE" in r["label"]),
+        "bits=, sensitivity off": ("h", lambda r: r["method"] == "budget" and "sensitivity off" in r["label"]),
     }
     for ax, pair in zip(axes[0], pairs):
         mine = [r for r in rows if r["pair"] == pair.name]

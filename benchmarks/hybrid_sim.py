@@ -1,10 +1,12 @@
-"""Issue 15's hybrids, simulated on the SmolLM2-135M pair (plain PyTorch edits of the weights, not the
-product's files): every linear matrix edited the same way, the tied embedding one way per row, 1-D
-tensors exact; bits count values, 16-bit group scales and factors. Figure: share of the fine-tune's
-held-out perplexity gain kept (`benchmarks.smollm_pair.GainKept`).
+"""Issue 15's hybrids and ImPart, simulated on a real pair (plain PyTorch edits of the weights, not
+the product's files): every linear matrix edited the same way, the tied embedding one way per row,
+1-D tensors exact; bits count values, 16-bit group scales and factors. Figure: the pair's
+(`benchmarks.fidelity_budget`): on SmolLM2-135M the share of the fine-tune's held-out perplexity
+gain kept, on MiniLM the cosine of sentence embeddings to the fine-tune's.
 
-Run:  python benchmarks/hybrid_sim.py --cache CACHE [--rows linear|embedding] [--only WORDS]
-(CACHE as for fidelity_budget.py: the pair in CACHE/smollm, built there if missing; ~17 s a row.)
+Run:  python benchmarks/hybrid_sim.py --cache CACHE [--pair smollm|minilm] [--rows linear|embedding]
+      [--only WORDS]
+(CACHE as for fidelity_budget.py: the pair in CACHE/<pair>, built there if missing; ~17 s a row.)
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import smollm_pair  # noqa: E402
-from benchmarks.fidelity_budget import load_state  # noqa: E402
+from benchmarks.fidelity_budget import load_state, minilm, smollm  # noqa: E402
 from delta_format.core.quant import dequantize, quantize  # noqa: E402
 
 GROUP = 64
@@ -45,6 +46,52 @@ def lowrank(d: torch.Tensor, rank: int, bits: int) -> tuple[torch.Tensor, float]
     return a.T @ b, ca + cb
 
 
+def impart(d: torch.Tensor, bpw: float, q_min: float, bits: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """ImPart (ACL 2025): the SVD's vector pairs sparsified, each element of ``u_k`` and ``v_k`` kept
+    with probability ``q_k`` proportional to ``σ_k`` (at most 1), rescaled by ``1/q_k`` (unbiased), the
+    kept values quantised; as many vectors as keep ``q_k >= q_min`` within ``bpw`` bits per weight.
+    Its noise is ``σ_k² (1/q_k² - 1)`` per vector (truncating costs ``σ_k²``): dominated by truncation
+    unless noise is cheap, as in a causal LM's small delta."""
+    rows, cols = d.shape
+    u, s, vh = (t.float() for t in torch.linalg.svd(d.double(), full_matrices=False))
+    if float(s[0]) == 0:  # an unchanged matrix (MiniLM's unused pooler)
+        return torch.zeros_like(d), 0.0
+    budget = bpw * d.numel() / (bits + 16 / GROUP) / (rows + cols)  # Σ q_k
+
+    def shares(count: int) -> torch.Tensor:
+        weight = s.clone()
+        weight[count:] = 0
+        scale = budget / float(weight.sum())
+        for _ in range(60):  # q = min(1, c·σ) with Σ q = budget
+            q = (scale * weight).clamp(max=1.0)
+            short, free = budget - float(q.sum()), float((scale * weight)[q < 1].sum())
+            if short < 1e-6 or free == 0:
+                break
+            scale *= 1 + short / free
+        return q
+
+    first = max(1, int(budget))
+    q = shares(first)
+    for count in range(first + 1, s.numel() + 1):
+        wider = shares(count)
+        if float(wider[:count].min()) < q_min:
+            break
+        q = wider
+    out, cost = torch.zeros_like(d), 0.0
+    for k in torch.nonzero(q > 0).flatten().tolist():
+        share = float(q[k])
+        parts = []
+        for vector in (u[:, k] * s[k], vh[k]):
+            keep = torch.rand(vector.numel(), generator=gen) < share
+            values, more = quantised(vector[keep], bits)
+            full = torch.zeros_like(vector)
+            full[keep] = values / share
+            parts.append(full)
+            cost += more
+        out += torch.outer(*parts)
+    return out, cost
+
+
 def sign_row(d: torch.Tensor) -> tuple[torch.Tensor, float]:
     s = d.abs().mean(1, keepdim=True)
     return torch.where(d >= 0, s, -s), d.numel() + 16 * d.shape[0]
@@ -66,6 +113,8 @@ def edit(d: torch.Tensor, recipe: tuple, gen: torch.Generator) -> tuple[torch.Te
         return lowrank(d, *args)
     if kind == "sign":
         return sign_row(d)
+    if kind == "impart":
+        return impart(d, *args, gen)
     first, second = {
         "lr+dare": (lambda: lowrank(d, args[0], args[1]), lambda r: dare(r, args[2], args[3], gen)),
         "sign+lr": (lambda: sign_row(d), lambda r: lowrank(r, args[0], args[1])),
@@ -96,6 +145,8 @@ LINEAR = {  # every linear matrix; the embedding exact and not counted
     "sign per row + low rank r=32 of the rest (4-bit)": ("sign+lr", 32, 4),
     "1 % largest (bf16) + low rank r=32 of the rest (4-bit)": ("out+lr", 0.01, 32, 4),
     "1 % largest (bf16) + DARE p=0.95 of the rest (4-bit)": ("out+dare", 0.01, 0.95, 4),
+    **{f"ImPart ~0.14 bpw, q >= {q:g} (4-bit)": ("impart", 0.14, q, 4) for q in (0.02, 0.05, 0.1, 0.2, 0.3, 0.6)},
+    "ImPart ~0.3 bpw, q >= 0.1 (4-bit)": ("impart", 0.3, 0.1, 4),
 }
 EMBEDDING = {  # the tied embedding; linear matrices as "top 4 (4-bit) + DARE p=0.98 (4-bit)"
     "dropped": None,
@@ -112,18 +163,17 @@ EMBEDDING = {  # the tied embedding; linear matrices as "top 4 (4-bit) + DARE p=
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--pair", choices=("smollm", "minilm"), default="smollm")
     parser.add_argument("--rows", choices=("linear", "embedding"), default="linear")
     parser.add_argument("--only", nargs="*", help="rows whose label contains one of these words")
     args = parser.parse_args()
-    root = args.cache / "smollm"
-    if not (root / "ft" / "config.json").exists():
-        smollm_pair.build(root)
-    base = {k: v.float() for k, v in load_state(root / "base").items()}
-    ft = {k: v.float() for k, v in load_state(root / "ft").items()}
-    metric = smollm_pair.GainKept(root / "base", root / "ft")
+    pair = (smollm if args.pair == "smollm" else minilm)(args.cache)
+    base = {k: v.float() for k, v in load_state(pair.base).items()}
+    ft = {k: v.float() for k, v in load_state(pair.ft).items()}
+    metric = pair.metric
     rows = LINEAR if args.rows == "linear" else EMBEDDING
     title = "linear matrices (embedding exact, not counted)" if args.rows == "linear" else "the tied embedding"
-    print(f"| {title} | bits / weight | share of the ppl gain kept |\n|---|---|---|")
+    print(f"| {title} | bits / weight | {pair.figure} |\n|---|---|---|")
     for label, recipe in rows.items():
         if args.only and not any(word in label for word in args.only):
             continue

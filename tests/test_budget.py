@@ -141,6 +141,41 @@ def test_dare_value_bits_decode_as_a_reader_does(pair, tmp_path):
         assert {e.encoding.name for e in reader.manifest.tensors.values()} == {"sparse-q"}
 
 
+@pytest.mark.parametrize("p, coding", [(0.9, "gaps"), (0.5, "bitmask")])
+def test_magnitude_value_bits_keep_the_same_entries_as_codes(p, coding):
+    torch.manual_seed(0)
+    delta = torch.randn(256, 256) * 0.01
+    ctx = TensorContext("w", value_dtype=torch.bfloat16)
+    floats, codes = (get_method("magnitude", p=p, value_bits=b).edit("w", delta, ctx) for b in (16, 4))
+    importance = get_method("importance", p=p, value_bits=4).edit("w", delta, ctx)  # no inputs: |delta|
+    assert torch.equal(importance.stored["codes"], codes.stored["codes"])
+    assert (floats.encoding.name, codes.encoding.name) == ("sparse", "sparse-q")
+    assert floats.stats["index_coding"] == codes.stats["index_coding"] == coding
+    exact, rounded = (e.decode((256, 256), "w", torch.float32) for e in (floats, codes))
+    assert torch.equal(exact != 0, rounded != 0)  # the same positions, stored the same way
+    kept = exact != 0
+    assert float((rounded - exact)[kept].norm() / exact[kept].norm()) < 0.1  # 4-bit codes of the kept values
+    size = {e.encoding.name: sum(t.numel() * t.element_size() for t in e.stored.values()) for e in (floats, codes)}
+    assert size["sparse-q"] < 0.6 * size["sparse"]
+
+
+def test_magnitude_value_bits_decode_as_a_reader_does(pair, tmp_path):
+    delta = delta_format.compress(
+        pair["base"], pair["ft"], tmp_path / "d", "magnitude", p=0.9, value_bits=2, progress=False
+    )
+    assert delta.manifest.method_params["value_bits"] == 2
+    with DeltaReader(tmp_path / "d") as reader:
+        entries = reader.manifest.tensors.values()
+        assert {e.encoding.name for e in entries} == {"sparse-q"} and {e.encoding.bits for e in entries} == {2}
+    assert 0.3 < delta.manifest.stats["rel_error"] < 0.9  # the 10 % largest entries kept, 2-bit codes
+
+
+def test_magnitude_value_bits_out_of_range_are_refused():
+    for bits in (0, 9, 12, True):
+        with pytest.raises(delta_format.InvalidArgumentError, match="value_bits"):
+            get_method("magnitude", p=0.9, value_bits=bits)
+
+
 # --- priors: lookup tables and DARE's noise ------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ dropping when deltas are large.
 The kept positions are data-dependent, so they are stored, with whichever explicit index coding
 is cheaper for them (`index_coding_bytes`): delta-coded gaps (1 byte per kept entry while gaps
 stay under 256, so below ~p = 0.99) or a bitmask (1 bit per entry, cheaper when more than about
-1/8 of the entries are kept with wide gaps).
+1/8 of the entries are kept with wide gaps). With ``value_bits`` of 1-8 the kept values are
+stored as codes with a 16-bit scale per 64 (``sparse-q`` with the same index coding), as DARE's.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from ..core.bits import packed_length
 from ..core.constants import INDEX_BITMASK
-from ..core.encodings import SparseEncoding, index_coding_bytes
+from ..core.encodings import QuantizedSparseEncoding, SparseEncoding, index_coding_bytes
 from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count, scattered
+from .dare import VALUE_GROUP, check_value_bits, value_bits_param
 
 _SAMPLE = 1 << 16
 """Entries sampled (strided) to bracket a k-th largest value."""
@@ -164,18 +166,25 @@ def explicit_sparse_edit(
     context: TensorContext,
     scale: float = 1.0,
     mask: torch.Tensor | None = None,
+    value_bits: int = 16,
 ) -> Edit:
-    """Store ``delta`` at ``positions`` with the cheaper explicit index coding. ``mask``, the
-    same positions as a bool tensor of ``delta``'s size if the caller has it, spares the bitmask
-    coding building it again."""
+    """Store ``delta`` at ``positions`` with the cheaper explicit index coding: values raw in
+    ``context.value_dtype``, or, with ``value_bits`` below 16, as codes of that many bits with a
+    16-bit scale per `VALUE_GROUP` values (``sparse-q``). ``mask``, the same positions as a bool
+    tensor of ``delta``'s size if the caller has it, spares the bitmask coding building it again."""
     coding = cheaper_index_coding(positions, delta.numel())
     encoding = SparseEncoding(coding, scale=scale)
+    stats = {"kept": int(positions.numel()), "index_coding": coding}
+    if value_bits < 16:
+        quantized = QuantizedSparseEncoding(
+            coding, bits=value_bits, group=VALUE_GROUP, count=int(positions.numel()), scale=scale
+        )
+        stored = quantized.encode(delta, name=name, positions=positions, keep=mask)
+        values = quantized.kept_values(stored, name, torch.float32)
+        return Edit(quantized, stored, stats, decoder=scattered(encoding, values, (delta.numel(),), positions))
     stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions, keep=mask)
     return Edit(
-        encoding,
-        stored,
-        {"kept": int(positions.numel()), "index_coding": coding},
-        decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions),
+        encoding, stored, stats, decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions)
     )
 
 
@@ -193,9 +202,11 @@ class MagnitudeMethod(EditMethod, name="magnitude"):
     summary: ClassVar[str] = "keep the largest entries"
     tags: ClassVar[tuple[str, ...]] = ("pruning",)
     p: float = drop_rate(0.9)
+    value_bits: int = value_bits_param()
 
     def __post_init__(self):
         self.p = check_drop_rate(self.name, self.p)
+        self.value_bits = check_value_bits(self.name, self.value_bits)
 
     def scores(self, delta: torch.Tensor, context: TensorContext) -> tuple[torch.Tensor, str]:
         return delta.abs(), "magnitude"
@@ -203,7 +214,7 @@ class MagnitudeMethod(EditMethod, name="magnitude"):
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         scores, criterion = self.scores(delta, context)
         positions, mask = top_selection(scores, kept_count(delta.numel(), self.p))
-        edit = explicit_sparse_edit(name, delta, positions, context, mask=mask)
+        edit = explicit_sparse_edit(name, delta, positions, context, mask=mask, value_bits=self.value_bits)
         edit.stats["criterion"] = criterion
         return edit
 
