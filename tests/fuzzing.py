@@ -89,6 +89,7 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "sum.w": torch.randn(10, 12, generator=g),
         "rows_q.w": torch.randn(9, 5, generator=g).to(torch.bfloat16),
         "grown.w": torch.randn(6, 5, generator=g).to(torch.float16),
+        "sign_q.w": torch.randn(11, 6, generator=g).to(torch.bfloat16),
     }
 
 
@@ -160,6 +161,8 @@ def write_valid_delta(out: Path, base: dict[str, torch.Tensor]) -> None:
             [old.encode(torch.randn(8, 5, generator=g) * (torch.arange(8) < 6)[:, None]), new.encode(grown)]
         )
         add("grown.w", enc, stored, "float16", rounding="stochastic", shape=(8, 5), base_rows=6)
+        enc = SignEncoding("row", 4, 4)  # SPEC 1.7: row scales as codes, 11 rows in 3 groups
+        add("sign_q.w", enc, enc.encode(torch.randn(11, 6, generator=g)), "bfloat16", rounding="stochastic-window")
 
 
 def load_all(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -156,7 +156,12 @@ def decode(entry: dict, stored: dict[str, np.ndarray], name: str, base: np.ndarr
         out[np.array(positions, dtype=np.int64)] = values * c(config.get("scale", 1.0))
         return out.reshape(shape)
     if encoding == "sign":
-        scale = stored["scale"].astype(c)
+        if "scale_bits" in config:  # §5.3 (1.7): the row scales as one quantised sequence
+            assert config["scale"] == "row" and "scale" not in stored
+            coded = {"bits": config["scale_bits"], "group": config["scale_group"]}
+            scale = quantised(stored["scale_codes"], stored["scale_scales"], coded, shape[0], c)
+        else:
+            scale = stored["scale"].astype(c)
         cols = numel // shape[0] if config["scale"] == "row" else max(numel, 1)
         out = np.array([(1 if bit_of(stored["bits"], i) else -1) * scale[i // cols] for i in range(numel)], dtype=c)
         return out.reshape(shape)

@@ -396,6 +396,53 @@ def test_sign_on_a_vector_uses_one_scale_and_records_it():
     assert edit.encoding.granularity == "tensor" and edit.stats["scale"] == "tensor"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sign_row_scales_as_codes_decode_alike_on_every_path_at_a_fraction_of_the_size(bits):
+    from delta_format.core.encodings import SignEncoding
+
+    delta = rows_delta()
+    floats = get_method("sign", scale="row").edit("w", delta, ctx())
+    coded = get_method("sign", scale="row", scale_bits=bits).edit("w", delta, ctx())
+    assert coded.encoding.to_dict() == {"scale": "row", "scale_bits": bits, "scale_group": 64}
+    assert set(coded.stored) == {"bits", "scale_codes", "scale_scales"}
+    assert torch.equal(coded.stored["bits"], floats.stored["bits"])
+    exact, rounded = decode(floats, delta.shape), decode(coded, delta.shape)
+    exact_scale, coded_scale = exact.abs().amax(1), rounded.abs().amax(1)  # rows_delta: 60 rows, one group
+    half_step = float(exact_scale.max()) / (2**bits - 1)  # absmax: the group's largest scale / (2^b - 1)
+    assert float((coded_scale - exact_scale).abs().max()) <= half_step * 1.05  # + float16 scales' rounding
+    error = [float((r - delta).norm() / delta.norm()) for r in (exact, rounded)]
+    assert error[1] < error[0] * (1.001 if bits == 8 else 1.01)  # the signs' error dominates
+    saved = floats.stored["scale"].numel() * 16 - coded.stored["scale_codes"].numel() * 8
+    assert saved >= delta.shape[0] * (16 - bits) - 16 * coded.stored["scale_scales"].numel()
+    encoding = SignEncoding.from_dict(coded.encoding.to_dict())  # as a reader builds it
+    rows = torch.zeros(delta.shape)
+    encoding.rows(coded.stored, tuple(delta.shape), "w", torch.float32).add_rows(rows, 0, delta.shape[0])
+    assert torch.equal(rows, rounded)
+    factor = encoding.factor(coded.stored, tuple(delta.shape), "w", torch.float32)
+    x = torch.randn(5, delta.shape[1])
+    assert torch.allclose(factor.product(x), x @ rounded.T, atol=1e-5)  # the on-the-fly path
+
+
+def test_sign_scale_codes_are_refused_where_they_mean_nothing():
+    from delta_format import ManifestError
+    from delta_format.core.encodings import SignEncoding
+
+    for bits in (0, 1, 9, 12, True):
+        with pytest.raises(InvalidArgumentError, match="scale_bits"):
+            get_method("sign", scale="row", scale_bits=bits)
+    with pytest.raises(InvalidArgumentError, match="per-row"):
+        get_method("sign", scale="tensor", scale_bits=8)
+    for config in (
+        {"scale": "tensor", "scale_bits": 8, "scale_group": 64},
+        {"scale": "row", "scale_bits": 8},
+        {"scale": "row", "scale_group": 64},
+        {"scale": "row", "scale_bits": 9, "scale_group": 64},
+        {"scale": "row", "scale_bits": 8, "scale_group": 0},
+    ):
+        with pytest.raises(ManifestError):
+            SignEncoding.from_dict(config)
+
+
 # -- lowrank, lora -------------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ def test_every_encoding_and_index_coding_has_a_vector():
             "sparse-seeded",
             "sign-tensor",
             "sign-row",
+            "sign-row-q",
             "lowrank",
             "replace",
             "sharded",
@@ -125,6 +126,8 @@ def roles(entry: dict) -> list[str]:
     if encoding in ("sparse", "sparse-q"):
         values = ["values"] if encoding == "sparse" else ["codes", "scales"]
         return values + {"gaps": ["gaps"], "bitmask": ["mask"], "seeded": []}[config["index_coding"]]
+    if encoding == "sign" and "scale_bits" in config:  # 1.7: coded row scales
+        return ["bits", "scale_codes", "scale_scales"]
     return {
         "dense": ["delta"],
         "sign": ["bits", "scale"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 FORMAT_NAME = "delta-format"
 """Value of the manifest's ``format`` field (SPEC §3)."""
 
-SPEC_VERSION = (1, 6)
+SPEC_VERSION = (1, 7)
 """(major, minor) written by this implementation. A reader accepts any minor of a major it
 knows and refuses a newer major (SPEC §3.1)."""
 

@@ -59,6 +59,9 @@ class SignMethod(EditMethod, name="sign"):
     summary: ClassVar[str] = "BitDelta"
     tags: ClassVar[tuple[str, ...]] = ("bitdelta",)
     scale: str = param("tensor", help="sign scale per tensor or per row", choices=GRANULARITIES)
+    scale_bits: int = param(
+        16, help="bits per row scale: 16 stores floats, 2-8 codes with a 16-bit scale per 64 rows (spec 1.7)"
+    )
     distill_steps: int = param(0, help="Adam steps distilling the sign scales on the calibration texts")
     distill_lr: float = param(0.02, help="Adam learning rate of the scale distillation (relative corrections)")
     layer_fit: bool = param(
@@ -79,9 +82,25 @@ class SignMethod(EditMethod, name="sign"):
                 "sign: distill_steps must be an integer >= 0", expected=">= 0", found=repr(self.distill_steps)
             )
         self.distill_lr = check_positive(self.name, "distill_lr", self.distill_lr)
+        bits = self.scale_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
+            raise InvalidArgumentError(
+                "sign: scale_bits must be 2 to 8, or 16", expected="e.g. 8", found=repr(bits), fix="pass scale_bits=8"
+            )
+        if bits < 16 and self.scale != "row":
+            raise InvalidArgumentError(
+                "sign: scale_bits codes per-row scales",
+                expected="scale='row' with scale_bits below 16",
+                found=f"scale={self.scale!r}",
+                fix="pass scale='row', or leave scale_bits at 16",
+            )
 
     def encoding_for(self, delta: torch.Tensor) -> SignEncoding:
-        return SignEncoding(self.scale if delta.dim() >= 2 else "tensor")
+        if delta.dim() < 2:
+            return SignEncoding("tensor")
+        if self.scale_bits < 16:
+            return SignEncoding(self.scale, self.scale_bits, SCALE_GROUP)
+        return SignEncoding(self.scale)
 
     def needs_calibration(self) -> bool:
         return self.distill_steps > 0 or self.layer_fit
@@ -141,6 +160,10 @@ class SignMethod(EditMethod, name="sign"):
         if encoding.granularity != self.scale:
             stats["scale"] = encoding.granularity
         return Edit(encoding, stored, stats)
+
+
+SCALE_GROUP = 64
+"""Row scales per 16-bit group scale when they are stored as codes (``scale_bits``)."""
 
 
 def layer_fit_scale(delta: torch.Tensor, activations: ActivationStats | None) -> torch.Tensor | None:

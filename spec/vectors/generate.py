@@ -58,6 +58,7 @@ VECTORS = (
     "sparse-seeded",
     "sign-tensor",
     "sign-row",
+    "sign-row-q",
     "lowrank",
     "replace",
     "sharded",
@@ -295,6 +296,28 @@ def vector_sign_row(root: Path) -> None:
             name, entry(enc, shape, dtype), stored, reconstruct(base, _sign_parts(delta, shape[0], scale), 1.0, dtype)
         )
     v.write("bitdelta", {"scale": "row"})
+
+
+def vector_sign_row_q(root: Path) -> None:
+    """SPEC §5.3 (1.7): per-row scales as codes. "w": 13 rows at 8 bits in groups of 4 (4 groups, the
+    last of one row); "c": a 3-D parameter, 5 rows at 3 bits in one group (15 bits: 1 padding bit)."""
+    v = Vector(root, "sign-row-q")
+    for name, shape, dtype, bits, group, salt in (
+        ("w", (13, 7), "bfloat16", 8, 4, 16),
+        ("c", (5, 2, 3), "float32", 3, 8, 18),
+    ):
+        base = v.add_base(name, shape, dtype, salt)
+        delta = values(shape, salt + 1, 0.01)
+        scale = np.abs(delta.reshape(shape[0], -1)).mean(axis=1).astype(np.float32)
+        enc = SignEncoding("row", bits, group)
+        stored = enc.encode(torch.from_numpy(delta), scale=torch.from_numpy(scale))
+        codes, scales = quantize(torch.from_numpy(scale), bits, group, "absmax")
+        assert torch.equal(stored["scale_codes"], pack_codes(codes, bits))
+        decoded = dequantised(codes.numpy().reshape(-1), stored["scale_scales"].float().numpy(), bits, group)
+        v.add(
+            name, entry(enc, shape, dtype), stored, reconstruct(base, _sign_parts(delta, shape[0], decoded), 1.0, dtype)
+        )
+    v.write("bitdelta", {"scale": "row", "scale_bits": 8})
 
 
 def vector_lowrank(root: Path) -> None:
@@ -887,6 +910,7 @@ def main(root: Path) -> None:
         vector_sparse_seeded,
         vector_sign_tensor,
         vector_sign_row,
+        vector_sign_row_q,
         vector_lowrank,
         vector_replace,
         vector_sharded,
