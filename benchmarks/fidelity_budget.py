@@ -152,9 +152,13 @@ def llama(cache: Path, quick: bool) -> Pair:
 
 
 RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
-    ("sign per-row (fp16 scales)", "sign", {"scale": "row"}),
+    ("sign per-row (fp16 scales)", "sign", {"scale": "row", "scale_bits": 16}),
     ("sign per-row, 8-bit scales", "sign", {"scale": "row", "scale_bits": 8}),
-    ("sign per-row, layer-fitted scales", "sign", {"scale": "row", "layer_fit": True, "calibrate": True}),
+    (
+        "sign per-row, layer-fitted scales",
+        "sign",
+        {"scale": "row", "scale_bits": 16, "layer_fit": True, "calibrate": True},
+    ),
     *[(f"DARE p={p} (bf16 values)", "dare", {"p": p, "value_dtype": "bfloat16"}) for p in (0.9, 0.95, 0.99)],
     *[(f"DARE p={p}, 2-bit values", "dare", {"p": p, "value_bits": 2}) for p in (0.9, 0.95, 0.98, 0.99)],
     # the quick-simulation rows: DARE with 4/8-bit values, SVD factors at 4 and 2 bits

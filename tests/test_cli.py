@@ -85,7 +85,7 @@ def test_compress_rules_include_and_exclude_flags(pair, tmp_path):
     assert "lm_head.weight" not in tensors
     assert tensors["model.norm.weight"].stats["method"] == "dense"
     assert tensors["model.layers.0.mlp.up_proj.weight"].encoding.name == "lowrank"
-    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {"scale": "row"}
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {"scale": "row", "scale_bits": 8, "scale_group": 64}
 
 
 def test_compress_with_a_calibration_file_chooses_q_and_measures_the_output(pair, tmp_path):
@@ -109,7 +109,7 @@ def test_inspect_prints_one_row_per_tensor_and_the_totals(pair, tmp_path, capsys
     manifest = DeltaReader(tmp_path / "d").manifest
     for name in manifest.tensors:
         assert name in out
-    assert "sign(row)" in out and "rel.err" in out and "total" in out and "compression" in out
+    assert "sign(row, 8-bit scales)" in out and "rel.err" in out and "total" in out and "compression" in out
 
 
 def test_apply_writes_a_checkpoint_that_transformers_loads(pair, tmp_path):

@@ -360,15 +360,26 @@ def test_sign_tensor_scale_is_mean_abs_delta_in_float16_and_signs_are_the_deltas
 
 def test_sign_row_scales_are_each_rows_mean_abs_delta_in_float16():
     delta = rows_delta()
-    restored = decode(get_method("sign", scale="row").edit("w", delta, ctx()), delta.shape)
+    restored = decode(get_method("sign", scale="row", scale_bits=16).edit("w", delta, ctx()), delta.shape)
     want = delta.abs().mean(dim=1, keepdim=True).half().float().expand_as(delta)
     assert torch.equal(restored.abs(), want)
 
 
 def test_sign_scales_too_small_for_float16_are_stored_in_float32():
     delta = rows_delta() * 1e-4  # mean |delta| ~ 1e-7: a float16 subnormal
-    edit = get_method("sign", scale="row").edit("w", delta, ctx())
+    edit = get_method("sign", scale="row", scale_bits=16).edit("w", delta, ctx())
     assert edit.stored["scale"].dtype == torch.float32
+    coded = get_method("sign", scale="row").edit("w", delta, ctx())  # 8-bit codes, the default
+    assert coded.stored["scale_scales"].dtype == torch.float32  # their group scales too
+    rows = decode(coded, delta.shape).abs().amax(1)
+    assert float((rows / delta.abs().mean(1) - 1).abs().median()) < 0.01
+
+
+def test_sign_row_scales_default_to_8_bit_codes_and_a_tensor_scale_to_a_float():
+    assert get_method("sign", scale="row").scale_bits == 8
+    assert get_method("sign", scale="tensor").scale_bits == 16
+    edit = get_method("sign", scale="tensor").edit("w", rows_delta(), ctx())
+    assert set(edit.stored) == {"bits", "scale"}
 
 
 def test_layer_fit_sign_scales_give_a_lower_layer_output_error_than_mean_abs_scales():
@@ -401,7 +412,7 @@ def test_sign_row_scales_as_codes_decode_alike_on_every_path_at_a_fraction_of_th
     from delta_format.core.encodings import SignEncoding
 
     delta = rows_delta()
-    floats = get_method("sign", scale="row").edit("w", delta, ctx())
+    floats = get_method("sign", scale="row", scale_bits=16).edit("w", delta, ctx())
     coded = get_method("sign", scale="row", scale_bits=bits).edit("w", delta, ctx())
     assert coded.encoding.to_dict() == {"scale": "row", "scale_bits": bits, "scale_group": 64}
     assert set(coded.stored) == {"bits", "scale_codes", "scale_scales"}

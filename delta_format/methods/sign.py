@@ -2,9 +2,9 @@
 
 ``Δ̂ = s * sign(Δ)`` with ``s`` initialised to ``mean |Δ|`` over the tensor or over each row, the
 L2-optimal scale for fixed signs. Per-row scales follow the rows' different magnitudes, which
-fine-tuning produces; they are stored in float16 where every scale is a normal float16 number
-(else float32), so they cost 16 / cols bits per weight (research15: float16 row scales lose
-nothing measurable against float32 ones).
+fine-tuning produces; they are stored as 8-bit codes with a 16-bit scale per 64 rows (SPEC 1.7,
+`DEFAULT_SCALE_BITS`; ``scale_bits=16`` stores them in float16 where every scale is a normal
+float16 number, else float32, at 16 / cols bits per weight). A per-tensor scale is one float.
 
 With calibration texts the scales can be fitted layer by layer (``layer_fit=True``): for fixed
 signs, the per-row scales minimising the layer's output error on the cached inputs ``X`` have a
@@ -59,8 +59,11 @@ class SignMethod(EditMethod, name="sign"):
     summary: ClassVar[str] = "BitDelta"
     tags: ClassVar[tuple[str, ...]] = ("bitdelta",)
     scale: str = param("tensor", help="sign scale per tensor or per row", choices=GRANULARITIES)
-    scale_bits: int = param(
-        16, help="bits per row scale: 16 stores floats, 2-8 codes with a 16-bit scale per 64 rows (spec 1.7)"
+    scale_bits: int | None = param(
+        None,
+        parse=int,
+        help="bits per row scale: 2-8 codes with a 16-bit scale per 64 rows (spec 1.7), 16 floats; "
+        "default 8 for per-row scales",
     )
     distill_steps: int = param(0, help="Adam steps distilling the sign scales on the calibration texts")
     distill_lr: float = param(0.02, help="Adam learning rate of the scale distillation (relative corrections)")
@@ -82,6 +85,8 @@ class SignMethod(EditMethod, name="sign"):
                 "sign: distill_steps must be an integer >= 0", expected=">= 0", found=repr(self.distill_steps)
             )
         self.distill_lr = check_positive(self.name, "distill_lr", self.distill_lr)
+        if self.scale_bits is None:  # defaults that count bits: a row's scale in 8, not 16
+            self.scale_bits = DEFAULT_SCALE_BITS if self.scale == "row" else 16
         bits = self.scale_bits
         if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
             raise InvalidArgumentError(
@@ -164,6 +169,10 @@ class SignMethod(EditMethod, name="sign"):
 
 SCALE_GROUP = 64
 """Row scales per 16-bit group scale when they are stored as codes (``scale_bits``)."""
+DEFAULT_SCALE_BITS = 8
+"""Per-row scales as 8-bit codes unless asked otherwise: a float16 scale per row cost 4 % of a sign
+delta at 384 columns, the codes half that, at the same fidelity (MiniLM, SmolLM2-135M and the
+tiny Llama within ±0.02 points; benchmarks/RESULTS.md, "Sign scales as codes")."""
 
 
 def layer_fit_scale(delta: torch.Tensor, activations: ActivationStats | None) -> torch.Tensor | None:
