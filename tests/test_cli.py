@@ -85,7 +85,11 @@ def test_compress_rules_include_and_exclude_flags(pair, tmp_path):
     assert "lm_head.weight" not in tensors
     assert tensors["model.norm.weight"].stats["method"] == "dense"
     assert tensors["model.layers.0.mlp.up_proj.weight"].encoding.name == "lowrank"
-    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {"scale": "row", "scale_bits": 8, "scale_group": 64}
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {
+        "scale": "row",
+        "scale_bits": 8,
+        "scale_group": 64,
+    }
 
 
 def test_compress_with_a_calibration_file_chooses_q_and_measures_the_output(pair, tmp_path):

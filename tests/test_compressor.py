@@ -297,7 +297,11 @@ def test_rules_pick_methods_by_name_and_the_first_match_wins(trained, tmp_path):
     tensors = delta.manifest.tensors
     assert tensors["model.embed_tokens.weight"].stats["method"] == "dense"
     assert tensors["model.layers.0.input_layernorm.weight"].stats["method"] == "dense"
-    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {"scale": "row", "scale_bits": 8, "scale_group": 64}
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].encoding.to_dict() == {
+        "scale": "row",
+        "scale_bits": 8,
+        "scale_group": 64,
+    }
     assert tensors["model.layers.0.mlp.up_proj.weight"].encoding.to_dict() == {"scale": "tensor"}
     assert tensors["lm_head.weight"].encoding.name == "sparse"
     assert delta.manifest.method_params["rules"][0] == ["*embed_tokens*", "dense", {"form": "smallest"}]
