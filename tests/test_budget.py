@@ -120,6 +120,22 @@ def test_bits_must_be_positive():
         get_method("budget", bits=0)
 
 
+def test_a_delta_of_plus_or_minus_a_row_constant_buys_signs_with_coded_row_scales():
+    torch.manual_seed(0)
+    rows = torch.rand(128, 1) + 0.5  # each row +-its own constant: full rank, one bit an entry
+    delta = torch.where(torch.rand(128, 256) < 0.5, rows, -rows) * 1e-3
+    method = get_method("budget", bits=1.2, noise_weight="off")
+    choices = plan_of(method, [("w", delta, TensorContext("w"))])
+    assert choices["w"].label == "sign row"
+    edit = method.edit("w", delta, TensorContext("w"))
+    assert edit.encoding.to_dict() == {"scale": "row", "scale_bits": 8, "scale_group": 64}
+    stored_bits = sum(8 * t.numel() * t.element_size() for t in edit.stored.values())
+    assert stored_bits <= choices["w"].bits  # the plan counts the payload and three header entries
+    error = float((edit.decode((128, 256), "w", torch.float32) - delta).double().square().sum())
+    assert error == pytest.approx(choices["w"].error, rel=0.01)  # the plan's (its scales summed in float64)
+    assert error < 1e-4 * float(delta.double().square().sum())  # 8-bit scales of exact signs
+
+
 # --- DARE with quantised values ------------------------------------------------------------------
 
 

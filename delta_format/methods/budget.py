@@ -65,6 +65,7 @@ from ..errors import InvalidArgumentError
 from .allocation import (
     FILE_BITS,
     GROUP,
+    SIGN_SCALE_BITS,
     Menu,
     Option,
     allocate,
@@ -235,8 +236,8 @@ class BudgetMethod(EditMethod, name="budget"):
             rows = top_rows(delta)[0][: option.spec[1]]
             return Edit(encoding, encoding.encode(delta, rows=rows), stats)
         if kind == "sign":
-            encoding = SignEncoding("row")
-            return Edit(encoding, encoding.encode(delta, dtype=torch.float16), stats)
+            encoding = SignEncoding("row", SIGN_SCALE_BITS, GROUP)
+            return Edit(encoding, encoding.encode(delta), stats)
         if kind == "sparse-q":
             return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)
         u, s, vh = truncated_svd(delta, menu_rank(delta))  # the vectors prepare() measured
