@@ -41,6 +41,7 @@ import torch
 from ..core.encodings import SparseEncoding
 from ..core.quant import default_clip as clip_for
 from ..core.quant import dequantize, group_count, half_range, packed_bytes, quantize, scale_dtype
+from .sign import DEFAULT_SCALE_BITS, SCALE_GROUP
 from .svd import MAX_RANK, truncated_svd
 
 HEADER_BITS = 8 * 96
@@ -64,7 +65,6 @@ DENSE_BITS = (2, 3, 4)
 DARE_RATES = (0.9, 0.95, 0.98, 0.99)
 DARE_BITS = (2, 4, 8)
 GROUP = 64
-SIGN_SCALE_BITS = 8  # the ``sign`` option's row scales, as `delta_format.methods.sign`'s default
 
 
 @dataclass
@@ -277,15 +277,15 @@ def rounding_error(error: torch.Tensor, value: torch.Tensor, noise_weight: float
 
 
 def sign_option(delta: torch.Tensor, header: int = HEADER_BITS) -> Option:
-    """Sign bits, row scales mean |Δ_r| as `SIGN_SCALE_BITS`-bit codes (SPEC 1.7); the error in one
-    pass: ``Σx² - 2 ŝ Σ|x| + cols·ŝ²`` per row, ``ŝ`` the decoded scale."""
+    """Sign bits, row scales mean |Δ_r| coded as the ``sign`` method codes them (SPEC 1.7); the
+    error in one pass: ``Σx² - 2 ŝ Σ|x| + cols·ŝ²`` per row, ``ŝ`` the decoded scale."""
     matrix = delta.reshape(delta.shape[0], -1).float()
     absolute = matrix.abs().sum(1, dtype=torch.float64)
-    codes, scales = quantize((absolute / matrix.shape[1]).float(), SIGN_SCALE_BITS, GROUP, "absmax")
-    scale = dequantize(codes, scales, SIGN_SCALE_BITS, GROUP).reshape(-1).double()
+    codes, scales = quantize((absolute / matrix.shape[1]).float(), DEFAULT_SCALE_BITS, SCALE_GROUP, "absmax")
+    scale = dequantize(codes, scales, DEFAULT_SCALE_BITS, SCALE_GROUP).reshape(-1).double()
     squares = matrix.square().sum(1, dtype=torch.float64)
     error = float((squares - 2 * scale * absolute + matrix.shape[1] * scale.square()).clamp(min=0).sum())
-    size = 8 * (packed_bytes(matrix.numel(), 1) + packed_bytes(matrix.shape[0], SIGN_SCALE_BITS) + scales.nbytes)
+    size = 8 * (packed_bytes(matrix.numel(), 1) + packed_bytes(matrix.shape[0], DEFAULT_SCALE_BITS) + scales.nbytes)
     return Option("sign row", size + 3 * header, error, ("sign",))
 
 

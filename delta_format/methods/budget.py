@@ -65,7 +65,6 @@ from ..errors import InvalidArgumentError
 from .allocation import (
     FILE_BITS,
     GROUP,
-    SIGN_SCALE_BITS,
     Menu,
     Option,
     allocate,
@@ -89,6 +88,7 @@ from .priors import (
     sensitivity_weights,
 )
 from .rows import rows_options, top_rows
+from .sign import DEFAULT_SCALE_BITS, SCALE_GROUP
 
 if TYPE_CHECKING:
     from .activations import ActivationStats, CalibrationSession
@@ -236,7 +236,7 @@ class BudgetMethod(EditMethod, name="budget"):
             rows = top_rows(delta)[0][: option.spec[1]]
             return Edit(encoding, encoding.encode(delta, rows=rows), stats)
         if kind == "sign":
-            encoding = SignEncoding("row", SIGN_SCALE_BITS, GROUP)
+            encoding = SignEncoding("row", DEFAULT_SCALE_BITS, SCALE_GROUP)
             return Edit(encoding, encoding.encode(delta), stats)
         if kind == "sparse-q":
             return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)

@@ -26,27 +26,42 @@ from .base import Edit, EditMethod, TensorContext, check_drop_rate, check_positi
 def seeded_edit(
     name: str, delta: torch.Tensor, context: TensorContext, p: float, scale: float, value_bits: int = 16
 ) -> Edit:
-    """Keep the seeded mask's entries of ``delta`` with rescale ``scale``: values stored raw in
-    ``context.value_dtype``, or, with ``value_bits`` below 16, as codes of that many bits with a
-    16-bit scale per `VALUE_GROUP` values (``sparse-q``)."""
+    """Keep the seeded mask's entries of ``delta`` with rescale ``scale`` (`stored_sparse`)."""
     encoding = SparseEncoding(INDEX_SEEDED, scale=scale, seed=context.seed, p=p)
     # The positions are generated once: encode stores their values, the decoder scatters them back.
     positions = encoding.positions(delta.numel(), name, delta.device)
     stats = {"kept": int(positions.numel()), "rescale": scale}
+    return stored_sparse(encoding, name, delta, positions, context, stats, value_bits)
+
+
+def stored_sparse(
+    encoding: SparseEncoding,
+    name: str,
+    delta: torch.Tensor,
+    positions: torch.Tensor,
+    context: TensorContext,
+    stats: dict[str, Any],
+    value_bits: int = 16,
+    keep: torch.Tensor | None = None,
+) -> Edit:
+    """``delta`` at ``positions`` under ``encoding``: values raw in ``context.value_dtype``, or, with
+    ``value_bits`` below 16, as codes of that many bits with a 16-bit scale per `VALUE_GROUP`
+    values (``sparse-q`` with the same index coding). ``keep``, the positions as a bool tensor of
+    ``delta``'s size if the caller has it, spares the bitmask coding building it again."""
     if value_bits < 16:
-        quantized = QuantizedSparseEncoding(
-            INDEX_SEEDED,
+        coded = QuantizedSparseEncoding(
+            encoding.index_coding,
             bits=value_bits,
             group=VALUE_GROUP,
             count=int(positions.numel()),
-            scale=scale,
-            seed=context.seed,
-            p=p,
+            scale=encoding.scale,
+            seed=encoding.seed,
+            p=encoding.p,
         )
-        stored = quantized.encode(delta, name=name, positions=positions)
-        values = quantized.kept_values(stored, name, torch.float32)
-        return Edit(quantized, stored, stats, decoder=scattered(encoding, values, (delta.numel(),), positions))
-    stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions)
+        stored = coded.encode(delta, name=name, positions=positions, keep=keep)
+        values = coded.kept_values(stored, name, torch.float32)
+        return Edit(coded, stored, stats, decoder=scattered(encoding, values, (delta.numel(),), positions))
+    stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions, keep=keep)
     return Edit(
         encoding, stored, stats, decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions)
     )

@@ -23,9 +23,9 @@ import torch
 
 from ..core.bits import packed_length
 from ..core.constants import INDEX_BITMASK
-from ..core.encodings import QuantizedSparseEncoding, SparseEncoding, index_coding_bytes
-from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count, scattered
-from .dare import VALUE_GROUP, check_value_bits, value_bits_param
+from ..core.encodings import SparseEncoding, index_coding_bytes
+from .base import Edit, EditMethod, TensorContext, check_drop_rate, drop_rate, kept_count
+from .dare import check_value_bits, stored_sparse, value_bits_param
 
 _SAMPLE = 1 << 16
 """Entries sampled (strided) to bracket a k-th largest value."""
@@ -168,24 +168,11 @@ def explicit_sparse_edit(
     mask: torch.Tensor | None = None,
     value_bits: int = 16,
 ) -> Edit:
-    """Store ``delta`` at ``positions`` with the cheaper explicit index coding: values raw in
-    ``context.value_dtype``, or, with ``value_bits`` below 16, as codes of that many bits with a
-    16-bit scale per `VALUE_GROUP` values (``sparse-q``). ``mask``, the same positions as a bool
-    tensor of ``delta``'s size if the caller has it, spares the bitmask coding building it again."""
+    """Store ``delta`` at ``positions`` with the cheaper explicit index coding (`dare.stored_sparse`:
+    floats, or ``value_bits``-bit codes; ``mask``, the positions as a bool tensor, if the caller has it)."""
     coding = cheaper_index_coding(positions, delta.numel())
-    encoding = SparseEncoding(coding, scale=scale)
     stats = {"kept": int(positions.numel()), "index_coding": coding}
-    if value_bits < 16:
-        quantized = QuantizedSparseEncoding(
-            coding, bits=value_bits, group=VALUE_GROUP, count=int(positions.numel()), scale=scale
-        )
-        stored = quantized.encode(delta, name=name, positions=positions, keep=mask)
-        values = quantized.kept_values(stored, name, torch.float32)
-        return Edit(quantized, stored, stats, decoder=scattered(encoding, values, (delta.numel(),), positions))
-    stored = encoding.encode(delta, name=name, dtype=context.value_dtype, positions=positions, keep=mask)
-    return Edit(
-        encoding, stored, stats, decoder=scattered(encoding, stored[encoding.VALUES], (delta.numel(),), positions)
-    )
+    return stored_sparse(SparseEncoding(coding, scale=scale), name, delta, positions, context, stats, value_bits, mask)
 
 
 @dataclass
