@@ -56,6 +56,8 @@ class Pair:
     calibration: list[str]
     base_score: float
     figure: str
+    more_calibration: list[str] | None = None
+    """64 calibration texts, for the rows that ask for more than the 16 of ``calibration``."""
 
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +84,7 @@ def minilm(cache: Path) -> Pair:
         minilm_pair.calib_texts(16),
         metric(base),
         "cosine to the fine-tune",
+        minilm_pair.calib_texts(64),
     )
 
 
@@ -100,6 +103,7 @@ def smollm(cache: Path) -> Pair:
         smollm_pair.calib_texts(16),
         0.0,
         "share of the ppl gain kept",
+        smollm_pair.calib_texts(64),
     )
 
 
@@ -146,9 +150,11 @@ def llama(cache: Path, quick: bool) -> Pair:
         return (ppl_base - llama_bench.ppl(model, chunks)) / (ppl_base - ppl_ft)
 
     b_text = tok.decode(b_tr.tolist())
-    calib = [b_text[i * 512 : (i + 1) * 512] for i in range(16)]
+    calib = [b_text[i * 512 : (i + 1) * 512] for i in range(64) if b_text[i * 512 : (i + 1) * 512]]
     numel = sum(t.numel() for t in base_state.values())
-    return Pair("llama", root / "base", root / "ft", gain_kept, numel, calib, 0.0, "share of the ppl gain kept")
+    return Pair(
+        "llama", root / "base", root / "ft", gain_kept, numel, calib[:16], 0.0, "share of the ppl gain kept", calib
+    )
 
 
 RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
@@ -179,6 +185,12 @@ RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
         (f"bits={b}, calibrated (output-sensitivity weights)", None, {"bits": b, "calibrate": True})
         for b in (1.0, 0.2, 0.1)
     ],
+    *[
+        (f"bits={b}, calibrated, factors not refined", None, {"bits": b, "calibrate": True, "refine_steps": 0})
+        for b in (0.5, 0.2, 0.1)
+    ],
+    ("bits=0.5, calibrated (output-sensitivity weights)", None, {"bits": 0.5, "calibrate": True}),
+    *[(f"bits={b}, calibrated on 64 texts", None, {"bits": b, "calibrate": 64}) for b in (0.2, 0.1)],
     *[(f"bits={b}, sensitivity off", None, {"bits": b, "sensitivity": "off"}) for b in (1.0, 0.2, 0.1)],
     *[(f"bits={b}, DARE off", None, {"bits": b, "noise_weight": "off"}) for b in (1.0, 0.2, 0.1)],
 ]
@@ -186,7 +198,8 @@ RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
 
 def run(pair: Pair, work: Path, label: str, method: str | None, params: dict[str, Any]) -> dict[str, Any]:
     params = dict(params)
-    extra = {"calibration_texts": pair.calibration} if params.pop("calibrate", False) else {}
+    calibrate = params.pop("calibrate", False)  # True: the pair's 16 texts; 64: its 64
+    extra = {"calibration_texts": pair.more_calibration if calibrate == 64 else pair.calibration} if calibrate else {}
     out = work / f"{pair.name}-{abs(hash(label)) % 10**8}"
     started = time.perf_counter()
     delta = delta_format.compress(pair.base, pair.ft, out, method, overwrite=True, progress=False, **extra, **params)

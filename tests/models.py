@@ -224,6 +224,14 @@ def save(model, directory: str | Path, tokenizer=None) -> Path:
     return directory
 
 
+def trained_pair(root: Path, *, steps: int = 20, lr: float = 1e-3) -> dict[str, Path]:
+    """A tiny Llama and a fine-tune of it trained ``steps`` steps, saved under ``root`` (the
+    fine-tune with the byte tokenizer, for calibration texts): ``{"base": dir, "ft": dir}``."""
+    base = tiny_llama()
+    ft = finetune_by_training(base, steps=steps, lr=lr)
+    return {"base": save(base, root / "base"), "ft": save(ft, root / "ft", tokenizer=byte_tokenizer())}
+
+
 def state_dict_on_disk(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved checkpoint (single file or shards), by name."""
     from safetensors.torch import load_file

@@ -91,12 +91,9 @@ def test_refit_lowers_the_output_error_of_low_rank(axis):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tests.models import byte_tokenizer, finetune_by_training, save, tiny_llama
+    from tests.models import trained_pair
 
-    root = tmp_path_factory.mktemp("feedback")
-    base = tiny_llama()
-    ft = finetune_by_training(base, steps=20, lr=1e-3)
-    return {"base": save(base, root / "base"), "ft": save(ft, root / "ft", tokenizer=byte_tokenizer())}
+    return trained_pair(tmp_path_factory.mktemp("feedback"))
 
 
 def test_a_calibrated_budget_stores_fed_back_codes_and_a_data_free_one_does_not(pair, tmp_path):

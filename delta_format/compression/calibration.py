@@ -260,13 +260,44 @@ class Calibration:
                 total += float(self.model(input_ids=ids, labels=ids).loss) * ids.numel() / self.tokens
         return total
 
-    def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
-        """Mean squared logit difference to the fine-tune over all calibration tokens, for the
-        session model with ``deviation[name]`` added to the named parameters.
+    def text_lengths(self) -> list[int]:
+        """Tokens of each calibration text kept (after truncation), in order."""
+        return [int(ids.numel()) for ids in self.batches]
+
+    def progress_steps(self, total: int, desc: str):
+        """``range(total)`` behind a progress bar (with its time estimate) when the session shows one."""
+        return progress_bar(range(total), desc=desc, unit="step", enabled=self.progress)
+
+    def output_mse(
+        self,
+        deviation: Mapping[str, torch.Tensor] | None = None,
+        *,
+        grad: bool = False,
+        texts: Sequence[int] | None = None,
+    ):
+        """Mean squared logit difference to the fine-tune over the calibration tokens (of the
+        texts numbered ``texts``, default all), for the session model with ``deviation[name]``
+        added to the named parameters.
 
         With ``grad=True`` the result is a 0-d tensor differentiable with respect to the
         deviations; otherwise a float.
         """
+        return self._output_error(deviation, grad, texts, squared_error)
+
+    def output_divergence(
+        self,
+        deviation: Mapping[str, torch.Tensor] | None = None,
+        *,
+        grad: bool = False,
+        texts: Sequence[int] | None = None,
+    ):
+        """As `output_mse`, but for a model with logits over more than one class the mean per-token
+        KL divergence KL(fine-tune ‖ edited) in nats (what a language model's loss sees; a logit
+        error on a token it never predicts costs nothing), and the squared error per output
+        value otherwise (a hidden state, a single regression output)."""
+        return self._output_error(deviation, grad, texts, divergence)
+
+    def _output_error(self, deviation, grad: bool, texts: Sequence[int] | None, measure):
         from torch.func import functional_call
 
         overrides = {  # functional_call names the model's parameters as the model does
@@ -275,16 +306,33 @@ class Calibration:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         with torch.set_grad_enabled(grad):
-            for ids, reference in zip(self.batches, self.reference):
+            for i in range(len(self.batches)) if texts is None else texts:
+                ids, reference = self.batches[i], self.reference[i]
                 output = (
                     functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False)
                     if overrides
                     else self.model(input_ids=ids)
                 )
-                total = total + (model_output(output) - reference).double().square().sum()
-                count += reference.numel()
-        mse = total / max(count, 1)
-        return mse if grad else float(mse)
+                error, counted = measure(output, reference)
+                total, count = total + error, count + counted
+        mean = total / max(count, 1)
+        return mean if grad else float(mean)
+
+
+def squared_error(output: Any, reference: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed squared difference of the outputs to the reference, and how many values it sums."""
+    return (model_output(output) - reference).double().square().sum(), reference.numel()
+
+
+def divergence(output: Any, reference: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed per-token KL(reference ‖ output) over class logits, and the number of tokens; the
+    squared error (`squared_error`) for outputs without class logits."""
+    logits = getattr(output, "logits", None)
+    if logits is None or logits.shape[-1] < 2:
+        return squared_error(output, reference)
+    want = reference.log_softmax(-1).double()
+    got = logits.float().log_softmax(-1).double()
+    return (want.exp() * (want - got)).sum(), reference[..., 0].numel()
 
 
 __all__ = ["Calibration", "MAX_ACTIVATION_ROWS", "MAX_TEXT_TOKENS"]

@@ -16,8 +16,9 @@ sign          sign bits + a scale per tensor or row (BitDelta)        scale, dis
 lowrank       truncated SVD factors                                   rank | energy
 lora          a LoRA adapter's own factors                            —
 lowrank-q     truncated SVD, factors in 2-8 bit bands (Delta-CoMe)    rank, schedule
-budget        per tensor: drop, float16, dense-q, sign, sparse-q or   bits, noise_weight
-              lowrank-q with per-vector bits, chosen for a size
+budget        per tensor: drop, float16, dense-q, sign, sparse-q or   bits, noise_weight,
+              lowrank-q with per-vector bits, chosen for a size;      refine_steps, refine_lr
+              low-rank factors refined on calibration outputs
 ============  ======================================================  ==========================
 """
 

@@ -6,7 +6,7 @@ method receives them in its `TensorContext` and never runs a model itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +79,31 @@ class CalibrationSession(Protocol):
     def parameter(self, name: str) -> torch.Tensor | None:
         """The fine-tuned model's parameter ``name`` (None if the model has no such parameter)."""
 
-    def output_mse(self, deviation: Mapping[str, torch.Tensor] | None = None, *, grad: bool = False):
-        """Mean squared logit error against the fine-tune when each named parameter moves by
-        ``deviation[name]``; a differentiable tensor with ``grad=True``, else a float."""
+    def output_mse(
+        self,
+        deviation: Mapping[str, torch.Tensor] | None = None,
+        *,
+        grad: bool = False,
+        texts: Sequence[int] | None = None,
+    ):
+        """Mean squared logit error against the fine-tune (on the texts numbered ``texts``, default
+        all) when each named parameter moves by ``deviation[name]``; a differentiable tensor with
+        ``grad=True``, else a float."""
+
+    def output_divergence(
+        self,
+        deviation: Mapping[str, torch.Tensor] | None = None,
+        *,
+        grad: bool = False,
+        texts: Sequence[int] | None = None,
+    ):
+        """As `output_mse`, but the per-token KL divergence for a model with class logits."""
+
+    def set_parameter(self, name: str, value: torch.Tensor) -> bool:
+        """Write an edited value of ``name`` into the calibration model (False if it has none)."""
+
+    def text_lengths(self) -> list[int]:
+        """Tokens of each calibration text."""
+
+    def progress_steps(self, total: int, desc: str) -> Iterable[int]:
+        """``range(total)``, with a progress bar where the session shows one."""

@@ -35,7 +35,10 @@ Vocabulary-sized lookup tables keep their prior; with calibration texts but no s
 (``sensitivity="off"``), a linear layer's input energy to the power `ENERGY_POWER` stands in.
 With calibration texts the chosen ``dense-q`` and ``lowrank-q`` codes of a linear layer are
 fitted to its outputs on those texts instead of its weights (`delta_format.methods.feedback`:
-GPTQ, a weighted refit; an entry's ``stats.feedback`` says which). The manifest's
+GPTQ, a weighted refit; an entry's ``stats.feedback`` says which), and at budgets up to
+`refine.REFINE_MAX_BITS` the chosen ``lowrank-q`` factors of the matrices are then refined on the
+whole model's outputs (`delta_format.methods.refine`; ``refine_steps``; ``stats.feedback``
+``"refined"``, the manifest's ``stats.prepare.budget.refined`` what it did). The manifest's
 ``stats.prepare.budget`` records the plan (bits planned, the price per bit, how many tensors
 chose what, the dropped ones), and each entry's stats its choice.
 
@@ -87,6 +90,7 @@ from .priors import (
     noise_price,
     sensitivity_weights,
 )
+from .refine import REFINE_LR, REFINE_MAX_BITS, REFINE_STEPS, Factors, auto_steps, refine_factors
 from .rows import rows_options, top_rows
 from .sign import DEFAULT_SCALE_BITS, SCALE_GROUP
 
@@ -124,7 +128,15 @@ class BudgetMethod(EditMethod, name="budget"):
         help="price of DARE's sampling noise beside a coherent error: 'auto' (from each delta's size "
         "relative to its base), a number in (0, 1], or 'off' (DARE not offered)",
     )
+    refine_steps: int | str = param(
+        "auto",
+        parse=lambda text: text if text == "auto" else int(text),
+        help="Adam steps refining the low-rank factors on the model's outputs, with calibration texts "
+        f"('auto': up to {REFINE_STEPS} at budgets up to {REFINE_MAX_BITS:g} bit, fewer for larger models; 0: off)",
+    )
+    refine_lr: float = param(REFINE_LR, help="Adam step of the refinement, relative to each factor's size")
     _choices: dict[str, Option] = field(default_factory=dict, init=False, repr=False)
+    _refined: dict[str, Factors] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.bits = check_positive(self.name, "bits", self.bits)
@@ -138,6 +150,14 @@ class BudgetMethod(EditMethod, name="budget"):
                     found=repr(self.noise_weight),
                     fix="pass noise_weight='auto' (the default), 'off', or e.g. 0.05",
                 )
+        steps = self.refine_steps
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise InvalidArgumentError(
+                "budget: refine_steps must be an integer >= 0 or 'auto'",
+                expected="'auto' (as many as `refine.REFINE_COMPUTE` allows), 0 (off) or a number of steps",
+                found=repr(steps),
+            )
+        self.refine_lr = check_positive(self.name, "refine_lr", self.refine_lr)
 
     def prepare(self, tensors: TensorStream, calibration: CalibrationSession | None) -> dict[str, Any]:
         menus: list[Menu] = []
@@ -146,8 +166,15 @@ class BudgetMethod(EditMethod, name="budget"):
         matrices: set[str] = set()  # the typical tensors sensitivities are relative to
         priors: dict[str, float] = {}
         fixed = 0
+        self._refined = {}
+        body = 0  # parameters outside the lookup tables: what a refinement step costs
+        tables: set[str] = set()
         for name, delta, context in tensors():
             fixed += context.fixed_bits
+            if context.lookup or context.head:
+                tables.add(name)
+            else:
+                body += delta.numel()
             weight = error_weight(name, delta, context.lookup, context.head)
             priors[name] = weight
             noise = noise_price(delta, context.base) if self.noise_weight == "auto" else self.noise_weight
@@ -191,6 +218,13 @@ class BudgetMethod(EditMethod, name="budget"):
         self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS - fixed, 0.0))
         planned = sum(o.bits for o in self._choices.values())
         families = Counter(o.label.split(" ")[0] for o in self._choices.values())
+        steps = self.refine_steps
+        if steps == "auto":
+            steps = auto_steps(body) if self.bits <= REFINE_MAX_BITS else 0
+        refinable = {
+            n for n, o in self._choices.items() if o.spec[0] == "lowrank-q"
+        } - tables  # few table rows are read
+        refined = self._refine(tensors, calibration, refinable, steps) if calibration and refinable and steps else None
         return {
             "bits_per_weight_target": self.bits,
             "bits_per_weight_planned": planned / numel if numel else 0.0,
@@ -199,7 +233,33 @@ class BudgetMethod(EditMethod, name="budget"):
             "noise_weight": self.noise_weight,
             "choices": dict(sorted(families.items())),
             "dropped": sorted(name for name, o in self._choices.items() if o.spec[0] == "drop"),
+            **({"refined": refined} if refined else {}),
         }
+
+    def _refine(
+        self, tensors: TensorStream, calibration: CalibrationSession, refinable: set[str], steps: int
+    ) -> dict[str, Any] | None:
+        """Put every planned edit but the low-rank ones into the calibration model as it will be
+        stored, then refine the low-rank factors on its outputs (`delta_format.methods.refine`)."""
+        factors: dict[str, Factors] = {}
+        for name, delta, context in tensors():
+            if calibration.parameter(name) is None:
+                continue
+            option = self._choices[name]
+            if name in refinable:
+                order, bands = torch.tensor(option.spec[1]), option.spec[2]
+                u, s, vh = truncated_svd(delta, menu_rank(delta))
+                encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
+                factors[name] = Factors.from_svd(encoding, u[:, order], s[order], vh[order], delta, context.alpha)
+                continue
+            edit = self.edit(name, delta, context)
+            change = torch.zeros_like(delta) if edit.dropped else edit.decode(tuple(delta.shape), name, torch.float32)
+            calibration.set_parameter(name, calibration.parameter(name) + context.alpha * change - delta.float())
+        if not factors:
+            return None
+        found = refine_factors(calibration, factors, steps, self.refine_lr, seed=0)
+        self._refined = factors
+        return found
 
     @staticmethod
     def _weighting(sensitivity: bool, energy: bool) -> str:
@@ -240,6 +300,10 @@ class BudgetMethod(EditMethod, name="budget"):
             return Edit(encoding, encoding.encode(delta), stats)
         if kind == "sparse-q":
             return Edit(*dare_q(name, delta, context.seed, *option.spec[1:]), stats)
+        refined = self._refined.get(name)
+        if refined is not None:
+            stored = refined.encoding.encode(delta, u=refined.a, v=refined.b)
+            return Edit(refined.encoding, stored, {**stats, "feedback": "refined"})
         u, s, vh = truncated_svd(delta, menu_rank(delta))  # the vectors prepare() measured
         if kind == "sum":
             return Edit(*hybrid_encode(name, delta, (u, s, vh), context.seed, *option.spec[1:]), stats)

@@ -1,0 +1,118 @@
+"""The budget's low-rank factors refined on the model's outputs (`delta_format.methods.refine`):
+the rounding is differentiable as if absent, the refined factors are what is stored, a refinement
+lowers the calibration output error or is dropped, and only calibrated compressions refine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import delta_format
+from delta_format.core.encodings import QuantizedLowRankEncoding
+from delta_format.errors import InvalidArgumentError
+from delta_format.methods import get_method
+from delta_format.methods.refine import Factors, step_texts, straight_through
+from tests.models import CALIBRATION_TEXTS
+
+
+def test_straight_through_rounds_forward_and_passes_the_gradient():
+    rows = torch.randn(3, 100, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = straight_through(rows, 2, 64)
+    assert len(torch.unique(out[0, :64].detach())) <= 4  # four levels in a group of 64
+    assert not torch.equal(out.detach(), rows.detach())
+    (out * torch.arange(300.0).view(3, 100)).sum().backward()
+    assert torch.equal(rows.grad, torch.arange(300.0).view(3, 100))
+
+
+def test_the_rounded_factors_are_what_the_encoding_stores():
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(96, 16, generator=g) @ torch.randn(16, 80, generator=g)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    encoding = QuantizedLowRankEncoding([[2, 4], [6, 2]], 64)
+    factors = Factors.from_svd(encoding, u[:, :8], s[:8], vh[:8], delta)
+    a, b = factors.rounded()
+    stored = encoding.encode(delta, u=factors.a, v=factors.b)
+    decoded = encoding.decode(stored, (96, 80), "w", torch.float32)
+    # the same codes; only the scales' float16 rounding differs
+    assert torch.allclose(decoded, a @ b, rtol=0, atol=2e-3 * float(delta.abs().max()))
+    assert torch.equal(factors.deviation(), (a @ b) - delta)
+
+
+def test_step_texts_cover_every_text_in_a_seeded_order():
+    lengths = [300, 500, 800, 200, 100]
+    generator, order = torch.Generator().manual_seed(0), []
+    steps = [step_texts(lengths, generator, order) for _ in range(6)]
+    assert all(len(set(s)) == len(s) for s in steps)  # no text twice in a step
+    seen = [i for s in steps for i in s]
+    assert set(seen[:5]) == set(range(5))  # a whole pass before any text repeats
+    again = [step_texts(lengths, torch.Generator().manual_seed(0), []) for _ in range(1)]
+    assert again[0] == steps[0]
+
+
+@pytest.mark.parametrize("steps", [-1, True, "many", 1.5])
+def test_refine_steps_must_be_a_count(steps):
+    with pytest.raises(InvalidArgumentError, match="refine_steps"):
+        get_method("budget", bits=0.5, refine_steps=steps)
+    with pytest.raises(InvalidArgumentError, match="refine_lr"):
+        get_method("budget", bits=0.5, refine_lr=0)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tests.models import trained_pair
+
+    return trained_pair(tmp_path_factory.mktemp("refine"), steps=30, lr=3e-3)
+
+
+def compressed(pair, out, **kwargs):
+    kwargs.setdefault("calibration_texts", CALIBRATION_TEXTS)
+    return delta_format.compress(pair["base"], pair["ft"], out, bits=0.3, progress=False, **kwargs)
+
+
+def test_refined_factors_lower_the_output_error_of_the_published_delta(pair, tmp_path):
+    plain = compressed(pair, tmp_path / "plain", refine_steps=0)
+    refined = compressed(pair, tmp_path / "refined", refine_steps=40)
+    report = refined.manifest.stats["prepare"]["budget"]["refined"]
+    assert report["kept"] and report["output_error_refined"] < report["output_error_initial"]
+    assert report["tensors"] == sum(e.stats.get("feedback") == "refined" for e in refined.manifest.tensors.values())
+    assert report["tensors"] > 0
+    assert "refined" not in plain.manifest.stats["prepare"]["budget"]
+    # measured on the published files (the compressor's output_error reads the stored edits back)
+    assert refined.manifest.stats["output_error"] < 0.9 * plain.manifest.stats["output_error"]
+    size = sum(p.stat().st_size for p in refined.directory.glob("*.safetensors"))
+    assert size == pytest.approx(sum(p.stat().st_size for p in plain.directory.glob("*.safetensors")), rel=0.02)
+
+
+def test_a_data_free_budget_refines_nothing(pair, tmp_path):
+    delta = delta_format.compress(pair["base"], pair["ft"], tmp_path / "free", bits=0.3, progress=False)
+    assert "refined" not in delta.manifest.stats["prepare"]["budget"]
+    assert not any(e.stats.get("feedback") == "refined" for e in delta.manifest.tensors.values())
+
+
+def test_a_refinement_that_does_not_help_is_dropped(pair, tmp_path):
+    delta = compressed(pair, tmp_path / "wild", refine_steps=5, refine_lr=1e4)
+    report = delta.manifest.stats["prepare"]["budget"]["refined"]
+    assert not report["kept"] and report["output_error_refined"] >= report["output_error_initial"]
+
+
+def test_auto_steps_shrink_with_the_model_and_stop_past_the_compute_cap():
+    from delta_format.methods.refine import REFINE_COMPUTE, REFINE_STEPS, TOKENS_PER_STEP, auto_steps
+
+    assert auto_steps(1_000_000) == REFINE_STEPS
+    assert auto_steps(107_000_000) == int(REFINE_COMPUTE // (107_000_000 * TOKENS_PER_STEP)) < REFINE_STEPS
+    assert auto_steps(10_000_000_000) == 0
+
+
+def test_auto_refines_only_at_small_budgets(pair, tmp_path):
+    from delta_format.methods.refine import REFINE_MAX_BITS
+
+    generous = delta_format.compress(
+        pair["base"],
+        pair["ft"],
+        tmp_path / "one",
+        bits=2 * REFINE_MAX_BITS,
+        progress=False,
+        calibration_texts=CALIBRATION_TEXTS,
+    )
+    assert "refined" not in generous.manifest.stats["prepare"]["budget"]
+    assert generous.manifest.method_params["refine_steps"] == "auto"
