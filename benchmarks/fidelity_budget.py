@@ -245,7 +245,9 @@ def plot(rows: list[dict], pairs: list[Pair], path: Path) -> None:
         "lowrank-q": ("v", lambda r: r["method"] == "lowrank-q"),
         "magnitude": ("<", lambda r: r["method"] == "magnitude"),
         "bits= budget": ("*", lambda r: r["method"] == "budget" and "," not in r["label"]),
-        "bits=, calibrated": ("X", lambda r: r["method"] == "budget" and "calibrated" in r["label"]),
+        "bits=, calibrated": ("X", lambda r: r["method"] == "budget" and "calibrated (" in r["label"]),
+        "bits=, calibrated, not refined": ("x", lambda r: r["method"] == "budget" and "not refined" in r["label"]),
+        "bits=, 64 calibration texts": ("d", lambda r: r["method"] == "budget" and "64 texts" in r["label"]),
         "bits=, DARE off": ("P", lambda r: r["method"] == "budget" and "DARE" in r["label"]),
         "bits=, sensitivity off": ("h", lambda r: r["method"] == "budget" and "sensitivity off" in r["label"]),
     }
