@@ -116,3 +116,21 @@ def test_auto_refines_only_at_small_budgets(pair, tmp_path):
     )
     assert "refined" not in generous.manifest.stats["prepare"]["budget"]
     assert generous.manifest.method_params["refine_steps"] == "auto"
+
+
+def test_output_divergence_is_the_per_token_kl_the_stats_report(pair):
+    from transformers import AutoModelForCausalLM
+
+    from delta_format.compression.calibration import Calibration
+    from tests.models import byte_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(pair["ft"], dtype=torch.float32)
+    session = Calibration(model, byte_tokenizer(), CALIBRATION_TEXTS, sensitivity=False)
+    assert session.output_divergence() == pytest.approx(0.0, abs=1e-6)
+    name = next(n for n, p in session.params.items() if p.dim() == 2 and "layers.0" in n)
+    change = {name: 0.05 * torch.randn(session.params[name].shape, generator=torch.Generator().manual_seed(0))}
+    moved = session.output_divergence(change)
+    session.set_parameter(name, session.parameter(name) + change[name])
+    assert moved > 1e-4
+    assert moved == pytest.approx(session.output_agreement()["output_kl"], rel=1e-4)
+    assert session.output_divergence(texts=[0]) != pytest.approx(moved, rel=1e-3)  # one text, not all

@@ -330,9 +330,8 @@ def divergence(output: Any, reference: torch.Tensor) -> tuple[torch.Tensor, int]
     logits = getattr(output, "logits", None)
     if logits is None or logits.shape[-1] < 2:
         return squared_error(output, reference)
-    want = reference.log_softmax(-1).double()
-    got = logits.float().log_softmax(-1).double()
-    return (want.exp() * (want - got)).sum(), reference[..., 0].numel()
+    want, got = reference.log_softmax(-1), logits.float().log_softmax(-1)  # float32: a vocabulary per token
+    return (want.exp() * (want - got)).sum().double(), reference[..., 0].numel()
 
 
 __all__ = ["Calibration", "MAX_ACTIVATION_ROWS", "MAX_TEXT_TOKENS"]
