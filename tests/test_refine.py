@@ -83,7 +83,7 @@ def test_refined_factors_lower_the_output_error_of_the_published_delta(pair, tmp
     assert size == pytest.approx(sum(p.stat().st_size for p in plain.directory.glob("*.safetensors")), rel=0.02)
 
 
-def test_a_data_free_budget_refines_nothing(pair, tmp_path):
+def test_a_data_free_budget_refines_no_language_model(pair, tmp_path):
     delta = delta_format.compress(pair["base"], pair["ft"], tmp_path / "free", bits=0.3, progress=False)
     assert "refined" not in delta.manifest.stats["prepare"]["budget"]
     assert not any(e.stats.get("feedback") == "refined" for e in delta.manifest.tensors.values())
@@ -134,3 +134,31 @@ def test_output_divergence_is_the_per_token_kl_the_stats_report(pair):
     assert moved > 1e-4
     assert moved == pytest.approx(session.output_agreement()["output_kl"], rel=1e-4)
     assert session.output_divergence(texts=[0]) != pytest.approx(moved, rel=1e-3)  # one text, not all
+
+
+def test_a_data_free_budget_refines_an_encoder_on_random_tokens(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from tests.models import save
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    base = BertModel(config).eval()
+    ft = BertModel(config).eval()
+    ft.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a fine-tune of decaying spectrum in every matrix: low rank is worth buying
+        for name, param in ft.named_parameters():
+            if param.dim() == 2 and "embeddings" not in name:
+                rows, cols = param.shape
+                spectrum = torch.logspace(0, -2, min(rows, cols))
+                u, v = torch.randn(rows, len(spectrum), generator=g), torch.randn(len(spectrum), cols, generator=g)
+                param += 0.02 * (u * spectrum) @ v / cols**0.5
+    save(base, tmp_path / "base"), save(ft, tmp_path / "ft")
+    delta = delta_format.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "out", bits=0.3, progress=False)
+    report = delta.manifest.stats["prepare"]["budget"]["refined"]
+    assert report["on"] == "random tokens" and report["tensors"] > 0
+    assert report["kept"] and report["output_error_refined"] < report["output_error_initial"]
+    assert "output_error" not in delta.manifest.stats  # no calibration figures from random tokens

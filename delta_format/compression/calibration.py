@@ -51,6 +51,33 @@ def _linear_axis(module: nn.Module) -> int | None:
     return None
 
 
+def tokenized(texts: Sequence[str], tokenizer: Any, max_tokens: int, max_total_tokens: int) -> list[torch.Tensor]:
+    """Each text's ``input_ids`` (truncated to ``max_tokens``), until ``max_total_tokens`` in all."""
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InvalidArgumentError(
+            "calibration_texts must be a non-empty list of non-empty strings",
+            expected="e.g. ['first text', 'second text']",
+            found=repr(texts)[:100],
+        )
+    if tokenizer is None:
+        raise InvalidArgumentError(
+            "calibration texts need a tokenizer",
+            expected="tokenizer=...",
+            found="None",
+            fix="pass tokenizer=, or put the tokenizer files next to the fine-tune",
+        )
+    batches: list[torch.Tensor] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
+        if ids.numel() and total + ids.numel() > max_total_tokens and batches:
+            break
+        if ids.numel():
+            batches.append(ids)
+            total += ids.numel()
+    return batches
+
+
 class Calibration:
     """The fine-tune measured on calibration texts.
 
@@ -62,6 +89,8 @@ class Calibration:
         parameters: names of the parameters to gather layer inputs for (default: all).
         sensitivity: also measure each parameter's output sensitivity (`SENSITIVITY_PROBES` more
             forward and backward passes over the texts).
+        batches: token ids to run instead of texts (``[1, length]`` tensors; ``texts`` and
+            ``tokenizer`` are then unused): `probe.RandomTokens` runs `sensitivity.random_tokens`.
 
     Example:
         >>> session = Calibration(copy.deepcopy(ft), tokenizer, ["some text"])  # doctest: +SKIP
@@ -81,31 +110,13 @@ class Calibration:
         max_total_tokens: int = MAX_TOTAL_TOKENS,
         sensitivity: bool = True,
         progress: bool = False,
+        batches: Sequence[torch.Tensor] | None = None,
     ):
-        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise InvalidArgumentError(
-                "calibration_texts must be a non-empty list of non-empty strings",
-                expected="e.g. ['first text', 'second text']",
-                found=repr(texts)[:100],
-            )
-        if tokenizer is None:
-            raise InvalidArgumentError(
-                "calibration texts need a tokenizer",
-                expected="tokenizer=...",
-                found="None",
-                fix="pass tokenizer=, or put the tokenizer files next to the fine-tune",
-            )
         self.model = model.to("cpu", torch.float32).eval()  # the compressor streams on the CPU
         self.model.requires_grad_(False)
-        self.batches = []
-        total = 0
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
-            if ids.numel() and total + ids.numel() > max_total_tokens and self.batches:
-                break
-            if ids.numel():
-                self.batches.append(ids)
-                total += ids.numel()
+        self.batches = (
+            list(batches) if batches is not None else tokenized(texts, tokenizer, max_tokens, max_total_tokens)
+        )
         self.progress = progress
         self.tokens = sum(int(ids.numel()) for ids in self.batches)
         self.params = dict(self.model.named_parameters())
@@ -137,8 +148,9 @@ class Calibration:
             if name in wanted and param.dim() == 1:
                 self.activations[name] = ActivationStats("elementwise")
 
-        for param in self.params.values():
-            param.requires_grad_(True)
+        for name, param in self.params.items():  # ∇L of the parameters asked about only
+            param.requires_grad_(name in wanted)
+        backward = any(name in wanted for name in self.params)
         reference, total_loss, with_loss = [], 0.0, True
         try:
             for ids in progress_bar(self.batches, desc="calibrating", unit="text", enabled=self.progress):
@@ -151,7 +163,8 @@ class Calibration:
                 if loss is None:
                     with_loss = False
                 if with_loss:
-                    (loss * ids.numel() / self.tokens).backward()
+                    if backward:
+                        (loss * ids.numel() / self.tokens).backward()
                     total_loss += float(loss.detach()) * ids.numel() / self.tokens
         finally:
             for hook in hooks:

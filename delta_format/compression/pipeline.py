@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -43,15 +43,14 @@ from ..errors import InvalidArgumentError
 from ..io.resolve import HubOptions, resolve_repo
 from ..io.writer import DEFAULT_MAX_SHARD_SIZE, DeltaWriter
 from ..methods import EditMethod
+from .calibration import Calibration
 from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, ignored_base_tensors, ignored_finetune_tensors, schedule
+from .probe import RandomTokens
 from .sensitivity import check_mode, sensitivities_for
 from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
 from .trials import best_of_seeds, check_seed_trials
-
-if TYPE_CHECKING:
-    from .calibration import Calibration
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +118,6 @@ class CompressOptions:
         """The calibration session on the fine-tuned model, None without calibration texts."""
         if self.calibration_texts is None:
             return None
-        from .calibration import Calibration
-
         model = finetune.load_model()
         tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer(finetune)
         names = finetune.model_names(model) if isinstance(finetune, CheckpointSource) else {}
@@ -305,6 +302,7 @@ def compress(
             sensitivities=sensitivities_for(
                 ft_src, edited, session and session.measured_sensitivities(), options.sensitivity_mode(), progress
             ),
+            probe=RandomTokens(ft_src, progress) if session is None else None,
         )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)

@@ -31,6 +31,7 @@ from .plan import Action, MethodPlan
 from .sources import TensorSource
 
 if TYPE_CHECKING:
+    from ..methods.activations import CalibrationSession
     from .calibration import Calibration
     from .sensitivity import Sensitivities
 
@@ -59,8 +60,10 @@ class TensorCompressor:
         value_dtype: torch.dtype | None,
         rounding: str = "auto",
         sensitivities: Sensitivities | None = None,
+        probe: CalibrationSession | None = None,
     ):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
+        self.probe = probe  # without texts: a session on random tokens, for methods that fit outputs data-free
         self.sensitivities = sensitivities
         self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()
@@ -74,7 +77,8 @@ class TensorCompressor:
             if self.session is None and not m.plans_whole_model:
                 continue
             names = [n for n in edited if self.plan.method_for(n) is m]
-            found = m.prepare(self.stream(names), self.session)
+            session = self.session if self.session is not None else self.probe if m.fits_outputs_data_free else None
+            found = m.prepare(self.stream(names), session)
             if found:
                 prepared[m.name] = found
         return prepared

@@ -121,6 +121,7 @@ class BudgetMethod(EditMethod, name="budget"):
     uses_seed: ClassVar[bool] = True
     plans_whole_model: ClassVar[bool] = True
     uses_sensitivity: ClassVar[bool] = True
+    fits_outputs_data_free: ClassVar[bool] = True
     bits: float = param(1.0, help="size of the delta in bits per edited weight (budget)")
     noise_weight: float | str | None = param(
         "auto",
@@ -258,6 +259,7 @@ class BudgetMethod(EditMethod, name="budget"):
         if not factors:
             return None
         found = refine_factors(calibration, factors, steps, self.refine_lr, seed=0)
+        found["on"] = getattr(calibration, "source", "calibration texts")
         self._refined = factors
         return found
 
