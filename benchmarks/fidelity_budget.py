@@ -305,6 +305,7 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=["minilm", "llama"], choices=["minilm", "smollm", "llama"])
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "fidelity_budget")
     ap.add_argument("--only", nargs="*", help="run only labels containing one of these words")
+    ap.add_argument("--labels", nargs="*", help="run only these labels (exactly)")
     ap.add_argument("--quick", action="store_true", help="the small Llama only (a smoke test)")
     ap.add_argument(
         "--results", type=Path, help="results file (default: CACHE/results.json); rows are kept across runs"
@@ -322,6 +323,8 @@ def main() -> None:
     for pair in [] if args.report else pairs:
         for label, method, params in RUNS:
             if args.only and not any(word in label for word in args.only):
+                continue
+            if args.labels and label not in args.labels:
                 continue
             rows = [r for r in rows if not (r["pair"] == pair.name and r["label"] == label)]
             rows.append(run(pair, work, label, method, params))
