@@ -81,6 +81,7 @@ class TensorCompressor:
             found = m.prepare(self.stream(names), session)
             if found:
                 prepared[m.name] = found
+        self.probe = None  # its model is not needed past planning
         return prepared
 
     def run(self, actions: list[tuple[str, Action]], progress: bool) -> None:

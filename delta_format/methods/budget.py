@@ -225,7 +225,9 @@ class BudgetMethod(EditMethod, name="budget"):
         refinable = {
             n for n, o in self._choices.items() if o.spec[0] == "lowrank-q"
         } - tables  # few table rows are read
-        refined = self._refine(tensors, calibration, refinable, steps) if calibration and refinable and steps else None
+        refined = None
+        if calibration is not None and refinable and steps:
+            refined = self._refine(tensors, calibration, refinable, steps)
         return {
             "bits_per_weight_target": self.bits,
             "bits_per_weight_planned": planned / numel if numel else 0.0,

@@ -146,7 +146,7 @@ def refine_factors(
 
     initial = judged()
     history = [(0, initial)]
-    if groups and steps:
+    if groups and steps and train:
         for t in latents:
             t.requires_grad_(True)
         optimizer = torch.optim.Adam(groups)
