@@ -138,6 +138,8 @@ class BudgetMethod(EditMethod, name="budget"):
     refine_lr: float = param(REFINE_LR, help="Adam step of the refinement, relative to each factor's size")
     _choices: dict[str, Option] = field(default_factory=dict, init=False, repr=False)
     _refined: dict[str, Factors] = field(default_factory=dict, init=False, repr=False)
+    _edits: dict[str, Edit] = field(default_factory=dict, init=False, repr=False)
+    """The edits `_refine` already made, handed out once by `edit` instead of made again."""
 
     def __post_init__(self):
         self.bits = check_positive(self.name, "bits", self.bits)
@@ -167,7 +169,7 @@ class BudgetMethod(EditMethod, name="budget"):
         matrices: set[str] = set()  # the typical tensors sensitivities are relative to
         priors: dict[str, float] = {}
         fixed = 0
-        self._refined = {}
+        self._refined, self._edits = {}, {}
         body = 0  # parameters outside the lookup tables: what a refinement step costs
         tables: set[str] = set()
         for name, delta, context in tensors():
@@ -255,7 +257,7 @@ class BudgetMethod(EditMethod, name="budget"):
                 encoding = QuantizedLowRankEncoding([list(b) for b in bands], GROUP)
                 factors[name] = Factors.from_svd(encoding, u[:, order], s[order], vh[order], delta, context.alpha)
                 continue
-            edit = self.edit(name, delta, context)
+            edit = self._edits[name] = self.edit(name, delta, context)
             change = torch.zeros_like(delta) if edit.dropped else edit.decode(tuple(delta.shape), name, torch.float32)
             calibration.set_parameter(name, calibration.parameter(name) + context.alpha * change - delta.float())
         if not factors:
@@ -282,6 +284,9 @@ class BudgetMethod(EditMethod, name="budget"):
                 found="a tensor it did not see",
                 fix="compress with compress(..., bits=...), which plans before editing",
             )
+        made = self._edits.pop(name, None)
+        if made is not None:
+            return made
         stats = {"choice": option.label, "planned_bits": option.bits}
         kind = option.spec[0]
         if kind == "drop":

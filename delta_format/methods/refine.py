@@ -135,7 +135,8 @@ def refine_factors(
     best = [t.clone() for t in latents]
     groups = [{"params": [t], "lr": lr * float(t.square().mean().sqrt())} for t in latents]
     groups = [g for g in groups if g["lr"] > 0]
-    train, held = split_texts(len(calibration.text_lengths()))
+    all_lengths = calibration.text_lengths()
+    train, held = split_texts(len(all_lengths))
 
     def deviation() -> dict[str, torch.Tensor]:
         return {name: f.deviation() for name, f in factors.items()}
@@ -152,7 +153,7 @@ def refine_factors(
         optimizer = torch.optim.Adam(groups)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
         generator, order = torch.Generator().manual_seed(seed), []
-        lengths = [calibration.text_lengths()[i] for i in train]
+        lengths = [all_lengths[i] for i in train]
         every = max(1, math.ceil(steps / CHECKS))
         try:
             for step in calibration.progress_steps(steps, "refining factors"):
