@@ -12,7 +12,7 @@ from delta_format.core.encodings import QuantizedLowRankEncoding
 from delta_format.errors import InvalidArgumentError
 from delta_format.methods import get_method
 from delta_format.methods.refine import Factors, step_texts, straight_through
-from tests.models import CALIBRATION_TEXTS
+from tests.models import CALIBRATION_TEXTS, byte_tokenizer
 
 
 def test_straight_through_rounds_forward_and_passes_the_gradient():
@@ -83,10 +83,30 @@ def test_refined_factors_lower_the_output_error_of_the_published_delta(pair, tmp
     assert size == pytest.approx(sum(p.stat().st_size for p in plain.directory.glob("*.safetensors")), rel=0.02)
 
 
-def test_a_data_free_budget_refines_no_language_model(pair, tmp_path):
+def test_a_data_free_budget_refines_a_language_model_on_the_built_in_text(pair, tmp_path):
     delta = delta_format.compress(pair["base"], pair["ft"], tmp_path / "free", bits=0.3, progress=False)
+    report = delta.manifest.stats["prepare"]["budget"]["refined"]
+    assert report["on"] == "built-in text" and report["tensors"] > 0 and report["steps"] > 0
+    assert delta.manifest.stats["sensitivity"]["measured_on"] == "random tokens"  # plans as before
+    assert "output_error" not in delta.manifest.stats  # no calibration figures from the built-in text
+
+
+def test_a_data_free_language_model_without_a_tokenizer_is_not_refined(pair, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"  # the fine-tune without its tokenizer: random tokens would mislead it
+    bare.mkdir()
+    for file in pair["ft"].iterdir():
+        if file.suffix == ".safetensors" or file.name == "config.json":
+            shutil.copy(file, bare / file.name)
+    delta = delta_format.compress(pair["base"], bare, tmp_path / "free", bits=0.3, progress=False)
     assert "refined" not in delta.manifest.stats["prepare"]["budget"]
     assert not any(e.stats.get("feedback") == "refined" for e in delta.manifest.tensors.values())
+    assert delta.manifest.stats["sensitivity"]["measured_on"] == "random tokens"
+    given = delta_format.compress(  # a tokenizer passed in is read instead
+        pair["base"], bare, tmp_path / "given", bits=0.3, tokenizer=byte_tokenizer(), refine_steps=4, progress=False
+    )
+    assert given.manifest.stats["prepare"]["budget"]["refined"]["on"] == "built-in text"
 
 
 def test_a_refinement_that_does_not_help_is_dropped(pair, tmp_path):
@@ -101,6 +121,8 @@ def test_auto_steps_shrink_with_the_model_and_stop_past_the_compute_cap():
     assert auto_steps(1_000_000) == REFINE_STEPS
     assert auto_steps(107_000_000) == int(REFINE_COMPUTE // (107_000_000 * TOKENS_PER_STEP)) < REFINE_STEPS
     assert auto_steps(10_000_000_000) == 0
+    assert auto_steps(1_000_000, 60_000) == REFINE_STEPS  # the factors hold 6 % of the parameters
+    assert auto_steps(1_000_000, 40_000) == 0  # 4 %: too few to repay a pass of the whole model a step
 
 
 def test_auto_refines_only_at_small_budgets(pair, tmp_path):

@@ -46,7 +46,7 @@ from ..methods import EditMethod
 from .calibration import Calibration
 from .lora import LoraSource, is_lora_adapter
 from .plan import Action, MethodPlan, Rule, ignored_base_tensors, ignored_finetune_tensors, schedule
-from .probe import RandomTokens
+from .probe import DataFreeProbe
 from .sensitivity import check_mode, sensitivities_for
 from .sources import CheckpointSource, ModelSource, TensorSource, aligned_base
 from .steps import TensorCompressor
@@ -302,7 +302,7 @@ def compress(
             sensitivities=sensitivities_for(
                 ft_src, edited, session and session.measured_sensitivities(), options.sensitivity_mode(), progress
             ),
-            probe=RandomTokens(ft_src, progress) if session is None else None,
+            probe=DataFreeProbe(ft_src, progress, options.tokenizer) if session is None else None,
         )
         prepared = tensors.prepare(edited)
         tensors.run(actions, progress)

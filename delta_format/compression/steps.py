@@ -63,7 +63,7 @@ class TensorCompressor:
         probe: CalibrationSession | None = None,
     ):
         self.plan, self.base, self.finetune, self.writer, self.session = plan, base, finetune, writer, session
-        self.probe = probe  # without texts: a session on random tokens, for methods that fit outputs data-free
+        self.probe = probe  # without texts: a session on the built-in text, for methods that fit outputs data-free
         self.sensitivities = sensitivities
         self.alpha, self.seed, self.value_dtype, self.rounding = alpha, seed, value_dtype, rounding
         self.totals = Totals()

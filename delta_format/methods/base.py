@@ -219,8 +219,9 @@ class EditMethod(Registered):
     """True if the method reads `TensorContext.sensitivity`: the compressor then spends the
     backward passes that measure it (`compress`'s ``sensitivity=``)."""
     fits_outputs_data_free: ClassVar[bool] = False
-    """True if `prepare`, without calibration texts, takes a session on random token ids
-    instead of None (built only when the method first asks it anything)."""
+    """True if `prepare`, without calibration texts, takes a session on the built-in text
+    (`delta_format.compression.probe.DataFreeProbe`; random token ids without a tokenizer) instead
+    of None (built only when the method first asks it anything)."""
 
     def edit(self, name: str, delta: torch.Tensor, context: TensorContext) -> Edit:
         """The edited delta of one parameter. ``delta`` is ``finetune - base`` in float32 (float64

@@ -38,7 +38,9 @@ fitted to its outputs on those texts instead of its weights (`delta_format.metho
 GPTQ, a weighted refit; an entry's ``stats.feedback`` says which), and at budgets up to
 `refine.REFINE_MAX_BITS` the chosen ``lowrank-q`` factors of the matrices are then refined on the
 whole model's outputs (`delta_format.methods.refine`; ``refine_steps``; ``stats.feedback``
-``"refined"``, the manifest's ``stats.prepare.budget.refined`` what it did). The manifest's
+``"refined"``, the manifest's ``stats.prepare.budget.refined`` what it did); without calibration
+texts the factors are refined on a built-in text read by the fine-tune's tokenizer
+(`delta_format.compression.probe`; an encoder without one on random token ids). The manifest's
 ``stats.prepare.budget`` records the plan (bits planned, the price per bit, how many tensors
 chose what, the dropped ones), and each entry's stats its choice.
 
@@ -132,7 +134,8 @@ class BudgetMethod(EditMethod, name="budget"):
     refine_steps: int | str = param(
         "auto",
         parse=lambda text: text if text == "auto" else int(text),
-        help="Adam steps refining the low-rank factors on the model's outputs, with calibration texts "
+        help="Adam steps refining the low-rank factors on the model's outputs (on the calibration texts, else "
+        "a built-in text) "
         f"('auto': up to {REFINE_STEPS} at budgets up to {REFINE_MAX_BITS:g} bit, fewer for larger models; 0: off)",
     )
     refine_lr: float = param(REFINE_LR, help="Adam step of the refinement, relative to each factor's size")
@@ -221,12 +224,13 @@ class BudgetMethod(EditMethod, name="budget"):
         self._choices, price = allocate(menus, max(self.bits * numel - FILE_BITS - fixed, 0.0))
         planned = sum(o.bits for o in self._choices.values())
         families = Counter(o.label.split(" ")[0] for o in self._choices.values())
-        steps = self.refine_steps
-        if steps == "auto":
-            steps = auto_steps(body) if self.bits <= REFINE_MAX_BITS else 0
         refinable = {
             n for n, o in self._choices.items() if o.spec[0] == "lowrank-q"
         } - tables  # few table rows are read
+        steps = self.refine_steps
+        if steps == "auto":
+            held = sum(m.numel for m in menus if m.name in refinable)
+            steps = auto_steps(body, held) if self.bits <= REFINE_MAX_BITS else 0
         refined = None
         if calibration is not None and refinable and steps:
             refined = self._refine(tensors, calibration, refinable, steps)
