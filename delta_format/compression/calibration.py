@@ -90,7 +90,7 @@ class Calibration:
         sensitivity: also measure each parameter's output sensitivity (`SENSITIVITY_PROBES` more
             forward and backward passes over the texts).
         batches: token ids to run instead of texts (``[1, length]`` tensors; ``texts`` and
-            ``tokenizer`` are then unused): `probe.DataFreeProbe` runs `sensitivity.probe_batches`.
+            ``tokenizer`` are then unused): `probe.DataFreeProbe` runs `probe.probe_batches`.
 
     Example:
         >>> session = Calibration(copy.deepcopy(ft), tokenizer, ["some text"])  # doctest: +SKIP
