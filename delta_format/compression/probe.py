@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import Calibration
+from .calibration import Calibration, tokenized
 from .probe_texts import PROBE_TEXTS
 from .sensitivity import PROBE_LENGTH, PROBE_SEQUENCES, probe_length, random_tokens
 from .sources import CheckpointSource, TensorSource
@@ -36,17 +36,10 @@ def probe_batches(model: nn.Module, tokenizer: Any) -> tuple[list[torch.Tensor],
     tokenizer, it fails, or what it gives is no text for this model (`_unreadable`),
     `sensitivity.random_tokens` (said in the log)."""
     if tokenizer is not None:
-        batches: list[torch.Tensor] = []
         try:
-            for text in PROBE_TEXTS:
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=probe_length(model))
-                ids = torch.as_tensor(ids["input_ids"]).long()
-                if sum(int(b.numel()) for b in batches) + ids.numel() > PROBE_MAX_TOKENS:
-                    break
-                if ids.numel():
-                    batches.append(ids)
+            batches = tokenized(PROBE_TEXTS, tokenizer, probe_length(model), PROBE_MAX_TOKENS)
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
-            batches, why = [], f"{type(error).__name__}: {error}"
+            why = f"{type(error).__name__}: {error}"
         else:
             vocab = model.get_input_embeddings().num_embeddings
             why = _unreadable(batches, vocab, getattr(tokenizer, "unk_token_id", None))
