@@ -184,3 +184,38 @@ def test_a_data_free_budget_refines_an_encoder_on_random_tokens(tmp_path):
     assert report["on"] == "random tokens" and report["tensors"] > 0
     assert report["kept"] and report["output_error_refined"] < report["output_error_initial"]
     assert "output_error" not in delta.manifest.stats  # no calibration figures from random tokens
+
+
+def _session(model, **kwargs):
+    from delta_format.compression.calibration import Calibration
+
+    return Calibration(model, byte_tokenizer(), CALIBRATION_TEXTS, parameters=(), sensitivity=False, **kwargs)
+
+
+def test_an_encoders_refinement_also_fits_its_inner_layers():
+    from tests.models import tiny_bert
+
+    session = _session(tiny_bert(0, layers=3).bert)  # an encoder: hidden states out, no logits
+    targets = session.layer_targets
+    assert len(targets.texts) == len(session.batches)
+    assert all(len(layers) == 2 for layers in targets.texts)  # between the embeddings and the output
+    assert len(targets.scales) == 2 and all(s > 0 for s in targets.scales)
+    name = "encoder.layer.0.attention.self.value.weight"
+    change = {name: 0.05 * torch.randn_like(session.parameter(name))}
+    assert float(session.output_divergence(grad=True)) == 0.0
+    stepped = float(session.output_divergence(change, grad=True))
+    judged = session.output_divergence(change)  # held-out judging: the output alone
+    assert stepped > judged > 0  # layer 0's error is seen in layers 1 and 2 as well as the output
+
+
+def test_a_model_with_logits_and_a_capped_encoder_fit_their_outputs_only(monkeypatch):
+    from delta_format.compression import layer_targets
+    from tests.models import tiny_bert, tiny_llama
+
+    assert not _session(tiny_llama(0)).layer_targets  # its logits are compared as distributions
+    monkeypatch.setattr(layer_targets, "MAX_LAYER_TARGET_VALUES", 1000)
+    capped = _session(tiny_bert(0, layers=3).bert)
+    assert not capped.layer_targets and capped.layer_targets.texts == []
+    name = "encoder.layer.0.attention.self.value.weight"
+    change = {name: 0.05 * torch.randn_like(capped.parameter(name))}
+    assert float(capped.output_divergence(change, grad=True)) == pytest.approx(capped.output_divergence(change))

@@ -3,7 +3,9 @@
 A `Calibration` runs the fine-tuned model on the calibration texts and keeps:
 
 * the reference logits, so the output error of any edited model is one forward pass away
-  (`Calibration.output_mse`, also differentiable for BitDelta's scale distillation);
+  (`Calibration.output_mse`, also differentiable for BitDelta's scale distillation); for an
+  encoder (no logits: its output is a hidden state) also its inner layers' hidden states, which
+  a refinement fits as well (`layer_targets`);
 * each linear layer's inputs (`ActivationStats`), from which DAREx-q's MSE-optimal rescale and
   the activation-aware importance ``|Δ_ij| * ||x_j||`` are computed per tensor;
 * the gradient of the language-modelling loss at the fine-tune, for the first-order estimate of
@@ -29,6 +31,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..io.progress import progress_bar
 from ..methods.activations import ActivationStats
+from .layer_targets import LAYER_TARGET_WEIGHT, LayerTargets
 from .sensitivity import Sensitivities, measure_sensitivity, model_output
 
 MAX_ACTIVATION_ROWS = 2048
@@ -123,6 +126,7 @@ class Calibration:
         self.model_names: dict[str, str] = {}  # set by `renamed`
         self.activations: dict[str, ActivationStats] = {}
         wanted = set(self.params) if parameters is None else set(parameters)
+        self.layer_targets = LayerTargets()
         self.reference, self.gradients, self.loss = self._measure(wanted, max_rows)
         self.sensitivities: dict[str, float] = {}
         if sensitivity:
@@ -154,11 +158,10 @@ class Calibration:
         reference, total_loss, with_loss = [], 0.0, True
         try:
             for ids in progress_bar(self.batches, desc="calibrating", unit="text", enabled=self.progress):
-                try:
-                    output = self.model(input_ids=ids, labels=ids)
-                except (TypeError, ValueError):  # a model without a language-modelling loss
-                    output, with_loss = self.model(input_ids=ids), False
+                output, labelled = self._run(ids)
+                with_loss = with_loss and labelled
                 reference.append(model_output(output).detach())
+                self.layer_targets.keep(output)
                 loss = getattr(output, "loss", None)
                 if loss is None:
                     with_loss = False
@@ -176,6 +179,7 @@ class Calibration:
             gradients = {n: p.grad for n, p in self.params.items() if p.grad is not None}
         for param in self.params.values():
             param.grad = None
+        self.layer_targets.finish(reference)
         for weight, chunks in rows.items():
             self.activations[weight].inputs = torch.cat(chunks) if chunks else torch.zeros(0, self._fan_in(weight))
         return reference, gradients, (total_loss if with_loss else None)
@@ -183,6 +187,23 @@ class Calibration:
     def measured_sensitivities(self) -> Sensitivities:
         """The output sensitivities measured on the calibration texts (empty if not asked for)."""
         return Sensitivities(self.sensitivities, "calibration texts", self.tokens)
+
+    def _run(self, ids: torch.Tensor) -> tuple[Any, bool]:
+        """The model's output on ``ids`` with its loss and hidden states where it takes them (a
+        model without a language-modelling loss, or a custom one, may take neither), and whether
+        it took the labels."""
+        failure: Exception | None = None
+        for extra in (
+            {"labels": ids, "output_hidden_states": True},
+            {"labels": ids},
+            {"output_hidden_states": True},
+            {},
+        ):
+            try:
+                return self.model(input_ids=ids, **extra), "labels" in extra
+            except (TypeError, ValueError) as error:
+                failure = error
+        raise failure
 
     def _fan_in(self, weight: str) -> int:
         stats, shape = self.activations[weight], self.params[weight].shape
@@ -307,10 +328,11 @@ class Calibration:
         """As `output_mse`, but for a model with logits over more than one class the mean per-token
         KL divergence KL(fine-tune ‖ edited) in nats (what a language model's loss sees; a logit
         error on a token it never predicts costs nothing), and the squared error per output
-        value otherwise (a hidden state, a single regression output)."""
-        return self._output_error(deviation, grad, texts, divergence)
+        value otherwise (a hidden state, a single regression output). With ``grad=True`` an
+        encoder's inner layers' squared errors are added (`LAYER_TARGET_WEIGHT`)."""
+        return self._output_error(deviation, grad, texts, divergence, layers=grad)
 
-    def _output_error(self, deviation, grad: bool, texts: Sequence[int] | None, measure):
+    def _output_error(self, deviation, grad: bool, texts: Sequence[int] | None, measure, layers: bool = False):
         from torch.func import functional_call
 
         overrides = {  # functional_call names the model's parameters as the model does
@@ -321,12 +343,16 @@ class Calibration:
         with torch.set_grad_enabled(grad):
             for i in range(len(self.batches)) if texts is None else texts:
                 ids, reference = self.batches[i], self.reference[i]
+                inner = layers and bool(self.layer_targets)
+                kwargs = {"input_ids": ids, **({"output_hidden_states": True} if inner else {})}
                 output = (
-                    functional_call(self.model, overrides, args=(), kwargs={"input_ids": ids}, strict=False)
+                    functional_call(self.model, overrides, args=(), kwargs=kwargs, strict=False)
                     if overrides
-                    else self.model(input_ids=ids)
+                    else self.model(**kwargs)
                 )
                 error, counted = measure(output, reference)
+                if inner:
+                    error = error + LAYER_TARGET_WEIGHT * self.layer_targets.error(output, i)
                 total, count = total + error, count + counted
         mean = total / max(count, 1)
         return mean if grad else float(mean)

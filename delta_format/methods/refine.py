@@ -15,7 +15,9 @@ Measured on MiniLM (all-MiniLM-L6-v2 and a contrastive fine-tune, 0.2 bit per we
 texts; benchmarks/RESULTS.md, "Refined factors"): the embedding cosine to the fine-tune rises from
 0.981 to 0.990 with 64 calibration texts. Each step is one forward and backward pass on about
 `TOKENS_PER_STEP` tokens of the calibration texts; the refined factors are kept only where the
-model's output error on all the calibration texts is lower than the plan's.
+model's output error on all the calibration texts is lower than the plan's. An encoder's session
+adds its inner layers' hidden-state errors to the steps' loss (`output_divergence` with
+``grad=True``), the held-out judgement stays on its output.
 """
 
 from __future__ import annotations
