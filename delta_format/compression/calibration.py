@@ -127,6 +127,7 @@ class Calibration:
         self.activations: dict[str, ActivationStats] = {}
         wanted = set(self.params) if parameters is None else set(parameters)
         self.layer_targets = LayerTargets()
+        self._call = 0  # the first of `_CALLS` the model takes
         self.reference, self.gradients, self.loss = self._measure(wanted, max_rows)
         self.sensitivities: dict[str, float] = {}
         if sensitivity:
@@ -188,21 +189,24 @@ class Calibration:
         """The output sensitivities measured on the calibration texts (empty if not asked for)."""
         return Sensitivities(self.sensitivities, "calibration texts", self.tokens)
 
+    _CALLS = ((True, True), (True, False), (False, True), (False, False))
+    """``(labels, hidden states)`` the reference pass asks of the model, in order (`_run`)."""
+
     def _run(self, ids: torch.Tensor) -> tuple[Any, bool]:
         """The model's output on ``ids`` with its loss and hidden states where it takes them (a
         model without a language-modelling loss, or a custom one, may take neither), and whether
-        it took the labels."""
+        it took the labels. The next text starts from the call the model took."""
         failure: Exception | None = None
-        for extra in (
-            {"labels": ids, "output_hidden_states": True},
-            {"labels": ids},
-            {"output_hidden_states": True},
-            {},
-        ):
+        for index in range(self._call, len(self._CALLS)):
+            labels, hidden = self._CALLS[index]
+            extra = {**({"labels": ids} if labels else {}), **({"output_hidden_states": True} if hidden else {})}
             try:
-                return self.model(input_ids=ids, **extra), "labels" in extra
+                output = self.model(input_ids=ids, **extra)
             except (TypeError, ValueError) as error:
                 failure = error
+                continue
+            self._call = index
+            return output, labels
         raise failure
 
     def _fan_in(self, weight: str) -> int:
@@ -341,9 +345,9 @@ class Calibration:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         with torch.set_grad_enabled(grad):
+            inner = layers and bool(self.layer_targets)
             for i in range(len(self.batches)) if texts is None else texts:
                 ids, reference = self.batches[i], self.reference[i]
-                inner = layers and bool(self.layer_targets)
                 kwargs = {"input_ids": ids, **({"output_hidden_states": True} if inner else {})}
                 output = (
                     functional_call(self.model, overrides, args=(), kwargs=kwargs, strict=False)
