@@ -1,7 +1,8 @@
 """The levers of a first load, each measured alone (in-process, min of the repeats), for
 benchmarks/load_time.py:
 
-* the arithmetic: decode + add + cast of every edited parameter into memory already touched;
+* the arithmetic: decode + add + cast of every edited parameter into memory already touched, by
+  the native loops (``delta_format.core.native``) and by torch ops (``DELTA_FORMAT_NATIVE=0``);
 * the seeded-mask generator: the int32 stream the loader uses against the same counters computed
   as SPEC §6 words it (int64, every product below 2**63); same bits, tested;
 * first touch of fresh memory (the resident floor's cost): from the heap, from one private
@@ -28,7 +29,20 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
+def reconstruct_seconds(base: Path, delta: Path, repeats: int, native: bool = True) -> float:
+    """The parameters of ``delta`` formed into touched memory; ``native``: False turns the native
+    loops off (torch ops, the same bits)."""
+    import os
+
+    saved = os.environ.get("DELTA_FORMAT_NATIVE")
+    os.environ["DELTA_FORMAT_NATIVE"] = "1" if native else "0"
+    try:
+        return _reconstruct_seconds(base, delta, repeats)
+    finally:
+        os.environ.pop("DELTA_FORMAT_NATIVE") if saved is None else os.environ.update(DELTA_FORMAT_NATIVE=saved)
+
+
+def _reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
     from delta_format.core.reconstruct import reconstruct_stored
     from delta_format.io.checkpoint import Checkpoint
     from delta_format.io.reader import DeltaReader
@@ -113,9 +127,18 @@ def lever_section(base: Path, deltas: dict[str, Path], model_bytes: int, repeats
     )
     print("| lever | seconds | per GB of model |")
     print("|---|---|---|")
+    from delta_format.core import native
+
     for label, path in deltas.items():
         seconds = reconstruct_seconds(base, path, repeats)
-        print(f"| {label}: decode + add + cast into touched memory | {seconds:.2f} | {seconds / gb:.2f} s/GB |")
+        if not native.available():
+            print(f"| {label}: decode + add + cast into touched memory | {seconds:.2f} | {seconds / gb:.2f} s/GB |")
+            continue
+        torch_ops = reconstruct_seconds(base, path, repeats, native=False)
+        print(
+            f"| {label}: decode + add + cast into touched memory: native loops (used) / torch ops | "
+            f"{seconds:.2f} / {torch_ops:.2f} ({torch_ops / seconds:.1f}x) | {seconds / gb:.2f} / {torch_ops / gb:.2f} s/GB |"
+        )
     for label, path in deltas.items():
         fast, literal, counters = generator_seconds(path, repeats)
         if counters:

@@ -10,7 +10,8 @@ starts the clock and the memory baseline, so neither counts import costs (the sa
   forward pass is the honest comparison point;
 * ``resident floor``: transformers' load followed by a copy of every weight into process memory:
   the cost of first-touching the model's bytes, the floor of any loader whose result is computed;
-* delta loads: ``first load`` with the materialised cache off (``cache_materialized=False``),
+* delta loads: ``first load`` with the materialised cache off (``cache_materialized=False``), and
+  the same with the native loops turned off (``DELTA_FORMAT_NATIVE=0``: torch ops, the same bits),
   ``first load, filling the cache`` (an empty cache each run: the weights are computed straight
   into the new entry's file) and ``repeat load`` (a cache hit: the entry is mapped, nothing computed);
 * ``peak anon``: the child's peak anonymous resident memory (``RssAnon`` sampled every 2 ms) above
@@ -80,21 +81,22 @@ def child(kind: str, path: str) -> None:
     )
 
 
-def run_child(kind: str, path: Path, cache: str) -> dict:
+def run_child(kind: str, path: Path, cache: str, native: bool = True) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DELTA_FORMAT_MATERIALIZED_CACHE": cache}
+    env["DELTA_FORMAT_NATIVE"] = "1" if native else "0"
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(kind: str, path: Path, repeats: int, cache: str = "0") -> list[dict]:
+def measure(kind: str, path: Path, repeats: int, cache: str = "0", native: bool = True) -> list[dict]:
     """``repeats`` runs after one unmeasured warm-up; ``cache``: ``"0"`` (off), ``"fresh"`` (a new
-    empty cache for each run) or a directory."""
+    empty cache for each run) or a directory; ``native``: False turns the native loops off."""
     runs = []
     for i in range(repeats + 1):
         with tempfile.TemporaryDirectory(dir=HERE / "work") as empty:
-            result = run_child(kind, path, empty if cache == "fresh" else cache)
+            result = run_child(kind, path, empty if cache == "fresh" else cache, native)
         if i:
             runs.append(result)
     return runs
@@ -103,6 +105,7 @@ def measure(kind: str, path: Path, repeats: int, cache: str = "0") -> list[dict]
 def scale_section(scale: str, repeats: int) -> None:
     from benchmarks.levers import lever_section
     from benchmarks.synthetic import build_pair, cached_delta, machine
+    from delta_format.core import native
 
     root = HERE / "work" / f"llama-{scale}"
     base, ft = build_pair(root, scale)
@@ -114,6 +117,13 @@ def scale_section(scale: str, repeats: int) -> None:
     rows.append(("transformers, copied into RAM (resident floor)", measure("hf-resident", ft, repeats)))
     for label, path in deltas.items():
         rows.append((f"{label}: first load", measure("delta", path, repeats)))
+        if native.available():  # the lever alone: the same load with torch ops instead of the native loops
+            rows.append(
+                (
+                    f"{label}: first load, torch ops (DELTA_FORMAT_NATIVE=0)",
+                    measure("delta", path, repeats, native=False),
+                )
+            )
         rows.append((f"{label}: first load, filling the cache", measure("delta", path, repeats, "fresh")))
         with tempfile.TemporaryDirectory(dir=HERE / "work") as cache:
             run_child("delta", path, cache)  # fills the entry

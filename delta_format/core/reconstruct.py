@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import BaseMismatchError, NumericalError
+from . import native
 from .constants import ROUNDING_NEAREST
 from .dtypes import TORCH_DTYPES, compute_dtype
 from .encodings import DenseEncoding, ReplaceEncoding
@@ -105,14 +106,16 @@ def reconstruct_stored(
             )
     compute = compute_dtype(dtype)
     dither = parameter_dither(name, [entry for entry, _, _ in parts], dtype)
-    deltas = [
-        entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
-        for entry, stored, alpha_scale in parts
-    ]
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=base.device)
     rows, cols = matrix_shape(shape)
     known = base_shape[0] if base_shape else 1  # rows the base has; the others start from zero (SPEC §9.2)
+    if len(parts) == 1 and _native(name, parts[0], dither, base, out, known):
+        return out
+    deltas = [
+        entry.encoding.rows(stored, entry.shape, name, compute, entry.alpha * alpha_scale)
+        for entry, stored, alpha_scale in parts
+    ]
     result, source = out.view(rows, cols), base.reshape(known, cols)
     block = ROW_BLOCK_ELEMENTS.get(out.device.type, 1 << 26)
     if dither is not None:  # its temporaries are ~18 bytes an element: a quarter of the block on accelerators
@@ -129,6 +132,8 @@ def reconstruct_stored(
         for delta in deltas:
             delta.add_rows(acc, start, stop)
         if dither is not None:
+            if dither.cast_rows(acc, target, start):  # every sum inside the dtype's range, rounded natively
+                continue
             inside = inside_half(acc, dtype)
             stochastic_cast(acc, dtype, dither.rows(start, stop, out.device), out=target, inside=inside)
             if inside:  # every sum finite and below the dtype's largest value: so is every result
@@ -140,6 +145,23 @@ def reconstruct_stored(
     for delta in deltas:
         delta.finish()
     return out
+
+
+def _native(name: str, part: Part, dither: Dither | None, base: torch.Tensor, out: torch.Tensor, known: int) -> bool:
+    """The parameter in one native pass (`native.reconstruct_bf16`) where the extension takes this
+    delta, base and dither; False otherwise, or where a row holds an edge (an overflow to report):
+    the caller then computes it block by block, with deltas of its own (this one's is spent)."""
+    if dither is None or out.dtype != torch.bfloat16 or not native.available():
+        return False
+    rows, cols = matrix_shape(tuple(out.shape))
+    windows = dither.native_windows(0, rows, out.device)
+    if windows is None:
+        return False
+    entry, stored, alpha_scale = part
+    delta = entry.encoding.rows(stored, entry.shape, name, torch.float32, entry.alpha * alpha_scale).native_part()
+    if delta is None:
+        return False
+    return bool(native.reconstruct_bf16(out.view(rows, cols), base.reshape(-1), known, *windows, delta))
 
 
 def parameter_dither(name: str, entries: Sequence[TensorEntry], dtype: torch.dtype) -> Dither | None:

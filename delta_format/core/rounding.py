@@ -25,6 +25,7 @@ from functools import lru_cache
 
 import torch
 
+from . import native
 from .constants import ROUNDING_SEED, ROUNDING_STOCHASTIC, ROUNDING_WINDOW, WINDOW_OFFSETS, WINDOW_SEED
 from .seeded_mask import _uniform32, stream_key, uniform_at
 
@@ -46,6 +47,8 @@ def window_table_key() -> int:
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
 """``"stochastic-window"``'s table on each device, as long as the widest row met so far needed."""
+_TABLES16: dict[torch.device, torch.Tensor] = {}
+"""The same tables' values as int16 (their 16 bits), half the bytes, for the native loops."""
 MAX_TABLE = WINDOW_OFFSETS + (1 << 16)
 """Table entries kept (4.25 MiB): rows wider than 2**16 elements hash their windows' entries instead."""
 MAX_CACHED_OFFSETS = 1 << 20
@@ -124,6 +127,27 @@ class Dither:
             return windows.index_select(0, offsets).view(-1)
         columns = torch.arange(self.cols, dtype=torch.int64, device=device)
         return self._entries(offsets[:, None] + columns).view(-1)
+
+    def native_windows(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the native loops (`native`): the window table as int16 (its 16-bit values) and the
+        offsets of rows ``start:stop``, or None where they cannot take this dither (spec 1.3's
+        per-element hashes, rows too wide for the table, too many rows to hold their offsets)."""
+        if self.rounding != ROUNDING_WINDOW or self.span > MAX_TABLE or self.row_count > MAX_CACHED_OFFSETS:
+            return None
+        if device.type != "cpu" or not native.available():
+            return None
+        table = _TABLES16.get(device)
+        if table is None or table.numel() < self.span:
+            table = _TABLES16[device] = window_table(self.span, device).to(torch.int16)
+        return table, self._block_offsets(start, stop, device)
+
+    def cast_rows(self, acc: torch.Tensor, out: torch.Tensor, start: int) -> bool:
+        """Round float32 ``acc`` (rows ``start:start + len(acc)`` of the parameter, ``rows x cols``)
+        into bfloat16 ``out`` in one native pass, as `stochastic_cast` with this dither would.
+        False where that cannot be done here (see `native_windows`; another dtype; an element at
+        an edge): the caller rounds the block itself."""
+        windows = self.native_windows(start, start + acc.shape[0], acc.device)
+        return windows is not None and bool(native.cast_window_bf16(acc, out, *windows))
 
     def at(self, counters: torch.Tensor) -> torch.Tensor:
         """The dither at each int64 flat index of ``counters`` (any order and shape; an embedding's

@@ -27,6 +27,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import InvalidArgumentError
+from . import native
 from .constants import MASK_PROB_BITS, MAX_SEEDED_DROP_THRESHOLD, MAX_SEEDED_GAP_TABLE
 
 _MASK32 = 0xFFFFFFFF
@@ -253,7 +254,7 @@ def iter_kept_positions(
     while offset < numel:
         # Enough counters to cover the rest in one go on average (capped at a block); a short top-up otherwise.
         count = min(max(int((numel - offset) * (1.0 - p) * 1.01) + 64, 1024), block)
-        pos = torch.cumsum(_gaps(p, key, start, count, device).add_(1), 0, dtype=torch.int64).add_(offset - 1)
+        pos = _positions(p, key, start, count, offset, device)
         last = int(pos[-1])
         if last >= numel:
             yield pos[: int(torch.searchsorted(pos, numel))]
@@ -261,6 +262,39 @@ def iter_kept_positions(
         yield pos
         start += count
         offset = last + 1
+
+
+def _positions(p: float, key: int, start: int, count: int, offset: int, device: torch.device) -> torch.Tensor:
+    """``offset - 1 + cumsum(gap_k + 1)`` for counters ``[start, start + count)``: one native loop
+    on the CPU where the extension is built, else torch ops (the same values)."""
+    if device.type == "cpu" and gap_table(p):
+        pos = native.seeded_positions(native_stream(p, key), start, count, offset)
+        if pos is not None:
+            return pos
+    return torch.cumsum(_gaps(p, key, start, count, device).add_(1), 0, dtype=torch.int64).add_(offset - 1)
+
+
+def native_stream(p: float, key: int) -> native.Stream:
+    """The stream of ``key`` at drop rate ``p`` (a non-empty gap table) as the native loops take it."""
+    return native.Stream(key, *_gap_lookup(p, torch.device("cpu")))
+
+
+def native_walk(numel: int, p: float, seed: int, name: str, count: int) -> tuple[native.Stream, torch.Tensor] | None:
+    """The stream and `native.seeded_checkpoints` of a seeded mask that keeps exactly ``count``
+    positions of a ``numel``-element tensor (the ``count``-th below ``numel``, the next one not),
+    for the native one-pass loop; None where the loop cannot take it or the count is wrong (the
+    walk of `iter_kept_positions` then reports it)."""
+    if not gap_table(p) or not native.available():
+        return None
+    stream = native_stream(p, stream_key(seed, name))
+    checkpoints = native.seeded_checkpoints(stream, count)
+    if checkpoints is None:
+        return None
+    last = int(checkpoints[-1])  # counter count - 1's position (-1 for none)
+    beyond = native.seeded_positions(stream, count, 1, last + 1)
+    if beyond is None or last >= numel or int(beyond[0]) < numel:
+        return None
+    return stream, checkpoints
 
 
 def kept_positions(numel: int, p: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ...errors import CorruptDeltaError, ManifestError, UnknownEncodingError, UnsupportedOnTheFlyError
+from .. import native
 from ..registry import Registered, Registry
 
 if TYPE_CHECKING:
@@ -98,6 +99,12 @@ class RowDelta:
 
     def finish(self) -> None:
         """Called after the last block; raises `CorruptDeltaError` for unused stored data."""
+
+    def native_part(self) -> Any:
+        """This delta as the native one-pass loop takes it (a `native.SignPart` or
+        `native.SparsePart`, checked as a walk of `add_rows` would be), or None (the default)
+        where it has no such form: the parameter is then formed block by block."""
+        return None
 
 
 def scaled(delta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -303,7 +310,12 @@ def config_int(name: str, config: Mapping[str, Any], key: str, low: int, high: i
 
 def require_finite(name: str, role: str, tensor: torch.Tensor) -> None:
     """Stored floats must be finite: a NaN or Inf would silently poison the weights."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point():
+        return
+    finite = native.all_finite(tensor)
+    if finite is None:
+        finite = bool(torch.isfinite(tensor).all())
+    if not finite:
         raise CorruptDeltaError(
             f"stored tensor {name}:{role} holds NaN or Inf",
             expected="finite values",

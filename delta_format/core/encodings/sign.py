@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ManifestError
+from .. import native
 from ..bits import check_packed, expand_signs, pack_bits, packed_length, sign_table, signs_at
 from ..constants import SIGN
 from ..dtypes import FLOAT_STORED
@@ -181,10 +182,13 @@ class SignRows(RowDelta):
     ):
         self.bits = bits
         self.cols = matrix_shape(tuple(shape))[1]
-        scale = scaled(scale.to(dtype), alpha)
+        self.scale = scale = scaled(scale.to(dtype), alpha).reshape(-1)
         self.row_scale = scale.view(-1, 1) if granularity == "row" else None
         # Per-tensor scale: fold it into the 256 x 8 table, so a block is one gather and one add.
         self.table = sign_table(dtype, bits.device) * (scale if self.row_scale is None else 1)
+
+    def native_part(self):
+        return native.SignPart(self.bits, self.scale) if self.scale.dtype == torch.float32 else None
 
     def add_rows(self, acc, start, stop):
         signs = expand_signs(self.bits, start * self.cols, stop * self.cols, self.table).view(stop - start, self.cols)

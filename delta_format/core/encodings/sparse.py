@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from ...errors import CorruptDeltaError, InvalidArgumentError, ManifestError, UnknownEncodingError
+from .. import native
 from ..bits import check_packed, count_bits, pack_bits, packed_length
 from ..constants import GAP_DTYPES, INDEX_BITMASK, INDEX_CODINGS, INDEX_GAPS, INDEX_SEEDED, SPARSE
 from ..dtypes import FLOAT_STORED
-from ..seeded_mask import check_gap_table, drop_threshold, iter_kept_positions, kept_positions
+from ..seeded_mask import check_gap_table, drop_threshold, iter_kept_positions, kept_positions, native_walk
 from .base import (
     Encoding,
     Expected,
@@ -228,6 +229,8 @@ class SparseEncoding(Encoding, name=SPARSE):
             numel,
             name,
             lambda v: self.scaled_values(v, dtype, alpha),
+            (float(self.scale), float(alpha)) if dtype == torch.float32 else None,
+            (self.p, self.seed) if self.index_coding == INDEX_SEEDED else None,
         )
 
     def factor(self, stored, shape, name, dtype, alpha=1.0, *, compute=torch.float32):
@@ -260,7 +263,21 @@ def check_value_count(name: str, positions: int, values: int) -> None:
 class SparseRows(RowDelta):
     """Kept values added a block of rows at a time, walking the positions front to back."""
 
-    def __init__(self, blocks: Iterator[torch.Tensor], values: torch.Tensor, cols: int, numel: int, name: str, scaled):
+    def __init__(
+        self,
+        blocks: Iterator[torch.Tensor],
+        values: torch.Tensor,
+        cols: int,
+        numel: int,
+        name: str,
+        scaled,
+        multipliers: tuple[float, float] | None = None,
+        seeded: tuple[float, int] | None = None,
+    ):
+        """``scaled(values)``: the values as they are added; ``multipliers``: the (scale, alpha)
+        that `scaled` applies in float32, for the native loop, or None where it cannot;
+        ``seeded``: the (p, seed) of a seeded mask's positions, which that loop draws itself."""
+        self.seeded = seeded
         self.blocks, self.values, self.cols, self.numel, self.name, self.scaled = (
             blocks,
             values,
@@ -269,6 +286,7 @@ class SparseRows(RowDelta):
             name,
             scaled,
         )
+        self.multipliers = multipliers
         self.pending = torch.empty(0, dtype=torch.int64, device=values.device)
         self.used = 0  # values consumed so far
         self.next_row = 0
@@ -307,6 +325,21 @@ class SparseRows(RowDelta):
         kept = self.scaled(self.values[self.used : self.used + count])
         self.used += count
         acc.view(-1).index_add_(0, positions.sub_(first) if first else positions, kept)
+
+    def native_part(self):
+        if self.multipliers is None or self.values.dtype not in (torch.bfloat16, torch.float32) or self.used:
+            return None
+        if self.seeded is not None:  # no positions held: the loop draws them
+            walk = native_walk(self.numel, *self.seeded, self.name, self.values.numel())
+            if walk is not None:
+                self.used = self.values.numel()
+                return native.SeededPart(*walk, self.values, *self.multipliers)
+        positions = self._take(self.numel)
+        if self.pending.numel() or next(self.blocks, None) is not None:  # as `finish`: nothing past the end
+            raise run_past(self.name, self.numel, int(self.pending[0]) if self.pending.numel() else self.numel)
+        check_value_count(self.name, positions.numel(), self.values.numel())
+        self.used = positions.numel()
+        return native.SparsePart(positions, self.values, *self.multipliers)
 
     def _rest(self) -> Iterator[torch.Tensor]:
         yield self._take(self.numel)
