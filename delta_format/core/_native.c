@@ -107,21 +107,45 @@ static uint32_t cast_row(const float *restrict acc, uint16_t *restrict out, cons
     return edge;
 }
 
-/* acc += s * (2 * bit - 1) for the cols sign bits from bit `bit` of `bits` (SPEC §5.3's order). */
-VECTOR_CLONES
-static void sign_row(float *restrict acc, const uint8_t *restrict bits, int64_t bit, int64_t cols, float s) {
+/* signs[c] = +1 or -1 for the cols sign bits from bit `bit` of `bits` (SPEC §5.3's order): a
+ * 32-byte copy of a table row per whole byte. Kept apart from the arithmetic, which then runs
+ * over contiguous floats and vectorises (a table row per byte inside it does not). */
+static void expand_signs(float *restrict signs, const uint8_t *restrict bits, int64_t bit, int64_t cols) {
     int64_t c = 0;
-    for (; c < cols && (bit & 7); c++, bit++) acc[c] += SIGNS[bits[bit >> 3]][bit & 7] * s;
+    for (; c < cols && (bit & 7); c++, bit++) signs[c] = SIGNS[bits[bit >> 3]][bit & 7];
     const uint8_t *restrict bytes = bits + (bit >> 3);
     const int64_t whole = (cols - c) >> 3;
-    float *restrict tail = acc + c;
-    for (int64_t j = 0; j < whole; j++) {
-        const float *restrict signs = SIGNS[bytes[j]];
-        for (int k = 0; k < 8; k++) tail[8 * j + k] += signs[k] * s;
-    }
+    for (int64_t j = 0; j < whole; j++) memcpy(signs + c + 8 * j, SIGNS[bytes[j]], sizeof(SIGNS[0]));
     c += whole * 8;
     bit += whole * 8;
-    for (; c < cols; c++, bit++) acc[c] += SIGNS[bits[bit >> 3]][bit & 7] * s;
+    for (; c < cols; c++, bit++) signs[c] = SIGNS[bits[bit >> 3]][bit & 7];
+}
+
+/* acc += s * signs: the sign delta's row (the product is exact: signs are +-1). */
+VECTOR_CLONES
+static void sign_row(float *restrict acc, const float *restrict signs, int64_t cols, float s) {
+    for (int64_t c = 0; c < cols; c++) acc[c] += signs[c] * s;
+}
+
+/* out = round(bf16 base + s * signs) in one loop: a sign row on a bfloat16 base, the common case;
+ * the same arithmetic as base_row + sign_row + cast_row, without the float32 row in between. */
+VECTOR_CLONES
+static uint32_t sign_cast_row(const uint16_t *restrict base, const float *restrict signs, float s,
+                              const uint16_t *restrict dither, uint16_t *restrict out, int64_t cols) {
+    uint32_t edge = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        float f = bf16_value(base[c]) + signs[c] * s;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        edge |= (uint32_t)(((u >> 16) & 0x7FFFu) >= 0x7F7Fu);
+        out[c] = (uint16_t)((u - (uint32_t)dither[c] + 0xFFFFu) >> 16);
+    }
+    return edge;
+}
+
+VECTOR_CLONES
+static void base_row(float *restrict acc, const uint16_t *restrict base, int64_t cols) {
+    for (int64_t c = 0; c < cols; c++) acc[c] = bf16_value(base[c]);
 }
 
 /* ---- cast_window_bf16 ------------------------------------------------------------------------ */
@@ -300,7 +324,8 @@ static inline float kept_value(const fused_args *a, int64_t k) {
 static void fused_rows(void *p, int64_t first, int64_t last, int64_t *edges) {
     const fused_args *a = (const fused_args *)p;
     const int64_t cols = a->cols;
-    float *acc = (float *)malloc((size_t)(cols > 0 ? cols : 1) * sizeof(float));
+    float *acc = (float *)malloc((size_t)(cols > 0 ? cols : 1) * 2 * sizeof(float));
+    float *signs = acc + (cols > 0 ? cols : 1);
     if (!acc) {
         *edges += last - first; /* no memory for a row: the caller takes the torch path */
         return;
@@ -334,15 +359,24 @@ static void fused_rows(void *p, int64_t first, int64_t last, int64_t *edges) {
         if (at < begin) next = a->kept; /* every kept position lies before this slice */
     }
     for (int64_t r = first; r < last; r++) {
+        const float s = a->row_scale ? a->row_scale[r] : a->scale;
+        if (a->bits) expand_signs(signs, a->bits, r * cols, cols);
+        if (a->bits && !a->base_f32 && r < a->known) { /* a sign delta is the only part */
+            if (sign_cast_row((const uint16_t *)a->base + r * cols, signs, s, a->table + a->offsets[r],
+                              a->out + r * cols, cols)) {
+                *edges += 1;
+                break;
+            }
+            continue;
+        }
         if (r < a->known && a->base_f32) {
             memcpy(acc, (const float *)a->base + r * cols, (size_t)cols * sizeof(float));
         } else if (r < a->known) {
-            const uint16_t *restrict base = (const uint16_t *)a->base + r * cols;
-            for (int64_t c = 0; c < cols; c++) acc[c] = bf16_value(base[c]);
+            base_row(acc, (const uint16_t *)a->base + r * cols, cols);
         } else {
             memset(acc, 0, (size_t)cols * sizeof(float));
         }
-        if (a->bits) sign_row(acc, a->bits, r * cols, cols, a->row_scale ? a->row_scale[r] : a->scale);
+        if (a->bits) sign_row(acc, signs, cols, s);
         if (a->positions) {
             const int64_t begin = r * cols, end = begin + cols;
             for (; next < a->kept && a->positions[next] < end; next++) {
