@@ -3,8 +3,9 @@ benchmarks/load_time.py:
 
 * the arithmetic: decode + add + cast of every edited parameter into memory already touched, by
   the native loops (``delta_format.core.native``) and by torch ops (``DELTA_FORMAT_NATIVE=0``);
-* the seeded-mask generator: the int32 stream the loader uses against the same counters computed
-  as SPEC §6 words it (int64, every product below 2**63); same bits, tested;
+* the seeded-mask generator: the int32 stream of the torch path against the same counters computed
+  as SPEC §6 words it (int64, every product below 2**63; same bits, tested), and the native
+  loop's walk that finds where each thread starts;
 * first touch of fresh memory (the resident floor's cost): from the heap, from one private
   anonymous block (`ModelStorage`), from a block populated up front (``MAP_POPULATE``), with
   transparent huge pages (``MADV_HUGEPAGE``), and from a shared file mapping (a cache entry).
@@ -85,6 +86,24 @@ def generator_seconds(delta: Path, repeats: int) -> tuple[float, float, int]:
     return _best(lambda: walk(seeded_mask.uniform_stream), repeats), _best(lambda: walk(literal), repeats), sum(counts)
 
 
+def native_walk_seconds(delta: Path, repeats: int) -> float | None:
+    """The native loader's own pass over a seeded delta's stream (hash + gap of every counter, on
+    threads: `native.seeded_checkpoints`, where each thread's walk starts), or None without it."""
+    from delta_format.core import native, seeded_mask
+    from delta_format.io.reader import DeltaReader
+
+    reader = DeltaReader(delta)
+    walks = []
+    for name in reader:
+        encoding = reader.entry(name).encoding
+        if encoding.name == "sparse" and getattr(encoding, "index_coding", None) == "seeded" and encoding.p:
+            stream = seeded_mask.native_stream(encoding.p, seeded_mask.stream_key(encoding.seed, name))
+            walks.append((stream, reader.stored(name)["values"].numel()))
+    if not walks or not native.available():
+        return None
+    return _best(lambda: [native.seeded_checkpoints(stream, count) for stream, count in walks], repeats)
+
+
 def first_touch_seconds(nbytes: int, repeats: int) -> dict[str, tuple[float, float]]:
     """Per way of allocating, (first call, best of ``repeats``): a load touches its memory once per
     process, so the first call is the figure; the best shows what a warm allocator reaches (huge
@@ -143,9 +162,15 @@ def lever_section(base: Path, deltas: dict[str, Path], model_bytes: int, repeats
         fast, literal, counters = generator_seconds(path, repeats)
         if counters:
             print(
-                f"| {label}: seeded-mask stream, {counters / 1e6:.0f} M counters: int32 (used) / int64 as "
+                f"| {label}: seeded-mask stream, {counters / 1e6:.0f} M counters, in torch ops: int32 / int64 as "
                 f"SPEC §6 words it | {fast:.2f} / {literal:.2f} ({literal / max(fast, 1e-9):.1f}x) | "
                 f"{fast / gb:.2f} / {literal / gb:.2f} s/GB |"
+            )
+        walk = native_walk_seconds(path, repeats)
+        if walk is not None:
+            print(
+                f"| {label}: the native loop's extra walk of the stream (hash + gap per counter, on threads; the "
+                f"loop itself draws the positions again as it adds them) | {walk:.2f} | {walk / gb:.2f} s/GB |"
             )
     touch_bytes = min(model_bytes, 512 << 20)
     for label, (first, best) in first_touch_seconds(touch_bytes, repeats).items():

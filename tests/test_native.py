@@ -198,3 +198,43 @@ def test_the_switch_turns_everything_off(monkeypatch):
     assert not native.available()
     assert native.all_finite(torch.ones(3)) is None
     assert native.seeded_checkpoints(seeded_mask.native_stream(0.5, 1), 10) is None
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 8, 9, 31])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sign_product_is_the_matmul(tokens, granularity, dtype, torch_ops):
+    rows, cols = 70, 136
+    enc = SignEncoding(granularity)
+    stored = enc.encode(rand((rows, cols), 1), dtype=torch.float32)
+    factor = enc.factor(stored, (rows, cols), "w", dtype, alpha=0.5)
+    x = rand((tokens, cols), 2).to(dtype)
+    exact = x.double() @ factor.merged(torch.zeros(rows, cols, dtype=torch.float64)).T
+    fast = factor.product(x)
+    assert fast.dtype == dtype and fast.shape == (tokens, rows)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # float32 sums; bfloat16 results
+    assert torch.allclose(fast.double(), exact, rtol=tolerance, atol=tolerance * exact.abs().max())
+    slow = torch_ops(lambda: factor.product(x))  # the expanded +-1 matrix
+    assert torch.allclose(fast.double(), slow.double(), rtol=tolerance, atol=tolerance * exact.abs().max())
+    assert native.sign_product(rand((32, cols), 3), stored["bits"], stored["scale"], rows, cols) is not None
+    assert native.sign_product(rand((33, cols), 3), stored["bits"], stored["scale"], rows, cols) is None
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 16])  # x holds two sequences: up to 32 tokens
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_the_sparse_product_is_the_matmul(tokens, index, torch_ops):
+    rows, cols = 90, 77
+    dense = rand((rows, cols), 4) * (rand((rows, cols), 5) > 1.2)
+    positions = dense.reshape(-1).nonzero().view(-1)
+    values = dense.reshape(-1)[positions].to(torch.bfloat16)
+    x = rand((2, tokens, cols), 6).to(torch.bfloat16)
+    fast = native.sparse_product(x, positions.to(index), values, rows, cols)
+    exact = (
+        x.double()
+        @ torch.zeros(rows * cols, dtype=torch.float64).index_put_((positions,), values.double()).view(rows, cols).T
+    )
+    assert fast.shape == (2, tokens, rows) and fast.dtype == torch.bfloat16
+    assert torch.allclose(fast.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max())
+    # out-of-order positions give a wrong product but never read or write outside x and y
+    shuffled = positions.flip(0).to(index)
+    assert native.sparse_product(x, shuffled, values, rows, cols).shape == (2, tokens, rows)

@@ -243,3 +243,71 @@ def seeded_checkpoints(stream: Stream, count: int) -> torch.Tensor | None:
     out = torch.zeros(-(-count // CHUNK) + 1, dtype=torch.int64)
     _native.seeded_checkpoints(out.data_ptr(), *stream.args(), count, CHUNK, torch.get_num_threads())
     return out
+
+
+PRODUCT_MAX_TOKENS = 32
+"""The on-the-fly products take at most this many tokens (`Factor.apart` merges from 32 on)."""
+
+
+def _transposed(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, int, int] | None:
+    """``x`` (``[..., cols]``) as the products take it: float32 ``[cols, lanes]``, token ``t`` in
+    column ``t``, zeros past the last token, ``lanes`` the token count rounded up to 8."""
+    if x.device.type != "cpu" or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != cols or cols == 0:
+        return None
+    flat = x.reshape(-1, cols)
+    tokens = flat.shape[0]
+    if not 0 < tokens <= PRODUCT_MAX_TOKENS:
+        return None
+    lanes = -(-tokens // 8) * 8
+    xt = torch.zeros(cols, lanes)
+    xt[:, :tokens] = flat.T
+    return xt, tokens, lanes
+
+
+def _product_result(y: torch.Tensor, x: torch.Tensor, tokens: int, rows: int) -> torch.Tensor:
+    return y[:tokens].to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def sign_product(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    """``x @ (scale * S).T`` for the ``rows x cols`` sign matrix ``S`` of packed ``bits`` (SPEC §5.3)
+    and float32 ``scale`` (per row or one), for at most `PRODUCT_MAX_TOKENS` tokens of ``x``
+    (``[..., cols]``), in ``x``'s dtype, summed in float32 from a table of partial sums per four
+    columns: no +-1 matrix is expanded. None where this cannot run here (then expand)."""
+    if not available() or cols % 8 or not _cpu(bits, scale) or not _sign_fits(bits, scale, 0, rows, cols):
+        return None
+    prepared = _transposed(x, cols)
+    if prepared is None:
+        return None
+    xt, tokens, lanes = prepared
+    table, total, y = torch.empty(cols // 8 * 256 * lanes), torch.empty(lanes), torch.empty(lanes, rows)
+    row_scale, value = _scale_args(scale, rows)
+    _native.sign_product(
+        xt.data_ptr(), table.data_ptr(), total.data_ptr(), lanes, rows, cols, bits.data_ptr(), row_scale, value,
+        y.data_ptr(), 1,
+    )  # fmt: skip
+    return _product_result(y, x, tokens, rows)
+
+
+def sparse_product(
+    x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor | None:
+    """``x @ D.T`` for the ``rows x cols`` matrix ``D`` holding ``values`` at flat ``positions``
+    (int32 or int64, ascending: a factor's own), for at most `PRODUCT_MAX_TOKENS` tokens of ``x``,
+    in ``x``'s dtype: one multiply-add of a token vector per kept value (float32). Memory-safe for
+    any positions (one outside its row is skipped). None where this cannot run here."""
+    if not available() or not _cpu(positions, values) or positions.dim() != 1 or values.dim() != 1:
+        return None
+    if positions.dtype not in (torch.int32, torch.int64) or values.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if positions.numel() != values.numel():
+        return None
+    prepared = _transposed(x, cols)
+    if prepared is None:
+        return None
+    xt, tokens, lanes = prepared
+    y = torch.empty(lanes, rows)
+    _native.sparse_product(
+        xt.data_ptr(), lanes, rows, cols, positions.data_ptr(), int(positions.dtype == torch.int32),
+        positions.numel(), values.data_ptr(), int(values.dtype == torch.float32), y.data_ptr(), 1,
+    )  # fmt: skip
+    return _product_result(y, x, tokens, rows)

@@ -201,8 +201,11 @@ class SignRows(RowDelta):
 class SignFactor(Factor):
     """Sign bits (1 bit per weight) and a scale per row or per tensor: ``delta = scale * S``.
 
-    The bits are expanded to a ±1 matrix for each call (one gather from a 256 x 8 table, far
-    cheaper than the matmul it feeds), then ``x @ S.T * scale`` or ``addcmul(W, S, scale)``."""
+    Under 32 tokens on the CPU with the native extension, ``x @ S.T`` comes from a table of each
+    token's partial sums over every byte of bits (`native.sign_product`: 2816 x 1024, 8 tokens,
+    0.35-0.8 ms against 0.9-1.3 ms expanded). Otherwise the bits are expanded to a ±1 matrix for
+    each call (one gather from a 256 x 8 table), then ``x @ S.T * scale`` or
+    ``addcmul(W, S, scale)``."""
 
     def __init__(self, bits: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, dtype: torch.dtype):
         self.bits, self.rows, self.cols = bits, rows, cols
@@ -214,6 +217,10 @@ class SignFactor(Factor):
         return expand_signs(self.bits, 0, self.rows * self.cols, table).view(self.rows, self.cols)
 
     def product(self, x):
+        if self.bits.device.type == "cpu":  # a table of partial sums per four columns, no +-1 matrix
+            product = native.sign_product(x, self.bits, self.scale.float().view(-1), self.rows, self.cols)
+            if product is not None:
+                return product
         return F.linear(x, self.signs(x.dtype)).mul_(self.scale.view(-1))
 
     def merged(self, weight):
