@@ -21,8 +21,9 @@ from delta_format.core.reconstruct import reconstruct_stored
 from delta_format.errors import CorruptDeltaError, NumericalError
 
 pytestmark = pytest.mark.skipif(
-    native._native is None,
-    reason="delta_format.core._native was not built (no C compiler at install); the torch path runs everywhere",
+    not native.available(),
+    reason="delta_format.core._native was not built (no C compiler at install) or is turned off "
+    "(DELTA_FORMAT_NATIVE=0): the torch path runs everywhere",
 )
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import delta_format
+from delta_format.core import native
 from delta_format.core.encodings import (
+    MERGE_MIN_TOKENS,
     DenseEncoding,
     QuantizedLowRankEncoding,
     SignEncoding,
@@ -133,7 +135,7 @@ def test_stored_tensors_of_a_part_must_all_be_there(tmp_path):
             DeltaReader(tmp_path / "d")
 
 
-def test_on_the_fly_factor_matches_the_decoded_delta():
+def test_on_the_fly_factor_matches_the_decoded_delta(monkeypatch):
     delta = structured()
     encoding, stored = hybrid(delta)
     factor = encoding.factor(stored, (96, 80), "w", torch.float32, 0.5)
@@ -142,7 +144,16 @@ def test_on_the_fly_factor_matches_the_decoded_delta():
     assert torch.allclose(factor.merged(weight), weight + 0.5 * decoded, atol=1e-6)
     ids = torch.tensor([[0, 5], [95, 3]])
     assert torch.allclose(factor.gather(ids), 0.5 * decoded[ids], atol=1e-6)
-    assert not factor.apart(1)  # the DARE part merges, so the sum does
+    # Apart (products with the input) only where every part is: the DARE part multiplies at its kept
+    # entries natively (a few tokens), else merges, and the sum follows it.
+    assert factor.apart(1) == native.available() and not factor.apart(MERGE_MIN_TOKENS)
+    x = torch.randn(3, 80)
+    exact = x.double() @ (0.5 * decoded.double()).T
+    if factor.apart(3):
+        assert torch.allclose(factor.product(x).double(), exact, atol=1e-5)
+    with monkeypatch.context() as m:
+        m.setenv(native.ENV_VAR, "0")
+        assert not factor.apart(1)
 
 
 def test_rounding_is_priced_in_full_along_the_value_and_as_noise_across_it():
