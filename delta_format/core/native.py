@@ -1,12 +1,13 @@
-"""The native loops of a first load, where the optional extension ``delta_format.core._native``
+"""The native loops (C sources in ``_native/``): a first load's one-pass reconstruction and the
+few-token products of on-the-fly deltas, where the optional extension ``delta_format.core._native``
 was built at install (it needs a C compiler; nothing else), with the checks that make raw
 addresses safe to hand to it.
 
 Each function returns None (or False) where it cannot do the work — extension not built, turned
 off with ``DELTA_FORMAT_NATIVE=0``, a tensor off the CPU or of another dtype or layout — and the
-caller then takes its torch path, which gives the same bits (tests/test_native.py compares them
-on every case). The loops release the GIL and split their rows over `torch.get_num_threads`
-threads.
+caller then takes its torch path: the same bits for the reconstruction (tests/test_native.py
+compares them on every case), the same products up to float32 summation order. The loops release
+the GIL; the one-pass reconstruction splits its rows over `torch.get_num_threads` threads.
 """
 
 from __future__ import annotations

@@ -278,16 +278,8 @@ class SparseRows(RowDelta):
         """``scaled(values)``: the values as they are added; ``multipliers``: the (scale, alpha)
         that `scaled` applies in float32, for the native loop, or None where it cannot;
         ``seeded``: the (p, seed) of a seeded mask's positions, which that loop draws itself."""
-        self.seeded = seeded
-        self.blocks, self.values, self.cols, self.numel, self.name, self.scaled = (
-            blocks,
-            values,
-            cols,
-            numel,
-            name,
-            scaled,
-        )
-        self.multipliers = multipliers
+        self.blocks, self.values, self.cols, self.numel = blocks, values, cols, numel
+        self.name, self.scaled, self.multipliers, self.seeded = name, scaled, multipliers, seeded
         self.pending = torch.empty(0, dtype=torch.int64, device=values.device)
         self.used = 0  # values consumed so far
         self.next_row = 0
