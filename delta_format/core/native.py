@@ -280,7 +280,7 @@ def sign_product(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, rows:
     if prepared is None:
         return None
     xt, tokens, lanes = prepared
-    table, total, y = torch.empty(cols // 8 * 256 * lanes), torch.empty(lanes), torch.empty(lanes, rows)
+    table, total, y = torch.empty(cols // 4 * 16 * lanes), torch.empty(lanes), torch.empty(lanes, rows)
     row_scale, value = _scale_args(scale, rows)
     _native.sign_product(
         xt.data_ptr(), table.data_ptr(), total.data_ptr(), lanes, rows, cols, bits.data_ptr(), row_scale, value,

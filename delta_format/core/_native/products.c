@@ -27,53 +27,55 @@ typedef struct {
     float *y;
 } sign_product_args;
 
-/* table[(g * 256 + b) * lanes + t] = sum of x[8g + k][t] over the bits k set in byte b: one add
- * per entry (b without its lowest bit, plus that bit's column); total[t] = sum of x[c][t]. */
+/* table[(g * 16 + n) * lanes + t] = sum of x[4g + k][t] over the bits k set in nibble n: one add
+ * per entry (n without its lowest bit, plus that bit's column); total[t] = sum of x[c][t]. */
 VECTOR_CLONES
-static void byte_table(float *restrict table, float *restrict total, const float *restrict xt, int64_t groups,
-                       int64_t lanes) {
+static void nibble_table(float *restrict table, float *restrict total, const float *restrict xt, int64_t groups,
+                         int64_t lanes) {
     for (int64_t t = 0; t < lanes; t++) total[t] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
-        float *restrict tab = table + g * 256 * lanes;
+        float *restrict tab = table + g * 16 * lanes;
         for (int64_t t = 0; t < lanes; t++) tab[t] = 0.0f;
-        for (int b = 1; b < 256; b++) {
-            const float *restrict prev = tab + (int64_t)(b & (b - 1)) * lanes;
-            const float *restrict col = xt + (8 * g + __builtin_ctz((unsigned)b)) * lanes;
-            float *restrict entry = tab + (int64_t)b * lanes;
+        for (int n = 1; n < 16; n++) {
+            const float *restrict prev = tab + (int64_t)(n & (n - 1)) * lanes;
+            const float *restrict col = xt + (4 * g + __builtin_ctz((unsigned)n)) * lanes;
+            float *restrict entry = tab + (int64_t)n * lanes;
             for (int64_t t = 0; t < lanes; t++) entry[t] = prev[t] + col[t];
         }
-        for (int64_t t = 0; t < lanes; t++) total[t] += tab[255 * lanes + t];
+        for (int64_t t = 0; t < lanes; t++) total[t] += tab[15 * lanes + t];
     }
 }
 
 /* y[t][r] = s_r * (2 * sum over the set bits of x - sum of x): x . (2 * bit - 1), one table entry
- * of partial sums per byte of sign bits (the LUT-GEMM idea: no +-1 matrix, no multiply per
- * weight). Eight lanes at a time, four independent sums so that the adds do not wait on each
- * other. */
+ * of partial sums per four bits (the LUT-GEMM idea: no +-1 matrix, no multiply per weight). A
+ * table of 16 entries per four columns stays in the core's cache (2816 columns, 8 tokens: 360 KB),
+ * where one of 256 entries per byte (2.9 MB) did not: 1024 x 2816, 8 tokens, 0.91 against 1.45 ms.
+ * Eight lanes at a time, four independent sums so that the adds do not wait on each other. */
 VECTOR_CLONES
 static void sign_product_rows(void *p, int64_t first, int64_t last, int64_t *unused) {
     const sign_product_args *a = (const sign_product_args *)p;
-    const int64_t lanes = a->lanes, groups = a->groups, step = 256 * lanes;
+    const int64_t lanes = a->lanes, bytes_per_row = a->cols / 8, step = 16 * lanes;
     (void)unused;
     for (int64_t r = first; r < last; r++) {
-        const uint8_t *restrict bytes = a->bits + r * groups;
+        const uint8_t *restrict bytes = a->bits + r * bytes_per_row;
         const float s = a->row_scale ? a->row_scale[r] : a->scale;
         for (int64_t q = 0; q < lanes; q += 8) {
-            v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
+            v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
             const float *restrict tab = a->table + q;
-            int64_t g = 0;
-            for (; g + 8 <= groups; g += 8, tab += 8 * step) {
-                s0 += load8(tab + bytes[g] * lanes);
-                s1 += load8(tab + step + bytes[g + 1] * lanes);
-                s2 += load8(tab + 2 * step + bytes[g + 2] * lanes);
-                s3 += load8(tab + 3 * step + bytes[g + 3] * lanes);
-                s4 += load8(tab + 4 * step + bytes[g + 4] * lanes);
-                s5 += load8(tab + 5 * step + bytes[g + 5] * lanes);
-                s6 += load8(tab + 6 * step + bytes[g + 6] * lanes);
-                s7 += load8(tab + 7 * step + bytes[g + 7] * lanes);
+            int64_t j = 0;
+            for (; j + 2 <= bytes_per_row; j += 2, tab += 4 * step) {
+                const unsigned b0 = bytes[j], b1 = bytes[j + 1];
+                s0 += load8(tab + (b0 & 15) * lanes);
+                s1 += load8(tab + step + (b0 >> 4) * lanes);
+                s2 += load8(tab + 2 * step + (b1 & 15) * lanes);
+                s3 += load8(tab + 3 * step + (b1 >> 4) * lanes);
             }
-            for (; g < groups; g++, tab += step) s0 += load8(tab + bytes[g] * lanes);
-            const v8 sum = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+            for (; j < bytes_per_row; j++, tab += 2 * step) {
+                const unsigned b0 = bytes[j];
+                s0 += load8(tab + (b0 & 15) * lanes);
+                s1 += load8(tab + step + (b0 >> 4) * lanes);
+            }
+            const v8 sum = (s0 + s1) + (s2 + s3);
             for (int t = 0; t < 8; t++) a->y[(q + t) * a->rows + r] = s * (2.0f * sum[t] - a->total[q + t]);
         }
     }
@@ -88,11 +90,11 @@ PyObject *sign_product(PyObject *self, PyObject *args) {
                           &y, &threads))
         return NULL;
     sign_product_args a = {(const float *)(uintptr_t)xt, (const float *)(uintptr_t)table,
-                           (const float *)(uintptr_t)total, lanes, rows, cols, cols / 8,
+                           (const float *)(uintptr_t)total, lanes, rows, cols, cols / 4,
                            (const uint8_t *)(uintptr_t)bits, (const float *)(uintptr_t)row_scale, scale,
                            (float *)(uintptr_t)y};
     Py_BEGIN_ALLOW_THREADS
-    byte_table((float *)(uintptr_t)table, (float *)(uintptr_t)total, a.xt, a.groups, lanes);
+    nibble_table((float *)(uintptr_t)table, (float *)(uintptr_t)total, a.xt, a.groups, lanes);
     split_rows(sign_product_rows, &a, rows, cols * lanes / 8, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;

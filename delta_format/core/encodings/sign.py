@@ -202,7 +202,7 @@ class SignFactor(Factor):
     """Sign bits (1 bit per weight) and a scale per row or per tensor: ``delta = scale * S``.
 
     Under 32 tokens on the CPU with the native extension, ``x @ S.T`` comes from a table of each
-    token's partial sums over every byte of bits (`native.sign_product`: 2816 x 1024, 8 tokens,
+    token's partial sums over every four bits (`native.sign_product`: 2816 x 1024, 8 tokens,
     0.35-0.8 ms against 0.9-1.3 ms expanded). Otherwise the bits are expanded to a ±1 matrix for
     each call (one gather from a 256 x 8 table), then ``x @ S.T * scale`` or
     ``addcmul(W, S, scale)``."""
