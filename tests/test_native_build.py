@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,9 @@ def test_the_extension_is_built_where_a_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler!r}) here: the extension is optional and the torch path runs")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        pytest.skip(f"no Python headers ({headers}) here: the extension is optional and the torch path runs")
     assert native._native is not None, (
         "delta_format.core._native was not built although a C compiler is present; "
         "`pip install -e .` prints the compiler's error"
