@@ -126,11 +126,11 @@ static void fused_rows(void *p, int64_t first, int64_t last, int64_t *edges) {
     const fused_args *a = (const fused_args *)p;
     const int64_t cols = a->cols;
     float *acc = (float *)malloc((size_t)(cols > 0 ? cols : 1) * 2 * sizeof(float));
-    float *signs = acc + (cols > 0 ? cols : 1);
     if (!acc) {
         *edges += last - first; /* no memory for a row: the caller takes the torch path */
         return;
     }
+    float *signs = acc + (cols > 0 ? cols : 1); /* a sign row's +-1 values, beside the sums */
     int64_t next = 0; /* the first kept position at or after this slice's first element */
     if (a->positions) {
         int64_t lo = 0, hi = a->kept, begin = first * cols;
