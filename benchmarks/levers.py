@@ -14,9 +14,11 @@ benchmarks/load_time.py:
 from __future__ import annotations
 
 import mmap
+import os
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -33,17 +35,7 @@ def _best(fn, repeats: int) -> float:
 def reconstruct_seconds(base: Path, delta: Path, repeats: int, native: bool = True) -> float:
     """The parameters of ``delta`` formed into touched memory; ``native``: False turns the native
     loops off (torch ops, the same bits)."""
-    import os
-
-    saved = os.environ.get("DELTA_FORMAT_NATIVE")
-    os.environ["DELTA_FORMAT_NATIVE"] = "1" if native else "0"
-    try:
-        return _reconstruct_seconds(base, delta, repeats)
-    finally:
-        os.environ.pop("DELTA_FORMAT_NATIVE") if saved is None else os.environ.update(DELTA_FORMAT_NATIVE=saved)
-
-
-def _reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
+    from delta_format.core import native as native_loops
     from delta_format.core.reconstruct import reconstruct_stored
     from delta_format.io.checkpoint import Checkpoint
     from delta_format.io.reader import DeltaReader
@@ -58,7 +50,8 @@ def _reconstruct_seconds(base: Path, delta: Path, repeats: int) -> float:
                 name, [(entry, stored, 1.0)], checkpoint.get_tensor(name), dtype=torch.bfloat16, out=outs[name]
             )
 
-    return _best(run, repeats)
+    with patch.dict(os.environ, {native_loops.ENV_VAR: "1" if native else "0"}):
+        return _best(run, repeats)
 
 
 def generator_seconds(delta: Path, repeats: int) -> tuple[float, float, int]:

@@ -82,10 +82,11 @@ def cast_window_bf16(acc: torch.Tensor, out: torch.Tensor, table: torch.Tensor, 
     return _native.cast_window_bf16(*args) == 0
 
 
-def _sign_fits(bits: torch.Tensor, scale: torch.Tensor, first_bit: int, rows: int, cols: int) -> bool:
+def _sign_fits(bits: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> bool:
+    """Packed sign bits for a ``rows x cols`` matrix and a float32 scale per row or one."""
     if bits.dtype != torch.uint8 or scale.dtype != torch.float32 or scale.numel() not in (1, rows):
         return False
-    return first_bit >= 0 and (first_bit + rows * cols + 7) // 8 <= bits.numel()
+    return (rows * cols + 7) // 8 <= bits.numel()
 
 
 def _scale_args(scale: torch.Tensor, rows: int) -> tuple[int, float]:
@@ -150,7 +151,7 @@ def reconstruct_bf16(
     sign, row_scale, value, positions, kept, values, value_scale, alpha = 0, 0, 0.0, 0, 0, 0, 1.0, 1.0
     values_f32, seeded, stream, checkpoints = 0, 0, (0, 0, 0, 0, 0, 0), 0
     if isinstance(part, SignPart):
-        if not _cpu(part.bits, part.scale) or not _sign_fits(part.bits, part.scale, 0, rows, cols):
+        if not _cpu(part.bits, part.scale) or not _sign_fits(part.bits, part.scale, rows, cols):
             return None
         sign = part.bits.data_ptr()
         row_scale, value = _scale_args(part.scale, rows) if rows else (0, 0.0)
@@ -274,7 +275,7 @@ def sign_product(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, rows:
     and float32 ``scale`` (per row or one), for at most `PRODUCT_MAX_TOKENS` tokens of ``x``
     (``[..., cols]``), in ``x``'s dtype, summed in float32 from a table of partial sums per four
     columns: no +-1 matrix is expanded. None where this cannot run here (then expand)."""
-    if not available() or cols % 8 or not _cpu(bits, scale) or not _sign_fits(bits, scale, 0, rows, cols):
+    if not available() or cols % 8 or not _cpu(bits, scale) or not _sign_fits(bits, scale, rows, cols):
         return None
     prepared = _transposed(x, cols)
     if prepared is None:
